@@ -1,0 +1,123 @@
+"""Jobs (kinds of work), directives (reusable instructions) and runs (one execution each)."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+
+class Trigger(models.TextChoices):
+    MANUAL = "manual", "manual"
+    SCHEDULE = "schedule", "schedule"
+
+
+class Task3Scope(models.TextChoices):
+    ALLOWLIST = "allowlist", "allowlist"
+    ALL = "all", "all"
+
+
+class Job(models.Model):
+    """A kind of work. Rows are synced from the code registry at migrate time; settings are editable."""
+
+    key = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True, default="")
+    enabled = models.BooleanField(default=True)
+    queue = models.CharField(max_length=200, blank=True, default="")
+    max_concurrency = models.PositiveIntegerField(null=True, blank=True)
+    timeout_seconds = models.PositiveIntegerField(default=600)
+    task3_allowlist = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["key"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(max_concurrency__isnull=True) | Q(max_concurrency__gte=1),
+                name="job_max_concurrency_positive",
+            ),
+            models.CheckConstraint(condition=Q(timeout_seconds__gte=1), name="job_timeout_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return self.key
+
+    def save(self, *args, **kwargs) -> None:
+        if not self.queue:
+            self.queue = f"jobs.{self.key}"
+        super().save(*args, **kwargs)
+
+
+class Directive(models.Model):
+    """Reusable instructions for a job (the LLM step's system prompt, for log_triage)."""
+
+    key = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=200)
+    text = models.TextField()
+    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="directives")
+
+    class Meta:
+        ordering = ["key"]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class RunStatus(models.TextChoices):
+    QUEUED = "queued", "queued"
+    RUNNING = "running", "running"
+    SUCCEEDED = "succeeded", "succeeded"
+    FAILED = "failed", "failed"
+    CANCELLED = "cancelled", "cancelled"
+
+
+RUN_TERMINAL = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+class Run(models.Model):
+    """One execution of a job, however launched. Stores counters only, never LLM text."""
+
+    job = models.ForeignKey(Job, on_delete=models.PROTECT, related_name="runs")
+    directive = models.ForeignKey(
+        Directive, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
+    )
+    custom_directive_text = models.TextField(blank=True, default="")
+    trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.MANUAL)
+    task3_scope = models.CharField(max_length=16, choices=Task3Scope.choices, default=Task3Scope.ALLOWLIST)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error_summary = models.CharField(max_length=500, blank=True, default="")
+    stats = models.JSONField(default=dict, blank=True)
+    llm_calls = models.PositiveIntegerField(default=0)
+    llm_prompt_tokens = models.PositiveIntegerField(default=0)
+    llm_completion_tokens = models.PositiveIntegerField(default=0)
+    # Execution bookkeeping (the worker's): the Celery task id of the run message, who runs it, the
+    # last heartbeat, and the attempt that fences writes so a stale worker never overwrites a newer one.
+    task_id = models.CharField(max_length=255, blank=True, default="")
+    worker = models.CharField(max_length=255, blank=True, default="")
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    attempt = models.PositiveIntegerField(default=0)
+    published_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(directive__isnull=True) | Q(custom_directive_text=""),
+                name="run_directive_xor_custom_text",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["status", "heartbeat_at"], name="run_status_heartbeat_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.pk} ({self.job_id}, {self.status})"
+
+    @property
+    def directive_text(self) -> str:
+        """The instructions this run executes with: the directive's text or the custom text."""
+        if self.directive_id is not None:
+            return self.directive.text
+        return self.custom_directive_text

@@ -1,0 +1,159 @@
+"""Schedules (when a job runs) and scheduled runs (one per slot, or per run-now)."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+from django.db.models.functions import Greatest
+
+from orchestrator.models import Directive, Job, Run, Task3Scope, Trigger
+
+
+class ScheduleType(models.TextChoices):
+    INTERVAL = "interval", "interval"
+    CRON = "cron", "cron"
+
+
+class MisfirePolicy(models.TextChoices):
+    RUN_ONCE = "run_once", "run_once"
+    SKIP = "skip", "skip"
+    RUN_ALL = "run_all", "run_all"
+
+
+class OverlapPolicy(models.TextChoices):
+    BUFFER_ONE = "buffer_one", "buffer_one"
+    SKIP = "skip", "skip"
+    ALLOW = "allow", "allow"
+
+
+class Schedule(models.Model):
+    name = models.CharField(max_length=200, unique=True)
+    job = models.ForeignKey(Job, on_delete=models.PROTECT, related_name="schedules")
+    directive = models.ForeignKey(
+        Directive, null=True, blank=True, on_delete=models.PROTECT, related_name="schedules"
+    )
+    custom_directive_text = models.TextField(blank=True, default="")
+    enabled = models.BooleanField(default=True)
+    schedule_type = models.CharField(max_length=16, choices=ScheduleType.choices)
+    interval_minutes = models.PositiveIntegerField(null=True, blank=True)
+    cron_expr = models.CharField(max_length=200, blank=True, default="")
+    timezone = models.CharField(max_length=64, default="UTC")
+    task3_scope = models.CharField(max_length=16, choices=Task3Scope.choices, default=Task3Scope.ALLOWLIST)
+    max_global = models.PositiveIntegerField(null=True, blank=True)
+    max_per_job = models.PositiveIntegerField(null=True, blank=True)
+    misfire_policy = models.CharField(
+        max_length=16, choices=MisfirePolicy.choices, default=MisfirePolicy.RUN_ONCE
+    )
+    overlap_policy = models.CharField(
+        max_length=16, choices=OverlapPolicy.choices, default=OverlapPolicy.BUFFER_ONE
+    )
+    # High-water mark: the slot last dispatched. No slot at or before it is ever created again.
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    next_run_at = models.DateTimeField(null=True, blank=True)
+    claimed_by = models.CharField(max_length=255, blank=True, default="")
+    claimed_until = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(
+                    Q(
+                        schedule_type="interval",
+                        interval_minutes__isnull=False,
+                        interval_minutes__gte=1,
+                        cron_expr="",
+                    )
+                    | (Q(schedule_type="cron", interval_minutes__isnull=True) & ~Q(cron_expr=""))
+                ),
+                name="schedule_interval_xor_cron",
+            ),
+            models.CheckConstraint(
+                condition=Q(directive__isnull=True) | Q(custom_directive_text=""),
+                name="schedule_directive_xor_custom_text",
+            ),
+            models.CheckConstraint(
+                condition=Q(max_global__isnull=True) | Q(max_global__gte=1),
+                name="schedule_max_global_positive",
+            ),
+            models.CheckConstraint(
+                condition=Q(max_per_job__isnull=True) | Q(max_per_job__gte=1),
+                name="schedule_max_per_job_positive",
+            ),
+        ]
+        indexes = [
+            # The due query: a row is claimable when both next_run_at and its claim (if any) have
+            # passed. GREATEST ignores NULLs, so rows held by a live claim sort past now() and drop
+            # out of the range scan instead of being stepped over on every tick.
+            models.Index(
+                Greatest("next_run_at", "claimed_until"),
+                name="schedule_due_idx",
+                condition=Q(enabled=True),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ScheduledRunStatus(models.TextChoices):
+    QUEUED = "queued", "queued"
+    THROTTLED = "throttled", "throttled"
+    RUNNING = "running", "running"
+    SUCCEEDED = "succeeded", "succeeded"
+    FAILED = "failed", "failed"
+    SKIPPED = "skipped", "skipped"
+
+
+SCHEDULED_RUN_TERMINAL = frozenset(
+    {ScheduledRunStatus.SUCCEEDED, ScheduledRunStatus.FAILED, ScheduledRunStatus.SKIPPED}
+)
+SCHEDULED_RUN_UNFINISHED = frozenset(
+    {ScheduledRunStatus.QUEUED, ScheduledRunStatus.THROTTLED, ScheduledRunStatus.RUNNING}
+)
+
+
+class ScheduledRun(models.Model):
+    schedule = models.ForeignKey(Schedule, on_delete=models.CASCADE, related_name="scheduled_runs")
+    # Null for a skipped slot: nothing was launched for it.
+    run = models.ForeignKey(
+        Run, null=True, blank=True, on_delete=models.SET_NULL, related_name="scheduled_runs"
+    )
+    trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.SCHEDULE)
+    scheduled_for = models.DateTimeField()
+    status = models.CharField(
+        max_length=16, choices=ScheduledRunStatus.choices, default=ScheduledRunStatus.QUEUED
+    )
+    task_id = models.CharField(max_length=255, blank=True, default="")
+    worker = models.CharField(max_length=255, blank=True, default="")
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    # When the run message was last handed to the broker (the outbox sweep's clock).
+    published_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error_summary = models.CharField(max_length=500, blank=True, default="")
+
+    class Meta:
+        ordering = ["-scheduled_for", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["schedule", "scheduled_for"],
+                condition=Q(trigger="schedule"),
+                name="scheduledrun_unique_slot",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["schedule", "-scheduled_for"], name="scheduledrun_history_idx"),
+            models.Index(
+                fields=["published_at"],
+                name="scheduledrun_outbox_idx",
+                condition=Q(status="queued"),
+            ),
+            models.Index(fields=["status"], name="scheduledrun_status_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.schedule_id}@{self.scheduled_for.isoformat()} ({self.status})"

@@ -1,0 +1,26 @@
+import pytest
+
+from project.env import ConfigError, database_from_url, env_bool
+
+
+def test_database_from_url__reads_every_part():
+    db = database_from_url("postgres://u%40x:p%2Fw@db.local:6543/cyber?sslmode=require")
+    assert (db["USER"], db["PASSWORD"], db["HOST"], db["PORT"], db["NAME"]) == (
+        "u@x",
+        "p/w",
+        "db.local",
+        "6543",
+        "cyber",
+    )
+    assert db["OPTIONS"] == {"sslmode": "require"}
+
+
+def test_database_from_url__refuses_other_schemes():
+    with pytest.raises(ConfigError, match="postgres"):
+        database_from_url("sqlite:///db.sqlite3")
+
+
+def test_env_bool__refuses_garbage(monkeypatch):
+    monkeypatch.setenv("X_FLAG", "maybe")
+    with pytest.raises(ConfigError, match="X_FLAG"):
+        env_bool("X_FLAG")
