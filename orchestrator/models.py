@@ -92,6 +92,8 @@ class Run(models.Model):
     llm_calls = models.PositiveIntegerField(default=0)
     llm_prompt_tokens = models.PositiveIntegerField(default=0)
     llm_completion_tokens = models.PositiveIntegerField(default=0)
+    # Where the job wrote its report (log_triage: UPLOADS_DIR/reports/<run id>.md), empty if none.
+    report_path = models.CharField(max_length=1024, blank=True, default="")
     # Execution bookkeeping (the worker's): the Celery task id of the run message, who runs it, the
     # last heartbeat, and the attempt that fences writes so a stale worker never overwrites a newer one.
     task_id = models.CharField(max_length=255, blank=True, default="")
@@ -121,3 +123,65 @@ class Run(models.Model):
         if self.directive_id is not None:
             return self.directive.text
         return self.custom_directive_text
+
+
+class Severity(models.TextChoices):
+    INFO = "info", "info"
+    LOW = "low", "low"
+    MEDIUM = "medium", "medium"
+    HIGH = "high", "high"
+    CRITICAL = "critical", "critical"
+
+
+# Severity order for thresholds: a finding is "at or above" a level when its rank is >= the level's.
+SEVERITY_RANK = {level: rank for rank, level in enumerate(Severity.values)}
+
+
+class Finding(models.Model):
+    """One security signal a run's triage found: what rule, about whom, how often, when, where."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="findings")
+    rule = models.CharField(max_length=64)
+    severity = models.CharField(max_length=16, choices=Severity.choices)
+    subject = models.CharField(max_length=512)
+    count = models.PositiveIntegerField()
+    first_seen = models.DateTimeField(null=True, blank=True)
+    last_seen = models.DateTimeField(null=True, blank=True)
+    source_file = models.CharField(max_length=1024)
+    risk_score = models.PositiveSmallIntegerField(null=True, blank=True)
+
+    class Meta:
+        # Triage inserts findings most severe first, so id order is the analyst's reading order.
+        ordering = ["run_id", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(risk_score__isnull=True) | Q(risk_score__lte=10), name="finding_risk_score_0_10"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.rule} {self.subject} x{self.count}"
+
+
+class LogCursor(models.Model):
+    """How far log triage has read one file, so each line is triaged once across runs.
+
+    `head_hash` fingerprints the file's first `head_len` bytes (decompressed for .gz): it tells a file
+    rewritten in place from one that grew, and finds the cursor of a file renamed or compressed by rotation.
+    """
+
+    path = models.TextField()
+    inode = models.BigIntegerField()
+    offset = models.BigIntegerField(default=0)
+    size = models.BigIntegerField(default=0)
+    head_hash = models.CharField(max_length=64, blank=True, default="")
+    head_len = models.PositiveIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["path"]
+        constraints = [models.UniqueConstraint(fields=["path"], name="logcursor_unique_path")]
+        indexes = [models.Index(fields=["head_hash"], name="logcursor_head_hash_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.offset}"

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from django.utils import timezone
+from django.conf import settings
+from django.db import connection
+from django.db.models import F
 
-from orchestrator.jobs.registry import TaskContext, get_job_spec
+from orchestrator.jobs.registry import TaskContext, TaskSpec, get_job_spec
 from orchestrator.models import Directive, Job, Run, RunStatus, Task3Scope, Trigger
 
 logger = logging.getLogger(__name__)
@@ -22,10 +35,13 @@ class JobDisabled(OrchestratorError):
 
 
 class TaskFailed(OrchestratorError):
-    def __init__(self, task: str, summary: str) -> None:
-        super().__init__(f"task {task} failed: {summary}")
+    """A task raised, crashed or overran. `str(exc)` is the run's `error_summary` (under 500 chars)."""
+
+    def __init__(self, task: str, summary: str, stats: dict[str, Any] | None = None) -> None:
+        super().__init__(f"task {task} failed: {summary}"[:500])
         self.task = task
         self.summary = summary
+        self.stats = stats if stats is not None else {}
 
 
 class OrchestratorService:
@@ -56,32 +72,270 @@ class OrchestratorService:
         )
 
     @staticmethod
-    def execute(run: Run) -> dict[str, Any]:
-        """Run the job's three tasks in order; return `stats`. Raises `TaskFailed` on a failed task.
+    def launch_many(launches: list[dict[str, Any]]) -> list[Run]:
+        """`launch` for many runs in one INSERT (the scheduler's batch dispatch); same rules, same order.
 
-        The caller (the worker) owns the run's status transitions; this only does the work.
+        Each item holds `launch`'s keyword arguments.
+        """
+        runs = []
+        for item in launches:
+            directive = item.get("directive")
+            custom_text = item.get("custom_directive_text", "")
+            if directive is not None and custom_text:
+                raise ValueError("a run takes a directive or custom directive text, not both")
+            runs.append(
+                Run(
+                    job=item["job"],
+                    directive=directive,
+                    custom_directive_text=custom_text,
+                    trigger=item.get("trigger", Trigger.MANUAL),
+                    task3_scope=item.get("task3_scope", Task3Scope.ALLOWLIST),
+                    status=RunStatus.QUEUED,
+                    task_id=item.get("task_id", ""),
+                )
+            )
+        return Run.objects.bulk_create(runs) if runs else []
+
+    @staticmethod
+    def execute(run: Run) -> dict[str, Any]:
+        """Run the job's three tasks in order, each in a fresh child process; return `stats`.
+
+        Raises `TaskFailed` (with `.stats` so far) when a task raises, crashes, runs out of memory or
+        overruns the run's time limit (`Job.timeout_seconds`, shared by the three tasks). The caller
+        (the worker) owns the run's status transitions; this does the work and the counters: the LLM
+        counters and `report_path` that tasks report are written to the run row (and the instance).
         """
         spec = get_job_spec(run.job.key)
+        job = run.job
+        memory_limit_mb = int(getattr(settings, "ORCHESTRATOR_TASK_MEMORY_MB", 0) or spec.memory_limit_mb)
+        deadline = time.monotonic() + job.timeout_seconds
         previous: dict[str, dict[str, Any]] = {}
-        stats: dict[str, Any] = {"tasks": {}}
-        for task in spec.tasks:
-            ctx = TaskContext(
-                run_id=run.pk,
-                job_key=spec.key,
-                directive_text=run.directive_text,
-                task3_scope=run.task3_scope,
-                previous=dict(previous),
-            )
-            started = timezone.now()
-            try:
-                result = task.func(ctx)
-            except Exception as exc:
-                stats["tasks"][task.name] = {"outcome": "failed", "error": type(exc).__name__}
-                raise TaskFailed(task.name, type(exc).__name__) from exc
-            previous[task.name] = result
-            stats["tasks"][task.name] = {
-                "outcome": "succeeded",
-                "seconds": round((timezone.now() - started).total_seconds(), 3),
-                **{k: v for k, v in result.items() if isinstance(v, int | float)},
-            }
+        stats: dict[str, Any] = {"tasks": {}, "notes": []}
+        _sweep_stale_work_dirs()
+        work_dir = tempfile.mkdtemp(prefix=f"{_WORK_DIR_PREFIX}{run.pk}-")
+        try:
+            for index, task in enumerate(spec.tasks):
+                ctx = TaskContext(
+                    run_id=run.pk,
+                    job_key=spec.key,
+                    directive_text=run.directive_text,
+                    task3_scope=run.task3_scope,
+                    previous=dict(previous),
+                    work_dir=work_dir,
+                )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    stats["tasks"][task.name] = {"outcome": "timed_out"}
+                    raise TaskFailed(task.name, f"run time limit of {job.timeout_seconds}s reached", stats)
+                started = time.monotonic()
+                outcome = run_task_in_child(
+                    task,
+                    ctx,
+                    index=index,
+                    time_limit=remaining,
+                    memory_limit_mb=memory_limit_mb,
+                    run_timeout=job.timeout_seconds,
+                )
+                seconds = round(time.monotonic() - started, 3)
+                if not outcome.ok:
+                    stats["tasks"][task.name] = {
+                        "outcome": outcome.kind,
+                        "seconds": seconds,
+                        "pid": outcome.pid,
+                        "error": outcome.summary,
+                    }
+                    logger.warning(
+                        "task failed",
+                        extra={"run_id": run.pk, "task": task.name, "outcome": outcome.kind},
+                    )
+                    stats["llm"] = _llm_counters(run)
+                    raise TaskFailed(task.name, outcome.summary, stats)
+                result = outcome.result
+                previous[task.name] = result
+                _apply_run_fields(run, result)
+                stats["notes"].extend(_notes(result))
+                stats["tasks"][task.name] = {
+                    "outcome": "succeeded",
+                    "seconds": seconds,
+                    "pid": outcome.pid,
+                    **_counts(result),
+                }
+                logger.info("task succeeded", extra={"run_id": run.pk, "task": task.name, "seconds": seconds})
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        stats["llm"] = _llm_counters(run)
+        if run.report_path:
+            stats["report_path"] = run.report_path
         return stats
+
+
+def _llm_counters(run: Run) -> dict[str, int]:
+    return {
+        "calls": run.llm_calls,
+        "prompt_tokens": run.llm_prompt_tokens,
+        "completion_tokens": run.llm_completion_tokens,
+    }
+
+
+_WORK_DIR_PREFIX = "cb-run-"
+_STALE_WORK_DIR_SECONDS = 24 * 3600
+
+
+def _sweep_stale_work_dirs() -> None:
+    """Remove run work dirs a hard-killed worker left behind (they may hold copies of log lines)."""
+    root = Path(tempfile.gettempdir())
+    cutoff = time.time() - _STALE_WORK_DIR_SECONDS
+    for path in root.glob(f"{_WORK_DIR_PREFIX}*"):
+        try:
+            if path.is_dir() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
+# --- child processes -----------------------------------------------------------------------------------
+
+# Settings a task may read, handed to the child as the parent sees them (runtime overrides included).
+_CHILD_SETTINGS = ("CYBER_BRAIN_LOGS", "UPLOADS_DIR", "LLM_ENDPOINT", "LLM_MODEL", "LLM_ALLOWED_HOSTS")
+_CHILD_SETTINGS_PREFIXES = ("LOG_TRIAGE_", "LLM_")
+_LLM_COUNTERS = ("llm_calls", "llm_prompt_tokens", "llm_completion_tokens")
+_NOT_COUNTS = frozenset({*_LLM_COUNTERS, "report_path", "notes"})
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    ok: bool
+    kind: str  # succeeded | failed | crashed | timed_out
+    summary: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+    pid: int = 0
+
+
+def _child_settings() -> dict[str, Any]:
+    names = set(_CHILD_SETTINGS)
+    names.update(name for name in dir(settings) if name.startswith(_CHILD_SETTINGS_PREFIXES))
+    values: dict[str, Any] = {}
+    for name in sorted(names):
+        if not hasattr(settings, name):
+            continue
+        value = getattr(settings, name)
+        values[name] = str(value) if isinstance(value, Path) else value
+    return values
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_task_in_child(
+    task: TaskSpec,
+    ctx: TaskContext,
+    *,
+    index: int,
+    time_limit: float,
+    memory_limit_mb: int,
+    run_timeout: int,
+) -> TaskOutcome:
+    """Run one task in a fresh `python -m orchestrator.taskrunner` and wait for it, at most `time_limit`.
+
+    The child leads its own process group; whatever happens here (success, timeout, an exception in
+    this process such as Celery's soft time limit), the group is killed before returning, so neither
+    the child nor anything it started outlives the task.
+    """
+    payload_path = os.path.join(ctx.work_dir, f"task{index}.in.json")
+    result_path = os.path.join(ctx.work_dir, f"task{index}.out.json")
+    payload = {
+        "task_ref": task.ref,
+        "context": asdict(ctx),
+        "result_path": result_path,
+        "parent_pid": os.getpid(),
+        "memory_limit_mb": memory_limit_mb,
+        "cpu_seconds": math.ceil(time_limit) + 5,
+        "db_name": connection.settings_dict["NAME"],
+        "settings": _child_settings(),
+    }
+    with open(payload_path, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh)
+    env = dict(os.environ)
+    # Under override_settings SETTINGS_MODULE reads None; the environment names the module then.
+    env["DJANGO_SETTINGS_MODULE"] = env.get("DJANGO_SETTINGS_MODULE") or settings.SETTINGS_MODULE
+    with open(payload_path, "rb") as stdin:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.taskrunner"],
+            stdin=stdin,
+            cwd=str(settings.BASE_DIR),
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    timed_out = False
+    try:
+        proc.wait(timeout=max(time_limit, 0.1))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        # Always: on timeout this ends the task; after a normal exit it reaps anything it left running;
+        # on an exception in this process (a soft time limit, a signal) it keeps the task from outliving us.
+        _kill_group(proc.pid)
+        proc.wait()
+    if timed_out:
+        return TaskOutcome(
+            False, "timed_out", f"time limit reached (run timeout {run_timeout}s)", pid=proc.pid
+        )
+    try:
+        with open(result_path, encoding="utf-8") as fh:
+            outcome = json.load(fh)
+    except (OSError, ValueError):
+        outcome = None
+    if outcome is None:
+        code = proc.returncode
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = str(-code)
+            summary = f"child process crashed (signal {name})"
+            if -code == signal.SIGXCPU:
+                summary = f"CPU time limit reached (run timeout {run_timeout}s)"
+        else:
+            summary = f"child process exited with code {code} without a result"
+        return TaskOutcome(False, "crashed", summary, pid=proc.pid)
+    if not outcome.get("ok"):
+        return TaskOutcome(False, "failed", str(outcome.get("summary") or "error")[:300], pid=proc.pid)
+    return TaskOutcome(True, "succeeded", result=outcome.get("result") or {}, pid=proc.pid)
+
+
+def _counts(result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in result.items()
+        if key not in _NOT_COUNTS and isinstance(value, int | float) and not isinstance(value, bool)
+    }
+
+
+def _notes(result: dict[str, Any]) -> list[str]:
+    # Notes are short fixed codes ("llm_unreachable"), never free text from logs or an LLM.
+    notes = result.get("notes") or []
+    return [str(note)[:100] for note in notes if isinstance(note, str)][:20]
+
+
+def _apply_run_fields(run: Run, result: dict[str, Any]) -> None:
+    """Write the LLM counters and the report path a task reported to the run row and the instance.
+
+    Done here, in the worker's connection, not in the child: the worker may hold the run row locked.
+    """
+    increments = {name: int(result.get(name) or 0) for name in _LLM_COUNTERS}
+    updates: dict[str, Any] = {name: F(name) + n for name, n in increments.items() if n > 0}
+    report_path = result.get("report_path")
+    if isinstance(report_path, str) and report_path:
+        updates["report_path"] = report_path[:1024]
+    if not updates:
+        return
+    Run.objects.filter(pk=run.pk).update(**updates)
+    for name, n in increments.items():
+        setattr(run, name, getattr(run, name) + n)
+    if "report_path" in updates:
+        run.report_path = updates["report_path"]

@@ -1,8 +1,12 @@
 """The job registry: every kind of work the system can run, declared in code.
 
 A job is one module that builds a `JobSpec` (its key and its three tasks); adding a job is that module
-plus one line in `_BUILTIN_MODULES`. `Job` rows mirror the registry: a post-migrate step creates the
-missing ones and leaves the operator's edits (enabled, caps, timeout, allowlist) alone.
+plus one line in `_BUILTIN_MODULES` (docs/JOBS.md). Each task runs in a fresh child process
+(`orchestrator.taskrunner`), which imports the task function by its module path: task functions are
+plain module-level functions taking a `TaskContext` and returning a small JSON-able dict.
+
+`Job` rows mirror the registry: a post-migrate step creates the missing ones
+and leaves the operator's edits (enabled, caps, timeout, allowlist) alone.
 """
 
 from __future__ import annotations
@@ -28,15 +32,30 @@ class TaskContext:
     directive_text: str
     task3_scope: str
     previous: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # A scratch directory private to the run, removed when the run ends: tasks hand bulky data (such as
+    # collected log lines) to the next task here, never through results or `Run.stats`.
+    work_dir: str = ""
 
 
 TaskFunc = Callable[[TaskContext], dict[str, Any]]
+
+
+class TaskError(Exception):
+    """Raised by a task to fail its run with this message as `error_summary`: write it for the operator.
+
+    Any other exception fails the run with just its type name (its message may quote log input).
+    """
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
     func: TaskFunc
+
+    @property
+    def ref(self) -> str:
+        """`module:function`, how the child process finds the function."""
+        return f"{self.func.__module__}:{self.func.__qualname__}"
 
 
 @dataclass(frozen=True)
@@ -47,6 +66,8 @@ class JobSpec:
     tasks: tuple[TaskSpec, TaskSpec, TaskSpec]
     timeout_seconds: int = 600
     max_concurrency: int | None = None
+    # Address-space limit of each task's child process (RLIMIT_AS), in MiB.
+    memory_limit_mb: int = 1024
 
 
 class UnknownJob(LookupError):
@@ -54,25 +75,40 @@ class UnknownJob(LookupError):
 
 
 _registry: dict[str, JobSpec] = {}
+_builtins_loaded = False
 
 
 def register(spec: JobSpec) -> JobSpec:
     if len(spec.tasks) != 3:
         raise ValueError(f"job {spec.key!r} must declare exactly three tasks")
+    for task in spec.tasks:
+        # The child process imports the function by name: closures and lambdas cannot be found there.
+        if "<" in task.func.__qualname__ or "." in task.func.__qualname__:
+            raise ValueError(f"task {task.name!r} of job {spec.key!r} must be a module-level function")
     _registry[spec.key] = spec
     return spec
 
 
 def _load_builtins() -> None:
-    if _registry:
+    # A flag, not "registry empty": a job registered before the first lookup must not hide the builtins.
+    global _builtins_loaded
+    if _builtins_loaded:
         return
     for module_name in _BUILTIN_MODULES:
-        register(importlib.import_module(module_name).JOB)
+        spec = importlib.import_module(module_name).JOB
+        if spec.key not in _registry:
+            register(spec)
+    _builtins_loaded = True
 
 
 def all_job_specs() -> list[JobSpec]:
     _load_builtins()
     return list(_registry.values())
+
+
+def unregister(key: str) -> None:
+    """Remove a job from the registry (tests that register throwaway jobs)."""
+    _registry.pop(key, None)
 
 
 def get_job_spec(key: str) -> JobSpec:
@@ -101,8 +137,14 @@ def sync_jobs(job_model: Any, using: str = "default") -> int:
     return created
 
 
-def sync_jobs_after_migrate(sender: Any, apps: Any, using: str = "default", **kwargs: Any) -> None:
-    """post_migrate receiver: uses the migration state's model, so it works mid-history too."""
+def sync_jobs_after_migrate(sender: Any, apps: Any = None, using: str = "default", **kwargs: Any) -> None:
+    """post_migrate receiver: uses the migration state's model, so it works mid-history too.
+
+    `flush` (and so every transactional test's teardown) sends the signal without `apps`: use the
+    project's models then.
+    """
+    if apps is None:
+        from django.apps import apps
     try:
         job_model = apps.get_model("orchestrator", "Job")
     except LookupError:

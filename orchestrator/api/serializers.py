@@ -1,0 +1,135 @@
+"""Job, directive and run API shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from orchestrator.models import Directive, Job, Run, Task3Scope
+from project.api import StrictFieldsMixin
+
+# Directive text is instructions, not a payload (the same bound as schedules.services.MAX_DIRECTIVE_TEXT).
+MAX_DIRECTIVE_TEXT = 100_000
+MAX_ALLOWLIST_ITEMS = 1000
+MAX_ALLOWLIST_ITEM_LENGTH = 500
+
+
+@extend_schema_field({"oneOf": [{"type": "integer"}, {"type": "string"}], "nullable": True})
+class DirectiveRefField(serializers.RelatedField):
+    """A directive by id (a JSON number) or by key (a JSON string); rendered as its id."""
+
+    default_error_messages = {
+        "does_not_exist": "No directive with {kind} {value!r}.",
+        "incorrect_type": "Expected a directive id (number) or key (string), got {data_type}.",
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("queryset", Directive.objects.all())
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> Directive:
+        if isinstance(data, bool) or not isinstance(data, int | str):
+            self.fail("incorrect_type", data_type=type(data).__name__)
+        kind = "id" if isinstance(data, int) else "key"
+        try:
+            return self.get_queryset().get(**{"pk" if kind == "id" else "key": data})
+        except (Directive.DoesNotExist, ValueError, OverflowError):
+            self.fail("does_not_exist", kind=kind, value=data)
+
+    def to_representation(self, value: Directive) -> int:
+        return value.pk
+
+
+def job_key_field(**kwargs: Any) -> serializers.SlugRelatedField:
+    """A job named by its key; an unknown key is a 400 on this field."""
+    return serializers.SlugRelatedField(
+        slug_field="key",
+        queryset=Job.objects.all(),
+        source="job",
+        error_messages={"does_not_exist": "No job with key {value!r}.", "invalid": "Expected a job key."},
+        **kwargs,
+    )
+
+
+class JobSerializer(StrictFieldsMixin, serializers.ModelSerializer):
+    """Jobs come from the code registry: key and queue are fixed, the settings are editable."""
+
+    max_concurrency = serializers.IntegerField(
+        min_value=1, max_value=2**31 - 1, allow_null=True, required=False
+    )
+    timeout_seconds = serializers.IntegerField(min_value=1, max_value=2**31 - 1, required=False)
+    task3_allowlist = serializers.ListField(
+        child=serializers.CharField(max_length=MAX_ALLOWLIST_ITEM_LENGTH),
+        max_length=MAX_ALLOWLIST_ITEMS,
+        required=False,
+    )
+
+    class Meta:
+        model = Job
+        fields = [
+            "key",
+            "name",
+            "description",
+            "enabled",
+            "queue",
+            "max_concurrency",
+            "timeout_seconds",
+            "task3_allowlist",
+        ]
+        read_only_fields = ["key", "queue"]
+
+
+class DirectiveSerializer(StrictFieldsMixin, serializers.ModelSerializer):
+    job_key = job_key_field(required=False, allow_null=True)
+    text = serializers.CharField(max_length=MAX_DIRECTIVE_TEXT, trim_whitespace=False)
+
+    class Meta:
+        model = Directive
+        fields = ["id", "key", "name", "text", "job_key", "job"]
+        read_only_fields = ["id", "job"]
+
+
+class RunSerializer(serializers.ModelSerializer):
+    job_key = serializers.CharField(source="job.key", read_only=True)
+    directive_key = serializers.CharField(source="directive.key", read_only=True, default=None)
+
+    class Meta:
+        model = Run
+        fields = [
+            "id",
+            "job_key",
+            "job",
+            "directive",
+            "directive_key",
+            "custom_directive_text",
+            "trigger",
+            "task3_scope",
+            "status",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "error_summary",
+            "stats",
+            "llm_calls",
+            "llm_prompt_tokens",
+            "llm_completion_tokens",
+            "task_id",
+            "worker",
+            "heartbeat_at",
+            "attempt",
+            "published_at",
+        ]
+        read_only_fields = fields
+
+
+class RunLaunchSerializer(StrictFieldsMixin, serializers.Serializer):
+    """POST /api/runs/: which job, with which instructions, acting on what."""
+
+    job_key = job_key_field()
+    directive = DirectiveRefField(required=False, allow_null=True, default=None)
+    custom_directive_text = serializers.CharField(
+        required=False, allow_blank=True, default="", max_length=MAX_DIRECTIVE_TEXT, trim_whitespace=False
+    )
+    task3_scope = serializers.ChoiceField(choices=Task3Scope.choices, default=Task3Scope.ALLOWLIST)
