@@ -153,6 +153,12 @@ class ScheduledRun(models.Model):
                 condition=Q(status="queued"),
             ),
             models.Index(fields=["status"], name="scheduledrun_status_idx"),
+            # The overlap check: a schedule's unfinished runs, without walking its whole history.
+            models.Index(
+                fields=["schedule"],
+                name="scheduledrun_unfinished_idx",
+                condition=Q(status__in=["queued", "throttled", "running"]),
+            ),
         ]
 
     def __str__(self) -> str:

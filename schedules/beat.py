@@ -1,0 +1,352 @@
+"""DatabaseScheduler: a Celery beat scheduler whose schedule lives in PostgreSQL.
+
+Each pass claims due schedules (schedules.claiming), dispatches their slots (schedules.dispatch), sweeps
+the outbox (schedules.publishing), and says how long to sleep: until the earliest schedule is due
+(database clock), at most `interval`. Between passes it waits on PostgreSQL `LISTEN schedules_wake`
+(a trigger notifies on every change of when a schedule is due), so a schedule created or edited to be
+due now is dispatched within a second, whatever `interval` is.
+
+`python manage.py run_scheduler` drives `run_pass`/`wait` itself (with SIGTERM handling);
+`celery -A project beat -S schedules.beat:DatabaseScheduler` drives it through `tick`.
+Constructed lazily (Celery builds a scheduler once just to print its banner), it touches nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import time
+from datetime import timedelta
+
+from celery.beat import Scheduler
+
+logger = logging.getLogger(__name__)
+
+WAKE_CHANNEL = "schedules_wake"
+DEFAULT_INTERVAL = 30.0
+DEFAULT_CLAIM_TTL = 120.0
+DEFAULT_BATCH_SIZE = 500
+# A never-published run is left this long to its own on-commit publish before the sweep takes it.
+DEFAULT_PUBLISH_GRACE = 10.0
+# A run published this long ago and still queued has its message looked for in the broker.
+DEFAULT_REPUBLISH_AFTER = 300.0
+MAX_BACKOFF = 30.0
+# Runs launched through /api/runs/ have no scheduled run; their outbox query is costlier, so it runs
+# at most this often (seconds) rather than every tick.
+MANUAL_SWEEP_EVERY = 10.0
+
+
+def default_claimant() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class WakeListener:
+    """A dedicated autocommit connection LISTENing on the wake channel, plus a self-pipe for signals.
+
+    Any failure (PostgreSQL down) just drops the connection: waiting degrades to a plain timed sleep
+    and the next wait reconnects.
+    """
+
+    def __init__(self) -> None:
+        self._conn = None
+        self._pipe_r, self._pipe_w = os.pipe()
+        os.set_blocking(self._pipe_r, False)
+        os.set_blocking(self._pipe_w, False)
+
+    def interrupt(self) -> None:
+        """Wake a pending wait (safe from a signal handler)."""
+        try:
+            os.write(self._pipe_w, b"x")
+        except OSError:
+            pass
+
+    def _connect(self):
+        import psycopg2
+        from django.db import connection
+
+        params = connection.get_connection_params()
+        params.pop("cursor_factory", None)
+        params.pop("context", None)
+        params.setdefault("connect_timeout", 5)
+        conn = psycopg2.connect(**params)
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(f"LISTEN {WAKE_CHANNEL}")
+        return conn
+
+    def wait(self, seconds: float) -> str:
+        """Wait up to `seconds`; return "notify", "interrupt" or "timeout"."""
+        deadline = time.monotonic() + max(0.0, seconds)
+        if self._conn is None:
+            try:
+                self._conn = self._connect()
+            except Exception as exc:
+                logger.warning("wake listener unavailable", extra={"error": type(exc).__name__})
+                self._conn = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timeout"
+            fds = [self._pipe_r] + ([self._conn] if self._conn is not None else [])
+            try:
+                readable, _, _ = select.select(fds, [], [], remaining)
+            except (OSError, ValueError):
+                self.close_connection()
+                continue
+            if self._pipe_r in readable:
+                self._drain_pipe()
+                return "interrupt"
+            if self._conn is not None and self._conn in readable:
+                try:
+                    self._conn.poll()
+                    got = bool(self._conn.notifies)
+                    self._conn.notifies.clear()
+                except Exception:
+                    self.close_connection()
+                    continue
+                if got:
+                    return "notify"
+
+    def _drain_pipe(self) -> None:
+        try:
+            while os.read(self._pipe_r, 64):
+                pass
+        except OSError:
+            pass
+
+    def close_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
+
+    def close(self) -> None:
+        self.close_connection()
+        for fd in (self._pipe_r, self._pipe_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class DatabaseScheduler(Scheduler):
+    """The beat loop over `Schedule` rows: claim, dispatch, sweep, sleep until due (capped)."""
+
+    def __init__(
+        self,
+        *args,
+        claimant: str | None = None,
+        claim_ttl: float = DEFAULT_CLAIM_TTL,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        interval: float | None = None,
+        misfire_grace: float | None = None,
+        publish_grace: float = DEFAULT_PUBLISH_GRACE,
+        republish_after: float = DEFAULT_REPUBLISH_AFTER,
+        lazy: bool = False,
+        **kwargs,
+    ) -> None:
+        # Plain attributes only: a lazily built scheduler (Celery's banner) must not touch anything.
+        self.claimant = claimant or default_claimant()
+        self.claim_ttl = float(claim_ttl)
+        self.batch_size = int(batch_size)
+        explicit_max = kwargs.get("max_interval")
+        self.interval = float(
+            interval if interval is not None else min(DEFAULT_INTERVAL, explicit_max or 1e9)
+        )
+        # "Missed" means older than one loop interval plus room for a slow pass.
+        self.misfire_grace = timedelta(
+            seconds=misfire_grace if misfire_grace is not None else self.interval + 30.0
+        )
+        self.publish_grace = float(publish_grace)
+        self.republish_after = float(republish_after)
+        self.stopping = False
+        self._listener: WakeListener | None = None
+        self._backoff = 0.0
+        self._next_sleep = 0.0
+        self._next_manual_sweep = 0.0
+        super().__init__(*args, lazy=lazy, **kwargs)
+
+    # --- celery.beat.Scheduler interface ---
+
+    def setup_schedule(self) -> None:
+        import django
+        from django.apps import apps
+
+        if not apps.ready:
+            django.setup()
+        self._listener = WakeListener()
+        logger.info(
+            "scheduler started",
+            extra={
+                "claimant": self.claimant,
+                "interval": self.interval,
+                "claim_ttl": self.claim_ttl,
+                "batch_size": self.batch_size,
+            },
+        )
+
+    def tick(self, *args, **kwargs) -> float:
+        """Celery beat's loop: wait (woken early by NOTIFY) for the sleep the last pass asked for, then
+        run a pass. Returns 0 so beat's own `time.sleep` never delays a wake-up."""
+        if self._next_sleep > 0:
+            self.wait(self._next_sleep)
+        self._next_sleep = self.run_pass()
+        return 0.0
+
+    @property
+    def schedule(self) -> dict:
+        # Celery's in-memory schedule stays empty: the schedule is the database's.
+        return {}
+
+    @property
+    def info(self) -> str:
+        return f"    . claimant -> {self.claimant}\n    . interval -> {self.interval}s"
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        from django.db import connection
+
+        # Celery beat calls this from its SIGTERM handler, possibly in the middle of a dispatch
+        # transaction that is about to roll back: then leave the claims to expire with their TTL.
+        if connection.in_atomic_block:
+            self.request_stop()
+            return
+        self.shutdown()
+
+    # --- the loop ---
+
+    def request_stop(self) -> None:
+        """Finish the batch in hand, release the rest, stop (SIGTERM)."""
+        self.stopping = True
+        if self._listener is not None:
+            self._listener.interrupt()
+
+    def wait(self, seconds: float) -> str:
+        if self.stopping:
+            return "interrupt"
+        if self._listener is None:
+            time.sleep(seconds)
+            return "timeout"
+        return self._listener.wait(seconds)
+
+    def run_pass(self) -> float:
+        """Claim, dispatch, sweep; return the seconds to sleep before the next pass."""
+        from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
+
+        from schedules.claiming import claim_due, seconds_until_due
+        from schedules.dispatch import dispatch_claimed
+        from schedules.publishing import sweep_outbox
+
+        close_old_connections()
+        claimed_ids: list[int] = []
+        try:
+            claims = claim_due(claimant=self.claimant, ttl=self.claim_ttl, limit=self.batch_size)
+            claimed_ids = [claim.schedule_id for claim in claims]
+            if claims:
+                logger.info("schedules claimed", extra={"claimant": self.claimant, "count": len(claims)})
+                started = time.monotonic()
+                result = dispatch_claimed(
+                    claimed_ids,
+                    claimant=self.claimant,
+                    grace=self.misfire_grace,
+                    ttl=self.claim_ttl,
+                    should_stop=lambda: self.stopping,
+                )
+                if result.pending:
+                    self._release(result.pending)
+                logger.info(
+                    "claimed schedules dispatched",
+                    extra={
+                        "claimant": self.claimant,
+                        "dispatched": result.dispatched,
+                        "skipped": result.skipped,
+                        "published": result.published,
+                        "publish_failed": result.publish_failed,
+                        "lost": len(result.lost),
+                        "failed": len(result.failed),
+                        "released": len(result.pending),
+                        "seconds": round(time.monotonic() - started, 3),
+                    },
+                )
+            claimed_ids = []
+            if self.stopping:
+                return 0.0
+            include_manual = time.monotonic() >= self._next_manual_sweep
+            if include_manual:
+                self._next_manual_sweep = time.monotonic() + MANUAL_SWEEP_EVERY
+            try:
+                sweep_outbox(
+                    grace=self.publish_grace,
+                    republish_after=self.republish_after,
+                    include_manual=include_manual,
+                )
+            except (OperationalError, InterfaceError):
+                raise
+            except DatabaseError:
+                logger.exception("outbox sweep failed")
+            if len(claims) >= self.batch_size:
+                return 0.0  # more may be due right now
+            until_due = seconds_until_due()
+        except (OperationalError, InterfaceError) as exc:
+            return self._database_unreachable(exc)
+        except Exception:
+            # A bug or an unexpected server error must not kill the loop: claims expire by themselves
+            # and the next pass starts clean.
+            logger.exception("scheduler pass failed", extra={"claimant": self.claimant})
+            self._backoff = min(MAX_BACKOFF, max(1.0, self._backoff * 2))
+            return min(self._backoff, self.interval)
+        self._backoff = 0.0
+        if until_due is None:
+            return self.interval
+        # A little past the due instant, so the next claim (database clock) finds it due.
+        return max(0.0, min(until_due + 0.01, self.interval))
+
+    def _release(self, schedule_ids: list[int]) -> None:
+        from schedules.claiming import release_claims
+
+        released = release_claims(claimant=self.claimant, schedule_ids=schedule_ids)
+        logger.info("claims released", extra={"claimant": self.claimant, "count": len(released)})
+
+    def _database_unreachable(self, exc: Exception) -> float:
+        from django.db import connection
+
+        # Nothing is published for an uncommitted transaction (publishing follows the commit), and
+        # claims we may hold expire by themselves. Drop the connection; reconnect on the next pass.
+        try:
+            connection.close()
+        except Exception:
+            pass
+        if self._listener is not None:
+            self._listener.close_connection()
+        self._backoff = min(MAX_BACKOFF, max(1.0, self._backoff * 2))
+        logger.warning(
+            "database unreachable; backing off",
+            extra={"claimant": self.claimant, "error": type(exc).__name__, "retry_in": self._backoff},
+        )
+        return min(self._backoff, self.interval) if self.interval > 0 else self._backoff
+
+    def shutdown(self) -> None:
+        """Release anything still claimed (nothing, normally) and close the listener."""
+        from django.db import connection
+
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "UPDATE schedules_schedule SET claimed_by = '', claimed_until = NULL"
+                    " WHERE claimed_by = %s RETURNING id",
+                    [self.claimant],
+                )
+                released = cursor.rowcount
+            if released:
+                logger.info("claims released", extra={"claimant": self.claimant, "count": released})
+        except Exception as exc:
+            logger.warning("could not release claims", extra={"error": type(exc).__name__})
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None

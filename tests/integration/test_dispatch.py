@@ -1,0 +1,416 @@
+"""Dispatching claimed schedules: one run per slot, misfire and overlap policies, deterministic times.
+
+Slot math runs against the database clock; rows are aged with SQL instead of patching any clock.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from orchestrator.models import Run
+from schedules import timing
+from schedules.dispatch import (
+    JOB_DISABLED_REASON,
+    MISSED_REASON,
+    OVERLAP_BUFFER_REASON,
+    OVERLAP_SKIP_REASON,
+    dispatch_claimed,
+    dispatch_slot,
+    plan_slots,
+)
+from schedules.models import ScheduledRun
+from tests.scheduler_support import db_now, make_schedule, sql
+
+GRACE = timedelta(seconds=60)
+ME = "me:1"
+
+
+def claim(schedule, claimant: str = ME, seconds: int = 60) -> None:
+    sql(
+        "UPDATE schedules_schedule SET claimed_by = %s, claimed_until = now() + make_interval(secs => %s)"
+        " WHERE id = %s",
+        [claimant, seconds, schedule.pk],
+    )
+
+
+def slots_of(schedule, status: str | None = None) -> list[datetime]:
+    rows = ScheduledRun.objects.filter(schedule=schedule, trigger="schedule")
+    if status:
+        rows = rows.filter(status=status)
+    return sorted(rows.values_list("scheduled_for", flat=True))
+
+
+def minute_floor(dt: datetime) -> datetime:
+    return dt.replace(second=0, microsecond=0)
+
+
+# --- pure: plan_slots ------------------------------------------------------------------------------
+
+SPEC10 = timing.ScheduleSpec(schedule_type="interval", interval_minutes=10)
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def plan(**kw):
+    args = {
+        "next_run_at": T0,
+        "last_run_at": None,
+        "now": T0 + timedelta(minutes=35),
+        "misfire_policy": "run_once",
+        "overlap_policy": "allow",
+        "unfinished": 0,
+        "grace": GRACE,
+    }
+    args.update(kw)
+    return plan_slots(SPEC10, **args)
+
+
+def test_plan__on_time_slot_runs_and_next_comes_from_the_slot():
+    p = plan(now=T0 + timedelta(seconds=7))
+    assert [(d.slot, d.dispatch) for d in p.decisions] == [(T0, True)]
+    assert p.next_run_at == T0 + timedelta(minutes=10)  # from the slot, not from now (+7 s)
+
+
+def test_plan__run_once_runs_only_the_latest_missed_slot():
+    p = plan(misfire_policy="run_once")
+    assert [(d.slot, d.dispatch) for d in p.decisions] == [(T0 + timedelta(minutes=30), True)]
+    assert p.next_run_at == T0 + timedelta(minutes=40)
+
+
+def test_plan__skip_runs_none_and_records_the_latest_missed_slot():
+    p = plan(misfire_policy="skip")
+    assert [(d.slot, d.dispatch, d.reason) for d in p.decisions] == [
+        (T0 + timedelta(minutes=30), False, MISSED_REASON)
+    ]
+
+
+def test_plan__run_all_runs_each_missed_slot_at_most_100():
+    p = plan(misfire_policy="run_all")
+    assert [d.slot for d in p.decisions] == [T0 + timedelta(minutes=m) for m in (0, 10, 20, 30)]
+    long = plan(misfire_policy="run_all", now=T0 + timedelta(minutes=10 * 150 + 1))
+    assert len(long.decisions) == 100
+    assert long.decisions[-1].slot == T0 + timedelta(minutes=1500)
+
+
+def test_plan__never_creates_a_slot_at_or_before_last_run_at():
+    p = plan(misfire_policy="run_all", last_run_at=T0 + timedelta(minutes=20))
+    assert [d.slot for d in p.decisions] == [T0 + timedelta(minutes=30)]
+
+
+def test_plan__overlap_policies():
+    now = T0 + timedelta(seconds=1)
+    assert plan(now=now, overlap_policy="skip", unfinished=1).decisions[0].reason == OVERLAP_SKIP_REASON
+    assert plan(now=now, overlap_policy="buffer_one", unfinished=1).decisions[0].dispatch
+    assert (
+        plan(now=now, overlap_policy="buffer_one", unfinished=2).decisions[0].reason == OVERLAP_BUFFER_REASON
+    )
+    assert plan(now=now, overlap_policy="allow", unfinished=5).decisions[0].dispatch
+    # buffer_one during a catch-up: one runs, one waits behind it, the rest are recorded as skipped
+    p = plan(misfire_policy="run_all", overlap_policy="buffer_one")
+    assert [d.dispatch for d in p.decisions] == [True, True, False, False]
+
+
+def test_plan__disabled_job_records_skipped_slots():
+    p = plan(now=T0 + timedelta(seconds=1), job_enabled=False)
+    assert [(d.dispatch, d.reason) for d in p.decisions] == [(False, JOB_DISABLED_REASON)]
+
+
+def test_plan__cut_by_budget_keeps_the_rest_due():
+    p = plan(misfire_policy="run_all", max_slots=3)
+    assert len(p.decisions) == 3
+    assert p.next_run_at == T0 + timedelta(minutes=30)
+
+
+NY_0230 = timing.ScheduleSpec(schedule_type="cron", cron_expr="30 2 * * *", timezone="America/New_York")
+
+
+def _walk(first: datetime, days: int) -> list[datetime]:
+    """Dispatch day after day as the scheduler would: each pass a second after the slot."""
+    out, next_run_at, last = [], first, None
+    for _ in range(days):
+        p = plan_slots(
+            NY_0230,
+            next_run_at=next_run_at,
+            last_run_at=last,
+            now=next_run_at + timedelta(seconds=1),
+            misfire_policy="run_once",
+            overlap_policy="allow",
+            unfinished=0,
+            grace=GRACE,
+        )
+        out += [d.slot for d in p.decisions]
+        last, next_run_at = p.last_slot, p.next_run_at
+    return out
+
+
+def test_dst__daily_0230_new_york_across_spring_forward():
+    slots = _walk(datetime(2026, 3, 7, 7, 30, tzinfo=UTC), 3)
+    # 02:30 does not exist on 2026-03-08: the first valid instant after it, 03:00 EDT = 07:00Z.
+    assert slots == [
+        datetime(2026, 3, 7, 7, 30, tzinfo=UTC),
+        datetime(2026, 3, 8, 7, 0, tzinfo=UTC),
+        datetime(2026, 3, 9, 6, 30, tzinfo=UTC),
+    ]
+
+
+def test_dst__daily_0230_new_york_across_fall_back():
+    slots = _walk(datetime(2026, 10, 31, 6, 30, tzinfo=UTC), 3)
+    assert slots == [
+        datetime(2026, 10, 31, 6, 30, tzinfo=UTC),
+        datetime(2026, 11, 1, 7, 30, tzinfo=UTC),  # 02:30 EST (01:xx repeats, 02:30 does not)
+        datetime(2026, 11, 2, 7, 30, tzinfo=UTC),
+    ]
+
+
+# --- against PostgreSQL ----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_dispatch__creates_one_queued_run_and_advances_from_the_slot():
+    slot = minute_floor(db_now()) - timedelta(seconds=0)
+    s = make_schedule("one", next_run_at=slot, interval_minutes=10)
+    claim(s)
+
+    result = dispatch_slot(s.pk, claimant=ME, grace=GRACE)
+
+    assert result.dispatched == 1
+    (sr,) = ScheduledRun.objects.filter(schedule=s)
+    assert (sr.scheduled_for, sr.status, sr.trigger) == (slot, "queued", "schedule")
+    assert sr.run.task_id == sr.task_id
+    assert sr.run.trigger == "schedule"
+    assert sr.run.custom_directive_text == "0.1"
+    s.refresh_from_db()
+    assert s.last_run_at == slot
+    assert s.next_run_at == slot + timedelta(minutes=10)
+    assert (s.claimed_by, s.claimed_until) == ("", None)
+
+
+@pytest.mark.django_db
+def test_dispatch__does_nothing_when_the_claim_is_not_ours_any_more():
+    s = make_schedule("taken")
+    claim(s, claimant="other:9")
+    assert dispatch_slot(s.pk, claimant=ME, grace=GRACE).dispatched == 0
+
+    claim(s, claimant=ME)
+    sql("UPDATE schedules_schedule SET claimed_until = now() - interval '1 second' WHERE id = %s", [s.pk])
+    assert dispatch_slot(s.pk, claimant=ME, grace=GRACE).dispatched == 0
+    assert not ScheduledRun.objects.filter(schedule=s).exists()
+
+
+@pytest.mark.django_db
+def test_dispatch__an_existing_slot_is_never_inserted_twice():
+    slot = minute_floor(db_now())
+    s = make_schedule("dup", next_run_at=slot)
+    ScheduledRun.objects.create(schedule=s, scheduled_for=slot, status="queued", task_id="first")
+    runs_before = Run.objects.count()
+    claim(s)
+
+    result = dispatch_slot(s.pk, claimant=ME, grace=GRACE)
+
+    assert result.dispatched == 0
+    assert ScheduledRun.objects.filter(schedule=s, scheduled_for=slot).count() == 1
+    assert Run.objects.count() == runs_before  # the run made for the conflicting slot is gone
+    s.refresh_from_db()
+    assert s.next_run_at == slot + timedelta(minutes=10)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("policy", "expected_queued", "expected_skipped"),
+    [("run_once", 1, 0), ("skip", 0, 1), ("run_all", 4, 0)],
+)
+def test_dispatch__misfire_policy_after_downtime(policy, expected_queued, expected_skipped):
+    now = db_now()
+    first = now - timedelta(minutes=35)
+    s = make_schedule(f"down-{policy}", next_run_at=first, misfire_policy=policy)
+    claim(s)
+
+    dispatch_slot(s.pk, claimant=ME, grace=GRACE)
+
+    latest = first + timedelta(minutes=30)
+    assert len(slots_of(s, "queued")) == expected_queued
+    assert len(slots_of(s, "skipped")) == expected_skipped
+    assert slots_of(s)[-1] == latest
+    if policy == "skip":
+        sr = ScheduledRun.objects.get(schedule=s)
+        assert (sr.run, sr.error_summary) == (None, MISSED_REASON)
+        assert not Run.objects.filter(trigger="schedule").exists()
+    s.refresh_from_db()
+    assert s.last_run_at == latest
+    assert s.next_run_at == first + timedelta(minutes=40)  # on the anchored grid, in the future
+
+
+@pytest.mark.django_db
+def test_dispatch__run_all_catches_up_at_most_100_slots():
+    first = minute_floor(db_now()) - timedelta(minutes=150)
+    s = make_schedule("catch-up", next_run_at=first, interval_minutes=1, misfire_policy="run_all")
+    claim(s)
+
+    dispatch_slot(s.pk, claimant=ME, grace=GRACE)
+
+    slots = slots_of(s, "queued")
+    assert len(slots) == 100
+    # The latest 100 (the last is the current minute, whichever it is by now), one minute apart.
+    assert slots[-1] >= first + timedelta(minutes=150)
+    assert slots == [slots[-1] - timedelta(minutes=99 - i) for i in range(100)]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("policy", "unfinished", "dispatched", "reason"),
+    [
+        ("skip", 1, False, OVERLAP_SKIP_REASON),
+        ("buffer_one", 1, True, ""),
+        ("buffer_one", 2, False, OVERLAP_BUFFER_REASON),
+        ("allow", 2, True, ""),
+    ],
+)
+def test_dispatch__overlap_policy_with_unfinished_runs(policy, unfinished, dispatched, reason):
+    slot = minute_floor(db_now())
+    s = make_schedule(f"overlap-{policy}-{unfinished}", next_run_at=slot, overlap_policy=policy)
+    statuses = ["running", "queued"][:unfinished]
+    for i, status in enumerate(statuses):
+        ScheduledRun.objects.create(
+            schedule=s, trigger="manual", scheduled_for=slot - timedelta(minutes=i + 1), status=status
+        )
+    claim(s)
+
+    dispatch_slot(s.pk, claimant=ME, grace=GRACE)
+
+    sr = ScheduledRun.objects.get(schedule=s, trigger="schedule", scheduled_for=slot)
+    assert (sr.status == "queued") is dispatched
+    assert sr.error_summary == reason
+    if not dispatched:
+        assert sr.status == "skipped"
+        assert sr.run is None
+    s.refresh_from_db()
+    assert s.last_run_at == slot
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dispatch__enable_computes_from_now_so_slots_missed_while_disabled_do_not_run(redis_client):
+    # A schedule disabled for an hour: enabling sets next_run_at from now (DESIGN 5), so no catch-up.
+    from schedules.models import Schedule
+
+    now = db_now()
+    s = make_schedule(
+        "was-off", enabled=False, next_run_at=now - timedelta(hours=1), misfire_policy="run_all"
+    )
+    try:
+        from schedules.services import enable_schedule  # the API's service, when present
+    except ImportError:
+        enable_schedule = None
+    if enable_schedule is not None:
+        enable_schedule(s)
+    else:
+        Schedule.objects.filter(pk=s.pk).update(
+            enabled=True, next_run_at=timing.first_slot(timing.spec_of(s), now=now)
+        )
+    s.refresh_from_db()
+    assert s.enabled
+    assert s.next_run_at > now
+    claim(s)
+    assert dispatch_slot(s.pk, claimant=ME, grace=GRACE).dispatched == 0
+    assert not ScheduledRun.objects.filter(schedule=s).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dispatch_claimed__batches_publish_after_commit_with_the_run_task_id(redis_client):
+    now = db_now()
+    schedules = [make_schedule(f"b{i}", next_run_at=now - timedelta(seconds=5)) for i in range(30)]
+    for s in schedules:
+        claim(s)
+
+    result = dispatch_claimed([s.pk for s in schedules], claimant=ME, grace=GRACE, ttl=60)
+
+    assert (result.dispatched, result.published) == (30, 30)
+    assert redis_client.llen("jobs.sleep") == 30
+    messages = [json.loads(raw) for raw in redis_client.lrange("jobs.sleep", 0, -1)]
+    by_task = {m["headers"]["id"]: m for m in messages}
+    for sr in ScheduledRun.objects.filter(schedule__in=schedules).select_related("run"):
+        assert sr.published_at is not None
+        assert sr.run.published_at is not None
+        header = by_task[sr.task_id]["headers"]
+        assert header["task"] == "worker.execute_run"
+        kwargs = json.loads(header["kwargsrepr"].replace("'", '"').replace("None", "null"))
+        assert kwargs == {"run_id": sr.run_id, "scheduled_run_id": sr.pk, "job_key": "sleep"}
+
+
+# --- outbox sweep ----------------------------------------------------------------------------------
+
+
+def _queued_ids(redis_client) -> list[str]:
+    return [json.loads(raw)["headers"]["id"] for raw in redis_client.lrange("jobs.sleep", 0, -1)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sweep__publishes_a_committed_run_whose_publish_never_happened(redis_client):
+    from schedules.publishing import sweep_outbox
+
+    s = make_schedule("crashed-before-publish")
+    run = Run.objects.create(job=s.job, trigger="schedule", task_id="t-crash", custom_directive_text="0.1")
+    sr = ScheduledRun.objects.create(schedule=s, run=run, scheduled_for=db_now(), task_id="t-crash")
+
+    assert sweep_outbox(grace=60, republish_after=300).published == 0  # within grace: its own publish
+    sql("UPDATE schedules_scheduledrun SET created_at = now() - interval '2 minutes' WHERE id = %s", [sr.pk])
+    assert sweep_outbox(grace=60, republish_after=300).published == 1
+
+    assert _queued_ids(redis_client) == ["t-crash"]
+    sr.refresh_from_db()
+    assert sr.published_at is not None
+    assert sweep_outbox(grace=60, republish_after=300).published == 0  # once
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sweep__republishes_a_lost_message_with_the_same_task_id_but_not_one_still_waiting(redis_client):
+    from schedules.dispatch import message_for
+    from schedules.publishing import publish_messages, sweep_outbox
+
+    s = make_schedule("lost")
+    run = Run.objects.create(job=s.job, trigger="schedule", task_id="t-lost", custom_directive_text="0.1")
+    sr = ScheduledRun.objects.create(schedule=s, run=run, scheduled_for=db_now(), task_id="t-lost")
+    publish_messages([message_for(s.job, run, sr)])
+    sql(
+        "UPDATE schedules_scheduledrun SET published_at = now() - interval '10 minutes' WHERE id = %s",
+        [sr.pk],
+    )
+
+    # Still waiting in the broker (a slow backlog): not doubled, just looked at again later.
+    result = sweep_outbox(grace=60, republish_after=300)
+    assert (result.published, result.still_waiting) == (0, 1)
+    assert _queued_ids(redis_client) == ["t-lost"]
+
+    # Redis restarted and dropped it: published again, same task id.
+    redis_client.flushdb()
+    sql(
+        "UPDATE schedules_scheduledrun SET published_at = now() - interval '10 minutes' WHERE id = %s",
+        [sr.pk],
+    )
+    assert sweep_outbox(grace=60, republish_after=300).published == 1
+    assert _queued_ids(redis_client) == ["t-lost"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sweep__publishes_a_manual_api_run_whose_publish_failed(redis_client):
+    from schedules.publishing import sweep_outbox
+
+    job = make_schedule("for-job").job
+    run = Run.objects.create(job=job, trigger="manual", task_id="t-manual", custom_directive_text="0.1")
+    sql("UPDATE orchestrator_run SET created_at = now() - interval '2 minutes' WHERE id = %s", [run.pk])
+
+    assert sweep_outbox(grace=60, republish_after=300).published == 1
+    assert _queued_ids(redis_client) == ["t-manual"]
+    run.refresh_from_db()
+    assert run.published_at is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_run_now_and_manual_launch__still_publish_after_commit(redis_client):
+    from schedules.dispatch import launch_manual_run, run_now
+
+    s = make_schedule("manual", enabled=False)
+    sr = run_now(s)
+    run = launch_manual_run(job=s.job, custom_directive_text="0.2", task3_scope="allowlist")
+    assert sorted(_queued_ids(redis_client)) == sorted([sr.task_id, run.task_id])
