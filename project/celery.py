@@ -1,4 +1,8 @@
-"""The Celery app, configured from Django settings (the CELERY_ namespace)."""
+"""The Celery app, configured from Django settings (the CELERY_ namespace) plus the choices below.
+
+Each worker setting is chosen on purpose; the reason is on its line. The run task itself (worker/tasks.py)
+sets acks_late and reject_on_worker_lost explicitly too, so a setting change here cannot weaken it.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,54 @@ import os
 
 from celery import Celery
 
+from project.env import env_int
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
 app = Celery("project")
 app.config_from_object("django.conf:settings", namespace="CELERY")
+
+
+# Seconds; must exceed the longest Job.timeout_seconds + WORKER_HARD_LIMIT_GRACE_SECONDS.
+BROKER_VISIBILITY_TIMEOUT = env_int("BROKER_VISIBILITY_TIMEOUT", 4 * 3600)
+
+
+app.conf.update(
+    # One message per pool process at a time: a long run must not sit on prefetched messages that an
+    # idle worker could start, and throttled retries stay spread over the workers.
+    worker_prefetch_multiplier=1,
+    # Acknowledge after the run ends: if a whole worker dies mid-run or before starting, the message
+    # is redelivered rather than lost; at-most-once is the database's start gate, not the ack.
+    task_acks_late=True,
+    # A pool child killed mid-run is a failed run ("worker lost"), not a re-run: at most once.
+    task_reject_on_worker_lost=False,
+    # A failed or timed-out run is finished in the database; its message must not come back.
+    task_acks_on_failure_or_timeout=True,
+    # Redis redelivers unacked messages after the visibility timeout; it must exceed the longest hard
+    # time limit (Job.timeout_seconds + grace) or a still-running run's message comes back mid-run.
+    broker_transport_options={"visibility_timeout": BROKER_VISIBILITY_TIMEOUT},
+    # A Redis blip must not cancel runs in progress; their outcome is written to PostgreSQL anyway.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
+    # Keep retrying the broker at startup (containers start in any order).
+    broker_connection_retry_on_startup=True,
+    # Task events are what Flower shows: received, started, retried, succeeded, failed.
+    worker_send_task_events=True,
+    # No `sent` event from publishers: it doubles the scheduler's cost per message (a second publish to
+    # the event exchange), and Flower already lists each task from the worker's `received` event.
+    task_send_sent_event=False,
+    # No STARTED result: a late duplicate delivery would overwrite the real run's SUCCESS with it. Flower
+    # shows started from task events, and ScheduledRun/Run show `running` from the database.
+    task_track_started=False,
+    # A run message without an explicit queue still lands on its job's queue.
+    task_routes=("worker.routing.route_run",),
+    # `-Q jobs.<key>` declares a job's queue on the fly; no static list to keep in sync with Job rows.
+    task_create_missing_queues=True,
+    # Logs go through project.logging's structured formatter, not Celery's own root handler.
+    worker_hijack_root_logger=False,
+    # Results are small dicts of counts (never LLM text); JSON only.
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+)
+
 app.autodiscover_tasks()

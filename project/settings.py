@@ -52,6 +52,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files (admin, API docs) straight from gunicorn: no separate web server to run.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -127,6 +129,18 @@ CELERY_ENABLE_UTC = True
 # --- Scheduler and workers --------------------------------------------------------------------------
 # Default global cap on running runs when neither the schedule nor the job sets one (None = no cap).
 SCHEDULER_MAX_GLOBAL = env_int("SCHEDULER_MAX_GLOBAL", 10)
+
+# --- Workers (worker/) -----------------------------------------------------------------------------
+# Lease TTL of a running run's semaphore slots; a heartbeat renews it every quarter lease. A run whose
+# heartbeat is older than this is reaped as "worker lost", so a dead worker's slot frees within it.
+WORKER_LEASE_SECONDS = float(env_str("WORKER_LEASE_SECONDS", "60"))
+# How often each worker process runs the reaper and the lost-message check.
+WORKER_REAPER_INTERVAL_SECONDS = float(env_str("WORKER_REAPER_INTERVAL_SECONDS", "15"))
+# Backoff of a throttled run between attempts (jittered; grows with the number of runs waiting ahead).
+WORKER_THROTTLE_BASE_SECONDS = float(env_str("WORKER_THROTTLE_BASE_SECONDS", "1"))
+WORKER_THROTTLE_MAX_SECONDS = float(env_str("WORKER_THROTTLE_MAX_SECONDS", "30"))
+# Hard time limit = Job.timeout_seconds (the soft limit) + this grace.
+WORKER_HARD_LIMIT_GRACE_SECONDS = env_int("WORKER_HARD_LIMIT_GRACE_SECONDS", 30)
 
 # --- Jobs -------------------------------------------------------------------------------------------
 CYBER_BRAIN_LOGS = Path(env_str("CYBER_BRAIN_LOGS", str(BASE_DIR / "logs")))

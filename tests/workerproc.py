@@ -1,0 +1,213 @@
+"""Real Celery worker processes (and a private Redis) for the worker's acceptance and chaos tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from django.db import connection
+
+from tests.support import process_env, wait_for
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+CELERY = str(Path(sys.executable).with_name("celery"))
+
+# Short leases and a fast reaper so "within one lease TTL" is seconds, not minutes.
+FAST = {
+    "WORKER_LEASE_SECONDS": "3",
+    "WORKER_REAPER_INTERVAL_SECONDS": "1",
+    "WORKER_THROTTLE_BASE_SECONDS": "0.2",
+    "WORKER_THROTTLE_MAX_SECONDS": "3",
+    "WORKER_HARD_LIMIT_GRACE_SECONDS": "5",
+    "LOG_LEVEL": "INFO",
+}
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen
+    log_path: Path
+    name: str
+    _closed: bool = field(default=False)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group: the parent and every pool child."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        if self._closed:
+            return
+        self.kill(signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        self._closed = True
+
+
+def start_worker(
+    queues: list[str],
+    *,
+    tmp_path: Path,
+    name: str = "w1",
+    concurrency: int = 2,
+    env: dict[str, str] | None = None,
+    include: str = "",
+) -> WorkerProcess:
+    log_path = tmp_path / f"worker-{name}.log"
+    cmd = [
+        CELERY,
+        "-A",
+        "project",
+        "worker",
+        "-Q",
+        ",".join(queues),
+        "-c",
+        str(concurrency),
+        "-P",
+        "prefork",
+        "-n",
+        f"{name}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "INFO",
+    ]
+    if include:
+        cmd += ["--include", include]
+    extra = {**FAST, **(env or {})}
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=BASE_DIR,
+            env=process_env(**extra),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    worker = WorkerProcess(proc=proc, log_path=log_path, name=name)
+    try:
+        wait_for(
+            lambda: "worker maintenance started" in worker.log() or proc.poll() is not None,
+            timeout=60,
+            what=f"worker {name} ready",
+        )
+    except BaseException:
+        worker.stop()
+        raise
+    if proc.poll() is not None:
+        raise AssertionError(f"worker {name} exited ({proc.returncode}):\n{worker.log()[-3000:]}")
+    return worker
+
+
+@contextmanager
+def running_worker(queues: list[str], **kwargs) -> Iterator[WorkerProcess]:
+    worker = start_worker(queues, **kwargs)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class PrivateRedis:
+    """A redis-server of our own, so a test can restart it without touching the shared one."""
+
+    port: int
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for(self._pings, timeout=20, what="private redis up")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def _pings(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+class RunningSampler:
+    """Samples running runs from the database every 50 ms in a thread; keeps the maxima."""
+
+    def __init__(self, sql: str, interval: float = 0.05) -> None:
+        self.sql = sql
+        self.interval = interval
+        self.samples = 0
+        self.maxima: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> RunningSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                with connection.cursor() as cursor:
+                    cursor.execute(self.sql)
+                    for label, count in cursor.fetchall():
+                        self.maxima[label] = max(self.maxima.get(label, 0), int(count))
+                self.samples += 1
+                time.sleep(self.interval)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            connection.close()

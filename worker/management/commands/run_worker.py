@@ -1,0 +1,36 @@
+"""`python manage.py run_worker [--jobs a,b] [--concurrency N]`: a Celery worker on the jobs' queues."""
+
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+
+from worker.routing import UnknownJobs, worker_queue_names
+
+
+class Command(BaseCommand):
+    help = "Start a Celery worker consuming the queues of the given jobs (default: every enabled job)."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--jobs", default="", help="comma-separated job keys (default: all enabled)")
+        parser.add_argument("--concurrency", type=int, default=None, help="pool processes (default: CPUs)")
+        parser.add_argument("--loglevel", default="INFO")
+        parser.add_argument("--hostname", default="", help="Celery node name, e.g. w1@%%h")
+        parser.add_argument("--pool", default="prefork")
+
+    def handle(self, *args, **options) -> None:
+        from project.celery import app
+
+        keys = [key.strip() for key in options["jobs"].split(",") if key.strip()]
+        try:
+            queues = worker_queue_names(keys or None)
+        except UnknownJobs as exc:
+            raise CommandError(str(exc)) from exc
+        if not queues:
+            raise CommandError("no enabled jobs: nothing to consume")
+        argv = ["worker", "-Q", ",".join(queues), "-P", options["pool"], "--loglevel", options["loglevel"]]
+        if options["concurrency"]:
+            argv += ["-c", str(options["concurrency"])]
+        if options["hostname"]:
+            argv += ["-n", options["hostname"]]
+        self.stdout.write(f"worker on queues: {', '.join(queues)}")
+        app.worker_main(argv=argv)

@@ -1,0 +1,91 @@
+"""The run task (thin: the lifecycle lives in worker/execution.py) and its parent-side request.
+
+Message contract (schedules/publishing.py): task name "worker.execute_run", kwargs run_id,
+scheduled_run_id, job_key; task id = Run.task_id; queue = the job's queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import WorkerLostError
+from celery import Task
+from celery.exceptions import Ignore
+from celery.worker.request import Request
+
+from project.celery import app
+from worker import execution, reaper  # noqa: F401  (reaper connects the worker's signal handlers)
+from worker.routing import RUN_TASK_NAME
+
+logger = logging.getLogger(__name__)
+
+
+class RunRequest(Request):
+    """The worker parent's view of one run message.
+
+    It runs in the parent process, which outlives its pool children: it sets the job's time limits, and
+    when a child dies (SIGKILL, OOM) or hits the hard time limit, it ends that child's run and frees its
+    leases at once instead of leaving them to the reaper and the lease TTL.
+    """
+
+    def execute_using_pool(self, pool, **kwargs):
+        hard, soft = self.time_limits or (None, None)
+        if not hard and not soft:
+            # The publisher sends no limits: they come from Job.timeout_seconds, which operators edit.
+            try:
+                self.time_limits = execution.job_time_limits((self.kwargs or {}).get("job_key", ""))
+            except Exception:
+                logger.exception("could not read the job's time limits", extra={"task_id": self.id})
+        return super().execute_using_pool(pool, **kwargs)
+
+    def on_timeout(self, soft, timeout):
+        super().on_timeout(soft, timeout)
+        if not soft:
+            self._end_run(f"timed out after {timeout:g}s (hard time limit; process killed)")
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+        if isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt):
+            self._end_run(f"{execution.WORKER_LOST} ({str(exc)[:200]})")
+
+    def _end_run(self, reason: str) -> None:
+        run_id = (self.kwargs or {}).get("run_id")
+        if run_id is None or self.worker_pid is None:
+            return
+        worker = execution.worker_identity(self.hostname, self.worker_pid)
+        try:
+            execution.run_end_from_parent(run_id=int(run_id), worker=worker, reason=reason)
+        except Exception:
+            # The reaper ends it within a lease TTL anyway.
+            logger.exception("could not end the run of a lost pool process", extra={"run_id": run_id})
+
+
+class RunTask(Task):
+    Request = RunRequest
+    # Acknowledged after the run ends (see project/celery.py); a killed child is not re-run.
+    acks_late = True
+    reject_on_worker_lost = False
+    track_started = False  # see project/celery.py
+
+
+@app.task(bind=True, base=RunTask, name=RUN_TASK_NAME, max_retries=None)
+def execute_run(self, run_id: int, scheduled_run_id: int | None = None, job_key: str = "") -> dict:
+    worker = execution.worker_identity(self.request.hostname or "worker", os.getpid())
+    _, soft = execution.job_time_limits(job_key)
+    outcome = execution.run_execute(
+        run_id=run_id, scheduled_run_id=scheduled_run_id, job_key=job_key, worker=worker, soft_limit=soft
+    )
+    if outcome.status == "throttled":
+        # A fresh message with the same task id; Flower and the TaskResult show the reason while it waits.
+        raise self.retry(
+            countdown=outcome.countdown, exc=execution.CapReached(outcome.reason), max_retries=None
+        )
+    if outcome.status == "skipped":
+        # A duplicate delivery: acknowledge and store nothing, so the real run's TaskResult stands.
+        raise Ignore()
+    return outcome.result()
