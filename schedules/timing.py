@@ -200,8 +200,70 @@ def validate_cron_expr(expr: str) -> None:
 
 
 def describe(spec: ScheduleSpec) -> str:
-    """Human-readable timing for the admin, e.g. 'every 10 minutes' or 'cron 0 2 * * * (Europe/London)'."""
+    """Human-readable timing for the admin: 'every 10 minutes', 'every 2 hours', 'At 02:00 AM, Europe/London',
+    'At 02:30 AM, Monday through Friday, America/New_York', 'Every 15 minutes, UTC'. Crons this does not
+    phrase are shown as written, e.g. 'cron 5,35 1-3 * * * (UTC)'."""
     if spec.schedule_type == "interval":
-        n = spec.interval_minutes
-        return "every minute" if n == 1 else f"every {n} minutes"
-    return f"cron {spec.cron_expr} ({spec.timezone})"
+        n = spec.interval_minutes or 0
+        for unit, size in (("day", 1440), ("hour", 60), ("minute", 1)):
+            if n and n % size == 0:
+                count = n // size
+                return f"every {unit}" if count == 1 else f"every {count} {unit}s"
+        return f"every {n} minutes"
+
+    days = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+    months = ["", "January", "February", "March", "April", "May", "June", "July", "August", "September",
+              "October", "November", "December"]  # fmt: skip
+    fallback = f"cron {spec.cron_expr} ({spec.timezone})"
+    fields = spec.cron_expr.split()
+    if len(fields) != 5:
+        return fallback
+    minute, hour, dom, month, dow = fields
+
+    def number(field: str, top: int) -> int | None:
+        return int(field) if field.isdigit() and int(field) <= top else None
+
+    def day_name(field: str) -> str | None:
+        if field.isdigit() and int(field) <= 7:
+            return days[int(field)]
+        matches = [d for d in days if d[:3].lower() == field.lower()]
+        return matches[0] if matches else None
+
+    # When in the day.
+    if minute == "*" and hour == "*":
+        when = "Every minute"
+    elif minute.startswith("*/") and minute[2:].isdigit() and hour == "*":
+        when = f"Every {int(minute[2:])} minutes"
+    elif number(minute, 59) is not None and hour == "*":
+        when = f"At {int(minute)} minutes past every hour"
+    elif number(minute, 59) is not None and number(hour, 23) is not None:
+        h, m = int(hour), int(minute)
+        when = f"At {(h % 12) or 12:02d}:{m:02d} {'AM' if h < 12 else 'PM'}"
+    else:
+        return fallback
+
+    # Which days. With both day fields set, cron fires when either matches: too subtle for one phrase.
+    if dom != "*" and dow != "*":
+        return fallback
+    parts = [when]
+    if dow != "*":
+        if "-" in dow and len(dow.split("-")) == 2:
+            first, last = (day_name(d) for d in dow.split("-"))
+            if first is None or last is None:
+                return fallback
+            parts.append(f"{first} through {last}")
+        else:
+            names = [day_name(d) for d in dow.split(",")]
+            if None in names:
+                return fallback
+            parts.append("only on " + ", ".join(names))  # type: ignore[arg-type]
+    if dom != "*":
+        if number(dom, 31) is None:
+            return fallback
+        parts.append(f"on day {int(dom)} of the month")
+    if month != "*":
+        if number(month, 12) is None or int(month) == 0:
+            return fallback
+        parts.append(f"only in {months[int(month)]}")
+    parts.append(spec.timezone)
+    return ", ".join(parts)

@@ -1,0 +1,114 @@
+"""Schedule endpoints, and the launching half of /api/runs/. Thin: parse, call one service, shape output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from orchestrator.api.serializers import RunLaunchSerializer, RunSerializer
+from orchestrator.api.views import RunViewSet
+from project.api import ApiViewMixin
+from schedules import dispatch, services
+from schedules.api.serializers import ScheduledRunSerializer, ScheduleSerializer
+from schedules.models import Schedule, ScheduledRunStatus
+
+T = TypeVar("T")
+
+# Service errors name model fields; the API's name for the job is job_key.
+_API_FIELD_NAMES = {"job": "job_key"}
+
+
+def call_service(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a service function, turning its ScheduleInvalid into DRF's 400 shape."""
+    try:
+        return func(*args, **kwargs)
+    except services.ScheduleInvalid as exc:
+        raise ValidationError({_API_FIELD_NAMES.get(k, k): v for k, v in exc.errors.items()}) from exc
+
+
+class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
+    queryset = Schedule.objects.select_related("job", "directive")
+    serializer_class = ScheduleSerializer
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
+    lookup_value_regex = "[0-9]+"
+
+    def perform_create(self, serializer: ScheduleSerializer) -> None:
+        serializer.instance = call_service(services.create_schedule, **serializer.validated_data)
+
+    def perform_update(self, serializer: ScheduleSerializer) -> None:
+        serializer.instance = call_service(
+            services.update_schedule, serializer.instance, serializer.validated_data
+        )
+
+    def perform_destroy(self, instance: Schedule) -> None:
+        services.delete_schedule(instance)
+
+    @extend_schema(request=None, responses={202: ScheduledRunSerializer})
+    @action(detail=True, methods=["post"], url_path="run-now")
+    def run_now(self, request: Request, pk: str | None = None) -> Response:
+        """Launch the schedule's job now (trigger `manual`); works on a disabled schedule too."""
+        scheduled_run = dispatch.run_now(self.get_object())
+        # The message went out on commit and stamped published_at in the database; show that.
+        scheduled_run.refresh_from_db()
+        return Response(ScheduledRunSerializer(scheduled_run).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={200: ScheduleSerializer})
+    @action(detail=True, methods=["post"])
+    def enable(self, request: Request, pk: str | None = None) -> Response:
+        """Enable; next_run_at is computed from now, so slots missed while disabled are not run."""
+        schedule = call_service(services.enable_schedule, self.get_object())
+        return Response(self.get_serializer(schedule).data)
+
+    @extend_schema(request=None, responses={200: ScheduleSerializer})
+    @action(detail=True, methods=["post"])
+    def disable(self, request: Request, pk: str | None = None) -> Response:
+        schedule = call_service(services.disable_schedule, self.get_object())
+        return Response(self.get_serializer(schedule).data)
+
+    @extend_schema(
+        request=None,
+        responses={200: ScheduledRunSerializer(many=True)},
+        parameters=[OpenApiParameter("status", enum=ScheduledRunStatus.values, required=False)],
+    )
+    @action(detail=True, methods=["get"])
+    def history(self, request: Request, pk: str | None = None) -> Response:
+        """The schedule's ScheduledRuns, newest first, paginated, optionally filtered by `status`."""
+        schedule = self.get_object()
+        runs = schedule.scheduled_runs.select_related("run").order_by("-scheduled_for", "-id")
+        wanted = request.query_params.get("status")
+        if wanted is not None:
+            if wanted not in ScheduledRunStatus.values:
+                raise ValidationError(
+                    {"status": [f"Unknown status {wanted!r}; one of {', '.join(ScheduledRunStatus.values)}."]}
+                )
+            runs = runs.filter(status=wanted)
+        page = self.paginate_queryset(runs)
+        return self.get_paginated_response(ScheduledRunSerializer(page, many=True).data)
+
+
+class RunLaunchViewSet(RunViewSet):
+    """/api/runs/ with POST: a manual launch, through the same path a scheduled run takes.
+
+    It lives here, not in orchestrator.api, because launching publishes the run message through
+    schedules (dependency direction: orchestrator <- schedules).
+    """
+
+    http_method_names = ["get", "post", "head", "options"]
+
+    def get_serializer_class(self) -> type[serializers.Serializer]:
+        return RunLaunchSerializer if self.action == "create" else RunSerializer
+
+    @extend_schema(request=RunLaunchSerializer, responses={202: RunSerializer})
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        launch = RunLaunchSerializer(data=request.data)
+        launch.is_valid(raise_exception=True)
+        run = call_service(services.launch_run_manually, **launch.validated_data)
+        headers = {"Location": f"{request.path.rstrip('/')}/{run.pk}/"}
+        return Response(RunSerializer(run).data, status=status.HTTP_202_ACCEPTED, headers=headers)
