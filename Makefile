@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint format
+.PHONY: install run up smoke bench test lint format
 
 $(BIN)/.installed: requirements/base.txt requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,24 @@ $(BIN)/.installed: requirements/base.txt requirements/dev.txt
 	touch $@
 
 install: $(BIN)/.installed
+
+# The whole system on this machine (PostgreSQL and Redis on 127.0.0.1): web :9595, scheduler, worker,
+# Flower :5555 under honcho. Prints the API token and the Flower login. Ctrl-C stops everything.
+run: install
+	VENV=$(VENV) scripts/run_local.sh
+
+# The same system in containers (docker compose); creates .env with fresh local secrets on first use.
+up:
+	python3 scripts/dev/init_env.py
+	docker compose up --build
+
+# End-to-end check against a running system (`make run` or `make up` in another terminal).
+smoke:
+	python3 scripts/smoke_phase2.py
+
+bench: install
+	@if [ -f benchmarks/dispatch.py ]; then $(BIN)/python benchmarks/dispatch.py; \
+	else echo "no benchmarks/dispatch.py yet"; fi
 
 test: install
 	$(BIN)/pytest

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# `make run`: bring the whole system up on this machine against PostgreSQL and Redis on 127.0.0.1
+# (or wherever DATABASE_URL / POSTGRES_* and REDIS_URL point).
+#
+#   1. local secrets: SECRET_KEY and FLOWER_BASIC_AUTH from the environment, else generated once and kept
+#      in .run/ (mode 0600, ignored by git), so restarts keep sessions and the Flower password;
+#   2. preflight (scripts/dev/preflight.py): PostgreSQL and Redis reachable, database created, migrated,
+#      admin user and API token;
+#   3. honcho runs the Procfile (web :9595, scheduler, worker, Flower :5555); Ctrl-C stops them all.
+#
+# This script reads the process environment only, not .env: .env is docker compose's, and its
+# container host names (db, redis) would be wrong here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+if [[ ! -x "$VENV/bin/python" ]]; then
+  echo "[run] no virtualenv at $VENV: run \`make run\` (it installs first) or \`make install\`" >&2
+  exit 1
+fi
+export PATH="$PWD/$VENV/bin:$PATH"
+export PYTHONUNBUFFERED=1
+
+mkdir -p .run
+chmod 700 .run
+
+# Prints the file's content, creating it first from the generator command if it is missing or empty.
+keep_secret() {
+  local file=$1
+  shift
+  if [[ ! -s "$file" ]]; then
+    (umask 077 && "$@" >"$file")
+  fi
+  tr -d '\n' <"$file"
+}
+
+if [[ -z "${SECRET_KEY:-}" ]]; then
+  SECRET_KEY=$(keep_secret .run/secret_key python -c 'import secrets; print(secrets.token_urlsafe(50))')
+  export SECRET_KEY
+fi
+if [[ -z "${FLOWER_BASIC_AUTH:-}" ]]; then
+  FLOWER_BASIC_AUTH=$(keep_secret .run/flower_basic_auth \
+    python -c 'import secrets; print("admin:" + secrets.token_urlsafe(12))')
+  export FLOWER_BASIC_AUTH
+fi
+export WEB_PORT=${WEB_PORT:-9595}
+export FLOWER_PORT=${FLOWER_PORT:-5555}
+export WEB_BIND=${WEB_BIND:-127.0.0.1:$WEB_PORT}
+export FLOWER_ADDRESS=${FLOWER_ADDRESS:-127.0.0.1}
+if [[ -z "${CYBER_BRAIN_LOGS:-}" && ! -e logs ]]; then
+  # First run: seed ./logs (the default CYBER_BRAIN_LOGS) with the sample logs, so the first log_triage
+  # run finds something. Later runs leave ./logs alone.
+  cp -R samples/logs logs
+  echo "[run] seeded ./logs with samples/logs (an SSH brute force, a path scan, tracebacks, an OOM kill)"
+fi
+export CYBER_BRAIN_LOGS=${CYBER_BRAIN_LOGS:-$PWD/logs}
+export UPLOADS_DIR=${UPLOADS_DIR:-$PWD/uploads}
+mkdir -p "$CYBER_BRAIN_LOGS" "$UPLOADS_DIR"
+
+python scripts/dev/preflight.py
+
+echo "[run] Flower basic auth: $FLOWER_BASIC_AUTH   (FLOWER_BASIC_AUTH; kept in .run/flower_basic_auth)"
+echo "[run] starting: API http://$WEB_BIND/api/  docs http://$WEB_BIND/api/docs/  admin http://$WEB_BIND/admin/"
+echo "[run]           Flower http://$FLOWER_ADDRESS:$FLOWER_PORT/   (Ctrl-C stops everything)"
+
+# Every process of this run carries CB_RUN_ID, so whatever honcho leaves behind can be found and stopped
+# (honcho starts each in its own session; if honcho itself dies, e.g. `make run | tee` and Ctrl-C kills
+# tee first, they would otherwise outlive it).
+CB_RUN_ID="run-$$-$(date +%s%N)"
+export CB_RUN_ID
+
+stop_leftovers() {
+  [[ -d /proc/self ]] || return 0  # Linux only; elsewhere honcho's own stop is all there is.
+  local dir pid pids=() round
+  for round in $(seq 1 20); do
+    pids=()
+    for dir in /proc/[0-9]*; do
+      pid=${dir#/proc/}
+      [[ $pid == "$$" || $pid == "$BASHPID" ]] && continue
+      if grep -qzx "CB_RUN_ID=$CB_RUN_ID" "$dir/environ" 2>/dev/null; then
+        pids+=("$pid")
+      fi
+    done
+    (( ${#pids[@]} )) || return 0
+    if (( round == 1 )); then
+      echo "[run] stopping ${#pids[@]} process(es) left behind: ${pids[*]}" >&2
+      kill -TERM "${pids[@]}" 2>/dev/null
+    elif (( round == 20 )); then
+      kill -KILL "${pids[@]}" 2>/dev/null
+    fi
+    sleep 0.5
+  done
+}
+
+# --env names a file that never exists so honcho does not read .env (see above).
+set +e
+honcho --procfile Procfile --app-root "$PWD" --env .run/no-such-env-file start &
+honcho_pid=$!
+# From here on a write to a closed pipe (`make run | tee`, tee killed by Ctrl-C) must not kill this
+# script before it has stopped everything.
+trap '' PIPE
+# In a terminal honcho gets Ctrl-C's SIGINT itself; a TERM or INT sent to this script (CI, `kill`) is
+# passed on. honcho then stops every process: SIGTERM, and SIGKILL 5 s later.
+stop_requested=0
+# shellcheck disable=SC2317  # called from the traps below
+request_stop() {
+  stop_requested=1
+  kill "-$1" "$honcho_pid" 2>/dev/null
+}
+trap 'request_stop TERM' TERM HUP
+trap 'request_stop INT' INT
+while kill -0 "$honcho_pid" 2>/dev/null; do
+  if (( stop_requested )); then
+    # honcho may be stuck (its output pipe gone): give it twice its own kill delay, then act alone.
+    for _ in $(seq 1 20); do
+      kill -0 "$honcho_pid" 2>/dev/null || break
+      sleep 0.5
+    done
+    if kill -0 "$honcho_pid" 2>/dev/null; then
+      echo "[run] honcho did not stop in 10 s: stopping its processes directly" >&2
+      kill -KILL "$honcho_pid" 2>/dev/null
+    fi
+    break
+  fi
+  wait "$honcho_pid"
+done
+wait "$honcho_pid" 2>/dev/null
+status=$?
+stop_leftovers
+exit "$status"
