@@ -11,7 +11,7 @@ its own job's cap never holds back other jobs on the global cap.
 
 After Redis loses its data (a restart without persistence) the sets are empty while runs still execute.
 Acquisition then pauses for a warm-up (longer than a heartbeat interval) so running runs re-assert their
-leases before new ones are admitted; see docs/WORKERS.md for the bound that remains.
+leases before new ones are admitted; see docs/OPERATIONS.md, "Workers and caps", for the bound that remains.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The job registry: every kind of work the system can run, declared in code.
 
 A job is one module that builds a `JobSpec` (its key and its three tasks); adding a job is that module
-plus one line in `_BUILTIN_MODULES` (docs/JOBS.md). Each task runs in a fresh child process
+plus one line in `_BUILTIN_MODULES` (README, "Adding a job"). Each task runs in a fresh child process
 (`orchestrator.taskrunner`), which imports the task function by its module path: task functions are
 plain module-level functions taking a `TaskContext` and returning a small JSON-able dict.
 
