@@ -28,9 +28,10 @@ up:
 smoke:
 	python3 scripts/smoke_phase2.py
 
+# Ours and django-celery-beat side by side, plus the raw limits (docs/BENCHMARKS.md). About 15 minutes.
 bench: install
-	@if [ -f benchmarks/dispatch.py ]; then $(BIN)/python benchmarks/dispatch.py; \
-	else echo "no benchmarks/dispatch.py yet"; fi
+	$(BIN)/pip install --quiet -r requirements/bench.txt
+	$(BIN)/python -m benchmarks.compare
 
 test: install
 	$(BIN)/pytest

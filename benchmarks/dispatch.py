@@ -6,8 +6,8 @@ the idle tick (one scheduler pass with nothing due) at 1,000 / 10,000 / 100,000 
 
 Uses its own database (default cb_bench, dropped and re-created) and the Redis in REDIS_URL:
 
-    REDIS_URL=redis://127.0.0.1:6379/4 .venv/bin/python benchmarks/dispatch.py
-    .venv/bin/python benchmarks/dispatch.py --sizes 1000 --instances 1 --idle-sizes 1000   # quick
+    REDIS_URL=redis://127.0.0.1:6379/4 .venv/bin/python -m benchmarks.dispatch
+    .venv/bin/python -m benchmarks.dispatch --sizes 1000 --instances 1 --idle-sizes 1000   # quick
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import psycopg2
 import redis
+
+from benchmarks.common import proc_stats, read_statements
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else sys.executable
@@ -68,7 +70,8 @@ def app_env(db: str, redis_url: str) -> dict[str, str]:
             "POSTGRES_DB": db,
             "REDIS_URL": redis_url,
             "CELERY_BROKER_URL": redis_url,
-            "DJANGO_SETTINGS_MODULE": "project.settings",
+            "DJANGO_SETTINGS_MODULE": "benchmarks.bench_settings",
+            "BENCH_DB": db,
             "SECRET_KEY": env.get("SECRET_KEY", "benchmark-only-secret-key"),
             "LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
@@ -114,7 +117,10 @@ def burst(conn, broker, env, n: int, instances: int, log_dir: Path) -> dict:
                 subprocess.Popen(
                     [PYTHON, "manage.py", "run_scheduler", "--interval", "30", "--claimant", f"bench-{i}"],
                     cwd=ROOT,
-                    env=env,
+                    env={
+                        **env,
+                        "BENCH_STATEMENTS_FILE": str(log_dir / f"statements-{n}-{instances}-{i}.json"),
+                    },
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
@@ -138,6 +144,7 @@ def burst(conn, broker, env, n: int, instances: int, log_dir: Path) -> dict:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {published}/{n} published")
             time.sleep(0.1)
+        stats = [proc_stats(proc.pid) for proc in procs]
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -157,6 +164,7 @@ def burst(conn, broker, env, n: int, instances: int, log_dir: Path) -> dict:
                      FROM schedules_scheduledrun) sr""",
         [due_at],
     )[0]
+    statements = [read_statements(log_dir / f"statements-{n}-{instances}-{i}.json") for i in range(instances)]
     messages = broker.lrange(QUEUE, 0, -1)
     task_ids = [json.loads(raw)["headers"]["id"] for raw in messages]
     return {
@@ -169,6 +177,9 @@ def burst(conn, broker, env, n: int, instances: int, log_dir: Path) -> dict:
         "missing_slots": n - slots,
         "broker_messages": len(task_ids),
         "broker_duplicates": len(task_ids) - len(set(task_ids)),
+        "cpu_seconds": round(sum(s.cpu_seconds for s in stats), 2),
+        "peak_rss_mb": round(max(s.peak_rss_mb for s in stats), 1),
+        "statements_per_slot": round(sum(x or 0 for x in statements) / n, 2),
     }
 
 
@@ -203,22 +214,31 @@ def idle_ticks(conn, broker, sizes: list[int], passes: int, *, held: bool = Fals
         for _ in range(5):
             scheduler.run_pass()
         timings = []
-        for _ in range(passes):
-            started = time.perf_counter()
-            scheduler.run_pass()
-            timings.append((time.perf_counter() - started) * 1000)
+        statements: list[str] = []
+
+        def count(execute, sql, params, many, context, statements=statements):
+            statements.append(sql)
+            return execute(sql, params, many, context)
+
+        with connection.execute_wrapper(count):
+            for _ in range(passes):
+                started = time.perf_counter()
+                scheduler.run_pass()
+                timings.append((time.perf_counter() - started) * 1000)
         timings.sort()
         results.append(
             {
                 "schedules": f"{m} held" if held else m,
                 "idle_tick_ms_median": round(statistics.median(timings), 3),
                 "idle_tick_ms_p99": round(timings[int(len(timings) * 0.99) - 1], 3),
+                "statements_per_tick": round(len(statements) / passes, 2),
+                "peak_rss_mb": round(proc_stats(os.getpid()).peak_rss_mb, 1),
             }
         )
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -228,11 +248,14 @@ def main() -> None:
     parser.add_argument("--instances", default="1,2")
     parser.add_argument("--idle-sizes", default="1000,10000,100000")
     parser.add_argument("--idle-passes", type=int, default=200)
-    args = parser.parse_args()
+    parser.add_argument("--json", help="also write every result to this file (used by benchmarks.compare)")
+    args = parser.parse_args(argv)
+    results: list[dict] = []
 
     env = app_env(args.db, args.redis_url)
     os.environ.update({k: env[k] for k in ("POSTGRES_DB", "REDIS_URL", "CELERY_BROKER_URL", "SECRET_KEY")})
-    os.environ["DJANGO_SETTINGS_MODULE"] = "project.settings"
+    os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.bench_settings"
+    os.environ["BENCH_DB"] = args.db
     os.environ["LOG_LEVEL"] = "WARNING"
     sys.path.insert(0, str(ROOT))
 
@@ -252,6 +275,7 @@ def main() -> None:
     for n in [int(x) for x in args.sizes.split(",") if x]:
         for k in [int(x) for x in args.instances.split(",") if x]:
             r = burst(conn, broker, env, n, k, log_dir)
+            results.append({"kind": "dispatch", **r})
             print(
                 f"{r['n']:>7} {r['instances']:>4} {r['all_published_s']:>18} {r['lag_p50_s']:>12} "
                 f"{r['lag_p99_s']:>12} {r['duplicate_slots']:>9} {r['missing_slots']:>7} "
@@ -263,6 +287,7 @@ def main() -> None:
         print(f"{'schedules (none due)':>20} {'idle tick median (ms)':>22} {'p99 (ms)':>9}")
         rows = idle_ticks(conn, broker, idle_sizes, args.idle_passes)
         rows += idle_ticks(conn, broker, idle_sizes[-1:], args.idle_passes, held=True)
+        results.extend({"kind": "idle", **r} for r in rows)
         for r in rows:
             print(
                 f"{r['schedules']!s:>20} {r['idle_tick_ms_median']:>22} {r['idle_tick_ms_p99']:>9}",
@@ -271,6 +296,8 @@ def main() -> None:
         print("(held: every schedule due but claimed by another live instance)")
     reset(conn, broker)
     conn.close()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

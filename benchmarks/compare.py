@@ -1,0 +1,145 @@
+"""`make bench`: ours and django-celery-beat side by side, the raw limits, and the ratios, in one run.
+
+    .venv/bin/python -m benchmarks.compare              # the full run (about 15 minutes here)
+    .venv/bin/python -m benchmarks.compare --quick      # 1,000 schedules only, for a smoke check
+
+Prints Markdown tables (docs/BENCHMARKS.md holds the last run's) and writes every figure as JSON to
+`.run/bench/` for later reading. Each side has its own database; both publish to the same Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import celery_beat_baseline as dcb
+from benchmarks.common import PYTHON, ROOT
+
+
+def _ours(sizes: str, idle_sizes: str, redis_url: str, out: Path) -> list[dict]:
+    subprocess.run(
+        [PYTHON, "-m", "benchmarks.dispatch", "--sizes", sizes, "--instances", "1,2", "--idle-sizes", idle_sizes,
+         "--redis-url", redis_url, "--json", str(out)],
+        cwd=ROOT, check=True,
+    )  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def _raw(redis_url: str, runs: int) -> list[dict]:
+    done = subprocess.run(
+        [PYTHON, "-m", "benchmarks.raw_limits", "all", "--redis-url", redis_url, "--runs", str(runs)],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if not a or not b:
+        return "n/a"
+    return f"{a / b:.2f}"
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
+    args = parser.parse_args(argv)
+    sizes = [1000] if args.quick else [1000, 10000]
+    idle = [1000] if args.quick else [1000, 10000, 100000]
+    out_dir = ROOT / ".run" / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    ours = _ours(",".join(map(str, sizes)), ",".join(map(str, idle)), args.redis_url, out_dir / "ours.json")
+    theirs = []
+    dcb.prepare(args.redis_url)
+    for n in sizes:
+        for instances in (1, 2):
+            theirs.append(dcb.run_dispatch(n, instances, args.redis_url))
+    theirs_idle = [dcb.run_idle(n, args.redis_url) for n in idle]
+    raw = _raw(args.redis_url, runs=10 if args.quick else 20)
+    (out_dir / "theirs.json").write_text(json.dumps(theirs + theirs_idle, indent=2))
+    (out_dir / "raw.json").write_text(json.dumps(raw, indent=2))
+
+    publish = next(r for r in raw if r.get("limit") == "celery publish")
+    print(f"\n## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} on {platform.node()}")
+    print(f"python {platform.python_version()}, {platform.machine()}, wall {time.time() - started:.0f} s\n")
+    print("### Dispatch: N schedules due at the same instant\n")
+    print("| N | instances | scheduler | all published (s) | lag p50 (s) | lag p99 (s) | CPU (s) | peak RSS (MB) "
+          "| statements/slot | duplicates |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    by_key = {(r["n"], r["instances"]): r for r in theirs}
+    for r in (x for x in ours if x["kind"] == "dispatch"):
+        t = by_key.get((r["n"], r["instances"]), {})
+        print(
+            f"| {r['n']} | {r['instances']} | ours | {_fmt(r['all_published_s'])} | {_fmt(r['lag_p50_s'])} | "
+            f"{_fmt(r['lag_p99_s'])} | {_fmt(r['cpu_seconds'])} | {_fmt(r['peak_rss_mb'])} | "
+            f"{_fmt(r['statements_per_slot'])} | {r['duplicate_slots']} slots, {r['broker_duplicates']} msgs |"
+        )
+        print(
+            f"| {r['n']} | {r['instances']} | django-celery-beat | {_fmt(t.get('seconds_to_all'))} | "
+            f"{_fmt(t.get('lag_p50'))} | {_fmt(t.get('lag_p99'))} | {_fmt(t.get('cpu_seconds'))} | "
+            f"{_fmt(t.get('peak_rss_mb'))} | {_fmt(t.get('statements_per_slot'))} | {t.get('duplicates')} msgs |"
+        )
+    print("\n### Idle tick: nothing due\n")
+    print("| schedules | ours (ms) | ours statements | ours RSS (MB) | django-celery-beat (ms) | its statements "
+          "| its RSS (MB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    their_idle = {r["n"]: r for r in theirs_idle}
+    for r in (x for x in ours if x["kind"] == "idle"):
+        t = their_idle.get(r["schedules"], {})
+        print(
+            f"| {r['schedules']} | {_fmt(r['idle_tick_ms_median'])} | {_fmt(r['statements_per_tick'])} | "
+            f"{_fmt(r['peak_rss_mb'])} | {_fmt(t.get('tick_ms'))} | {_fmt(t.get('statements_per_tick'))} | "
+            f"{_fmt(t.get('peak_rss_mb'))} |"
+        )
+    print("\n### Raw limits and worker figures\n")
+    for r in raw:
+        print(f"- {json.dumps(r)}")
+    print("\n### Ratios\n")
+    print("| figure | ratio |")
+    print("|---|---|")
+    for r in (x for x in ours if x["kind"] == "dispatch"):
+        t = by_key.get((r["n"], r["instances"]), {})
+        print(
+            f"| {r['n']} due, {r['instances']} instance(s): django-celery-beat time / ours | "
+            f"{_ratio(t.get('seconds_to_all'), r['all_published_s'])} |"
+        )
+        raw_seconds = r["n"] / publish["per_second"]
+        print(
+            f"| {r['n']} due, {r['instances']} instance(s): ours / raw publish time | "
+            f"{_ratio(r['all_published_s'], raw_seconds)} |"
+        )
+    idle_rows = {r["schedules"]: r for r in ours if r["kind"] == "idle"}
+    if max(idle) in idle_rows and min(idle) in idle_rows:
+        hi, lo = idle_rows[max(idle)], idle_rows[min(idle)]
+        print(
+            f"| idle tick time {max(idle)} / {min(idle)} (ours) | "
+            f"{_ratio(hi['idle_tick_ms_median'], lo['idle_tick_ms_median'])} |"
+        )
+        print(
+            f"| idle tick statements {max(idle)} / {min(idle)} (ours) | "
+            f"{_ratio(hi['statements_per_tick'], lo['statements_per_tick'])} |"
+        )
+        print(
+            f"| idle RSS {max(idle)} / {min(idle)} (ours) | {_ratio(hi['peak_rss_mb'], lo['peak_rss_mb'])} |"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
