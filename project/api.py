@@ -150,3 +150,26 @@ class HealthView(APIView):
         healthy = all(value == "ok" for value in body.values())
         body = {"status": "ok" if healthy else "unavailable", **body}
         return Response(body, status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+def exception_handler(exc: Exception, context: Mapping[str, Any]) -> Response | None:
+    """DRF's handler, plus one case: an unreachable database is a 503 to retry, not a 500.
+
+    PostgreSQL restarting (or failing over) is an outage the client can wait out; a 500 would read as
+    a bug in the request.
+    """
+    from django.db import InterfaceError, OperationalError
+    from rest_framework.views import exception_handler as drf_exception_handler
+
+    if isinstance(exc, OperationalError | InterfaceError):
+        view = context.get("view")
+        logger.warning(
+            "database unavailable",
+            extra={"view": type(view).__name__ if view else "", "error": type(exc).__name__},
+        )
+        return Response(
+            {"detail": "The database is unavailable; try again shortly."},
+            status=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "5"},
+        )
+    return drf_exception_handler(exc, context)

@@ -99,6 +99,7 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 
 # DRF: 10 MB request bodies are refused before parsing (DATA_UPLOAD_MAX_MEMORY_SIZE, 2.5 MB).
 REST_FRAMEWORK = {
+    "EXCEPTION_HANDLER": "project.api.exception_handler",
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",

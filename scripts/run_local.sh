@@ -10,6 +10,9 @@
 #
 # This script reads the process environment only, not .env: .env is docker compose's, and its
 # container host names (db, redis) would be wrong here.
+# The whole script is one { ... } block: bash parses it before running any of it, so editing this file
+# (or a `git pull`) while `make run` is up cannot make the running copy read a shifted, broken line.
+{
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -128,3 +131,4 @@ wait "$honcho_pid" 2>/dev/null
 status=$?
 stop_leftovers
 exit "$status"
+}
