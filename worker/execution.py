@@ -26,7 +26,7 @@ from django.db.models.functions import Now
 
 from orchestrator.models import Job, Run, RunStatus
 from orchestrator.services import OrchestratorService
-from schedules.models import Schedule, ScheduledRun, ScheduledRunStatus
+from schedules.models import OverlapPolicy, Schedule, ScheduledRun, ScheduledRunStatus
 from worker.semaphore import (
     Cap,
     Grant,
@@ -77,10 +77,12 @@ def waiter_id(run_id: int) -> str:
 
 
 def caps_for(job: Job, schedule: Schedule | None) -> list[Cap]:
-    """The caps a run takes, narrow to wide: per job, then global.
+    """The caps a run takes, narrow to wide: per schedule, per job, then global.
 
-    Limits: the schedule's `max_per_job` / `max_global`, else `Job.max_concurrency` (per job), else
-    `SCHEDULER_MAX_GLOBAL` (global). A limit of None means no such cap.
+    Limits: one at a time per schedule unless its `overlap_policy` is `allow` (DESIGN 6.6: with
+    `buffer_one` the waiting run starts only once the one before it ends); the schedule's
+    `max_per_job` / `max_global`, else `Job.max_concurrency` (per job), else `SCHEDULER_MAX_GLOBAL`
+    (global). A limit of None means no such cap.
     """
     per_job = schedule.max_per_job if schedule is not None and schedule.max_per_job else job.max_concurrency
     global_ = (
@@ -89,6 +91,15 @@ def caps_for(job: Job, schedule: Schedule | None) -> list[Cap]:
         else getattr(settings, "SCHEDULER_MAX_GLOBAL", None)
     )
     caps = []
+    if schedule is not None and schedule.overlap_policy != OverlapPolicy.ALLOW:
+        caps.append(
+            Cap(
+                scope=f"schedule:{schedule.pk}",
+                limit=1,
+                label=f"previous run of the schedule (overlap_policy {schedule.overlap_policy})",
+                subject=schedule.name,
+            )
+        )
     if per_job:
         caps.append(Cap(scope=f"job:{job.key}", limit=int(per_job), label="per-job cap", subject=job.key))
     if global_:

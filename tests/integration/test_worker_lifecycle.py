@@ -43,9 +43,12 @@ def _age(table: str, column: str, pk: int, seconds: int) -> None:
 def test_caps_for__schedule_then_job_then_global_default(schedule, sleep_job, settings):
     settings.SCHEDULER_MAX_GLOBAL = 7
     assert [(c.scope, c.limit) for c in execution.caps_for(sleep_job, schedule)] == [
+        (f"schedule:{schedule.pk}", 1),  # overlap_policy buffer_one: one run of the schedule at a time
         ("job:sleep", 2),
         ("global", 3),
     ]
+    schedule.overlap_policy = "allow"
+    assert [c.scope for c in execution.caps_for(sleep_job, schedule)] == ["job:sleep", "global"]
     sleep_job.max_concurrency = 4
     assert [(c.scope, c.limit) for c in execution.caps_for(sleep_job, None)] == [
         ("job:sleep", 4),
