@@ -1,4 +1,4 @@
-"""Exactly once under a kill storm (issue 3): 3 schedulers racing, one SIGKILLed and restarted every ~2 s.
+"""Exactly once under a kill storm (issue 3): 3 schedulers racing, one SIGKILLed and restarted every ~1 s.
 
 100 schedules, interval 1 minute, anchored two hours back, misfire_policy run_all: each has 120 missed
 slots, of which run_all dispatches the latest 100 (DESIGN 6.2), then every slot that comes due while the
@@ -82,9 +82,10 @@ def test_kill_storm__every_slot_dispatched_exactly_once(tmp_path, redis_client):
         )
         victim = 0
         rng = random.Random(SCHEDULES)
-        while not all_caught_up():
+        # At least three kills whatever the machine's speed: a quiet machine catches up in a few seconds.
+        while not all_caught_up() or kills < 3:
             assert time.monotonic() - started < STORM_SECONDS_MAX, procs.logs()
-            time.sleep(rng.uniform(1.5, 2.5))  # the storm's own rhythm, not a wait for a condition
+            time.sleep(rng.uniform(0.7, 1.5))  # the storm's own rhythm, not a wait for a condition
             claimant = f"{socket.gethostname()}:{alive[victim].pid}"
             procs.kill(alive[victim])
             alive[victim].wait(timeout=10)
