@@ -157,8 +157,8 @@ class Processes:
 class PrivateRedis:
     """A Redis server of our own on a free port, so a test may stop and start it."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -202,6 +202,13 @@ class PrivateRedis:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
         self.proc = None
+
+    # A restart loses every key, as a real Redis restart without persistence does.
+    kill = stop
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
 
 class PrivatePostgres:
