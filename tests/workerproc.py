@@ -115,6 +115,46 @@ def start_worker(
     return worker
 
 
+def start_run_worker(
+    *, tmp_path: Path, name: str = "rw", jobs: str = "sleep", concurrency: int = 2
+) -> WorkerProcess:
+    """A worker started the way operators start it: `manage.py run_worker` (supervising Celery)."""
+    log_path = tmp_path / f"run_worker-{name}.log"
+    cmd = [
+        sys.executable,
+        "manage.py",
+        "run_worker",
+        "--jobs",
+        jobs,
+        "--concurrency",
+        str(concurrency),
+        "--hostname",
+        f"{name}@%h",
+    ]
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=BASE_DIR,
+            env=process_env(**FAST),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    handle = WorkerProcess(proc=proc, log_path=log_path, name=name)
+    try:
+        wait_for(
+            lambda: "worker maintenance started" in handle.log() or proc.poll() is not None,
+            timeout=60,
+            what="run_worker ready",
+        )
+    except BaseException:
+        handle.stop()
+        raise
+    if proc.poll() is not None:
+        raise AssertionError(f"run_worker {name} exited ({proc.returncode}):\n{handle.log()[-3000:]}")
+    return handle
+
+
 @contextmanager
 def running_worker(queues: list[str], **kwargs) -> Iterator[WorkerProcess]:
     worker = start_worker(queues, **kwargs)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-
 import pytest
 from django.db import transaction
 from django.utils import timezone
@@ -15,8 +11,8 @@ from orchestrator.models import Job, Run
 from schedules.dispatch import launch_manual_run, launch_run, message_for
 from schedules.models import Schedule, ScheduledRun
 from schedules.publishing import publish_messages
-from tests.support import process_env, wait_for
-from tests.workerproc import BASE_DIR, FAST, WorkerProcess
+from tests.support import wait_for
+from tests.workerproc import start_run_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -24,40 +20,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 @pytest.fixture
 def worker(redis_client, tmp_path):
     """One worker started the way operators start it: `manage.py run_worker --jobs sleep`."""
-    log_path = tmp_path / "run_worker.log"
-    cmd = [
-        sys.executable,
-        "manage.py",
-        "run_worker",
-        "--jobs",
-        "sleep",
-        "--concurrency",
-        "2",
-        "--hostname",
-        "rw@%h",
-    ]
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=BASE_DIR,
-            env=process_env(**FAST),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    handle = WorkerProcess(proc=proc, log_path=log_path, name="rw")
+    handle = start_run_worker(tmp_path=tmp_path)
     try:
-        wait_for(
-            lambda: "worker maintenance started" in handle.log() or proc.poll() is not None,
-            timeout=60,
-            what="run_worker ready",
-        )
-        assert proc.poll() is None, handle.log()[-3000:]
         assert "worker on queues: jobs.sleep" in handle.log()
         yield handle
     finally:
-        handle.kill(signal.SIGKILL)
-        proc.wait(timeout=20)
+        handle.stop()
 
 
 def _schedule(text: str, **fields) -> Schedule:

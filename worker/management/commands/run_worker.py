@@ -1,10 +1,18 @@
-"""`python manage.py run_worker [--jobs a,b] [--concurrency N]`: a Celery worker on the jobs' queues."""
+"""`python manage.py run_worker [--jobs a,b] [--concurrency N]`: a Celery worker on the jobs' queues.
+
+The worker runs as a child of this command, which starts it again if it stops on its own
+(worker/supervisor.py); `--no-supervise` runs it in this process instead.
+"""
 
 from __future__ import annotations
 
+import sys
+
 from django.core.management.base import BaseCommand, CommandError
+from django.db import connections
 
 from worker.routing import UnknownJobs, worker_queue_names
+from worker.supervisor import Supervisor
 
 
 class Command(BaseCommand):
@@ -16,10 +24,13 @@ class Command(BaseCommand):
         parser.add_argument("--loglevel", default="INFO")
         parser.add_argument("--hostname", default="", help="Celery node name, e.g. w1@%%h")
         parser.add_argument("--pool", default="prefork")
+        parser.add_argument(
+            "--no-supervise",
+            action="store_true",
+            help="run the Celery worker in this process; do not restart it when it stops on its own",
+        )
 
     def handle(self, *args, **options) -> None:
-        from project.celery import app
-
         keys = [key.strip() for key in options["jobs"].split(",") if key.strip()]
         try:
             queues = worker_queue_names(keys or None)
@@ -33,4 +44,15 @@ class Command(BaseCommand):
         if options["hostname"]:
             argv += ["-n", options["hostname"]]
         self.stdout.write(f"worker on queues: {', '.join(queues)}")
-        app.worker_main(argv=argv)
+        self.stdout.flush()
+        if options["no_supervise"]:
+            from project.celery import app
+
+            app.worker_main(argv=argv)
+            return
+        connections.close_all()  # the supervisor itself needs no database connection while it waits
+        supervisor = Supervisor([sys.executable, "-m", "celery", "-A", "project", *argv])
+        supervisor.install_handlers()
+        code = supervisor.run()
+        if code:
+            raise SystemExit(code)
