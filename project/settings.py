@@ -24,13 +24,32 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 DEBUG = env_bool("DEBUG", False)
 
 _INSECURE_KEY = "insecure-development-key-do-not-use-in-production"
+# Values that are public knowledge: Django's startproject prefix, and placeholders people paste from docs.
+_PLACEHOLDER_KEYS = {
+    "change-me",
+    "changeme",
+    "change_me",
+    "secret",
+    "secret-key",
+    "secret_key",
+    "your-secret-key",
+}
 SECRET_KEY = env_str("SECRET_KEY", "")
-if not SECRET_KEY or SECRET_KEY == _INSECURE_KEY:
+if not SECRET_KEY.strip():
     if not DEBUG:
         raise ImproperlyConfigured(
             "SECRET_KEY is not set. Set SECRET_KEY in the environment (DEBUG=1 allows a development key)."
         )
     SECRET_KEY = _INSECURE_KEY
+elif not DEBUG and (
+    SECRET_KEY == _INSECURE_KEY
+    or SECRET_KEY.startswith("django-insecure-")
+    or SECRET_KEY.strip().lower() in _PLACEHOLDER_KEYS
+):
+    raise ImproperlyConfigured(
+        "SECRET_KEY is a known insecure or placeholder value. Set a long random SECRET_KEY, e.g. "
+        "python3 -c 'import secrets; print(secrets.token_urlsafe(50))'."
+    )
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from django.conf import settings
@@ -47,3 +49,48 @@ def process_env(**extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def dump_all_tables(exclude: Iterable[tuple[str, str]] = ()) -> str:
+    """Every row of every table of the test database as JSON text, one line a table.
+
+    `exclude` names (table, column) pairs left out of the dump, for the few places a value is stored
+    by design (the caller says why).
+    """
+    skip: dict[str, set[str]] = {}
+    for table, column in exclude:
+        skip.setdefault(table, set()).add(column)
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_schema = 'public' AND table_type = 'BASE TABLE'"
+        )
+        tables = [row[0] for row in cur.fetchall()]
+        dump = []
+        for table in tables:
+            cur.execute(f"SELECT coalesce(json_agg(row_to_json(t))::text, '') FROM \"{table}\" t")
+            rows = cur.fetchone()[0]
+            if table in skip and rows:
+                rows = json.dumps(
+                    [{k: v for k, v in row.items() if k not in skip[table]} for row in json.loads(rows)]
+                )
+            dump.append(f"{table}: {rows}")
+    assert "orchestrator_finding" in tables
+    assert "orchestrator_run" in tables
+    assert set(skip) <= set(tables), f"excluded tables missing: {sorted(set(skip) - set(tables))}"
+    return "\n".join(dump)
+
+
+def rendered_logs(records: Iterable[logging.LogRecord]) -> str:
+    """Captured log records as the project's handler prints them, `extra` fields included.
+
+    caplog.text uses pytest's own format, which leaves out the structured fields a record carries.
+    """
+    from project.logging import StructuredFormatter
+
+    formatter = StructuredFormatter()
+    lines = []
+    for record in records:
+        lines.append(formatter.format(record))
+        lines.append(repr(record.args))
+    return "\n".join(lines)

@@ -118,6 +118,15 @@ def test_compose_file__web_migrates_then_serves_and_scheduler_has_the_seed_shape
     assert "run_worker" in command_text(compose["services"]["worker"])
 
 
+def test_compose_file__shell_commands_are_one_line(compose):
+    # A more-indented line in a folded (>) block keeps its newline, and `sh -c` would end the command
+    # there: the arguments on the next line (e.g. Flower's --basic-auth) would never reach the process.
+    for name, service in compose["services"].items():
+        command = service.get("command", "")
+        if isinstance(command, str):
+            assert "\n" not in command.strip(), name
+
+
 def test_compose_file__flower_requires_basic_auth(compose):
     flower = command_text(compose["services"]["flower"])
     assert "--basic-auth=" in flower

@@ -17,12 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from django.db import connection
 
 from orchestrator import llm
 from orchestrator.jobs.log_triage.scoring import parse_scores
 from orchestrator.models import Finding, Job, LogCursor, Run
 from orchestrator.services import OrchestratorService, TaskFailed
+from tests.support import dump_all_tables, rendered_logs
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "logs"
 RESPONSE_MARKER = "RESPONSE-TEXT-5b9e1f: the brute force against root is the priority"
@@ -101,22 +101,6 @@ def launch() -> Run:
     )
 
 
-def dump_all_tables() -> str:
-    with connection.cursor() as cur:
-        cur.execute(
-            "SELECT table_name FROM information_schema.tables"
-            " WHERE table_schema = 'public' AND table_type = 'BASE TABLE'"
-        )
-        tables = [row[0] for row in cur.fetchall()]
-        dump = []
-        for table in tables:
-            cur.execute(f"SELECT coalesce(json_agg(row_to_json(t))::text, '') FROM \"{table}\" t")
-            dump.append(f"{table}: {cur.fetchone()[0]}")
-    assert "orchestrator_finding" in tables
-    assert "orchestrator_run" in tables
-    return "\n".join(dump)
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -151,7 +135,7 @@ def test_scores_are_stored_and_no_prompt_or_response_text_is(dirs, settings, cap
     out, err = capfd.readouterr()
     places = {
         "database": dump_all_tables(),
-        "logs": caplog.text + out + err,
+        "logs": caplog.text + rendered_logs(caplog.records) + out + err,
         "results": json.dumps(stats) + json.dumps(run.stats),
         "report": Path(run.report_path).read_text() + Path(run.report_path).with_suffix(".json").read_text(),
     }
