@@ -246,7 +246,9 @@ class Heartbeat:
 
     The database check comes first and decides: if the run is no longer ours, stop renewing and let the
     leases go (the reaper or another outcome owns it now). If it is ours and Redis lost the leases (a
-    restart), put them back so the caps count this run again.
+    restart), put them back so the caps count this run again. If the database cannot be reached, the run
+    is still executing here: the leases are renewed all the same, or a PostgreSQL outage longer than a
+    lease would free this run's slots for others while it goes on running (found by scripts/soak.py).
     """
 
     def __init__(
@@ -282,11 +284,13 @@ class Heartbeat:
     def beat(self) -> None:
         try:
             alive = run_heartbeat(self.run_id, self.scheduled_run_id, self.attempt)
-        except Exception:
-            logger.exception("heartbeat write failed", extra={"run_id": self.run_id})
+        except Exception as exc:
+            logger.warning(
+                "heartbeat write failed", extra={"run_id": self.run_id, "error": type(exc).__name__}
+            )
             connection.close()
-            return
-        if not alive:
+            alive = None  # unknown, and still executing in this process: keep the leases
+        if alive is False:
             self.lost = True
             logger.warning("run no longer ours; stopping heartbeat", extra={"run_id": self.run_id})
             self._release()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,9 @@ import pytest
 from orchestrator.models import Job
 from schedules.dispatch import run_now
 from schedules.models import Schedule, ScheduledRun
-from tests.support import wait_for
-from tests.workerproc import start_run_worker
+from tests.scheduler_support import free_port
+from tests.support import process_env, wait_for
+from tests.workerproc import BASE_DIR, start_run_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -67,3 +70,26 @@ def test_celery_worker_killed_alone__supervisor_starts_it_again_and_runs_execute
         assert worker.log().count("celery worker exited unexpectedly") == 1  # a stop is not a crash
     finally:
         worker.stop()
+
+
+def test_run_worker_started_while_postgres_is_down__waits_for_it_instead_of_exiting(tmp_path):
+    log_path = tmp_path / "run_worker-nodb.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "manage.py", "run_worker", "--jobs", "sleep"],
+            cwd=BASE_DIR,
+            env=process_env(POSTGRES_PORT=str(free_port())),  # nothing listens there
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(
+            lambda: log_path.read_text().count("database unreachable") >= 2 or proc.poll() is not None,
+            timeout=60,
+            what="run_worker retrying the database",
+        )
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)

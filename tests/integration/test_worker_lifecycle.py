@@ -134,3 +134,26 @@ def test_worker_queues__every_enabled_job_by_default_or_the_named_ones(sleep_job
         worker_queue_names(["sleep", "log_triage", "nope"])
     assert route_run("worker.execute_run", (), {"job_key": "sleep"}, {})["queue"] == "jobs.sleep"
     assert route_run("other.task", (), {"job_key": "sleep"}, {}) is None
+
+
+def test_heartbeat__keeps_the_leases_while_the_database_is_unreachable(
+    schedule, settings, redis_client, monkeypatch
+):
+    """A PostgreSQL outage longer than a lease must not free the slots of runs still executing."""
+    from django.db import OperationalError
+
+    from worker.semaphore import Cap, semaphore_holders, semaphore_renew
+
+    settings.WORKER_LEASE_SECONDS = 30
+    cap = Cap(scope="job:sleep", limit=1, label="per-job cap", subject="sleep")
+    heartbeat = execution.Heartbeat(run_id=1, scheduled_run_id=None, attempt=1, caps=[cap], owner="ours")
+    semaphore_renew([cap], owner="ours", reassert=True)
+    redis_client.flushdb()  # the lease gone, as if it had expired while heartbeats failed
+
+    def unreachable(*args, **kwargs):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(execution, "run_heartbeat", unreachable)
+    heartbeat.beat()
+    assert not heartbeat.lost
+    assert semaphore_holders(cap) == ["ours"]

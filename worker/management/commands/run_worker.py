@@ -6,13 +6,33 @@ The worker runs as a child of this command, which starts it again if it stops on
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 
 from django.core.management.base import BaseCommand, CommandError
-from django.db import connections
+from django.db import OperationalError, connections
 
 from worker.routing import UnknownJobs, worker_queue_names
 from worker.supervisor import Supervisor
+
+logger = logging.getLogger("worker.supervisor")
+
+
+def _queue_names_once_the_database_answers(keys: list[str]) -> list[str]:
+    """The queues come from the Job table: wait for PostgreSQL, as Celery waits for its broker at start
+    (a worker restarted while the database restarts must not exit; found by scripts/soak.py)."""
+    delay = 1.0
+    while True:
+        try:
+            return worker_queue_names(keys or None)
+        except OperationalError as exc:
+            logger.warning(
+                "database unreachable; retrying", extra={"retry_in_s": delay, "error": type(exc).__name__}
+            )
+            connections.close_all()
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 class Command(BaseCommand):
@@ -33,7 +53,7 @@ class Command(BaseCommand):
     def handle(self, *args, **options) -> None:
         keys = [key.strip() for key in options["jobs"].split(",") if key.strip()]
         try:
-            queues = worker_queue_names(keys or None)
+            queues = _queue_names_once_the_database_answers(keys)
         except UnknownJobs as exc:
             raise CommandError(str(exc)) from exc
         if not queues:
