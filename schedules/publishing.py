@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -178,7 +179,7 @@ def sweep_outbox(
         waiting_messages: list[RunMessage] = []
         if stale:
             try:
-                waiting = task_ids_in_broker({m.queue for m in stale})
+                waiting = task_ids_in_broker({m.queue for m in stale}, delivered_within=republish_after)
             except Exception as exc:
                 # Unknown broker state: look again after another republish_after.
                 logger.warning(
@@ -230,8 +231,15 @@ _KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 _TASK_ID = re.compile(rb'"id":\s*"([^"]+)"')
 
 
-def task_ids_in_broker(queues: Iterable[str]) -> set[str]:
-    """Task ids of run messages still waiting in the broker (queued or delivered but unacknowledged)."""
+def task_ids_in_broker(queues: Iterable[str], *, delivered_within: float | None = None) -> set[str]:
+    """Task ids of run messages still waiting in the broker (queued or delivered but unacknowledged).
+
+    `delivered_within`: count an unacknowledged message only if it was delivered to a worker less than
+    this many seconds ago. The sweep only asks about runs still `queued`, which a live worker starts (or
+    marks throttled) as soon as it takes the message; one delivered long ago and never started went with
+    a worker that died holding it, and Redis would give it back only after the visibility timeout (an
+    hour). Re-publishing it is harmless: the start gate runs it once (found by scripts/soak.py).
+    """
     import redis
 
     broker_url = settings.CELERY_BROKER_URL
@@ -255,7 +263,13 @@ def task_ids_in_broker(queues: Iterable[str]) -> set[str]:
                 for raw in chunk:
                     found.update(_task_ids_of(raw))
                 start += len(chunk)
-        for raw in client.hvals("unacked"):
+        unacked = client.hgetall("unacked")
+        if delivered_within is not None and unacked:
+            # kombu scores each delivery tag with the delivering worker's time.time().
+            delivered = dict(client.zrange("unacked_index", 0, -1, withscores=True))
+            oldest = time.time() - delivered_within
+            unacked = {tag: raw for tag, raw in unacked.items() if delivered.get(tag, oldest + 1) >= oldest}
+        for raw in unacked.values():
             found.update(_task_ids_of(raw))
     finally:
         client.close()

@@ -393,6 +393,40 @@ def test_sweep__republishes_a_lost_message_with_the_same_task_id_but_not_one_sti
 
 
 @pytest.mark.django_db(transaction=True)
+def test_sweep__republishes_a_queued_run_whose_message_went_with_a_dead_worker(redis_client):
+    """Delivered to a worker (kombu's `unacked` hash) long ago and never started: that worker is gone."""
+    import time
+
+    from schedules.dispatch import message_for
+    from schedules.publishing import publish_messages, sweep_outbox
+
+    s = make_schedule("held")
+    run = Run.objects.create(job=s.job, trigger="schedule", task_id="t-held", custom_directive_text="0.1")
+    sr = ScheduledRun.objects.create(schedule=s, run=run, scheduled_for=db_now(), task_id="t-held")
+    publish_messages([message_for(s.job, run, sr)])
+    # What kombu does on delivery: off the queue, into `unacked`, scored with the delivery time.
+    raw = redis_client.rpop("jobs.sleep")
+    redis_client.hset("unacked", "tag-1", json.dumps([json.loads(raw), "", "jobs.sleep"]))
+    redis_client.zadd("unacked_index", {"tag-1": time.time() - 5})
+
+    def age_publish() -> None:
+        sql(
+            "UPDATE schedules_scheduledrun SET published_at = now() - interval '10 minutes' WHERE id = %s",
+            [sr.pk],
+        )
+
+    age_publish()
+    # Delivered 5 s ago: a live worker is about to start it; not doubled.
+    assert (sweep_outbox(grace=60, republish_after=300).published, _queued_ids(redis_client)) == (0, [])
+
+    # Delivered 20 minutes ago and still `queued`: published again, same task id.
+    redis_client.zadd("unacked_index", {"tag-1": time.time() - 1200})
+    age_publish()
+    assert sweep_outbox(grace=60, republish_after=300).published == 1
+    assert _queued_ids(redis_client) == ["t-held"]
+
+
+@pytest.mark.django_db(transaction=True)
 def test_sweep__publishes_a_manual_api_run_whose_publish_failed(redis_client):
     from schedules.publishing import sweep_outbox
 
