@@ -240,12 +240,15 @@ class System:
         proc.reap()
         self.launch(proc)
 
-    def revive_dead(self) -> None:
+    def revive_dead(self) -> list[str]:
         """A process that died without being killed is a finding: record it and start it again."""
+        revived = []
         for proc in self.procs.values():
             if proc.popen is not None and proc.popen.poll() is not None:
                 proc.unexpected_exits.append(proc.popen.returncode)
                 self.launch(proc)
+                revived.append(proc.name)
+        return revived
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -358,7 +361,8 @@ class Sampler(threading.Thread):
     """
 
     SQL = """
-        SELECT sr.schedule_id, s.overlap_policy, s.max_per_job
+        SELECT sr.schedule_id, s.overlap_policy, s.max_per_job, r.id, r.worker,
+               extract(epoch FROM now() - COALESCE(r.heartbeat_at, r.started_at))
           FROM orchestrator_run r
           LEFT JOIN schedules_scheduledrun sr ON sr.run_id = r.id
           LEFT JOIN schedules_schedule s ON s.id = sr.schedule_id
@@ -371,6 +375,8 @@ class Sampler(threading.Thread):
         self.system = system
         self.samples: list[tuple[float, int, int, int]] = []  # (t, total, per-job capped, max per schedule)
         self.failed_samples = 0
+        # The fullest sample seen for each scope, with its runs: what to look at when a cap is exceeded.
+        self.fullest: dict[str, tuple[int, float, list]] = {}
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -391,12 +397,21 @@ class Sampler(threading.Thread):
                 continue
             per_schedule: dict[int, int] = {}
             capped = 0
-            for schedule_id, overlap, max_per_job in rows:
+            for schedule_id, overlap, max_per_job, *_ in rows:
                 if max_per_job:
                     capped += 1
                 if schedule_id is not None and overlap != "allow":
                     per_schedule[schedule_id] = per_schedule.get(schedule_id, 0) + 1
-            self.samples.append((time.monotonic(), len(rows), capped, max(per_schedule.values(), default=0)))
+            now = time.monotonic()
+            sample = (now, len(rows), capped, max(per_schedule.values(), default=0))
+            self.samples.append(sample)
+            for scope, count in zip(("global", "per_job", "per_schedule"), sample[1:], strict=True):
+                if count > self.fullest.get(scope, (-1,))[0]:
+                    runs = [
+                        {"run": r[3], "schedule": r[0], "worker": r[4], "beat_age": round(float(r[5]), 2)}
+                        for r in rows
+                    ]
+                    self.fullest[scope] = (count, now, runs)
         with contextlib.suppress(Exception):
             conn.close()
 
@@ -410,6 +425,8 @@ class Faults:
     run_now_sent: int = 0
     run_now_status: dict[str, int] = field(default_factory=dict)
     redis_window: tuple[float, float] | None = None
+    events: list[tuple[float, str, str]] = field(default_factory=list)  # (monotonic, kind, detail)
+    started: float = 0.0
     postgres_down_seconds: float = 0.0
     redis_down_seconds: float = 0.0
 
@@ -417,7 +434,7 @@ class Faults:
 def fault_phase(system: System, schedule_ids: list[int], rng: random.Random, log) -> Faults:
     config = system.config
     faults = Faults()
-    start = time.monotonic()
+    start = faults.started = time.monotonic()
     end = start + config.duration
     due = {
         "scheduler": start + rng.uniform(0.5, 1.5) * config.scheduler_kill_every,
@@ -434,14 +451,19 @@ def fault_phase(system: System, schedule_ids: list[int], rng: random.Random, log
         if at >= end:
             break
         time.sleep(max(0.0, at - time.monotonic()))
-        system.revive_dead()
+        revived = system.revive_dead()
+        if revived:
+            faults.events.append((time.monotonic(), "revived", ",".join(revived)))
+        detail = ""
         if kind == "scheduler":
             victim = rng.choice(schedulers)
+            detail = victim.name
             system.kill(victim)
             faults.scheduler_kills += 1
             due[kind] = at + rng.uniform(0.7, 1.3) * config.scheduler_kill_every
         elif kind == "worker":
             victim = rng.choice(workers)
+            detail = victim.name
             system.kill(victim)
             faults.worker_kills += 1
             due[kind] = at + rng.uniform(0.7, 1.3) * config.worker_kill_every
@@ -471,7 +493,8 @@ def fault_phase(system: System, schedule_ids: list[int], rng: random.Random, log
             faults.redis_window = (t0, back + config.lease / 2 + config.lease + 10.0)
             faults.redis_restarts += 1
             del due[kind]
-        log(f"[soak] {time.monotonic() - start:6.1f}s {kind}")
+        faults.events.append((at, kind, detail))
+        log(f"[soak] {time.monotonic() - start:6.1f}s {kind} {detail}")
     time.sleep(max(0.0, end - time.monotonic()))
     system.revive_dead()
     return faults
@@ -525,6 +548,30 @@ def slot_report(system: System, initial: dict[int, tuple[ScheduleSpec, datetime]
     }
 
 
+def broker_places(system: System, task_ids: list[str]) -> dict[str, str]:
+    """Where each task id's message is in Redis: a queue, or `unacked` with its delivery age."""
+    if not task_ids:
+        return {}
+    places: dict[str, str] = {}
+    client = system.redis.client()
+    try:
+        for key in client.keys("jobs.*"):
+            if client.type(key) != b"list":
+                continue
+            for raw in client.lrange(key, 0, -1):
+                for task_id in task_ids:
+                    if task_id.encode() in raw:
+                        places[task_id] = f"queue {key.decode()}"
+        delivered = dict(client.zrange("unacked_index", 0, -1, withscores=True))
+        for tag, raw in client.hgetall("unacked").items():
+            for task_id in task_ids:
+                if task_id.encode() in raw:
+                    places[task_id] = f"unacked {time.time() - delivered.get(tag, time.time()):.0f}s"
+    finally:
+        client.close()
+    return places
+
+
 def run_report(system: System) -> dict:
     statuses = dict(system.sql("SELECT status, count(*) FROM schedules_scheduledrun GROUP BY 1"))
     run_statuses = dict(system.sql("SELECT status, count(*) FROM orchestrator_run GROUP BY 1"))
@@ -545,6 +592,15 @@ def run_report(system: System) -> dict:
     )
     dispatch = [float(a) for a, _ in lags]
     start = [float(b) for _, b in lags if b is not None]
+    unfinished = system.sql(
+        """SELECT r.id, r.status, r.task_id, r.error_summary, sr.status, sr.trigger,
+                  extract(epoch FROM now() - r.created_at), extract(epoch FROM now() - r.published_at),
+                  extract(epoch FROM now() - sr.published_at)
+             FROM orchestrator_run r LEFT JOIN schedules_scheduledrun sr ON sr.run_id = r.id
+            WHERE r.status IN ('queued', 'running') OR sr.status IN ('queued', 'throttled', 'running')
+            ORDER BY r.id LIMIT 10"""
+    )
+    in_broker = broker_places(system, [row[2] for row in unfinished])
     failures = system.sql(
         """SELECT regexp_replace(error_summary, '[0-9]+', 'N', 'g'), count(*) FROM orchestrator_run
             WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC LIMIT 5"""
@@ -559,6 +615,20 @@ def run_report(system: System) -> dict:
         "runs_by_status": run_statuses,
         "failed_reasons": {reason: n for reason, n in failures},
         "not_terminal": not_terminal,
+        "not_terminal_examples": [
+            {
+                "run": rid,
+                "status": status,
+                "scheduled_status": sr_status,
+                "trigger": trigger,
+                "error": error,
+                "age_s": round(float(age), 1),
+                "since_publish_s": None if pub is None else round(float(pub), 1),
+                "since_scheduled_publish_s": None if sr_pub is None else round(float(sr_pub), 1),
+                "in_broker": in_broker.get(task_id, "nowhere"),
+            }
+            for rid, status, task_id, error, sr_status, trigger, age, pub, sr_pub in unfinished
+        ],
         "runs_started_twice": started_twice,
         "scheduled_runs_without_run": unlinked,
         "dispatch_lag_s": {
@@ -573,6 +643,10 @@ def run_report(system: System) -> dict:
     }
 
 
+def caps_of(config: Config) -> dict[str, int]:
+    return {"global": config.global_cap, "per_job": config.job_cap, "per_schedule": 1}
+
+
 def cap_report(sampler: Sampler, config: Config, faults: Faults) -> dict:
     window = faults.redis_window or (0.0, 0.0)
     outside = [s for s in sampler.samples if not window[0] <= s[0] <= window[1]]
@@ -585,13 +659,24 @@ def cap_report(sampler: Sampler, config: Config, faults: Faults) -> dict:
             "per_schedule": max((s[3] for s in samples), default=0),
         }
 
+    def at(t: float) -> float:
+        return round(t - faults.started, 1)
+
+    fullest = {
+        scope: {"running": count, "at_s": at(t), "runs": runs}
+        for scope, (count, t, runs) in sampler.fullest.items()
+        if count > caps_of(config)[scope]
+    }
     return {
-        "caps": {"global": config.global_cap, "per_job": config.job_cap, "per_schedule": 1},
+        "caps": caps_of(config),
+        "over_cap_samples": fullest,
         "samples": len(sampler.samples),
         "samples_failed": sampler.failed_samples,
         "max_running": maxima(outside),
         "max_running_in_redis_window": maxima(inside),
         "redis_window_s": round(window[1] - window[0], 1),
+        "redis_window_at_s": [at(window[0]), at(window[1])] if faults.redis_window else None,
+        "timeline": [f"{at(t)} {kind} {detail}".strip() for t, kind, detail in faults.events],
     }
 
 
