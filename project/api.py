@@ -10,9 +10,12 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.db import connection
+from django.http import HttpRequest, JsonResponse
+from django.views import defaults
+from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
-from rest_framework.exceptions import APIException, ParseError
+from rest_framework.exceptions import APIException, ParseError, ValidationError
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import JSONParser
 from rest_framework.permissions import AllowAny
@@ -69,24 +72,147 @@ class BoundedJSONParser(JSONParser):
             raise ParseError("JSON parse error - nested too deeply.") from exc
 
 
+def _query_int(request: Request, name: str) -> int | None:
+    """A positive integer query parameter, or None when absent; anything else is a 400 naming it."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit() and int(raw) >= 1):
+        raise ValidationError({name: [f"A positive integer is required, got {raw[:50]!r}."]})
+    return int(raw)
+
+
 class Pagination(PageNumberPagination):
-    """?page=N, and ?page_size=M (at most 500) for clients that want fewer round trips."""
+    """?page=N, and ?page_size=M (at most 500) for clients that want fewer round trips.
+
+    A `page` or `page_size` that is not a positive integer is a 400 naming it (DRF would silently use
+    the default size, or answer 404); a page past the last one stays DRF's 404.
+    """
 
     page_size_query_param = "page_size"
     max_page_size = 500
 
+    def get_page_size(self, request: Request) -> int:
+        value = _query_int(request, self.page_size_query_param)
+        return self.page_size if value is None else min(value, self.max_page_size)
+
+    def get_page_number(self, request: Request, paginator: Any) -> Any:
+        if request.query_params.get(self.page_query_param) in self.last_page_strings:
+            return paginator.num_pages
+        return _query_int(request, self.page_query_param) or 1
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            parameter["schema"]["minimum"] = 1
+            if parameter["name"] == self.page_size_query_param:
+                parameter["description"] = f"Results per page; more than {self.max_page_size} counts as that."
+        return parameters
+
+
+class ErrorDetailSerializer(serializers.Serializer):
+    """DRF's shape for errors that are not about one field: 401, 403, 404, 405, 409, 413, 415, 503."""
+
+    detail = serializers.CharField()
+
+
+# 400: {"field": ["message", ...]} (DRF's shape, DESIGN 5); nested for list and object fields, and
+# {"detail": "..."} for a body that is not JSON.
+VALIDATION_ERROR_SCHEMA = {
+    "type": "object",
+    "description": "Each key names the offending field (or `detail`, `non_field_errors`).",
+    "additionalProperties": {},
+}
+
+
+class AutoSchema(SpectacularAutoSchema):
+    """drf-spectacular's AutoSchema, plus the error responses each operation can actually give.
+
+    drf-spectacular documents only the success code. A client (and the schemathesis fuzz test) must
+    know the rest: 400 where there is input to validate, 401/403 behind authentication, 404 where a
+    path names a row or a page is past the end, 413/415 where there is a body, 503 when the
+    database is down (project.api.exception_handler).
+    """
+
+    def _get_response_bodies(self, direction: Any = "response") -> dict[str, Any]:
+        responses = super()._get_response_bodies(direction)
+        for code, (description, body) in self._error_responses().items():
+            if code not in responses:
+                response = OpenApiResponse(response=body, description=description)
+                responses[code] = self._get_response_for_code(response, code, direction=direction)
+        return responses
+
+    def _map_serializer(self, serializer: Any, direction: Any, bypass_extensions: bool = False) -> Any:
+        schema = super()._map_serializer(serializer, direction, bypass_extensions)
+        # StrictFieldsMixin refuses keys it does not know (a 400 naming them): say so in the schema.
+        if direction == "request" and isinstance(serializer, StrictFieldsMixin):
+            schema["additionalProperties"] = False
+        return schema
+
+    def _error_responses(self) -> dict[str, tuple[str, Any]]:
+        errors: dict[str, tuple[str, Any]] = {}
+        has_body = self.method in ("POST", "PUT", "PATCH")
+        has_query = any(p.get("in") == "query" for p in self._get_parameters())
+        if has_body or has_query:
+            errors["400"] = ("Invalid input; each key names a field.", VALIDATION_ERROR_SCHEMA)
+        if not all(isinstance(p, AllowAny) for p in self.view.get_permissions()):
+            errors["401"] = ("No or invalid credentials.", ErrorDetailSerializer)
+            errors["403"] = ("Authenticated, but not allowed.", ErrorDetailSerializer)
+        if "{" in self.path or self._is_list_view():
+            errors["404"] = ("No such object, or a page past the last one.", ErrorDetailSerializer)
+        if has_body and self.get_request_serializer() is not None:
+            errors["413"] = ("Request body too large.", ErrorDetailSerializer)
+            errors["415"] = ("The body is not `application/json`.", ErrorDetailSerializer)
+        errors["503"] = (
+            "The database is unavailable; retry after `Retry-After` seconds.",
+            ErrorDetailSerializer,
+        )
+        return errors
+
 
 class ApiViewMixin:
-    """For every API view: JSON bodies only, bounded in size; page-number pagination."""
+    """For every API view: JSON bodies only, bounded in size; page-number pagination; errors documented."""
 
     parser_classes = [BoundedJSONParser]
     pagination_class = Pagination
+    schema = AutoSchema()
+
+
+def not_found(request: HttpRequest, exception: Exception) -> Any:
+    """handler404: under /api/, DRF's JSON shape rather than Django's HTML page (a path no route matches)."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "Not found."}, status=404)
+    return defaults.page_not_found(request, exception)
+
+
+def json_type_error(field: serializers.Field, value: Any) -> str | None:
+    """The message for a value of the wrong JSON type for `field`, or None when the type is right.
+
+    DRF coerces: 5 becomes "5" for a CharField, "5" becomes 5 for an IntegerField, 0 and "false" become
+    False for a BooleanField. The schema says string, integer, boolean; a client sending another type
+    has a bug to hear about (DESIGN 5: a 400 naming the field), not a guess made for it.
+    """
+    if value is None:
+        return None  # allow_null decides
+    if isinstance(field, serializers.BooleanField) and not isinstance(value, bool):
+        return "Must be a boolean (true or false)."
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(field, serializers.IntegerField) and not is_int:
+        return "Must be an integer."
+    if isinstance(field, serializers.CharField) and not isinstance(value, str):
+        return "Must be a string."
+    if isinstance(field, serializers.ListField) and isinstance(value, list):
+        for item in value:
+            if (message := json_type_error(field.child, item)) is not None:
+                return f"Every item: {message[0].lower()}{message[1:]}"
+    return None
 
 
 class StrictFieldsMixin:
     """Refuse input keys the serializer does not accept, naming them, instead of silently ignoring them.
 
-    A typo such as `interval_minute` would otherwise be dropped and the request "succeed".
+    A typo such as `interval_minute` would otherwise be dropped and the request "succeed". Values of
+    the wrong JSON type are refused too (json_type_error), rather than coerced.
     """
 
     def to_internal_value(self, data: Any) -> Any:
@@ -98,6 +224,8 @@ class StrictFieldsMixin:
                     errors[str(key)] = ["Unknown field."]
                 elif field.read_only:
                     errors[str(key)] = ["This field is read-only."]
+                elif (message := json_type_error(field, data[key])) is not None:
+                    errors[str(key)] = [message]
             if errors:
                 raise serializers.ValidationError(errors)
         return super().to_internal_value(data)  # type: ignore[misc]
@@ -116,24 +244,30 @@ def _check_redis() -> None:
         client.close()
 
 
+HEALTH_BODY = inline_serializer(
+    "Health",
+    {
+        "status": serializers.CharField(),
+        "database": serializers.CharField(),
+        "redis": serializers.CharField(),
+    },
+)
+
+
 class HealthView(APIView):
     """Database and Redis reachability, for load balancers and `docker compose` health checks."""
 
     authentication_classes: list = []
     permission_classes = [AllowAny]
+    schema = AutoSchema()
     checks = {"database": _check_database, "redis": _check_redis}
 
     @extend_schema(
         responses={
-            200: inline_serializer(
-                "Health",
-                {
-                    "status": serializers.CharField(),
-                    "database": serializers.CharField(),
-                    "redis": serializers.CharField(),
-                },
+            200: HEALTH_BODY,
+            503: OpenApiResponse(
+                HEALTH_BODY, description="One or more dependencies unreachable; each is named."
             ),
-            503: OpenApiResponse(description="One or more dependencies unreachable; each is named."),
         },
         auth=[],
     )

@@ -7,6 +7,8 @@ from rest_framework.permissions import AllowAny
 
 from project.api import HealthView
 
+handler404 = "project.api.not_found"
+
 _public = {"authentication_classes": [], "permission_classes": [AllowAny]}
 
 urlpatterns = [

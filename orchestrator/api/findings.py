@@ -7,8 +7,10 @@ from django.http import Http404
 from django.urls import re_path
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, serializers
+from rest_framework.exceptions import ValidationError
 
 from orchestrator.models import Finding, Run, Severity
+from project.api import ApiViewMixin
 
 
 class FindingSerializer(serializers.ModelSerializer):
@@ -37,7 +39,7 @@ class FindingSerializer(serializers.ModelSerializer):
         OpenApiParameter("rule", str, description="Only findings of this rule, e.g. `ssh_brute_force`."),
     ]
 )
-class RunFindingsView(generics.ListAPIView):
+class RunFindingsView(ApiViewMixin, generics.ListAPIView):
     """Paginated (the API's page size); 404 for an unknown run. Filter by `?severity=` or `?rule=`."""
 
     serializer_class = FindingSerializer
@@ -49,10 +51,15 @@ class RunFindingsView(generics.ListAPIView):
         if not Run.objects.filter(pk=run_id).exists():
             raise Http404("No such run.")
         queryset = Finding.objects.filter(run_id=run_id).order_by("id")
-        for name in ("severity", "rule"):
-            value = self.request.query_params.get(name)
-            if value:
-                queryset = queryset.filter(**{name: value})
+        params = self.request.query_params
+        # An unknown severity is a 400 naming it (as ?status= on /api/runs/), not an empty page.
+        if (severity := params.get("severity")) is not None:
+            if severity not in Severity.values:
+                known = ", ".join(Severity.values)
+                raise ValidationError({"severity": [f"Unknown severity {severity[:50]!r}; one of {known}."]})
+            queryset = queryset.filter(severity=severity)
+        if rule := params.get("rule"):
+            queryset = queryset.filter(rule=rule)
         return queryset
 
 

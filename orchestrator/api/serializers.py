@@ -42,9 +42,21 @@ class DirectiveRefField(serializers.RelatedField):
         return value.pk
 
 
+class JobKeyField(serializers.SlugRelatedField):
+    """SlugRelatedField, except that only a non-empty string is a key.
+
+    DRF's RelatedField would read "" as null, and look a number up as its string.
+    """
+
+    def run_validation(self, data: Any = serializers.empty) -> Any:
+        if data == "" or (data is not serializers.empty and data is not None and not isinstance(data, str)):
+            self.fail("invalid")
+        return super().run_validation(data)
+
+
 def job_key_field(**kwargs: Any) -> serializers.SlugRelatedField:
     """A job named by its key; an unknown key is a 400 on this field."""
-    return serializers.SlugRelatedField(
+    return JobKeyField(
         slug_field="key",
         queryset=Job.objects.all(),
         source="job",
@@ -93,7 +105,11 @@ class DirectiveSerializer(StrictFieldsMixin, serializers.ModelSerializer):
 
 class RunSerializer(serializers.ModelSerializer):
     job_key = serializers.CharField(source="job.key", read_only=True)
-    directive_key = serializers.CharField(source="directive.key", read_only=True, default=None)
+    # Not CharField(source="directive.key", default=None): DRF skips a field that falls back to its
+    # default in a partial (PATCH) serializer, so the PATCH response would lack directive_key.
+    directive_key = serializers.SlugRelatedField(
+        source="directive", slug_field="key", read_only=True, allow_null=True
+    )
 
     class Meta:
         model = Run

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError, QuerySet
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
 from orchestrator.api.serializers import DirectiveSerializer, JobSerializer, RunSerializer
 from orchestrator.models import Directive, Job, Run, RunStatus, Trigger
-from project.api import ApiViewMixin
+from project.api import ApiViewMixin, ErrorDetailSerializer
 
 # Unique constraints a concurrent request can still hit after validation passed.
 _DIRECTIVE_UNIQUE = {"orchestrator_directive_key_key": "key"}
@@ -52,6 +52,12 @@ class DirectiveViewSet(ApiViewMixin, viewsets.ModelViewSet):
     perform_create = _save
     perform_update = _save
 
+    @extend_schema(
+        responses={
+            204: None,
+            409: OpenApiResponse(ErrorDetailSerializer, description="Schedules still use the directive."),
+        }
+    )
     def destroy(self, request, *args, **kwargs) -> Response:
         directive = self.get_object()
         try:

@@ -16,7 +16,7 @@ UPCOMING_COUNT = 5
 
 
 class ScheduledRunSerializer(serializers.ModelSerializer):
-    run_status = serializers.CharField(source="run.status", read_only=True, default=None)
+    run_status = serializers.CharField(source="run.status", read_only=True, default=None, allow_null=True)
 
     class Meta:
         model = ScheduledRun
@@ -45,7 +45,11 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
 
     job_key = job_key_field()
     directive = DirectiveRefField(required=False, allow_null=True)
-    directive_key = serializers.CharField(source="directive.key", read_only=True, default=None)
+    # Not CharField(source="directive.key", default=None): DRF skips a field that falls back to its
+    # default in a partial (PATCH) serializer, so the PATCH response would lack directive_key.
+    directive_key = serializers.SlugRelatedField(
+        source="directive", slug_field="key", read_only=True, allow_null=True
+    )
     custom_directive_text = serializers.CharField(
         required=False, allow_blank=True, max_length=MAX_DIRECTIVE_TEXT, trim_whitespace=False
     )
