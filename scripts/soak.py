@@ -785,7 +785,9 @@ def soak(config: Config, log=print) -> dict:
             "slots": slot_report(system, initial, cutoff.astimezone(UTC)),
             "runs": run_report(system),
             "caps": cap_report(sampler, config, faults),
-            "faults": {k: v for k, v in faults.__dict__.items() if k != "redis_window"},
+            "faults": {
+                k: v for k, v in faults.__dict__.items() if k not in {"redis_window", "events", "started"}
+            },
             "unexpected_exits": {
                 name: proc.unexpected_exits for name, proc in system.procs.items() if proc.unexpected_exits
             },
