@@ -172,10 +172,17 @@ def missed_slots(
     return list(due), slot
 
 
+# Files in the zone database that are not zones: `localtime` is whatever the host is set to (a schedule
+# must not change meaning with the machine it is read on), `Factory` a placeholder, the rest aliases.
+_NOT_ZONES = {"localtime", "posixrules", "Factory"}
+
+
 def validate_timezone(name: str) -> None:
     """Raise ValueError unless `name` is an IANA zone."""
     if not isinstance(name, str) or not name or name != name.strip():
         raise ValueError(f"unknown timezone {name!r}")
+    if name in _NOT_ZONES or name.startswith(("posix/", "right/")):
+        raise ValueError(f"unknown timezone {name!r}: name an IANA zone such as 'Europe/Berlin'")
     try:
         _zone(name)
     except (ZoneInfoNotFoundError, ValueError, OSError) as exc:

@@ -140,7 +140,9 @@ def test_validate_cron_expr__accepts(expr):
     validate_cron_expr(expr)
 
 
-@pytest.mark.parametrize("name", ["Mars/Olympus", "", " UTC", "../etc/passwd", "UTC\x00"])
+@pytest.mark.parametrize(
+    "name", ["Mars/Olympus", "", " UTC", "../etc/passwd", "UTC\x00", "localtime", "Factory", "posix/UTC"]
+)
 def test_validate_timezone__refuses(name):
     with pytest.raises(ValueError, match="timezone"):
         validate_timezone(name)
