@@ -405,3 +405,17 @@ def test_create_api_token__for_an_existing_user_keeps_their_password(user):
     user.refresh_from_db()
     assert user.check_password("pw-alice-123")
     assert not Schedule.objects.exists()
+
+
+def test_docs__swagger_ui_comes_from_our_static_files_not_a_cdn(anon):
+    import re
+
+    from django.contrib.staticfiles import finders
+
+    html = anon.get("/api/docs/").content.decode()
+    sources = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert any("swagger-ui" in src for src in sources), sources
+    assert not [src for src in sources if src.startswith(("http:", "https:", "//"))], sources
+    for src in sources:
+        if src.startswith("/static/"):
+            assert finders.find(src.removeprefix("/static/")), src
