@@ -424,6 +424,7 @@ class Faults:
     redis_restarts: int = 0
     run_now_sent: int = 0
     run_now_status: dict[str, int] = field(default_factory=dict)
+    outage_status: dict[str, int] = field(default_factory=dict)  # API answers while PostgreSQL is down
     redis_window: tuple[float, float] | None = None
     events: list[tuple[float, str, str]] = field(default_factory=list)  # (monotonic, kind, detail)
     started: float = 0.0
@@ -476,7 +477,12 @@ def fault_phase(system: System, schedule_ids: list[int], rng: random.Random, log
         elif kind == "postgres":
             t0 = time.monotonic()
             system.pg.stop("immediate")
-            time.sleep(rng.uniform(1.0, 3.0))  # down for a moment, as a crashed server restarting is
+            down_until = time.monotonic() + rng.uniform(1.0, 3.0)  # as a crashed server restarting is
+            # The API while the database is down: a 503 with Retry-After, never a 500.
+            for path in ("/api/schedules/", f"/api/schedules/{schedule_ids[0]}/run-now"):
+                status, _ = system.api("GET" if path.endswith("/") else "POST", path)
+                faults.outage_status[str(status)] = faults.outage_status.get(str(status), 0) + 1
+            time.sleep(max(0.0, down_until - time.monotonic()))
             system.pg.start()
             faults.postgres_down_seconds = time.monotonic() - t0
             faults.postgres_restarts += 1
@@ -704,10 +710,15 @@ def verdict(report: dict) -> list[str]:
         problems.append(f"only {caps['samples']} running-count samples")
     if report["unexpected_exits"]:
         problems.append(f"processes died without being killed: {report['unexpected_exits']}")
-    server_errors = {k: v for k, v in report["faults"]["run_now_status"].items() if k.startswith("5")}
-    server_errors.pop("503", None)
-    if server_errors:
-        problems.append(f"run-now answered with server errors: {server_errors}")
+    for answers in ("run_now_status", "outage_status"):
+        server_errors = {k: v for k, v in report["faults"][answers].items() if k.startswith("5")}
+        server_errors.pop("503", None)
+        if server_errors:
+            problems.append(f"the API answered with server errors ({answers}): {server_errors}")
+    if report["faults"]["postgres_restarts"] and set(report["faults"]["outage_status"]) != {"503"}:
+        problems.append(
+            f"the API did not answer 503 while PostgreSQL was down: {report['faults']['outage_status']}"
+        )
     if not report["faults"]["run_now_status"].get("202"):
         problems.append("no run-now was accepted")
     return problems
