@@ -90,12 +90,16 @@ def start_worker(
     ]
     if include:
         cmd += ["--include", include]
-    extra = {**FAST, **(env or {})}
+    return _spawn_ready(cmd, log_path, name, {**FAST, **(env or {})})
+
+
+def _spawn_ready(cmd: list[str], log_path: Path, name: str, env: dict[str, str]) -> WorkerProcess:
+    """Start a worker in its own process group, logging to `log_path`; return once it is ready."""
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
             cmd,
             cwd=BASE_DIR,
-            env=process_env(**extra),
+            env=process_env(**env),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -131,28 +135,7 @@ def start_run_worker(
         "--hostname",
         f"{name}@%h",
     ]
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=BASE_DIR,
-            env=process_env(**FAST),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    handle = WorkerProcess(proc=proc, log_path=log_path, name=name)
-    try:
-        wait_for(
-            lambda: "worker maintenance started" in handle.log() or proc.poll() is not None,
-            timeout=60,
-            what="run_worker ready",
-        )
-    except BaseException:
-        handle.stop()
-        raise
-    if proc.poll() is not None:
-        raise AssertionError(f"run_worker {name} exited ({proc.returncode}):\n{handle.log()[-3000:]}")
-    return handle
+    return _spawn_ready(cmd, log_path, name, FAST)
 
 
 @contextmanager
