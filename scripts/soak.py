@@ -342,12 +342,12 @@ def create_schedules(system: System, bodies: list[dict], rng: random.Random) -> 
     rows = system.sql(
         "SELECT id, interval_minutes FROM schedules_schedule WHERE schedule_type = 'interval' ORDER BY id"
     )
-    for sid, minutes in rows:
-        offset = rng.uniform(3.0, minutes * 60.0)
-        system.sql(
-            "UPDATE schedules_schedule SET next_run_at = now() + make_interval(secs => %s) WHERE id = %s",
-            [offset, sid],
-        )
+    offsets = [(sid, rng.uniform(3.0, minutes * 60.0)) for sid, minutes in rows]
+    system.sql(  # one statement (one connection) for all of them
+        """UPDATE schedules_schedule s SET next_run_at = now() + make_interval(secs => o.secs)
+             FROM unnest(%s::bigint[], %s::float8[]) AS o(id, secs) WHERE s.id = o.id""",
+        [[sid for sid, _ in offsets], [secs for _, secs in offsets]],
+    )
 
 
 # --- the fault phase ---------------------------------------------------------------------------------
@@ -768,7 +768,9 @@ def soak(config: Config, log=print) -> dict:
 
         # Let the schedulers catch up on what came due during the last faults, then stop new slots.
         time.sleep(config.settle)
-        (cutoff,) = system.sql("UPDATE schedules_schedule SET enabled = false RETURNING now()")[0]
+        (cutoff,) = system.sql(
+            "WITH off AS (UPDATE schedules_schedule SET enabled = false RETURNING 1) SELECT now()"
+        )[0]
         cutoff = cutoff - timedelta(seconds=config.settle)
         drain_started = time.monotonic()
         try:
