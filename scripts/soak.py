@@ -1,26 +1,36 @@
 #!/usr/bin/env python
-"""Soak with faults (issue 8): the whole system under SIGKILLs, server restarts and run-now bursts.
+"""Soak with faults (issues 8 and 13): the whole system under SIGKILLs, server outages and run-now bursts.
 
     .venv/bin/python scripts/soak.py                 # the documented form: 10 minutes of faults
     .venv/bin/python scripts/soak.py --duration 100  # the CI form (tests/chaos/test_soak.py)
 
-It starts its own PostgreSQL and Redis on free ports (so it may restart them; nothing shared is touched),
-then the processes of `make run` against them: the web (gunicorn), 3 schedulers (`run_scheduler`) and
-2 workers (`run_worker`). Flower is left out: it only observes. Through the REST API it creates 300
-schedules of the `sleep` job: interval and cron, several timezones (half-hour and 45-minute offsets
-among them), every overlap policy, a per-job cap on some, a global cap on all.
+It starts its own PostgreSQL and Redis on free ports (so it may stop, restart and restore them; nothing
+shared is touched), then the processes of `make run` against them: the web (gunicorn), 3 schedulers
+(`run_scheduler`) and 2 workers (`run_worker`). Flower is left out: it only observes. Through the REST API
+it creates 300 schedules of the `sleep` job: interval and cron, several timezones (half-hour and 45-minute
+offsets among them), every overlap policy, a per-job cap on some, a global cap on all. Before the
+schedulers start, one run-now runs alone (so the semaphore keys exist) and Redis is snapshotted (`SAVE`).
 
-While the fault phase lasts, a seeded driver SIGKILLs a random scheduler about every 10 s and a random
-worker (its whole process group) about every 30 s, restarting each at once; restarts PostgreSQL once
-(a crash: `pg_ctl -m immediate`) and Redis once (its data lost); and fires bursts of `run-now`. A thread
-samples the running runs every 100 ms. Then the schedules are disabled, the system drains, and the
-report is read from SQL:
+While the fault phase lasts, a seeded driver
+- SIGKILLs a scheduler about every 10 s, preferring one that holds claims at that moment (it watches the
+  claims for up to 3 s), and a random worker (its whole process group) about every 30 s, restarting each;
+- crash-restarts PostgreSQL once (`pg_ctl -m immediate`, down 1-3 s) and stops it once for 2.5 worker
+  leases (`-m fast`) while runs execute (kills and bursts go on meanwhile);
+- restarts Redis once with its data lost, and once puts the early snapshot back (the old keys, a semaphore
+  epoch among them, but none of the current leases) while runs execute under full caps;
+- fires bursts of `run-now`.
+Two threads sample every 100 ms: the `running` rows with a fresh heartbeat (SQL) and the live task
+process groups of this system's runs (`orchestrator.taskprocs`, read from /proc: what executes, whatever
+the database says). Then the schedules are disabled, the system drains, and the report is read:
 
-- slots expected (the slot sequence of each schedule, `schedules.timing`) vs dispatched, lost, unexpected;
-- duplicate slots (must be 0); runs not terminal after the drain (must be 0); runs started twice (0);
-- the highest sampled running count against each cap (global, per job, one-per-schedule for the
-  non-`allow` overlap policies): never above it outside the Redis-restart window of docs/OPERATIONS.md,
-  and at most twice the cap inside it;
+- slots expected (the slot sequence of each schedule, `schedules.timing`) vs dispatched, lost, and
+  dispatched at times the schedule does not have; schedules whose overlap policy is not `allow` seen with
+  two runs executing at once (/proc);
+- runs not terminal after the drain (0); runs executed twice: one run's task in two process groups (0);
+- the highest running count, SQL and /proc, against each cap (global, per job, one-per-schedule for the
+  non-`allow` overlap policies): never above it, at any moment, Redis outage and restore included
+  (DESIGN 6.5); the fullest over-cap sample is kept with its runs;
+- scheduler kills that landed while the victim held claims (and the claims it left behind);
 - p50/p99 dispatch lag (row created minus slot time) and start lag;
 - processes that died without being killed, and 5xx answers other than 503 from the API (both 0).
 
@@ -51,6 +61,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from orchestrator.taskprocs import live_task_groups  # noqa: E402
 from schedules.timing import ScheduleSpec, next_slot  # noqa: E402
 from tests.scheduler_support import PYTHON, PrivatePostgres, PrivateRedis, free_port  # noqa: E402
 
@@ -83,6 +94,8 @@ class Config:
     scheduler_kill_every: float = 10.0
     worker_kill_every: float = 30.0
     burst_every: float = 20.0
+    outage_leases: float = 2.5  # the long PostgreSQL outage, in worker leases
+    claim_hunt: float = 3.0  # how long a scheduler kill waits for a claim holder
     settle: float = 20.0
     drain: float = 300.0
     keep: bool = False
@@ -98,6 +111,7 @@ class Proc:
     popen: subprocess.Popen | None = None
     starts: int = 0
     unexpected_exits: list[int] = field(default_factory=list)
+    claimant: str = ""  # a scheduler's `--claimant`, new at each start (as hostname:pid would be)
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -122,7 +136,8 @@ class System:
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.pg = PrivatePostgres()
-        self.redis = PrivateRedis()
+        self.redis = PrivateRedis(data_dir=workdir / "redis")
+        self.snapshot = workdir / "redis-snapshot.rdb"
         self.web_port = free_port()
         self.procs: dict[str, Proc] = {}
         self.token = ""
@@ -188,9 +203,13 @@ class System:
 
     def launch(self, proc: Proc) -> None:
         proc.starts += 1
+        argv = proc.argv
+        if proc.name.startswith("scheduler"):
+            proc.claimant = f"soak-{proc.name}.{proc.starts}"
+            argv = [*argv, f"--claimant={proc.claimant}"]
         with open(self.logs / f"{proc.name}.log", "ab") as log:
             proc.popen = subprocess.Popen(
-                proc.argv,
+                argv,
                 cwd=REPO,
                 env=self.env,
                 stdout=log,
@@ -262,6 +281,40 @@ class System:
         self.stop()
         self.redis.stop()
         self.pg.destroy()
+
+    # Redis snapshots
+
+    def snapshot_redis(self) -> list[str]:
+        """`SAVE` and keep the file aside; the live dump file goes, so a plain restart still loses data."""
+        client = self.redis.client()
+        try:
+            client.save()
+            keys = sorted(k.decode() for k in client.keys("cb:*"))
+        finally:
+            client.close()
+        dump = self.redis.data_dir / "dump.rdb"
+        shutil.copyfile(dump, self.snapshot)
+        dump.unlink()
+        return keys
+
+    def restore_redis(self) -> dict:
+        """Stop Redis and start it on the early snapshot: the old keys are back, the current leases not."""
+        self.redis.stop()
+        dump = self.redis.data_dir / "dump.rdb"
+        shutil.copyfile(self.snapshot, dump)
+        self.redis.start()
+        dump.unlink()
+        client = self.redis.client()
+        try:
+            # The semaphore's own keys as restored (an epoch or a sequence, worker/semaphore.py): stale
+            # values a worker must not trust.
+            sem = {
+                key.decode(): (client.get(key) or b"").decode() if client.type(key) == b"string" else "..."
+                for key in client.keys("cb:sem*")
+            }
+            return {"keys": client.dbsize(), "semaphore_keys": dict(sorted(sem.items()))}
+        finally:
+            client.close()
 
     # the API
 
@@ -416,23 +469,144 @@ class Sampler(threading.Thread):
             conn.close()
 
 
+class ProcSampler(threading.Thread):
+    """This system's live task process groups every 100 ms, read from /proc (`orchestrator.taskprocs`).
+
+    The host is shared (other tests may run task processes too): a group belongs to this soak when its
+    processes' environment points at the soak's private PostgreSQL port. Samples keep (run, job, task,
+    pgid) only; schedules and caps are mapped from SQL after the drain, so PostgreSQL outages do not blind
+    this sampler.
+    """
+
+    def __init__(self, system: System) -> None:
+        super().__init__(daemon=True)
+        self.marker = f"\0POSTGRES_PORT={system.pg.port}\0".encode()
+        self.samples: list[tuple[float, tuple[tuple[int, str, str, int], ...]]] = []
+        self.failed_samples = 0
+        self.ours: dict[tuple[int, int, str], bool] = {}  # (pgid, run, task) -> of this soak
+        self.stop_event = threading.Event()
+
+    def belongs(self, group) -> bool:
+        key = (group.pgid, group.run_id, group.task)
+        if key not in self.ours:
+            for pid in group.pids or [group.pgid]:
+                try:
+                    environ = b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
+                except OSError:
+                    continue
+                self.ours[key] = self.marker in environ
+                break
+            else:
+                return False  # gone before we could tell; asked again next time if still there
+        return self.ours[key]
+
+    def latest(self) -> set[int]:
+        return {g[0] for g in self.samples[-1][1]} if self.samples else set()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.1):
+            try:
+                groups = [g for g in live_task_groups().values() if self.belongs(g)]
+            except Exception:
+                self.failed_samples += 1
+                continue
+            self.samples.append(
+                (time.monotonic(), tuple(sorted((g.run_id, g.job_key, g.task, g.pgid) for g in groups)))
+            )
+
+
 @dataclass
 class Faults:
     scheduler_kills: int = 0
+    scheduler_kills_with_claims: int = 0  # the victim held claims right before the SIGKILL
+    claims_left_by_kills: int = 0  # claims still held by a killed scheduler's claimant after its death
     worker_kills: int = 0
     postgres_restarts: int = 0
+    postgres_outages: int = 0
     redis_restarts: int = 0
+    redis_restores: int = 0
     run_now_sent: int = 0
     run_now_status: dict[str, int] = field(default_factory=dict)
     outage_status: dict[str, int] = field(default_factory=dict)  # API answers while PostgreSQL is down
-    redis_window: tuple[float, float] | None = None
     events: list[tuple[float, str, str]] = field(default_factory=list)  # (monotonic, kind, detail)
     started: float = 0.0
     postgres_down_seconds: float = 0.0
+    postgres_outage_seconds: float = 0.0
     redis_down_seconds: float = 0.0
+    # What executed (/proc) when the long outage began and ended, and when the snapshot came back.
+    runs_live_at_outage_start: list[int] = field(default_factory=list)
+    runs_live_through_outage: list[int] = field(default_factory=list)
+    runs_live_at_restore: list[int] = field(default_factory=list)
+    snapshot_keys: list[str] = field(default_factory=list)
+    restored: dict = field(default_factory=dict)
 
 
-def fault_phase(system: System, schedule_ids: list[int], rng: random.Random, log) -> Faults:
+class ClaimWatch:
+    """Who holds claims right now (SQL on one reused connection; None while PostgreSQL is away)."""
+
+    SQL = """SELECT claimed_by, count(*) FROM schedules_schedule
+              WHERE claimed_until > now() AND claimed_by LIKE 'soak-%%' GROUP BY 1"""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.conn = None
+
+    def holders(self) -> dict[str, int] | None:
+        try:
+            if self.conn is None:
+                self.conn = self.system.pg.connect(DATABASE)
+            with self.conn.cursor() as cursor:
+                cursor.execute(self.SQL)
+                return dict(cursor.fetchall())
+        except Exception:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
+            return None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.close()
+
+
+def kill_scheduler(
+    system: System, schedulers: list[Proc], rng: random.Random, watch: ClaimWatch, faults: Faults
+) -> str:
+    """SIGKILL a scheduler, preferring one that holds claims: a kill between claim and release is the one
+    that tests re-claiming (DESIGN 6.2). Claims are held for milliseconds around each dispatch, so watch
+    for a holder for up to `claim_hunt` seconds, then take a random victim."""
+    deadline = time.monotonic() + system.config.claim_hunt
+    by_claimant = {p.claimant: p for p in schedulers}
+    held: dict[str, int] | None = None
+    while True:
+        held = watch.holders()
+        holding = sorted(c for c in (held or {}) if c in by_claimant)
+        if holding or held is None or time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
+    victim = by_claimant[rng.choice(holding)] if holding else rng.choice(schedulers)
+    claimant, n = victim.claimant, (held or {}).get(victim.claimant, 0)
+    system.kill(victim)
+    faults.scheduler_kills += 1
+    left = 0
+    if n:
+        faults.scheduler_kills_with_claims += 1
+        # The old claimant is dead and nobody else may take its claims before they expire.
+        left = (watch.holders() or {}).get(claimant, 0)
+        faults.claims_left_by_kills += left
+    return f"{victim.name} claims={'?' if held is None else n} left={left}"
+
+
+def burst(system: System, schedule_ids: list[int], rng: random.Random, faults: Faults) -> None:
+    for sid in rng.sample(schedule_ids, k=rng.randint(5, 10)):
+        status, _ = system.api("POST", f"/api/schedules/{sid}/run-now")
+        faults.run_now_sent += 1
+        faults.run_now_status[str(status)] = faults.run_now_status.get(str(status), 0) + 1
+
+
+def fault_phase(
+    system: System, schedule_ids: list[int], rng: random.Random, procs: ProcSampler, log
+) -> Faults:
     config = system.config
     faults = Faults()
     start = faults.started = time.monotonic()
@@ -441,26 +615,29 @@ def fault_phase(system: System, schedule_ids: list[int], rng: random.Random, log
         "scheduler": start + rng.uniform(0.5, 1.5) * config.scheduler_kill_every,
         "worker": start + rng.uniform(0.5, 1.5) * config.worker_kill_every,
         "burst": start + rng.uniform(0.5, 1.0) * config.burst_every,
-        "postgres": start + 0.35 * config.duration,
-        "redis": start + 0.65 * config.duration,
+        "postgres": start + 0.15 * config.duration,
+        "redis": start + 0.3 * config.duration,
+        "outage": start + 0.42 * config.duration,
+        "restore": start + 0.8 * config.duration,
     }
     schedulers = [p for n, p in system.procs.items() if n.startswith("scheduler")]
     workers = [p for n, p in system.procs.items() if n.startswith("worker")]
+    watch = ClaimWatch(system)
+    outage_began = 0.0
     while True:
         kind = min(due, key=due.get)
+        if due[kind] >= end:
+            if "outage_end" not in due:
+                break
+            kind = "outage_end"  # PostgreSQL comes back whenever the outage began
         at = due[kind]
-        if at >= end:
-            break
         time.sleep(max(0.0, at - time.monotonic()))
         revived = system.revive_dead()
         if revived:
             faults.events.append((time.monotonic(), "revived", ",".join(revived)))
         detail = ""
         if kind == "scheduler":
-            victim = rng.choice(schedulers)
-            detail = victim.name
-            system.kill(victim)
-            faults.scheduler_kills += 1
+            detail = kill_scheduler(system, schedulers, rng, watch, faults)
             due[kind] = at + rng.uniform(0.7, 1.3) * config.scheduler_kill_every
         elif kind == "worker":
             victim = rng.choice(workers)
@@ -469,10 +646,7 @@ def fault_phase(system: System, schedule_ids: list[int], rng: random.Random, log
             faults.worker_kills += 1
             due[kind] = at + rng.uniform(0.7, 1.3) * config.worker_kill_every
         elif kind == "burst":
-            for sid in rng.sample(schedule_ids, k=rng.randint(5, 10)):
-                status, _ = system.api("POST", f"/api/schedules/{sid}/run-now")
-                faults.run_now_sent += 1
-                faults.run_now_status[str(status)] = faults.run_now_status.get(str(status), 0) + 1
+            burst(system, schedule_ids, rng, faults)
             due[kind] = at + rng.uniform(0.7, 1.3) * config.burst_every
         elif kind == "postgres":
             t0 = time.monotonic()
@@ -487,21 +661,50 @@ def fault_phase(system: System, schedule_ids: list[int], rng: random.Random, log
             faults.postgres_down_seconds = time.monotonic() - t0
             faults.postgres_restarts += 1
             del due[kind]
+        elif kind == "outage":
+            # Longer than a lease, with runs executing: a live run must survive it (DESIGN 6.7) and no
+            # cap may be exceeded when PostgreSQL returns (6.5). Kills and bursts go on meanwhile.
+            burst(system, schedule_ids, rng, faults)
+            time.sleep(1.0)
+            outage_began = time.monotonic()
+            faults.runs_live_at_outage_start = sorted(procs.latest())
+            system.pg.stop("fast")
+            for path in ("/api/schedules/", f"/api/schedules/{schedule_ids[0]}/run-now"):
+                status, _ = system.api("GET" if path.endswith("/") else "POST", path)
+                faults.outage_status[str(status)] = faults.outage_status.get(str(status), 0) + 1
+            detail = f"live={len(faults.runs_live_at_outage_start)}"
+            due["outage_end"] = outage_began + config.outage_leases * config.lease
+            del due[kind]
+        elif kind == "outage_end":
+            faults.runs_live_through_outage = sorted(set(faults.runs_live_at_outage_start) & procs.latest())
+            system.pg.start()
+            faults.postgres_outage_seconds = time.monotonic() - outage_began
+            faults.postgres_outages += 1
+            detail = (
+                f"{faults.postgres_outage_seconds:.1f}s live_through={len(faults.runs_live_through_outage)}"
+            )
+            del due[kind]
         elif kind == "redis":
             t0 = time.monotonic()
             system.redis.stop()
             time.sleep(rng.uniform(1.0, 3.0))
             system.redis.start()
-            back = time.monotonic()
-            faults.redis_down_seconds = back - t0
-            # docs/OPERATIONS.md: runs admitted during the warm-up (half a lease) may exceed a cap, and
-            # they run on after it: the window ends a lease and the longest short run (10 s) later.
-            faults.redis_window = (t0, back + config.lease / 2 + config.lease + 10.0)
+            faults.redis_down_seconds = time.monotonic() - t0
             faults.redis_restarts += 1
+            del due[kind]
+        elif kind == "restore":
+            # Fill the caps first, so that runs wait as throttled behind leases the snapshot lacks.
+            burst(system, schedule_ids, rng, faults)
+            time.sleep(1.5)
+            faults.runs_live_at_restore = sorted(procs.latest())
+            faults.restored = system.restore_redis()
+            faults.redis_restores += 1
+            detail = f"live={len(faults.runs_live_at_restore)} {faults.restored}"
             del due[kind]
         faults.events.append((at, kind, detail))
         log(f"[soak] {time.monotonic() - start:6.1f}s {kind} {detail}")
     time.sleep(max(0.0, end - time.monotonic()))
+    watch.close()
     system.revive_dead()
     return faults
 
@@ -540,16 +743,14 @@ def slot_report(system: System, initial: dict[int, tuple[ScheduleSpec, datetime]
         lost += len(missing)
         unexpected += len(got - set(valid))
         lost_examples += [f"{sid}@{s.isoformat()}" for s in sorted(missing)[:2]]
-    (duplicates,) = system.sql(
-        """SELECT count(*) FROM (SELECT 1 FROM schedules_scheduledrun WHERE trigger = 'schedule'
-                                  GROUP BY schedule_id, scheduled_for HAVING count(*) > 1) d"""
-    )[0]
+    # No duplicate-slot count: the unique constraint scheduledrun_unique_slot makes it 0 by construction.
+    # What can go wrong instead is a slot at a time the schedule does not have (above) and two runs of
+    # one schedule executing at once (/proc, in proc_report).
     return {
         "slots_expected": expected_total,
         "slots_dispatched": dispatched_total,
         "slots_lost": lost,
         "slots_unexpected": unexpected,
-        "duplicate_slots": duplicates,
         "lost_examples": lost_examples[:10],
     }
 
@@ -587,7 +788,6 @@ def run_report(system: System) -> dict:
                 + (SELECT count(*) FROM schedules_scheduledrun
                     WHERE status IN ('queued', 'throttled', 'running'))"""
     )[0]
-    (started_twice,) = system.sql("SELECT count(*) FROM orchestrator_run WHERE attempt > 1")[0]
     (unlinked,) = system.sql(
         "SELECT count(*) FROM schedules_scheduledrun WHERE status <> 'skipped' AND run_id IS NULL"
     )[0]
@@ -635,7 +835,6 @@ def run_report(system: System) -> dict:
             }
             for rid, status, task_id, error, sr_status, trigger, age, pub, sr_pub in unfinished
         ],
-        "runs_started_twice": started_twice,
         "scheduled_runs_without_run": unlinked,
         "dispatch_lag_s": {
             "p50": rounded(percentile(dispatch, 0.5)),
@@ -653,73 +852,147 @@ def caps_of(config: Config) -> dict[str, int]:
     return {"global": config.global_cap, "per_job": config.job_cap, "per_schedule": 1}
 
 
-def cap_report(sampler: Sampler, config: Config, faults: Faults) -> dict:
-    window = faults.redis_window or (0.0, 0.0)
-    outside = [s for s in sampler.samples if not window[0] <= s[0] <= window[1]]
-    inside = [s for s in sampler.samples if window[0] <= s[0] <= window[1]]
-
-    def maxima(samples: list) -> dict:
-        return {
-            "global": max((s[1] for s in samples), default=0),
-            "per_job": max((s[2] for s in samples), default=0),
-            "per_schedule": max((s[3] for s in samples), default=0),
-        }
-
-    def at(t: float) -> float:
-        return round(t - faults.started, 1)
-
-    fullest = {
-        scope: {"running": count, "at_s": at(t), "runs": runs}
-        for scope, (count, t, runs) in sampler.fullest.items()
-        if count > caps_of(config)[scope]
-    }
+def sql_cap_report(sampler: Sampler, config: Config, at) -> dict:
     return {
-        "caps": caps_of(config),
-        "over_cap_samples": fullest,
         "samples": len(sampler.samples),
         "samples_failed": sampler.failed_samples,
-        "max_running": maxima(outside),
-        "max_running_in_redis_window": maxima(inside),
-        "redis_window_s": round(window[1] - window[0], 1),
-        "redis_window_at_s": [at(window[0]), at(window[1])] if faults.redis_window else None,
-        "timeline": [f"{at(t)} {kind} {detail}".strip() for t, kind, detail in faults.events],
+        "max_running": {
+            scope: max((s[i] for s in sampler.samples), default=0)
+            for i, scope in enumerate(("global", "per_job", "per_schedule"), start=1)
+        },
+        "over_cap_samples": {
+            scope: {"running": count, "at_s": at(t), "runs": runs}
+            for scope, (count, t, runs) in sampler.fullest.items()
+            if count > caps_of(config)[scope]
+        },
+    }
+
+
+def proc_report(system: System, procs: ProcSampler, config: Config, at) -> dict:
+    """The /proc samples against the caps, with each run's schedule and caps mapped from SQL afterwards.
+
+    Also what only the operating system can show: two runs of one non-`allow` schedule executing at once,
+    and a run executed twice (one run's task in two process groups, at once or one after the other).
+    """
+    run_ids = sorted({g[0] for _, groups in procs.samples for g in groups})
+    meta = {
+        rid: (sid, overlap, max_per_job)
+        for rid, sid, overlap, max_per_job in system.sql(
+            """SELECT r.id, sr.schedule_id, s.overlap_policy, s.max_per_job FROM orchestrator_run r
+                 LEFT JOIN schedules_scheduledrun sr ON sr.run_id = r.id
+                 LEFT JOIN schedules_schedule s ON s.id = sr.schedule_id
+                WHERE r.id = ANY(%s)""",
+            [run_ids],
+        )
+    }
+    caps = caps_of(config)
+    maxima = dict.fromkeys(caps, 0)
+    fullest: dict[str, dict] = {}
+    overlapping: dict[int, list[int]] = {}  # schedule -> the runs seen executing together
+    pgids: dict[tuple[int, str], set[int]] = {}  # (run, task) -> process groups it executed in
+    with_runs = 0
+    for t, groups in procs.samples:
+        with_runs += bool(groups)
+        runs: dict[int, list[tuple]] = {}
+        for group in groups:
+            runs.setdefault(group[0], []).append(group)
+            pgids.setdefault((group[0], group[2]), set()).add(group[3])
+        per_job: dict[str, int] = {}
+        per_schedule: dict[int, list[int]] = {}
+        for rid, members in runs.items():
+            sid, overlap, max_per_job = meta.get(rid, (None, None, None))
+            if max_per_job:
+                per_job[members[0][1]] = per_job.get(members[0][1], 0) + 1
+            if sid is not None and overlap != "allow":
+                per_schedule.setdefault(sid, []).append(rid)
+        counts = {
+            "global": len(runs),
+            "per_job": max(per_job.values(), default=0),
+            "per_schedule": max((len(r) for r in per_schedule.values()), default=0),
+        }
+        for sid, rids in per_schedule.items():
+            if len(rids) > 1:
+                overlapping.setdefault(sid, sorted(rids))
+        for scope, count in counts.items():
+            maxima[scope] = max(maxima[scope], count)
+            if count > caps[scope] and count > fullest.get(scope, {}).get("running", 0):
+                fullest[scope] = {
+                    "running": count,
+                    "at_s": at(t),
+                    "runs": [
+                        {"run": g[0], "schedule": meta.get(g[0], (None,))[0], "task": g[2], "pgid": g[3]}
+                        for g in groups
+                    ],
+                }
+    twice = {key: sorted(groups) for key, groups in pgids.items() if len(groups) > 1}
+    return {
+        "samples": len(procs.samples),
+        "samples_failed": procs.failed_samples,
+        "samples_with_runs": with_runs,
+        "runs_seen": len(run_ids),
+        "max_running": maxima,
+        "over_cap_samples": fullest,
+        "schedules_run_concurrently": len(overlapping),
+        "schedules_run_concurrently_examples": [
+            {"schedule": sid, "runs": rids} for sid, rids in sorted(overlapping.items())[:10]
+        ],
+        "runs_executed_twice": len({rid for rid, _ in twice}),
+        "runs_executed_twice_examples": [
+            {"run": rid, "task": task, "pgids": groups} for (rid, task), groups in sorted(twice.items())[:10]
+        ],
     }
 
 
 def verdict(report: dict) -> list[str]:
     problems = []
     slots, runs, caps = report["slots"], report["runs"], report["caps"]
-    if slots["duplicate_slots"]:
-        problems.append(f"{slots['duplicate_slots']} duplicate slots")
     if slots["slots_lost"]:
         problems.append(f"{slots['slots_lost']} lost slots: {slots['lost_examples']}")
     if slots["slots_unexpected"]:
         problems.append(f"{slots['slots_unexpected']} slots at times the schedule does not have")
+    if slots["schedules_run_concurrently"]:
+        problems.append(
+            f"{slots['schedules_run_concurrently']} schedules (overlap not `allow`) had two runs executing"
+            f" at once (/proc): {slots['schedules_run_concurrently_examples']}"
+        )
     if runs["not_terminal"]:
         problems.append(f"{runs['not_terminal']} runs not terminal after the drain")
-    if runs["runs_started_twice"]:
-        problems.append(f"{runs['runs_started_twice']} runs started twice")
+    if runs["runs_executed_twice"]:
+        problems.append(
+            f"{runs['runs_executed_twice']} runs executed twice (/proc):"
+            f" {runs['runs_executed_twice_examples']}"
+        )
     if runs["scheduled_runs_without_run"]:
         problems.append(f"{runs['scheduled_runs_without_run']} scheduled runs without a run")
-    for scope, cap in caps["caps"].items():
-        if caps["max_running"][scope] > cap:
-            problems.append(f"{scope} cap {cap} exceeded: {caps['max_running'][scope]} running")
-        if caps["max_running_in_redis_window"][scope] > 2 * cap:
-            problems.append(f"{scope} cap {cap} exceeded twice over in the Redis window")
-    if caps["samples"] < 100:
-        problems.append(f"only {caps['samples']} running-count samples")
+    # Caps hold at every moment, Redis outage and restore included (DESIGN 6.5): no window allowance.
+    for source in ("sql", "proc"):
+        for scope, cap in caps["caps"].items():
+            seen = caps[source]["max_running"][scope]
+            if seen > cap:
+                fullest = caps[source]["over_cap_samples"].get(scope, {})
+                problems.append(
+                    f"{scope} cap {cap} exceeded ({source}): {seen} running at {fullest.get('at_s')}s,"
+                    f" runs {[r['run'] for r in fullest.get('runs', [])]}"
+                )
+    if caps["sql"]["samples"] < 100:
+        problems.append(f"only {caps['sql']['samples']} running-count samples (SQL)")
+    if caps["proc"]["samples"] < 100:
+        problems.append(f"only {caps['proc']['samples']} /proc samples")
+    if not caps["proc"]["samples_with_runs"]:
+        problems.append("/proc never showed a task process of this soak: the /proc checks checked nothing")
     if report["unexpected_exits"]:
         problems.append(f"processes died without being killed: {report['unexpected_exits']}")
+    faults = report["faults"]
     for answers in ("run_now_status", "outage_status"):
-        server_errors = {k: v for k, v in report["faults"][answers].items() if k.startswith("5")}
+        server_errors = {k: v for k, v in faults[answers].items() if k.startswith("5")}
         server_errors.pop("503", None)
         if server_errors:
             problems.append(f"the API answered with server errors ({answers}): {server_errors}")
-    if report["faults"]["postgres_restarts"] and set(report["faults"]["outage_status"]) != {"503"}:
-        problems.append(
-            f"the API did not answer 503 while PostgreSQL was down: {report['faults']['outage_status']}"
-        )
-    if not report["faults"]["run_now_status"].get("202"):
+    if (faults["postgres_restarts"] or faults["postgres_outages"]) and set(faults["outage_status"]) != {
+        "503"
+    }:
+        problems.append(f"the API did not answer 503 while PostgreSQL was down: {faults['outage_status']}")
+    if not faults["run_now_status"].get("202"):
         problems.append("no run-now was accepted")
     return problems
 
@@ -735,6 +1008,32 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
             return value
         time.sleep(interval)
     raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+UNFINISHED_SQL = """SELECT 1 FROM orchestrator_run WHERE status IN ('queued', 'running')
+          UNION ALL SELECT 1 FROM schedules_scheduledrun
+           WHERE status IN ('queued', 'throttled', 'running') LIMIT 1"""
+
+
+def take_early_snapshot(system: System, procs: ProcSampler) -> tuple[list[str], set[int]]:
+    """One run-now runs alone (so the semaphore keys exist), then Redis is saved while nothing runs.
+
+    Restored later, this snapshot brings back an old semaphore epoch and no current lease: what a Redis
+    restored from a backup, or a replica promoted late, looks like to the workers.
+    """
+    (sid,) = system.sql(
+        "SELECT id FROM schedules_schedule WHERE custom_directive_text <> '75' ORDER BY id LIMIT 1"
+    )[0]
+    status, _ = system.api("POST", f"/api/schedules/{sid}/run-now")
+    if status != 202:
+        raise RuntimeError(f"the warm-up run-now answered HTTP {status}")
+    wait_until(
+        lambda: system.sql("SELECT 1 FROM orchestrator_run") and not system.sql(UNFINISHED_SQL),
+        120,
+        "the warm-up run to end",
+    )
+    time.sleep(0.3)  # one /proc sample after it
+    return system.snapshot_redis(), procs.latest()
 
 
 def soak(config: Config, log=print) -> dict:
@@ -760,11 +1059,16 @@ def soak(config: Config, log=print) -> dict:
                      FROM schedules_schedule"""
             )
         }
+        procs = ProcSampler(system)
+        procs.start()
+        snapshot_keys, live_at_snapshot = take_early_snapshot(system, procs)
+        log(f"[soak] Redis snapshot with {snapshot_keys}, {len(live_at_snapshot)} runs live")
         system.start_schedulers()
         sampler = Sampler(system)
         sampler.start()
         log(f"[soak] {len(initial)} schedules; faults for {config.duration:.0f}s (seed {config.seed})")
-        faults = fault_phase(system, sorted(initial), rng, log)
+        faults = fault_phase(system, sorted(initial), rng, procs, log)
+        faults.snapshot_keys = snapshot_keys
 
         # Let the schedulers catch up on what came due during the last faults, then stop new slots.
         time.sleep(config.settle)
@@ -775,13 +1079,7 @@ def soak(config: Config, log=print) -> dict:
         drain_started = time.monotonic()
         try:
             wait_until(
-                lambda: (
-                    not system.sql(
-                        """SELECT 1 FROM orchestrator_run WHERE status IN ('queued', 'running')
-                       UNION ALL SELECT 1 FROM schedules_scheduledrun
-                        WHERE status IN ('queued', 'throttled', 'running') LIMIT 1"""
-                    )
-                ),
+                lambda: not system.sql(UNFINISHED_SQL),
                 config.drain,
                 "every run to end",
                 interval=1.0,
@@ -789,18 +1087,32 @@ def soak(config: Config, log=print) -> dict:
         except RuntimeError as exc:
             log(f"[soak] {exc}")
         drained_in = time.monotonic() - drain_started
-        sampler.stop_event.set()
-        sampler.join(timeout=10)
+        for thread in (sampler, procs):
+            thread.stop_event.set()
+            thread.join(timeout=10)
         system.revive_dead()
 
+        def at(t: float) -> float:
+            return round(t - faults.started, 1)
+
+        on_proc = proc_report(system, procs, config, at)
+        slots = slot_report(system, initial, cutoff.astimezone(UTC))
+        runs = run_report(system)
+        for key in ("schedules_run_concurrently", "schedules_run_concurrently_examples"):
+            slots[key] = on_proc.pop(key)
+        for key in ("runs_executed_twice", "runs_executed_twice_examples"):
+            runs[key] = on_proc.pop(key)
         report = {
             "config": config.__dict__,
-            "slots": slot_report(system, initial, cutoff.astimezone(UTC)),
-            "runs": run_report(system),
-            "caps": cap_report(sampler, config, faults),
-            "faults": {
-                k: v for k, v in faults.__dict__.items() if k not in {"redis_window", "events", "started"}
+            "slots": slots,
+            "runs": runs,
+            "caps": {
+                "caps": caps_of(config),
+                "sql": sql_cap_report(sampler, config, at),
+                "proc": on_proc,
+                "timeline": [f"{at(t)} {kind} {detail}".strip() for t, kind, detail in faults.events],
             },
+            "faults": {k: v for k, v in faults.__dict__.items() if k not in {"events", "started"}},
             "unexpected_exits": {
                 name: proc.unexpected_exits for name, proc in system.procs.items() if proc.unexpected_exits
             },

@@ -155,10 +155,15 @@ class Processes:
 
 
 class PrivateRedis:
-    """A Redis server of our own on a free port, so a test may stop and start it."""
+    """A Redis server of our own on a free port, so a test may stop and start it.
 
-    def __init__(self, port: int | None = None) -> None:
+    With `data_dir`, `SAVE` writes `data_dir/dump.rdb` and a start loads that file if it is there (the
+    soak restores an old snapshot that way); there are never automatic saves.
+    """
+
+    def __init__(self, port: int | None = None, data_dir: Path | None = None) -> None:
         self.port = port or free_port()
+        self.data_dir = data_dir
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -177,12 +182,19 @@ class PrivateRedis:
                 "",
                 "--appendonly",
                 "no",
+                *self._dir_args(),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         wait_for(self.ping, timeout=15, what="private redis up")
+
+    def _dir_args(self) -> list[str]:
+        if self.data_dir is None:
+            return []
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return ["--dir", str(self.data_dir), "--dbfilename", "dump.rdb"]
 
     def ping(self) -> bool:
         import redis
