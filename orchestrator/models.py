@@ -100,6 +100,9 @@ class Run(models.Model):
     worker = models.CharField(max_length=255, blank=True, default="")
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     attempt = models.PositiveIntegerField(default=0)
+    # The concurrency semaphore's grant number for this run's start (worker/semaphore.py): the highest
+    # among running runs shows whether Redis came back behind the database and must be rebuilt.
+    lease_seq = models.BigIntegerField(null=True, blank=True)
     published_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

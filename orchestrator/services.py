@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from django.db.models import F
 
 from orchestrator.jobs.registry import TaskContext, TaskSpec, get_job_spec
 from orchestrator.models import Directive, Job, Run, RunStatus, Task3Scope, Trigger
+from orchestrator.taskprocs import runner_argv
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +99,12 @@ class OrchestratorService:
         return Run.objects.bulk_create(runs) if runs else []
 
     @staticmethod
-    def execute(run: Run) -> dict[str, Any]:
+    def execute(run: Run, fence: TaskFence | None = None) -> dict[str, Any]:
         """Run the job's three tasks in order, each in a fresh child process; return `stats`.
+
+        `fence` lets another thread stop the run for good (`fence.kill(reason)`): the task executing
+        now is killed with its whole process group and no further task starts; the run then fails
+        with that reason.
 
         Raises `TaskFailed` (with `.stats` so far) when a task raises, crashes, runs out of memory or
         overruns the run's time limit (`Job.timeout_seconds`, shared by the three tasks). The caller
@@ -124,6 +130,9 @@ class OrchestratorService:
                     work_dir=work_dir,
                 )
                 remaining = deadline - time.monotonic()
+                if fence is not None and fence.reason:
+                    stats["tasks"][task.name] = {"outcome": "fenced"}
+                    raise TaskFailed(task.name, fence.reason, stats)
                 if remaining <= 0:
                     stats["tasks"][task.name] = {"outcome": "timed_out"}
                     raise TaskFailed(task.name, f"run time limit of {job.timeout_seconds}s reached", stats)
@@ -135,8 +144,11 @@ class OrchestratorService:
                     time_limit=remaining,
                     memory_limit_mb=memory_limit_mb,
                     run_timeout=job.timeout_seconds,
+                    fence=fence,
                 )
                 seconds = round(time.monotonic() - started, 3)
+                if not outcome.ok and fence is not None and fence.reason:
+                    outcome = TaskOutcome(False, "fenced", fence.reason, pid=outcome.pid)
                 if not outcome.ok:
                     stats["tasks"][task.name] = {
                         "outcome": outcome.kind,
@@ -205,7 +217,7 @@ _NOT_COUNTS = frozenset({*_LLM_COUNTERS, "report_path", "notes"})
 @dataclass(frozen=True)
 class TaskOutcome:
     ok: bool
-    kind: str  # succeeded | failed | crashed | timed_out
+    kind: str  # succeeded | failed | crashed | timed_out | fenced
     summary: str = ""
     result: dict[str, Any] = field(default_factory=dict)
     pid: int = 0
@@ -223,11 +235,81 @@ def _child_settings() -> dict[str, Any]:
     return values
 
 
-def _kill_group(pgid: int) -> None:
+class TaskFence:
+    """Stops a run from another thread: kills its live task process group and lets no task start.
+
+    The worker's heartbeat holds it: a run the system gave up on (reaped, its lease lost, cancelled)
+    must stop executing before its concurrency slot goes to another run (DESIGN 6.5).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._groups: set[int] = set()
+        self.reason = ""
+
+    def kill(self, reason: str) -> None:
+        with self._lock:
+            if not self.reason:
+                self.reason = reason[:300]
+            groups = list(self._groups)
+        for pgid in groups:
+            _kill_group(pgid)
+
+    def enter(self, pgid: int) -> bool:
+        """Register a started task's group; False (and the group killed) when the run is fenced."""
+        with self._lock:
+            if not self.reason:
+                self._groups.add(pgid)
+                return True
+        _kill_group(pgid)
+        return False
+
+    def leave(self, pgid: int) -> None:
+        with self._lock:
+            self._groups.discard(pgid)
+
+
+PR_SET_CHILD_SUBREAPER = 36
+_subreaper = False
+
+
+def _become_subreaper() -> None:
+    """Orphans of a task group (its runner, once the guardian is gone) are re-parented to this process
+    instead of init, so `_kill_group` can reap them and know the group is really gone."""
+    global _subreaper
+    if _subreaper:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    _subreaper = True
+
+
+def _kill_group(pgid: int, *, wait: float = 5.0) -> None:
+    """SIGKILL the task's whole process group and wait until none of it is left (reaping what was
+    re-parented here): a fenced run has stopped when this returns, not merely been signalled."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        pass
+        return
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            while os.waitpid(-pgid, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            pass
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        time.sleep(0.005)
+    logger.warning("task process group still present after SIGKILL", extra={"pgid": pgid})
 
 
 def run_task_in_child(
@@ -238,6 +320,7 @@ def run_task_in_child(
     time_limit: float,
     memory_limit_mb: int,
     run_timeout: int,
+    fence: TaskFence | None = None,
 ) -> TaskOutcome:
     """Run one task in a fresh `python -m orchestrator.taskrunner` and wait for it, at most `time_limit`.
 
@@ -259,12 +342,13 @@ def run_task_in_child(
     }
     with open(payload_path, "w", encoding="utf-8") as fh:
         json.dump(payload, fh)
+    _become_subreaper()
     env = dict(os.environ)
     # Under override_settings SETTINGS_MODULE reads None; the environment names the module then.
     env["DJANGO_SETTINGS_MODULE"] = env.get("DJANGO_SETTINGS_MODULE") or settings.SETTINGS_MODULE
     with open(payload_path, "rb") as stdin:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.taskrunner"],
+            [sys.executable, *runner_argv(run_id=ctx.run_id, job_key=ctx.job_key, task=task.name)],
             stdin=stdin,
             cwd=str(settings.BASE_DIR),
             env=env,
@@ -272,6 +356,8 @@ def run_task_in_child(
             close_fds=True,
         )
     timed_out = False
+    if fence is not None:
+        fence.enter(proc.pid)
     try:
         proc.wait(timeout=max(time_limit, 0.1))
     except subprocess.TimeoutExpired:
@@ -281,6 +367,8 @@ def run_task_in_child(
         # on an exception in this process (a soft time limit, a signal) it keeps the task from outliving us.
         _kill_group(proc.pid)
         proc.wait()
+        if fence is not None:
+            fence.leave(proc.pid)
     if timed_out:
         return TaskOutcome(
             False, "timed_out", f"time limit reached (run timeout {run_timeout}s)", pid=proc.pid
@@ -303,9 +391,10 @@ def run_task_in_child(
         else:
             summary = f"child process exited with code {code} without a result"
         return TaskOutcome(False, "crashed", summary, pid=proc.pid)
+    pid = outcome.get("pid") if isinstance(outcome.get("pid"), int) else proc.pid
     if not outcome.get("ok"):
-        return TaskOutcome(False, "failed", str(outcome.get("summary") or "error")[:300], pid=proc.pid)
-    return TaskOutcome(True, "succeeded", result=outcome.get("result") or {}, pid=proc.pid)
+        return TaskOutcome(False, "failed", str(outcome.get("summary") or "error")[:300], pid=pid)
+    return TaskOutcome(True, "succeeded", result=outcome.get("result") or {}, pid=pid)
 
 
 def _counts(result: dict[str, Any]) -> dict[str, Any]:

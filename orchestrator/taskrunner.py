@@ -5,9 +5,18 @@ Protocol: a JSON payload on stdin; the outcome is written as JSON to the payload
 `{"ok": true, "result": {...}}` or `{"ok": false, "error": "<exception type>", "summary": "<short>"}`.
 Exit code 0 with ok, 1 with a task error; anything else (a signal, no result file) is a crash.
 
-The limits are set here, first thing, in the child only: an address-space limit (a runaway allocation
-raises MemoryError instead of pushing the worker host into the OOM killer), a CPU-time backstop, no core
-files, and a parent-death signal so a hard-killed worker never leaves its task running.
+The process the worker starts is the *guardian*: it leads the task's process group (its own session),
+forks the *runner* that executes the task, and waits. Whatever the task starts stays in that group. The
+guardian's parent-death signal is SIGTERM, which it answers by SIGKILLing the whole group, itself
+included: so when the worker's pool process dies (SIGKILL, OOM), nothing of the task survives, not even
+a grandchild (a parent-death signal alone reaches only the direct child). The runner has a SIGKILL
+parent-death signal on the guardian, in case the guardian itself is killed.
+
+The argv (`--run-id N --job KEY --task NAME`) only labels the processes for `ps` and /proc readers
+(orchestrator/taskprocs.py); the payload comes on stdin.
+
+The limits are set in the runner, first thing: an address-space limit (a runaway allocation raises
+MemoryError instead of pushing the worker host into the OOM killer), a CPU-time backstop, no core files.
 """
 
 from __future__ import annotations
@@ -23,16 +32,58 @@ from typing import Any
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _set_parent_death_signal(sig: int) -> None:
     # Linux only. The signal fires when the thread that forked us ends; the worker runs tasks on its
-    # main thread. The getppid check closes the race where the parent died before prctl ran.
+    # main thread.
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def _kill_own_group(signum: int = 0, frame: object = None) -> None:
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+    os._exit(70)  # not reached: the group includes this process
+
+
+def _guard(parent_pid: int) -> int:
+    """Fork the runner and wait for it; if the worker dies first, take the whole group down with it.
+
+    Returns the runner's pid in the runner, 0 in the guardian (which then only waits).
+    """
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.signal(signal.SIGTERM, _kill_own_group)
+    _set_parent_death_signal(signal.SIGTERM)
+    # The parent may have died before prctl ran: then the signal never comes.
     if os.getppid() != parent_pid:
-        os._exit(70)
+        _kill_own_group()
+    guardian = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != guardian:
+            os._exit(70)
+        return 0
+    return pid
+
+
+def _wait_runner(pid: int) -> int:
+    """The guardian's life: wait for the runner, then exit as it did (a signal as 128 + number)."""
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            return 70
+    if os.WIFSIGNALED(status):
+        # Die of the same signal, so the worker sees how the task ended.
+        sig = os.WTERMSIG(status)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    return os.waitstatus_to_exitcode(status)
 
 
 def _set_limits(memory_limit_mb: int, cpu_seconds: int) -> None:
@@ -66,6 +117,7 @@ def _import_task(ref: str):
 
 
 def _write(path: str, outcome: dict[str, Any]) -> None:
+    outcome["pid"] = os.getpid()  # the runner's: the task ran here, not in the guardian
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(outcome, fh)
@@ -74,7 +126,9 @@ def _write(path: str, outcome: dict[str, Any]) -> None:
 
 def main() -> int:
     payload = json.loads(sys.stdin.read())
-    _die_with_parent(payload["parent_pid"])
+    runner = _guard(payload["parent_pid"])
+    if runner:
+        return _wait_runner(runner)
     _set_limits(payload["memory_limit_mb"], payload["cpu_seconds"])
     result_path = payload["result_path"]
     try:

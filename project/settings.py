@@ -155,16 +155,21 @@ CELERY_ENABLE_UTC = True
 SCHEDULER_MAX_GLOBAL = env_int("SCHEDULER_MAX_GLOBAL", 10)
 
 # --- Workers (worker/) -----------------------------------------------------------------------------
-# Lease TTL of a running run's semaphore slots; a heartbeat renews it every quarter lease. A run whose
-# heartbeat is older than this is reaped as "worker lost", so a dead worker's slot frees within it.
+# Lease TTL of a running run's semaphore slots and liveness key; its heartbeat renews them every quarter
+# lease. A run whose lease expired is reaped as "worker lost", so a dead worker's slot frees within it.
 WORKER_LEASE_SECONDS = float(env_str("WORKER_LEASE_SECONDS", "60"))
-# How often each worker process runs the reaper and the lost-message check.
+# How often each worker process and each scheduler runs the reaper (workers: also the lost-message check).
 WORKER_REAPER_INTERVAL_SECONDS = float(env_str("WORKER_REAPER_INTERVAL_SECONDS", "15"))
 # Backoff of a throttled run between attempts (jittered; grows with the number of runs waiting ahead).
 WORKER_THROTTLE_BASE_SECONDS = float(env_str("WORKER_THROTTLE_BASE_SECONDS", "1"))
 WORKER_THROTTLE_MAX_SECONDS = float(env_str("WORKER_THROTTLE_MAX_SECONDS", "30"))
 # Hard time limit = Job.timeout_seconds (the soft limit) + this grace.
 WORKER_HARD_LIMIT_GRACE_SECONDS = env_int("WORKER_HARD_LIMIT_GRACE_SECONDS", 30)
+# How long a pool process retries writing a finished run's outcome while PostgreSQL is away, holding its
+# leases, before it leaves the outcome (kept in Redis) to the reapers, which write it when it returns.
+WORKER_FINISH_RETRY_SECONDS = float(env_str("WORKER_FINISH_RETRY_SECONDS", str(WORKER_LEASE_SECONDS)))
+# How long the worker's parent retries ending the run of a pool process that died or hit its hard limit.
+WORKER_PARENT_WRITE_RETRY_SECONDS = float(env_str("WORKER_PARENT_WRITE_RETRY_SECONDS", "3600"))
 
 # --- Jobs -------------------------------------------------------------------------------------------
 CYBER_BRAIN_LOGS = Path(env_str("CYBER_BRAIN_LOGS", str(BASE_DIR / "logs")))

@@ -168,6 +168,7 @@ class DatabaseScheduler(Scheduler):
         self._backoff = 0.0
         self._next_sleep = 0.0
         self._next_manual_sweep = 0.0
+        self._next_reap = 0.0
         super().__init__(*args, lazy=lazy, **kwargs)
 
     # --- celery.beat.Scheduler interface ---
@@ -290,6 +291,7 @@ class DatabaseScheduler(Scheduler):
                 raise
             except DatabaseError:
                 logger.exception("outbox sweep failed")
+            self._reap_if_due()
             if len(claims) >= self.batch_size:
                 return 0.0  # more may be due right now
             until_due = seconds_until_due()
@@ -302,10 +304,36 @@ class DatabaseScheduler(Scheduler):
             self._backoff = min(MAX_BACKOFF, max(1.0, self._backoff * 2))
             return min(self._backoff, self.interval)
         self._backoff = 0.0
+        # Wake for the next reap too: the reaper's period bounds how late a dead worker's run ends.
+        longest = min(self.interval, max(0.0, self._next_reap - time.monotonic()))
         if until_due is None:
-            return self.interval
+            return longest
         # A little past the due instant, so the next claim (database clock) finds it due.
-        return max(0.0, min(until_due + 0.01, self.interval))
+        return max(0.0, min(until_due + 0.01, longest))
+
+    def _reap_if_due(self) -> None:
+        """Every scheduler also reaps (schedules/runstate.py), so a run whose every worker died still
+        ends within one lease plus one reaper period. Safe with any number of instances."""
+        import redis
+        from django.conf import settings
+        from django.db import InterfaceError, OperationalError
+
+        from schedules.runstate import reap_lost_runs
+
+        now = time.monotonic()
+        if now < self._next_reap:
+            return
+        self._next_reap = now + float(settings.WORKER_REAPER_INTERVAL_SECONDS)
+        try:
+            reaped = reap_lost_runs()
+        except (OperationalError, InterfaceError):
+            raise
+        except redis.RedisError as exc:
+            # Without Redis nobody can tell a dead worker from a live one: reap nothing now.
+            logger.warning("reaper: Redis unreachable", extra={"error": type(exc).__name__})
+            return
+        if reaped:
+            logger.warning("runs reaped", extra={"claimant": self.claimant, "count": len(reaped)})
 
     def _release(self, schedule_ids: list[int]) -> None:
         from schedules.claiming import release_claims

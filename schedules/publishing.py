@@ -50,8 +50,10 @@ def send_messages(messages: list[RunMessage]) -> None:
     """
     if not messages:
         return
+    limits = job_time_limits({message.job_key for message in messages})
     with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH_SIZE):
         for message in messages:
+            hard, soft = limits.get(message.job_key, (None, None))
             app.send_task(
                 RUN_TASK_NAME,
                 kwargs={
@@ -63,7 +65,23 @@ def send_messages(messages: list[RunMessage]) -> None:
                 queue=message.queue,
                 routing_key=message.queue,
                 producer=producer,
+                time_limit=hard,
+                soft_time_limit=soft,
             )
+
+
+def job_time_limits(job_keys: Iterable[str]) -> dict[str, tuple[float | None, float | None]]:
+    """(hard, soft) time limits per job, Celery's order: soft = `Job.timeout_seconds`, hard = soft +
+    `WORKER_HARD_LIMIT_GRACE_SECONDS`. They travel in each message (one query per batch), so the worker's
+    parent enforces them per run however the pool process is stuck; an edit applies to runs published
+    after it (a throttled run's retries keep the limits it was published with)."""
+    from orchestrator.models import Job
+
+    grace = float(settings.WORKER_HARD_LIMIT_GRACE_SECONDS)
+    limits: dict[str, tuple[float | None, float | None]] = {}
+    for key, timeout in Job.objects.filter(key__in=set(job_keys)).values_list("key", "timeout_seconds"):
+        limits[key] = (float(timeout) + grace, float(timeout)) if timeout else (None, None)
+    return limits
 
 
 def publish_messages(messages: list[RunMessage]) -> list[RunMessage]:

@@ -1,11 +1,13 @@
-"""A second sleep-like job for the caps test, imported by the test's worker (`celery --include`).
+"""Jobs for worker tests, imported by the test's worker (`celery --include`): a second sleep-like
+job for the caps test, and `spawner` for the tests that look for a run's survivors.
+
 
 Two jobs are needed to show the global cap binding across jobs while each job's own cap holds. It reuses
 the sleep job's module-level tasks, which the per-task child process imports by name.
 """
 
 from orchestrator.jobs import sleep
-from orchestrator.jobs.registry import JobSpec, all_job_specs, register
+from orchestrator.jobs.registry import JobSpec, TaskSpec, all_job_specs, register
 
 all_job_specs()  # load the builtins first
 
@@ -16,5 +18,40 @@ SLEEP_B = register(
         description="The sleep job under a second key, for cap tests.",
         tasks=sleep.JOB.tasks,
         timeout_seconds=600,
+    )
+)
+
+
+def spawn_prepare(ctx):
+    return {}
+
+
+def spawn_and_wait(ctx):
+    """Start a grandchild (`sleep`) in the task's group, write both pids to the file the directive
+    names, then wait: for the tests that kill the worker under a run and look for survivors."""
+    import os
+    import subprocess
+    import time
+
+    grandchild = subprocess.Popen(["sleep", "600"])
+    path = ctx.directive_text.strip()
+    with open(f"{path}.tmp", "w", encoding="utf-8") as fh:
+        fh.write(f"{os.getpid()} {grandchild.pid}\n")
+    os.replace(f"{path}.tmp", path)
+    time.sleep(600)
+    return {}
+
+
+SPAWNER = register(
+    JobSpec(
+        key="spawner",
+        name="Spawner (tests only)",
+        description="Starts a grandchild process and waits; its directive is a pid file path.",
+        tasks=(
+            TaskSpec("prepare", spawn_prepare),
+            TaskSpec("spawn", spawn_and_wait),
+            sleep.JOB.tasks[2],
+        ),
+        timeout_seconds=900,
     )
 )

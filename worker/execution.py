@@ -1,16 +1,23 @@
-"""The run lifecycle on a worker: take the caps, start (at most once), heartbeat, finish.
+"""The run lifecycle on a worker: take the caps, start (at most once), heartbeat, fence, finish.
 
-Status writes are conditional UPDATEs, so the database decides every race:
-- start: `queued`/`throttled` -> `running` with `attempt = attempt + 1`; a second delivery of the same
-  message finds zero rows and does nothing (at most once);
-- every later write (heartbeat, finish) is fenced by `status = running AND attempt = <ours>`, so a stale
-  worker (frozen, then reaped, then awake again) can never overwrite a newer outcome.
-Times come from the database clock (`now()`), the same clock the reaper compares heartbeats against.
+Every status write goes through schedules/runstate.py (the one writer of run state, fenced by attempt).
+What this module adds is the worker's side of the promises of DESIGN 6.5 and 6.7:
+
+- liveness is the lease: the heartbeat renews the run's Redis leases (caps and liveness) every quarter
+  lease whatever PostgreSQL does, so a run whose worker is alive is never reaped;
+- fencing: a run the system gave up on stops executing before its slot can go to another run. The
+  heartbeat kills the run's task process group when the database says the run is no longer ours, when
+  a renewal finds the slot taken, and when Redis has been unreachable for `FENCE_AFTER` of a lease (the
+  lease expires at a lease; the kill comes first);
+- nothing lost: an outcome is kept in Redis (schedules/runleases.py) before it is written, and written
+  with retries; a database still away after `WORKER_FINISH_RETRY_SECONDS` leaves it to the reapers,
+  which write it when the database returns.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
@@ -20,27 +27,33 @@ from typing import Any
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import connection, transaction
-from django.db.models import F
-from django.db.models.functions import Now
+from django.db import DatabaseError, InterfaceError, OperationalError, connection
 
 from orchestrator.models import Job, Run, RunStatus
-from orchestrator.services import OrchestratorService
-from schedules.models import OverlapPolicy, Schedule, ScheduledRun, ScheduledRunStatus
+from orchestrator.services import OrchestratorService, TaskFence
+from schedules import runleases, runstate
+from schedules.models import OverlapPolicy, Schedule, ScheduledRun
+from schedules.runstate import ERROR_SUMMARY_MAX, WORKER_LOST
 from worker.semaphore import (
     Cap,
     Grant,
     semaphore_acquire,
+    semaphore_behind,
     semaphore_forget_waiter,
+    semaphore_rebuild,
     semaphore_release,
     semaphore_renew,
 )
 
 logger = logging.getLogger(__name__)
 
-ERROR_SUMMARY_MAX = 500
-WORKER_LOST = "worker lost"
-_WAITING = (ScheduledRunStatus.QUEUED, ScheduledRunStatus.THROTTLED)
+__all__ = ["ERROR_SUMMARY_MAX", "WORKER_LOST"]
+
+# A heartbeat that could not reach Redis for this share of a lease kills its run: the lease (and the slot)
+# lapses at one lease, and the kill must land first. Renewals come every quarter lease.
+FENCE_AFTER = 0.6
+# Database errors worth waiting out (an outage, a lost connection), as opposed to bugs.
+DATABASE_AWAY = (OperationalError, InterfaceError)
 
 
 class WorkerError(Exception):
@@ -113,14 +126,62 @@ def caps_for_run(run_id: int) -> list[Cap]:
     return caps_for(run.job, scheduled.schedule if scheduled is not None else None)
 
 
+def rebuild_leases() -> int:
+    """Put the database's running runs back into Redis's lease sets (after Redis lost lease state)."""
+    floor = runstate.running_lease_floor()
+    holders = []
+    running = Run.objects.filter(status=RunStatus.RUNNING).select_related("job").order_by("id")
+    schedules = {
+        run_id: schedule
+        for run_id, schedule in (
+            (sr.run_id, sr.schedule)
+            for sr in ScheduledRun.objects.select_related("schedule").filter(run__status=RunStatus.RUNNING)
+        )
+    }
+    for run in running:
+        holders.append((run.pk, lease_owner(run.pk, run.worker), caps_for(run.job, schedules.get(run.pk))))
+    return semaphore_rebuild(holders, floor=floor)
+
+
+def semaphore_take(caps: list[Cap], *, owner: str, run_id: int, due) -> Grant:
+    """Acquire the run's caps; a Redis behind the database is rebuilt first, then asked again."""
+    grant = semaphore_acquire(
+        caps,
+        owner=owner,
+        waiter=waiter_id(run_id),
+        due=due,
+        run_id=run_id,
+        floor=runstate.running_lease_floor(),
+    )
+    if grant.rebuild:
+        rebuild_leases()
+        grant = semaphore_acquire(
+            caps,
+            owner=owner,
+            waiter=waiter_id(run_id),
+            due=due,
+            run_id=run_id,
+            floor=runstate.running_lease_floor(),
+        )
+    return grant
+
+
+def check_leases() -> bool:
+    """Rebuild the lease sets if Redis lost lease state the database still counts; True if rebuilt."""
+    if semaphore_behind(runstate.running_lease_floor()):
+        rebuild_leases()
+        return True
+    return False
+
+
 def throttle_countdown(grant: Grant) -> float:
     """Jittered backoff: the head of the line polls often, runs far behind it poll less."""
     base = settings.WORKER_THROTTLE_BASE_SECONDS
     cap = settings.WORKER_THROTTLE_MAX_SECONDS
-    if grant.warming_up_ms:
-        return max(base, grant.warming_up_ms / 1000) * random.uniform(1.0, 1.5)
     limit = grant.blocking.limit if grant.blocking is not None else 1
     delay = min(cap, base * (1 + grant.ahead / max(limit, 1)))
+    if grant.rebuild:
+        delay = base
     # Full jitter between half and all of the delay spreads retries so they do not arrive in waves.
     return delay * random.uniform(0.5, 1.0)
 
@@ -148,168 +209,115 @@ class Outcome:
         return data
 
 
-# --- lifecycle -----------------------------------------------------------------------------------------
-
-
-def run_mark_throttled(run_id: int, scheduled_run_id: int | None, reason: str) -> None:
-    """Record why the run waits. `published_at` moves too: the retry is a fresh publish, so the outbox
-    sweep does not take a waiting run for a lost message."""
-    reason = reason[:ERROR_SUMMARY_MAX]
-    Run.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(error_summary=reason, published_at=Now())
-    if scheduled_run_id is not None:
-        ScheduledRun.objects.filter(pk=scheduled_run_id, status__in=_WAITING).update(
-            status=ScheduledRunStatus.THROTTLED, error_summary=reason, published_at=Now()
-        )
-
-
-def run_start(run_id: int, scheduled_run_id: int | None, worker: str) -> int | None:
-    """The at-most-once gate. Returns the new attempt, or None when the run is not ours to start."""
-    with transaction.atomic():
-        taken = Run.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(
-            status=RunStatus.RUNNING,
-            attempt=F("attempt") + 1,
-            started_at=Now(),
-            heartbeat_at=Now(),
-            finished_at=None,
-            worker=worker,
-            error_summary="",
-        )
-        if not taken:
-            return None
-        if scheduled_run_id is not None:
-            mirrored = ScheduledRun.objects.filter(pk=scheduled_run_id, status__in=_WAITING).update(
-                status=ScheduledRunStatus.RUNNING,
-                started_at=Now(),
-                heartbeat_at=Now(),
-                finished_at=None,
-                worker=worker,
-                error_summary="",
-            )
-            if not mirrored:
-                # The slot was settled elsewhere (skipped, failed): do not run it behind its back.
-                transaction.set_rollback(True)
-                return None
-        return Run.objects.values_list("attempt", flat=True).get(pk=run_id)
-
-
-def run_heartbeat(run_id: int, scheduled_run_id: int | None, attempt: int) -> bool:
-    """Stamp heartbeat_at; False when the run is no longer ours (reaped, or finished elsewhere)."""
-    with transaction.atomic():
-        alive = Run.objects.filter(pk=run_id, status=RunStatus.RUNNING, attempt=attempt).update(
-            heartbeat_at=Now()
-        )
-        if alive and scheduled_run_id is not None:
-            ScheduledRun.objects.filter(pk=scheduled_run_id, status=ScheduledRunStatus.RUNNING).update(
-                heartbeat_at=Now()
-            )
-    return bool(alive)
-
-
-def run_finish(
-    run_id: int,
-    scheduled_run_id: int | None,
-    *,
-    status: str,
-    error_summary: str = "",
-    stats: dict[str, Any] | None = None,
-    attempt: int | None = None,
-    worker: str | None = None,
-) -> bool:
-    """End a running run (fenced by attempt, or by worker for the parent process); mirror it."""
-    error_summary = error_summary[:ERROR_SUMMARY_MAX]
-    fields: dict[str, Any] = {"status": status, "finished_at": Now(), "error_summary": error_summary}
-    if stats is not None:
-        fields["stats"] = stats
-        for counter in ("llm_calls", "llm_prompt_tokens", "llm_completion_tokens"):
-            if isinstance(stats.get(counter), int):
-                fields[counter] = stats[counter]
-    fence: dict[str, Any] = {"pk": run_id, "status": RunStatus.RUNNING}
-    if attempt is not None:
-        fence["attempt"] = attempt
-    if worker is not None:
-        fence["worker"] = worker
-    with transaction.atomic():
-        ended = Run.objects.filter(**fence).update(**fields)
-        if ended:
-            scheduled = ScheduledRun.objects.filter(status=ScheduledRunStatus.RUNNING)
-            scheduled = (
-                scheduled.filter(pk=scheduled_run_id)
-                if scheduled_run_id is not None
-                else scheduled.filter(run_id=run_id)
-            )
-            scheduled.update(status=status, finished_at=Now(), error_summary=error_summary)
-    return bool(ended)
+# --- heartbeat and fencing ---------------------------------------------------------------------------
 
 
 class Heartbeat:
-    """While a run executes: stamp heartbeat_at and renew its leases every quarter lease.
+    """While a run executes: renew its Redis leases every quarter lease, stamp heartbeat_at, and fence.
 
-    The database check comes first and decides: if the run is no longer ours, stop renewing and let the
-    leases go (the reaper or another outcome owns it now). If it is ours and Redis lost the leases (a
-    restart), put them back so the caps count this run again. If the database cannot be reached, the run
-    is still executing here: the leases are renewed all the same, or a PostgreSQL outage longer than a
-    lease would free this run's slots for others while it goes on running (found by scripts/soak.py).
+    Two threads, so that neither side can delay the other: the lease thread talks to Redis only (a
+    PostgreSQL outage, or a connect hanging on a blackholed database, must not let the leases lapse),
+    the database thread stamps `heartbeat_at` and learns whether the run is still ours.
     """
 
     def __init__(
-        self, *, run_id: int, scheduled_run_id: int | None, attempt: int, caps: list[Cap], owner: str
+        self,
+        *,
+        run_id: int,
+        scheduled_run_id: int | None,
+        attempt: int,
+        caps: list[Cap],
+        owner: str,
+        fence: TaskFence,
     ):
         self.run_id = run_id
         self.scheduled_run_id = scheduled_run_id
         self.attempt = attempt
         self.caps = caps
         self.owner = owner
-        self.lost = False
+        self.fence = fence
+        self.last_renewed = time.monotonic()  # the grant itself was a renewal
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-run-{run_id}", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._lease_loop, name=f"lease-run-{run_id}", daemon=True),
+            threading.Thread(target=self._db_loop, name=f"heartbeat-run-{run_id}", daemon=True),
+        ]
 
     def __enter__(self) -> Heartbeat:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        for thread in self._threads:
+            thread.join(timeout=10)
 
-    def _loop(self) -> None:
-        interval = settings.WORKER_LEASE_SECONDS / 4
+    @property
+    def lease(self) -> float:
+        return float(settings.WORKER_LEASE_SECONDS)
+
+    def _lease_loop(self) -> None:
+        while not self.fence.reason:
+            # Check again sooner while renewals fail: the deadline must be seen before the lease lapses.
+            failing = time.monotonic() - self.last_renewed > self.lease / 4
+            if self._stop.wait(self.lease / (8 if failing else 4)):
+                return
+            self.renew()
+
+    def renew(self) -> None:
+        sent = time.monotonic()
         try:
-            while not self._stop.wait(interval):
-                self.beat()
-                if self.lost:
+            renewal = semaphore_renew(self.caps, owner=self.owner, run_id=self.run_id)
+        except redis.RedisError as exc:
+            silent = time.monotonic() - self.last_renewed
+            logger.warning(
+                "lease renewal failed",
+                extra={"run_id": self.run_id, "error": type(exc).__name__, "silent_s": round(silent, 1)},
+            )
+            if silent >= FENCE_AFTER * self.lease:
+                self.stop_run(f"lease lost: Redis unreachable for {silent:.0f}s")
+            return
+        if renewal.lost is not None:
+            self.stop_run(f"lease lost: {renewal.lost.label} slot taken by another run")
+            return
+        self.last_renewed = sent
+        if renewal.reasserted:
+            logger.warning(
+                "leases re-asserted after loss", extra={"run_id": self.run_id, "count": renewal.reasserted}
+            )
+
+    def _db_loop(self) -> None:
+        try:
+            while not self._stop.wait(self.lease / 4):
+                try:
+                    alive = runstate.run_heartbeat(self.run_id, self.scheduled_run_id, self.attempt)
+                except DatabaseError as exc:
+                    # Written again at the next beat once the database is back; the lease decides.
+                    logger.warning(
+                        "heartbeat write failed", extra={"run_id": self.run_id, "error": type(exc).__name__}
+                    )
+                    connection.close()
+                    continue
+                if not alive:
+                    self.stop_run("stopped: the run is no longer ours (reaped, cancelled or ended)")
                     return
         finally:
             connection.close()  # this thread's own connection
 
-    def beat(self) -> None:
-        try:
-            alive = run_heartbeat(self.run_id, self.scheduled_run_id, self.attempt)
-        except Exception as exc:
-            logger.warning(
-                "heartbeat write failed", extra={"run_id": self.run_id, "error": type(exc).__name__}
-            )
-            connection.close()
-            alive = None  # unknown, and still executing in this process: keep the leases
-        if alive is False:
-            self.lost = True
-            logger.warning("run no longer ours; stopping heartbeat", extra={"run_id": self.run_id})
-            self._release()
+    def stop_run(self, reason: str) -> None:
+        """Kill the run's task processes, then let its slots go: in that order (DESIGN 6.5)."""
+        if self.fence.reason:
             return
+        logger.warning("run fenced: task processes killed", extra={"run_id": self.run_id, "reason": reason})
+        self.fence.kill(reason)
         try:
-            _, reasserted = semaphore_renew(self.caps, owner=self.owner, reassert=True)
-        except redis.RedisError as exc:
-            logger.warning("lease renewal failed", extra={"run_id": self.run_id, "error": type(exc).__name__})
-            return
-        if reasserted:
-            logger.warning(
-                "leases re-asserted after loss", extra={"run_id": self.run_id, "count": reasserted}
-            )
-
-    def _release(self) -> None:
-        try:
-            semaphore_release(self.caps, owner=self.owner)
+            semaphore_release(self.caps, owner=self.owner, run_id=self.run_id)
         except redis.RedisError:
-            pass  # they expire within one lease TTL anyway
+            pass  # they expire within one lease anyway
+
+
+# --- executing one delivery ----------------------------------------------------------------------------
 
 
 def _timed_out(exc: BaseException, started: float, soft_limit: float | None) -> bool:
@@ -331,6 +339,13 @@ def _failure_summary(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _summary(exc: BaseException, started: float, soft_limit: float | None) -> str:
+    if _timed_out(exc, started, soft_limit):
+        limit = f"{soft_limit:g}s" if soft_limit else "its time limit"
+        return f"timed out after {limit} (Job.timeout_seconds; soft time limit)"
+    return _failure_summary(exc)
+
+
 def _counts(stats: dict[str, Any]) -> dict[str, Any]:
     """Numbers only, for the task result."""
     counts: dict[str, Any] = {}
@@ -347,9 +362,19 @@ def _counts(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_execute(
-    *, run_id: int, scheduled_run_id: int | None, job_key: str, worker: str, soft_limit: float | None = None
+    *,
+    run_id: int,
+    scheduled_run_id: int | None,
+    job_key: str,
+    worker: str,
+    task_id: str = "",
+    soft_limit: float | None = None,
 ) -> Outcome:
-    """Execute one delivery of a run message on this pool process."""
+    """Execute one delivery of a run message on this pool process.
+
+    Database errors before the start propagate (the task retries the message); from the start on,
+    the run always ends here or is left, recorded, to the reapers.
+    """
     run = Run.objects.select_related("job", "directive").filter(pk=run_id).first()
     if run is None:
         logger.warning("run message for an unknown run", extra={"run_id": run_id})
@@ -370,7 +395,7 @@ def run_execute(
     owner = lease_owner(run_id, worker)
     due = scheduled.scheduled_for if scheduled is not None else run.created_at
     try:
-        grant = semaphore_acquire(caps, owner=owner, waiter=waiter_id(run_id), due=due)
+        grant = semaphore_take(caps, owner=owner, run_id=run_id, due=due)
     except redis.RedisError as exc:
         reason = "waiting: concurrency caps unavailable (Redis unreachable)"
         logger.warning(reason, extra={"run_id": run_id, "error": type(exc).__name__})
@@ -381,124 +406,252 @@ def run_execute(
             countdown=settings.WORKER_THROTTLE_MAX_SECONDS * random.uniform(0.5, 1.0),
         )
     if not grant.acquired:
-        run_mark_throttled(run_id, scheduled_run_id, grant.reason)
+        runstate.run_mark_throttled(run_id, scheduled_run_id, grant.reason)
         logger.info("run throttled", extra={"run_id": run_id, "job": job_key, "reason": grant.reason})
         return Outcome(
             status="throttled", run_id=run_id, reason=grant.reason, countdown=throttle_countdown(grant)
         )
 
-    attempt = run_start(run_id, scheduled_run_id, worker)
+    try:
+        attempt = runstate.run_start(run_id, scheduled_run_id, worker=worker, lease_seq=grant.seq)
+    except BaseException:
+        _release(caps, owner, run_id)
+        raise
     if attempt is None:
-        semaphore_release(caps, owner=owner)
+        _release(caps, owner, run_id)
         logger.info("run already taken; message dropped", extra={"run_id": run_id})
         return Outcome(status="skipped", run_id=run_id, reason="already taken")
 
     logger.info("run started", extra={"run_id": run_id, "job": job_key, "attempt": attempt, "worker": worker})
     started = time.monotonic()
+    fence = TaskFence()
+    heartbeat = Heartbeat(
+        run_id=run_id, scheduled_run_id=scheduled_run_id, attempt=attempt, caps=caps, owner=owner, fence=fence
+    )
     try:
-        return _execute_started(run, scheduled_run_id, job_key, attempt, caps, owner, started, soft_limit)
-    except Exception as exc:
-        # Raised outside the job itself (a soft time limit landing in a database write, a lost
-        # connection): the run must still end. The finish is fenced, so an outcome already written stands.
-        summary = _summary(exc, started, soft_limit)
-        run_finish(run_id, scheduled_run_id, status=RunStatus.FAILED, error_summary=summary, attempt=attempt)
-        logger.warning("run failed", extra={"run_id": run_id, "job": job_key, "error": summary})
-        return Outcome(status="failed", run_id=run_id, reason=summary)
+        with heartbeat:
+            status, summary, stats = _execute_started(run, fence, started, soft_limit)
+            ended = _settle(
+                run_id=run_id,
+                scheduled_run_id=scheduled_run_id,
+                attempt=attempt,
+                task_id=task_id,
+                status=status,
+                summary=summary,
+                stats=stats,
+            )
     finally:
-        try:
-            semaphore_release(caps, owner=owner)
-        except redis.RedisError:
-            logger.warning("lease release failed; it expires by itself", extra={"run_id": run_id})
+        _release(caps, owner, run_id)
+    counts = _counts(stats or {})
+    if ended is False:
+        # Reaped, cancelled or ended by someone else meanwhile: their outcome stands.
+        logger.warning("run ended but was no longer ours", extra={"run_id": run_id})
+        return Outcome(status="failed", run_id=run_id, reason=fence.reason or WORKER_LOST, counts=counts)
+    seconds = round(time.monotonic() - started, 3)
+    if status == RunStatus.SUCCEEDED:
+        logger.info("run succeeded", extra={"run_id": run_id, "job": job_key, "seconds": seconds})
+    else:
+        logger.warning("run failed", extra={"run_id": run_id, "job": job_key, "error": summary})
+    return Outcome(status=str(status), run_id=run_id, reason=summary, counts=counts)
 
 
-def _summary(exc: BaseException, started: float, soft_limit: float | None) -> str:
-    if _timed_out(exc, started, soft_limit):
-        limit = f"{soft_limit:g}s" if soft_limit else "its time limit"
-        return f"timed out after {limit} (Job.timeout_seconds)"
-    return _failure_summary(exc)
+def _release(caps: list[Cap], owner: str, run_id: int) -> None:
+    try:
+        semaphore_release(caps, owner=owner, run_id=run_id)
+    except redis.RedisError:
+        logger.warning("lease release failed; it expires by itself", extra={"run_id": run_id})
 
 
 def _execute_started(
-    run: Run,
+    run: Run, fence: TaskFence, started: float, soft_limit: float | None
+) -> tuple[str, str, dict[str, Any] | None]:
+    """Run the job; (status, error summary, stats). Raised outside the job itself too (a soft time
+    limit landing in a database read, a lost connection), the run must still end."""
+    try:
+        run.refresh_from_db()
+        stats = OrchestratorService.execute(run, fence=fence)
+    except Exception as exc:  # SystemExit and friends pass: the parent reports a lost worker
+        summary = fence.reason or _summary(exc, started, soft_limit)
+        return RunStatus.FAILED, summary, getattr(exc, "stats", None)
+    return RunStatus.SUCCEEDED, "", stats if isinstance(stats, dict) else {}
+
+
+def _settle(
+    *,
+    run_id: int,
     scheduled_run_id: int | None,
-    job_key: str,
     attempt: int,
-    caps: list[Cap],
-    owner: str,
-    started: float,
-    soft_limit: float | None,
-) -> Outcome:
-    run_id = run.pk
-    run.refresh_from_db()
-    heartbeat = Heartbeat(
-        run_id=run_id, scheduled_run_id=scheduled_run_id, attempt=attempt, caps=caps, owner=owner
-    )
-    with heartbeat:
+    task_id: str,
+    status: str,
+    summary: str,
+    stats: dict[str, Any] | None,
+) -> bool | None:
+    """Write the outcome: kept in Redis first, then written with retries while the heartbeat holds the
+    leases. True written, False not ours any more, None left to the reapers (the database stayed away).
+    """
+    try:
+        recorded = runleases.outcome_record(
+            run_id=run_id,
+            scheduled_run_id=scheduled_run_id,
+            status=status,
+            error_summary=summary,
+            stats=stats,
+            attempt=attempt,
+            task_id=task_id,
+        )
+    except redis.RedisError:
+        recorded = False
+    # Without a copy in Redis the outcome exists only here: keep trying until the hard time limit.
+    budget = float(settings.WORKER_FINISH_RETRY_SECONDS) if recorded else float("inf")
+    deadline = time.monotonic() + budget
+    delay = 0.5
+    while True:
         try:
-            stats = OrchestratorService.execute(run)
-        except Exception as exc:  # SystemExit and friends pass: the parent reports a lost worker
-            summary = _summary(exc, started, soft_limit)
-            run_finish(
-                run_id,
-                scheduled_run_id,
-                status=RunStatus.FAILED,
-                error_summary=summary,
-                stats=getattr(exc, "stats", None),
-                attempt=attempt,
+            ended = runstate.run_finish(
+                run_id, scheduled_run_id, status=status, error_summary=summary, stats=stats, attempt=attempt
             )
-            logger.warning("run failed", extra={"run_id": run_id, "job": job_key, "error": summary})
-            return Outcome(status="failed", run_id=run_id, reason=summary)
-    stats = stats if isinstance(stats, dict) else {}
-    ended = run_finish(run_id, scheduled_run_id, status=RunStatus.SUCCEEDED, stats=stats, attempt=attempt)
-    if not ended:
-        # Reaped or ended by someone else meanwhile: their outcome stands.
-        logger.warning("run finished but was no longer ours", extra={"run_id": run_id})
-        return Outcome(status="failed", run_id=run_id, reason=WORKER_LOST, counts=_counts(stats))
-    seconds = round(time.monotonic() - started, 3)
-    logger.info("run succeeded", extra={"run_id": run_id, "job": job_key, "seconds": seconds})
-    return Outcome(status="succeeded", run_id=run_id, counts=_counts(stats))
+            break
+        except DATABASE_AWAY as exc:
+            connection.close()
+            if time.monotonic() + delay > deadline:
+                logger.warning(
+                    "database away; outcome left in Redis for the reapers",
+                    extra={"run_id": run_id, "status": status},
+                )
+                return None
+            logger.warning(
+                "finish write failed; retrying", extra={"run_id": run_id, "error": type(exc).__name__}
+            )
+            try:
+                time.sleep(delay)
+            except SoftTimeLimitExceeded:
+                pass  # the work is done; only the write is late
+            delay = min(delay * 2, 5.0)
+        except SoftTimeLimitExceeded:
+            continue
+    if recorded:
+        try:
+            runleases.outcome_clear(run_id)
+        except redis.RedisError:
+            pass  # a reaper finds the run ended and clears it
+    return ended
 
 
 # --- the worker's parent process ---------------------------------------------------------------------
 
 
-def run_end_from_parent(*, run_id: int, worker: str, reason: str) -> bool:
-    """End the run a pool child was executing when it died or hit the hard time limit.
+class ParentWriter:
+    """The worker parent's writes, off its event loop: a write blocked on a row lock or a database away
+    must not stall the process that hands out messages and enforces time limits.
 
-    Fenced by `worker` (node name + the child's pid): only the delivery that child started is ended, never
-    a run another process took. Its leases are released at once instead of waiting for them to expire.
+    Each job is retried with backoff; the outcome it writes is recorded in Redis first, so one the
+    parent never gets to write is written by a reaper.
     """
-    ended = run_finish(run_id, None, status=RunStatus.FAILED, error_summary=reason, worker=worker)
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="worker-parent-writer", daemon=True)
+                self._thread.start()
+        self._queue.put(job)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every submitted job is done (tests, shutdown); True if it emptied in time."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                self._run(job)
+            finally:
+                self._queue.task_done()
+
+    @staticmethod
+    def _run(job) -> None:
+        delay = 0.5
+        deadline = time.monotonic() + float(settings.WORKER_PARENT_WRITE_RETRY_SECONDS)
+        while True:
+            try:
+                with connection.cursor() as cursor:
+                    # This thread's own connection. Wait a little for a lock, then retry later: one row
+                    # lock must not hold up the writes queued behind it.
+                    cursor.execute("SET lock_timeout = '2s'")
+                job()
+                return
+            except Exception as exc:
+                connection.close()
+                if time.monotonic() + delay > deadline:
+                    logger.error("parent write abandoned", extra={"error": type(exc).__name__})
+                    return
+                logger.warning("parent write failed; retrying", extra={"error": type(exc).__name__})
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+
+parent_writer = ParentWriter()
+
+
+def run_end_from_parent(
+    *, run_id: int, worker: str, reason: str, task_id: str = "", overrule: bool = False
+) -> None:
+    """End the run a pool process was executing when it died or hit the hard time limit.
+
+    Fenced by `worker` (node name + the pool process id): only the delivery that process started is
+    ended, never a run another process took; if that process had already recorded its own outcome (it
+    finished, and was killed while writing it), that outcome is written instead, unless `overrule`
+    (the hard time limit: the run overran, whatever it had recorded). The write happens on the
+    parent's writer thread; its leases are released there.
+    """
     try:
-        semaphore_release(caps_for_run(run_id), owner=lease_owner(run_id, worker))
-    except (redis.RedisError, Run.DoesNotExist):
-        pass
-    if ended:
-        logger.warning("run ended by the worker's parent", extra={"run_id": run_id, "reason": reason})
-    return ended
+        runleases.outcome_record(
+            run_id=run_id,
+            scheduled_run_id=None,
+            status=RunStatus.FAILED,
+            error_summary=reason,
+            stats=None,
+            worker=worker,
+            task_id=task_id,
+            replace=overrule,
+        )
+        recorded = True
+    except redis.RedisError:
+        recorded = False
+
+    def write() -> None:
+        if recorded:
+            ended = bool(runstate.apply_pending_outcomes([run_id]))
+        else:
+            ended = runstate.run_finish(
+                run_id, None, status=RunStatus.FAILED, error_summary=reason, worker=worker
+            )
+        try:
+            semaphore_release(caps_for_run(run_id), owner=lease_owner(run_id, worker), run_id=run_id)
+        except (redis.RedisError, Run.DoesNotExist):
+            pass
+        if ended:
+            logger.warning("run ended by the worker's parent", extra={"run_id": run_id, "reason": reason})
+
+    parent_writer.submit(write)
 
 
-_limits_lock = threading.Lock()
-_limits_cache: dict[str, tuple[float, int | None]] = {}
-_LIMITS_TTL = 30.0
+def time_limits_of(timelimit: Any) -> tuple[float | None, float | None]:
+    """(hard, soft) from a request's `timelimit` (set at publish from Job.timeout_seconds)."""
+    if isinstance(timelimit, list | tuple) and len(timelimit) == 2:
+        hard, soft = timelimit
+        return (float(hard) if hard else None, float(soft) if soft else None)
+    return (None, None)
 
 
-def job_soft_limit(job_key: str) -> int | None:
-    """Job.timeout_seconds, cached briefly: the parent consults it for every message it hands out."""
-    now = time.monotonic()
-    with _limits_lock:
-        cached = _limits_cache.get(job_key)
-        if cached is not None and now - cached[0] < _LIMITS_TTL:
-            return cached[1]
-    timeout = Job.objects.filter(key=job_key).values_list("timeout_seconds", flat=True).first()
-    with _limits_lock:
-        _limits_cache[job_key] = (now, timeout)
-    return timeout
-
-
-def job_time_limits(job_key: str) -> tuple[float | None, float | None]:
-    """(hard, soft) limits for a run of this job, Celery's order."""
-    soft = job_soft_limit(job_key) if job_key else None
-    if not soft:
-        return (None, None)
-    return (float(soft + settings.WORKER_HARD_LIMIT_GRACE_SECONDS), float(soft))
+def database_retry_countdown() -> float:
+    return settings.WORKER_THROTTLE_MAX_SECONDS * random.uniform(0.1, 0.3)

@@ -1,15 +1,17 @@
 """Housekeeping that runs inside every worker's parent process, in one background thread.
 
 Each tick:
-1. reap: a run `running` whose heartbeat is older than one lease TTL is `failed` ("worker lost");
+1. reap (schedules/runstate.py, the same pass every scheduler runs): outcomes kept in Redis while the
+   database was away are written, then a run whose liveness lease expired is `failed` ("worker lost");
 2. broker check: if the broker's Redis lost its data (restart without persistence), re-publish the runs
    still waiting (queued or throttled), whose messages went with it;
 3. stalled throttled runs: re-publish those whose retries stopped (the worker holding the retry died);
-4. semaphore warm-up: if Redis lost the lease sets and nothing is running, skip the warm-up pause.
+4. leases: if Redis lost lease state the database still counts, rebuild the lease sets from the
+   database's running runs (acquires also do this, so a rebuild never waits for this tick).
 
-All of it is safe with any number of worker processes: the reap is one conditional UPDATE (a run is
-failed once, by whichever instance gets there first), and the broker check is a SET NX (one instance
-re-publishes). It lives in the worker, not the scheduler, because schedules must not import worker.
+All of it is safe with any number of worker processes and schedulers: the reap is one conditional UPDATE
+(a run is failed once, by whichever instance gets there first), the broker check is a SET NX (one
+instance re-publishes), and the rebuild only adds leases that are missing.
 """
 
 from __future__ import annotations
@@ -25,63 +27,13 @@ from django.db import close_old_connections, connection, transaction
 
 from orchestrator.models import Run, RunStatus
 from schedules.models import ScheduledRun, ScheduledRunStatus
-from worker import semaphore
-from worker.execution import WORKER_LOST, caps_for_run, lease_owner
+from schedules.runstate import reap_lost_runs
+from worker.execution import check_leases
 
 logger = logging.getLogger(__name__)
 
 BROKER_MARKER_KEY = "cb:broker:marker"
 REPUBLISH_BATCH = 500
-
-_REAP_SQL = """
-UPDATE {run}
-   SET status = 'failed', finished_at = now(), error_summary = %(summary)s
- WHERE status = 'running'
-   AND COALESCE(heartbeat_at, started_at, created_at) < now() - make_interval(secs => %(lease)s)
-RETURNING id, worker, task_id
-"""
-
-_REAP_MIRROR_SQL = """
-UPDATE {scheduled}
-   SET status = 'failed', finished_at = now(), error_summary = %(summary)s
- WHERE run_id = ANY(%(run_ids)s) AND status = 'running'
-"""
-
-
-def reap_lost_runs() -> list[int]:
-    """Fail runs whose worker stopped heartbeating; return their ids."""
-    lease = float(settings.WORKER_LEASE_SECONDS)
-    summary = f"{WORKER_LOST} (no heartbeat for {lease:g}s)"
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(_REAP_SQL.format(run=Run._meta.db_table), {"summary": summary, "lease": lease})
-        reaped = cursor.fetchall()
-        if reaped:
-            cursor.execute(
-                _REAP_MIRROR_SQL.format(scheduled=ScheduledRun._meta.db_table),
-                {"summary": summary, "run_ids": [row[0] for row in reaped]},
-            )
-    for run_id, worker, task_id in reaped:
-        logger.warning("run reaped: worker lost", extra={"run_id": run_id, "worker": worker})
-        try:
-            semaphore.semaphore_release(caps_for_run(run_id), owner=lease_owner(run_id, worker))
-        except (redis.RedisError, Run.DoesNotExist):
-            pass  # the leases expire by themselves
-        _mark_task_lost(task_id)
-    return [row[0] for row in reaped]
-
-
-def _mark_task_lost(task_id: str) -> None:
-    """The TaskResult of a run whose whole worker died would say STARTED forever."""
-    if not task_id:
-        return
-    try:
-        from billiard.exceptions import WorkerLostError
-
-        from project.celery import app
-
-        app.backend.mark_as_failure(task_id, WorkerLostError(WORKER_LOST))
-    except Exception:
-        logger.exception("could not mark the task result failed", extra={"task_id": task_id})
 
 
 def _broker_client() -> redis.Redis | None:
@@ -193,17 +145,6 @@ def check_broker_data() -> int:
     return count
 
 
-def warm_semaphore_if_idle() -> None:
-    """If Redis has no lease epoch and nothing runs, there is nothing to re-assert: no warm-up."""
-    client = semaphore.semaphore_client()
-    if client.exists(semaphore.EPOCH_KEY):
-        return
-    if Run.objects.filter(status=RunStatus.RUNNING).exists():
-        return
-    if semaphore.semaphore_mark_warm():
-        logger.info("semaphore epoch set; no runs to re-assert")
-
-
 def maintenance_tick() -> dict[str, Any]:
     """One round of housekeeping; each part fails on its own without stopping the others."""
     report: dict[str, Any] = {}
@@ -212,7 +153,7 @@ def maintenance_tick() -> dict[str, Any]:
         ("reaped", reap_lost_runs),
         ("republished", check_broker_data),
         ("stalled", republish_stalled_throttled),
-        ("warm", warm_semaphore_if_idle),
+        ("leases_rebuilt", check_leases),
     ):
         try:
             report[name] = step()
@@ -272,10 +213,9 @@ def _warn_if_visibility_too_short() -> None:
 
 @worker_init.connect
 def _on_worker_init(**kwargs: Any) -> None:
-    # Before the pool and the consumer start: a fresh Redis with nothing running needs no warm-up, and
-    # deciding it here avoids a first message racing the first tick into a needless pause.
+    # Before the pool and the consumer start: lease state Redis lost is rebuilt before the first message.
     try:
-        warm_semaphore_if_idle()
+        check_leases()
         _warn_if_visibility_too_short()
     except Exception as exc:
         logger.warning("worker start-up checks failed", extra={"error": type(exc).__name__})

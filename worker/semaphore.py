@@ -9,9 +9,19 @@ So throttled runs start in roughly the order they came due, whichever worker pol
 registers on the first cap that blocks it only (caps are ordered narrow to wide), so a run stuck behind
 its own job's cap never holds back other jobs on the global cap.
 
-After Redis loses its data (a restart without persistence) the sets are empty while runs still execute.
-Acquisition then pauses for a warm-up (longer than a heartbeat interval) so running runs re-assert their
-leases before new ones are admitted; see docs/OPERATIONS.md, "Workers and caps", for the bound that remains.
+Redis is not the source of truth for what runs: PostgreSQL is. Every grant takes a number from the
+counter `cb:sem:seq`, and the run's start records it (`Run.lease_seq`). An acquire is told the highest
+number among the database's running runs; a Redis whose counter is missing or below it has lost lease
+state (a restart without persistence, a restore from an older snapshot, a failover to a replica that
+missed writes), and admits nobody until the lease sets are rebuilt from the database's running runs
+(`semaphore_rebuild`). A renewal that finds its lease gone takes it again only under the limit; if the cap
+is full, the run has lost its slot and must stop (worker/execution.py fences it).
+
+Each run also holds its liveness lease, `cb:run:<id>:lease` (schedules/runleases.py), in the same
+scripts: the reaper fails a run only once that key has expired.
+
+Limits are per run, counts are shared: runs whose schedules set different limits on one cap count the
+same leases, and each is admitted only while fewer than its own limit hold that cap.
 """
 
 from __future__ import annotations
@@ -25,29 +35,35 @@ from datetime import datetime
 import redis
 from django.conf import settings
 
+from schedules import runleases
+
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "cb:sem"
-EPOCH_KEY = f"{KEY_PREFIX}:epoch"
+SEQ_KEY = f"{KEY_PREFIX}:seq"
 
-# KEYS: n holder sets, n waiter sets (score = due), n waiter-expiry sets (score = expiry), epoch key.
-# ARGV: owner, waiter id, due (ms), lease ms, waiter ttl ms, warm-up ms, then n limits.
-# Returns {1} granted | {0, i, held, ahead} blocked on cap i | {-1, 0, 0, ms left} warming up.
+# KEYS: n holder sets, n waiter sets (score = due), n waiter-expiry sets (score = expiry), the grant
+# counter, the run's liveness key. ARGV: owner, waiter id, due (ms), lease ms, waiter ttl ms, floor (the
+# highest grant among running runs in PostgreSQL), then n limits.
+# Returns {1, grant} granted | {0, i, held, ahead} blocked on cap i | {-2} lease state behind the database.
 ACQUIRE_LUA = """
-local n = (#KEYS - 1) / 3
+local n = (#KEYS - 2) / 3
 local owner, waiter, due = ARGV[1], ARGV[2], ARGV[3]
-local lease_ms, waiter_ms, warmup_ms = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local lease_ms, waiter_ms, floor = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local seq_key, run_key = KEYS[3 * n + 1], KEYS[3 * n + 2]
+local seq = redis.call('GET', seq_key)
+if not seq then
+  if floor > 0 then
+    return {-2}
+  end
+  redis.call('SET', seq_key, 0)
+  seq = 0
+end
+if tonumber(seq) < floor then
+  return {-2}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local epoch = redis.call('GET', KEYS[#KEYS])
-if not epoch then
-  redis.call('SET', KEYS[#KEYS], now)
-  epoch = now
-end
-epoch = tonumber(epoch)
-if now - epoch < warmup_ms then
-  return {-1, 0, 0, warmup_ms - (now - epoch)}
-end
 for i = 1, n do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
   local gone = redis.call('ZRANGEBYSCORE', KEYS[2 * n + i], '-inf', now)
@@ -83,40 +99,79 @@ for i = 1, n do
   redis.call('ZREM', KEYS[n + i], waiter)
   redis.call('ZREM', KEYS[2 * n + i], waiter)
 end
-return {1}
+redis.call('SET', run_key, owner, 'PX', lease_ms)
+return {1, redis.call('INCR', seq_key)}
 """
 
-# KEYS: holder sets. ARGV: owner, lease ms, reassert (1/0).
-# Extends the owner's lease in each set. A missing lease (Redis lost its data) is put back only when the
-# caller asks: it has just checked in the database that the run is still its own and still running.
-# Returns {renewed, reasserted}.
+# KEYS: n holder sets, the run's liveness key. ARGV: owner, lease ms, then n limits.
+# Extends the owner's leases. A lease that is gone (expired while the worker could not reach Redis, or
+# lost with Redis's data) is taken again only while the cap has room under the run's own limit; when it
+# has none, the slot went to another run: returns that cap's index and touches nothing, and the caller
+# stops its run. Returns {renewed, reasserted, lost cap index or 0}.
 RENEW_LUA = """
-local owner, lease_ms, reassert = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
+local n = #KEYS - 1
+local owner, lease_ms = ARGV[1], tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local renewed, reasserted = 0, 0
-for i = 1, #KEYS do
+local renewed, missing = 0, {}
+for i = 1, n do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
   if redis.call('ZSCORE', KEYS[i], owner) then
-    redis.call('ZADD', KEYS[i], 'XX', now + lease_ms, owner)
     renewed = renewed + 1
-  elseif reassert then
-    redis.call('ZADD', KEYS[i], now + lease_ms, owner)
-    reasserted = reasserted + 1
+  else
+    if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[2 + i]) then
+      return {0, 0, i}
+    end
+    missing[#missing + 1] = i
   end
+end
+for i = 1, n do
+  redis.call('ZADD', KEYS[i], now + lease_ms, owner)
   if redis.call('PTTL', KEYS[i]) < lease_ms * 2 then
     redis.call('PEXPIRE', KEYS[i], lease_ms * 2)
   end
 end
-return {renewed, reasserted}
+redis.call('SET', KEYS[n + 1], owner, 'PX', lease_ms)
+return {renewed, #missing, 0}
 """
 
-# KEYS: holder sets. ARGV: owner. Removes only this owner's lease; returns how many were removed.
+# KEYS: holder sets, then the run's liveness key. ARGV: owner. Removes only this owner's leases.
 RELEASE_LUA = """
 local removed = 0
-for i = 1, #KEYS do
+for i = 1, #KEYS - 1 do
   removed = removed + redis.call('ZREM', KEYS[i], ARGV[1])
 end
+if redis.call('GET', KEYS[#KEYS]) == ARGV[1] then
+  redis.call('DEL', KEYS[#KEYS])
+end
 return removed
+"""
+
+# KEYS: the grant counter, then one key per entry. ARGV: lease ms, floor, then per entry "z:<owner>" (a
+# holder set: add the lease unless present) or "s:<owner>" (a liveness key: set unless present).
+# Puts back the leases of the database's running runs, then lifts the counter to the floor, which is
+# what lets acquires through again.
+REBUILD_LUA = """
+local lease_ms, floor = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local added = 0
+for i = 2, #KEYS do
+  local kind, owner = string.sub(ARGV[i + 1], 1, 1), string.sub(ARGV[i + 1], 3)
+  if kind == 'z' then
+    added = added + redis.call('ZADD', KEYS[i], 'NX', now + lease_ms, owner)
+    if redis.call('PTTL', KEYS[i]) < lease_ms * 2 then
+      redis.call('PEXPIRE', KEYS[i], lease_ms * 2)
+    end
+  else
+    redis.call('SET', KEYS[i], owner, 'PX', lease_ms, 'NX')
+  end
+end
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+if seq < floor then
+  redis.call('SET', KEYS[1], floor)
+end
+return added
 """
 
 # KEYS: n waiter sets then n waiter-expiry sets. ARGV: waiter id. A run that will not wait any more (it
@@ -128,14 +183,6 @@ for i = 1, n do
   redis.call('ZREM', KEYS[n + i], ARGV[1])
 end
 return 1
-"""
-
-# KEYS: epoch key. ARGV: warm-up ms. Marks the lease sets as complete (no warm-up needed); used when the
-# database shows nothing running, so there is nothing that could re-assert a lease.
-MARK_WARM_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('SET', KEYS[1], now - tonumber(ARGV[1]), 'NX') and 1 or 0
 """
 
 
@@ -175,16 +222,24 @@ class Grant:
     blocking: Cap | None = None
     held: int = 0
     ahead: int = 0
-    warming_up_ms: int = 0
+    seq: int | None = None  # the grant's number, recorded on the run (Run.lease_seq)
+    rebuild: bool = False  # Redis is behind the database: rebuild the lease sets, then ask again
 
     @property
     def reason(self) -> str:
         if self.acquired:
             return ""
         if self.blocking is None:
-            return "waiting: concurrency caps warming up after a Redis restart"
+            return "waiting: concurrency caps being rebuilt after Redis lost lease state"
         behind = f", {self.ahead} waiting ahead" if self.ahead else ""
         return f"waiting: {self.blocking.describe(self.held)}{behind}"
+
+
+@dataclass(frozen=True)
+class Renewal:
+    renewed: int
+    reasserted: int
+    lost: Cap | None  # the cap whose slot another run took while this run's lease was gone
 
 
 _client_lock = threading.Lock()
@@ -205,18 +260,26 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def semaphore_client() -> redis.Redis:
-    """One client per process; redis-py resets its pool after a fork, so prefork children are safe."""
+    """One client per process; redis-py resets its pool after a fork, so prefork children are safe.
+
+    Its timeouts are well inside a lease (runleases.redis_timeout): a heartbeat blocked on a blackholed
+    Redis must still notice in time that its lease is running out.
+    """
     global _client
     with _client_lock:
         if _client is None:
+            timeout = runleases.redis_timeout()
             _client = redis.Redis.from_url(
-                settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5, health_check_interval=15
+                settings.REDIS_URL,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                health_check_interval=15,
             )
             for name, source in (
                 ("acquire", ACQUIRE_LUA),
                 ("renew", RENEW_LUA),
                 ("release", RELEASE_LUA),
-                ("mark_warm", MARK_WARM_LUA),
+                ("rebuild", REBUILD_LUA),
                 ("forget_waiter", FORGET_WAITER_LUA),
             ):
                 _scripts[name] = _client.register_script(source)
@@ -232,48 +295,45 @@ def lease_ms() -> int:
     return int(settings.WORKER_LEASE_SECONDS * 1000)
 
 
-def warmup_ms() -> int:
-    # Longer than one heartbeat interval (a quarter lease), so every live run has re-asserted its lease.
-    return int(settings.WORKER_LEASE_SECONDS * 1000 / 2)
-
-
 def _ms(value: datetime) -> int:
     return int(value.timestamp() * 1000)
 
 
-def semaphore_acquire(caps: list[Cap], *, owner: str, waiter: str, due: datetime) -> Grant:
-    """Take a lease on every cap or on none. `waiter` names the run (stable across deliveries)."""
-    if not caps:
-        return Grant(acquired=True)
+def semaphore_acquire(
+    caps: list[Cap], *, owner: str, waiter: str, due: datetime, run_id: int, floor: int
+) -> Grant:
+    """Take a lease on every cap or on none, and the run's liveness lease with them.
+
+    `waiter` names the run (stable across deliveries); `floor` is `runstate.running_lease_floor()`.
+    """
     keys = (
         [c.key for c in caps]
         + [c.waiters_key for c in caps]
         + [c.waiter_expiry_key for c in caps]
-        + [EPOCH_KEY]
+        + [SEQ_KEY, runleases.run_lease_key(run_id)]
     )
     waiter_ttl_ms = int(settings.WORKER_THROTTLE_MAX_SECONDS * 1000 * 3) + 10_000
-    argv = [owner, waiter, _ms(due), lease_ms(), waiter_ttl_ms, warmup_ms(), *[c.limit for c in caps]]
+    argv = [owner, waiter, _ms(due), lease_ms(), waiter_ttl_ms, int(floor), *[c.limit for c in caps]]
     result = _script("acquire")(keys=keys, args=argv)
     code = int(result[0])
     if code == 1:
-        return Grant(acquired=True)
-    if code == -1:
-        return Grant(acquired=False, warming_up_ms=int(result[3]))
+        return Grant(acquired=True, seq=int(result[1]))
+    if code == -2:
+        return Grant(acquired=False, rebuild=True)
     return Grant(acquired=False, blocking=caps[int(result[1]) - 1], held=int(result[2]), ahead=int(result[3]))
 
 
-def semaphore_renew(caps: list[Cap], *, owner: str, reassert: bool) -> tuple[int, int]:
-    """Extend the owner's leases; returns (renewed, reasserted)."""
-    if not caps:
-        return (0, 0)
-    result = _script("renew")(keys=[c.key for c in caps], args=[owner, lease_ms(), int(reassert)])
-    return int(result[0]), int(result[1])
+def semaphore_renew(caps: list[Cap], *, owner: str, run_id: int) -> Renewal:
+    """Extend the owner's leases (and its liveness lease); a lease gone is taken again under the limit."""
+    keys = [c.key for c in caps] + [runleases.run_lease_key(run_id)]
+    result = _script("renew")(keys=keys, args=[owner, lease_ms(), *[c.limit for c in caps]])
+    lost = int(result[2])
+    return Renewal(renewed=int(result[0]), reasserted=int(result[1]), lost=caps[lost - 1] if lost else None)
 
 
-def semaphore_release(caps: list[Cap], *, owner: str) -> int:
-    if not caps:
-        return 0
-    return int(_script("release")(keys=[c.key for c in caps], args=[owner]))
+def semaphore_release(caps: list[Cap], *, owner: str, run_id: int) -> int:
+    keys = [c.key for c in caps] + [runleases.run_lease_key(run_id)]
+    return int(_script("release")(keys=keys, args=[owner]))
 
 
 def semaphore_forget_waiter(caps: list[Cap], *, waiter: str) -> None:
@@ -282,9 +342,30 @@ def semaphore_forget_waiter(caps: list[Cap], *, waiter: str) -> None:
         _script("forget_waiter")(keys=keys, args=[waiter])
 
 
-def semaphore_mark_warm() -> bool:
-    """Declare the lease sets complete (nothing is running); True if this call set the epoch."""
-    return bool(_script("mark_warm")(keys=[EPOCH_KEY], args=[warmup_ms()]))
+def semaphore_behind(floor: int) -> bool:
+    """True when Redis lost lease state the database still counts (or never had any)."""
+    seq = semaphore_client().get(SEQ_KEY)
+    return seq is None or int(seq) < floor
+
+
+def semaphore_rebuild(holders: list[tuple[int, str, list[Cap]]], *, floor: int) -> int:
+    """Put back the leases of the database's running runs: (run id, owner, caps) each; then admit again.
+
+    Idempotent and safe with any number of callers: present leases are kept as they are.
+    """
+    keys = [SEQ_KEY]
+    argv: list[object] = [lease_ms(), int(floor)]
+    for run_id, owner, caps in holders:
+        for cap in caps:
+            keys.append(cap.key)
+            argv.append(f"z:{owner}")
+        keys.append(runleases.run_lease_key(run_id))
+        argv.append(f"s:{owner}")
+    added = int(_script("rebuild")(keys=keys, args=argv))
+    logger.warning(
+        "semaphore lease sets rebuilt from the database", extra={"runs": len(holders), "added": added}
+    )
+    return added
 
 
 def semaphore_holders(cap: Cap) -> list[str]:

@@ -1,7 +1,9 @@
 """The run task (thin: the lifecycle lives in worker/execution.py) and its parent-side request.
 
 Message contract (schedules/publishing.py): task name "worker.execute_run", kwargs run_id,
-scheduled_run_id, job_key; task id = Run.task_id; queue = the job's queue.
+scheduled_run_id, job_key; task id = Run.task_id; queue = the job's queue; the job's time limits travel
+in the message (`time_limit` / `soft_time_limit`, from Job.timeout_seconds), which is how Celery applies
+limits per message: the worker's parent enforces them, whatever the pool process is stuck in.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from billiard.exceptions import WorkerLostError
 from celery import Task
 from celery.exceptions import Ignore
 from celery.worker.request import Request
+from django.db import connection
 
 from project.celery import app
 from worker import execution, reaper  # noqa: F401  (reaper connects the worker's signal handlers)
@@ -23,27 +26,18 @@ logger = logging.getLogger(__name__)
 
 
 class RunRequest(Request):
-    """The worker parent's view of one run message.
+    """The worker parent's view of one run message (installed as `Task.Request`, Celery's hook).
 
-    It runs in the parent process, which outlives its pool children: it sets the job's time limits, and
-    when a child dies (SIGKILL, OOM) or hits the hard time limit, it ends that child's run and frees its
-    leases at once instead of leaving them to the reaper and the lease TTL.
+    It runs in the parent process, which outlives its pool processes: when one dies (SIGKILL, OOM) or is
+    killed at the hard time limit, it ends that process's run and frees its leases at once instead of
+    leaving them to the reaper and the lease TTL. The write goes to a background thread: the parent's
+    loop must never wait on the database.
     """
-
-    def execute_using_pool(self, pool, **kwargs):
-        hard, soft = self.time_limits or (None, None)
-        if not hard and not soft:
-            # The publisher sends no limits: they come from Job.timeout_seconds, which operators edit.
-            try:
-                self.time_limits = execution.job_time_limits((self.kwargs or {}).get("job_key", ""))
-            except Exception:
-                logger.exception("could not read the job's time limits", extra={"task_id": self.id})
-        return super().execute_using_pool(pool, **kwargs)
 
     def on_timeout(self, soft, timeout):
         super().on_timeout(soft, timeout)
         if not soft:
-            self._end_run(f"timed out after {timeout:g}s (hard time limit; process killed)")
+            self._end_run(f"timed out after {timeout:g}s (hard time limit; process killed)", overrule=True)
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         exc = exc_info.exception
@@ -53,13 +47,15 @@ class RunRequest(Request):
         if isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt):
             self._end_run(f"{execution.WORKER_LOST} ({str(exc)[:200]})")
 
-    def _end_run(self, reason: str) -> None:
+    def _end_run(self, reason: str, *, overrule: bool = False) -> None:
         run_id = (self.kwargs or {}).get("run_id")
         if run_id is None or self.worker_pid is None:
             return
         worker = execution.worker_identity(self.hostname, self.worker_pid)
         try:
-            execution.run_end_from_parent(run_id=int(run_id), worker=worker, reason=reason)
+            execution.run_end_from_parent(
+                run_id=int(run_id), worker=worker, reason=reason, task_id=self.id, overrule=overrule
+            )
         except Exception:
             # The reaper ends it within a lease TTL anyway.
             logger.exception("could not end the run of a lost pool process", extra={"run_id": run_id})
@@ -76,10 +72,21 @@ class RunTask(Task):
 @app.task(bind=True, base=RunTask, name=RUN_TASK_NAME, max_retries=None)
 def execute_run(self, run_id: int, scheduled_run_id: int | None = None, job_key: str = "") -> dict:
     worker = execution.worker_identity(self.request.hostname or "worker", os.getpid())
-    _, soft = execution.job_time_limits(job_key)
-    outcome = execution.run_execute(
-        run_id=run_id, scheduled_run_id=scheduled_run_id, job_key=job_key, worker=worker, soft_limit=soft
-    )
+    _, soft = execution.time_limits_of(self.request.timelimit)
+    try:
+        outcome = execution.run_execute(
+            run_id=run_id,
+            scheduled_run_id=scheduled_run_id,
+            job_key=job_key,
+            worker=worker,
+            task_id=self.request.id or "",
+            soft_limit=soft,
+        )
+    except execution.DATABASE_AWAY as exc:
+        # Before the start (run_execute ends every run it started): the run is still queued. Try the
+        # message again rather than leave it to the outbox sweep's long republish delay.
+        connection.close()
+        raise self.retry(countdown=execution.database_retry_countdown(), exc=exc, max_retries=None) from exc
     if outcome.status == "throttled":
         # A fresh message with the same task id; Flower and the TaskResult show the reason while it waits.
         raise self.retry(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import zlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,8 +13,9 @@ from worker import semaphore
 from worker.semaphore import (
     Cap,
     semaphore_acquire,
+    semaphore_behind,
     semaphore_holders,
-    semaphore_mark_warm,
+    semaphore_rebuild,
     semaphore_release,
     semaphore_renew,
 )
@@ -25,7 +27,6 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 def sem(redis_client, settings):
     settings.WORKER_LEASE_SECONDS = 30
     settings.WORKER_THROTTLE_MAX_SECONDS = 1
-    assert semaphore_mark_warm()
     return redis_client
 
 
@@ -37,8 +38,21 @@ def global_cap(limit: int = 2) -> Cap:
     return Cap(scope="global", limit=limit, label="global cap")
 
 
-def acquire(caps, owner, due=T0):
-    return semaphore_acquire(caps, owner=owner, waiter=owner, due=due)
+def run_id_of(owner: str) -> int:
+    return zlib.crc32(owner.encode())
+
+
+def acquire(caps, owner, due=T0, floor=0):
+    return semaphore_acquire(caps, owner=owner, waiter=owner, due=due, run_id=run_id_of(owner), floor=floor)
+
+
+def renew(caps, owner):
+    result = semaphore_renew(caps, owner=owner, run_id=run_id_of(owner))
+    return (result.renewed, result.reasserted, result.lost)
+
+
+def release(caps, owner):
+    return semaphore_release(caps, owner=owner, run_id=run_id_of(owner))
 
 
 def test_acquire__is_all_or_nothing_across_caps(sem):
@@ -64,19 +78,83 @@ def test_acquire__expires_stale_leases_by_the_redis_clock(sem, settings):
 
 def test_release_and_renew__touch_only_the_owners_lease(sem):
     assert acquire([job_cap()], "mine").acquired
-    assert semaphore_release([job_cap()], owner="not-mine") == 0
-    assert semaphore_renew([job_cap()], owner="not-mine", reassert=False) == (0, 0)
+    assert release([job_cap()], "not-mine") == 0
     assert semaphore_holders(job_cap()) == ["mine"]
-    assert semaphore_renew([job_cap()], owner="mine", reassert=False) == (1, 0)
-    assert semaphore_release([job_cap()], owner="mine") == 1
+    assert renew([job_cap()], "mine") == (1, 0, None)
+    assert release([job_cap()], "mine") == 1
     assert semaphore_holders(job_cap()) == []
 
 
-def test_renew__reasserts_a_lease_redis_lost(sem):
-    assert acquire([job_cap()], "running").acquired
-    sem.flushdb()
-    assert semaphore_renew([job_cap()], owner="running", reassert=True) == (0, 1)
+def test_acquire_renew_release__hold_the_runs_liveness_lease(sem):
+    from schedules.runleases import run_lease_key
+
+    assert acquire([], "lonely").acquired  # no cap applies: still a liveness lease
+    key = run_lease_key(run_id_of("lonely"))
+    assert sem.get(key) == b"lonely"
+    sem.delete(key)
+    renew([], "lonely")
+    assert sem.get(key) == b"lonely"
+    assert release([], "not-mine") == 0
+    assert sem.get(key) == b"lonely"
+    release([], "lonely")
+    assert sem.get(key) is None
+
+
+def test_renew__takes_a_lost_lease_again_only_under_the_limit(sem):
+    assert acquire([job_cap(limit=1)], "running").acquired
+    sem.delete(job_cap().key)  # the lease gone (Redis lost it, or it lapsed)
+    assert renew([job_cap(limit=1)], "running") == (0, 1, None)
     assert semaphore_holders(job_cap()) == ["running"]
+
+    sem.delete(job_cap().key)
+    assert acquire([job_cap(limit=1)], "newcomer").acquired  # took the slot meanwhile
+    _renewed, _reasserted, lost = renew([job_cap(limit=1)], "running")
+    assert lost == job_cap(limit=1)
+    assert semaphore_holders(job_cap()) == ["newcomer"]  # not added blindly over the limit
+
+
+def test_acquire__admits_nobody_while_redis_is_behind_the_database(sem):
+    """A restore or failover that lost leases: the grant counter is below the database's running runs."""
+    first = acquire([job_cap(limit=2)], "r1")
+    second = acquire([job_cap(limit=2)], "r2")
+    assert first.acquired
+    assert second.acquired
+    assert second.seq == first.seq + 1
+    floor = second.seq
+    sem.flushdb()  # as if Redis came back from a snapshot taken before both started
+    assert semaphore_behind(floor)
+    grant = acquire([job_cap(limit=2)], "r3", floor=floor)
+    assert (grant.acquired, grant.rebuild) == (False, True)
+    assert "rebuilt" in grant.reason
+
+    semaphore_rebuild(
+        [(run_id_of("r1"), "r1", [job_cap(limit=2)]), (run_id_of("r2"), "r2", [job_cap(limit=2)])],
+        floor=floor,
+    )
+    assert not semaphore_behind(floor)
+    assert sorted(semaphore_holders(job_cap())) == ["r1", "r2"]
+    grant = acquire([job_cap(limit=2)], "r3", floor=floor)
+    assert (grant.acquired, grant.rebuild) == (False, False)
+    assert grant.reason == "waiting: per-job cap 2/2 for a"
+    assert release([job_cap(limit=2)], "r1") == 1
+    assert acquire([job_cap(limit=2)], "r3", floor=floor).seq == floor + 1
+
+
+def test_acquire__with_mixed_limits_each_run_counts_against_its_own(sem):
+    """Runs whose schedules set different limits share one count: a run starts only while fewer than
+    its own limit hold that cap (docs/OPERATIONS.md, "Concurrency caps")."""
+    wide, narrow = global_cap(3), global_cap(1)
+    assert acquire([wide], "w1").acquired
+    grant = acquire([narrow], "n1", due=T0 + timedelta(seconds=1))
+    assert (grant.acquired, grant.reason) == (False, "waiting: global cap 1/1")
+    release([narrow], "n1")
+    assert acquire([wide], "w2", due=T0 + timedelta(seconds=2)).acquired  # 1 < 3, although n1 waits
+    assert not acquire([narrow], "n1", due=T0 + timedelta(seconds=1)).acquired  # 2 >= 1
+    release([wide], "w1")
+    release([wide], "w2")
+    assert acquire([narrow], "n1", due=T0 + timedelta(seconds=1)).acquired
+    # Now the narrow run holds the only slot its own limit allows; the wide ones still have room.
+    assert acquire([wide], "w3", due=T0 + timedelta(seconds=3)).acquired
 
 
 def test_waiters__start_in_the_order_they_came_due(sem):
@@ -84,12 +162,12 @@ def test_waiters__start_in_the_order_they_came_due(sem):
     early, late = T0 + timedelta(minutes=1), T0 + timedelta(minutes=2)
     assert not acquire([job_cap()], "late", due=late).acquired
     assert not acquire([job_cap()], "early", due=early).acquired
-    semaphore_release([job_cap()], owner="holder")
+    release([job_cap()], "holder")
     # The slot is free, but the run that came due earlier is still waiting for it.
     grant = acquire([job_cap()], "late", due=late)
     assert (grant.acquired, grant.ahead) == (False, 1)
     assert acquire([job_cap()], "early", due=early).acquired
-    semaphore_release([job_cap()], owner="early")
+    release([job_cap()], "early")
     assert acquire([job_cap()], "late", due=late).acquired
 
 
@@ -99,16 +177,6 @@ def test_waiters__blocked_by_their_job_do_not_hold_back_other_jobs(sem):
     assert not acquire(caps_a, "a2", due=T0).acquired  # waits on job a's cap only
     # A later run of another job takes the free global slot.
     assert acquire([job_cap("b", 1), global_cap(2)], "b1", due=T0 + timedelta(hours=1)).acquired
-
-
-def test_acquire__pauses_after_redis_lost_its_data(sem, settings):
-    settings.WORKER_LEASE_SECONDS = 1  # warm-up = half a lease
-    sem.flushdb()
-    grant = acquire([job_cap()], "r1")
-    assert not grant.acquired
-    assert grant.warming_up_ms > 0
-    assert "warming up" in grant.reason
-    wait_for(lambda: acquire([job_cap()], "r1").acquired, timeout=10)
 
 
 def test_acquire__never_exceeds_the_limit_under_contention(sem):
@@ -130,7 +198,7 @@ def test_acquire__never_exceeds_the_limit_under_contention(sem):
                         assert len(semaphore_holders(caps[0])) <= 3
                     with lock:
                         holding.discard(owner)
-                    semaphore_release(caps, owner=owner)
+                    release(caps, owner)
         except BaseException as exc:
             errors.append(exc)
 
@@ -150,7 +218,7 @@ def test_semaphore_client__uses_the_configured_redis(sem):
 def test_forget_waiter__gives_up_the_place_in_line(sem):
     assert acquire([job_cap()], "holder").acquired
     assert not acquire([job_cap()], "gone", due=T0).acquired
-    semaphore_release([job_cap()], owner="holder")
+    release([job_cap()], "holder")
     assert not acquire([job_cap()], "next", due=T0 + timedelta(minutes=1)).acquired  # "gone" is ahead
     semaphore.semaphore_forget_waiter([job_cap()], waiter="gone")
     assert acquire([job_cap()], "next", due=T0 + timedelta(minutes=1)).acquired

@@ -1,4 +1,5 @@
-"""The run lifecycle's database side: the at-most-once start, fenced writes, the reaper, re-publishing."""
+"""The run lifecycle's state side (schedules/runstate.py): at-most-once start, fenced writes, the
+lease-based reaper, recorded outcomes, re-publishing."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from django.db import connection
 from django.utils import timezone
 
 from orchestrator.models import Job, Run
+from schedules import runleases, runstate
 from schedules.dispatch import launch_run
 from schedules.models import Schedule, ScheduledRun
+from tests.support import wait_for
 from worker import execution, reaper
 
 pytestmark = pytest.mark.django_db
@@ -60,12 +63,12 @@ def test_caps_for__schedule_then_job_then_global_default(schedule, sleep_job, se
 
 def test_run_start__takes_a_run_once(schedule):
     scheduled = _scheduled_run(schedule)
-    execution.run_mark_throttled(scheduled.run_id, scheduled.pk, "waiting: per-job cap 2/2 for sleep")
+    runstate.run_mark_throttled(scheduled.run_id, scheduled.pk, "waiting: per-job cap 2/2 for sleep")
     scheduled.refresh_from_db()
     assert (scheduled.status, scheduled.error_summary) == ("throttled", "waiting: per-job cap 2/2 for sleep")
 
-    assert execution.run_start(scheduled.run_id, scheduled.pk, "w@h:1") == 1
-    assert execution.run_start(scheduled.run_id, scheduled.pk, "w@h:2") is None
+    assert runstate.run_start(scheduled.run_id, scheduled.pk, worker="w@h:1", lease_seq=1) == 1
+    assert runstate.run_start(scheduled.run_id, scheduled.pk, worker="w@h:2", lease_seq=1) is None
     scheduled.refresh_from_db()
     run = Run.objects.get(pk=scheduled.run_id)
     assert (run.status, run.attempt, run.worker, run.error_summary) == ("running", 1, "w@h:1", "")
@@ -76,43 +79,121 @@ def test_run_start__takes_a_run_once(schedule):
 def test_run_start__refuses_a_slot_settled_elsewhere(schedule):
     scheduled = _scheduled_run(schedule)
     ScheduledRun.objects.filter(pk=scheduled.pk).update(status="skipped")
-    assert execution.run_start(scheduled.run_id, scheduled.pk, "w@h:1") is None
+    assert runstate.run_start(scheduled.run_id, scheduled.pk, worker="w@h:1", lease_seq=1) is None
     assert Run.objects.get(pk=scheduled.run_id).status == "queued"
 
 
 def test_writes_after_start__are_fenced_by_attempt(schedule):
     scheduled = _scheduled_run(schedule)
-    attempt = execution.run_start(scheduled.run_id, scheduled.pk, "w@h:1")
-    assert not execution.run_heartbeat(scheduled.run_id, scheduled.pk, attempt + 1)
-    assert not execution.run_finish(scheduled.run_id, scheduled.pk, status="succeeded", attempt=attempt + 1)
-    assert execution.run_finish(scheduled.run_id, scheduled.pk, status="succeeded", attempt=attempt, stats={})
+    attempt = runstate.run_start(scheduled.run_id, scheduled.pk, worker="w@h:1", lease_seq=1)
+    assert not runstate.run_heartbeat(scheduled.run_id, scheduled.pk, attempt + 1)
+    assert not runstate.run_finish(scheduled.run_id, scheduled.pk, status="succeeded", attempt=attempt + 1)
+    assert runstate.run_finish(scheduled.run_id, scheduled.pk, status="succeeded", attempt=attempt, stats={})
     scheduled.refresh_from_db()
     assert scheduled.status == "succeeded"
     # A late outcome from anyone changes nothing.
-    assert not execution.run_finish(scheduled.run_id, scheduled.pk, status="failed", attempt=attempt)
-    assert not execution.run_heartbeat(scheduled.run_id, scheduled.pk, attempt)
+    assert not runstate.run_finish(scheduled.run_id, scheduled.pk, status="failed", attempt=attempt)
+    assert not runstate.run_heartbeat(scheduled.run_id, scheduled.pk, attempt)
 
 
-def test_reaper__fails_runs_without_a_recent_heartbeat_only(schedule, settings, redis_client):
+def _trust_liveness(redis_client) -> None:
+    """Age the liveness epoch past a lease, as if Redis had kept its data for long."""
+    redis_client.set(runleases.EPOCH_KEY, 0)
+
+
+def test_reaper__fails_only_runs_whose_lease_expired(schedule, settings, redis_client):
+    """A stale database heartbeat alone condemns nobody: the Redis lease decides (DESIGN 6.7)."""
     settings.WORKER_LEASE_SECONDS = 60
-    lost, alive = _scheduled_run(schedule), _scheduled_run(schedule)
-    execution.run_start(lost.run_id, lost.pk, "w@h:1")
-    execution.run_start(alive.run_id, alive.pk, "w@h:2")
-    _age("orchestrator_run", "heartbeat_at", lost.run_id, 61)
+    lost, alive, fresh = _scheduled_run(schedule), _scheduled_run(schedule), _scheduled_run(schedule)
+    for n, scheduled in enumerate((lost, alive, fresh)):
+        runstate.run_start(scheduled.run_id, scheduled.pk, worker=f"w@h:{n}", lease_seq=1)
+    for scheduled in (lost, alive):
+        _age("orchestrator_run", "heartbeat_at", scheduled.run_id, 61)
+    # `alive` could not stamp its heartbeat (the database was away) but its worker renews its lease.
+    redis_client.set(runleases.run_lease_key(alive.run_id), "owner", px=60_000)
+    _trust_liveness(redis_client)
 
-    assert reaper.reap_lost_runs() == [lost.run_id]
-    assert reaper.reap_lost_runs() == []  # once, whoever gets there first
+    assert runstate.reap_lost_runs() == [lost.run_id]
+    assert runstate.reap_lost_runs() == []  # once, whoever gets there first
     lost.refresh_from_db()
-    assert (lost.status, lost.error_summary) == ("failed", "worker lost (no heartbeat for 60s)")
+    assert (lost.status, lost.error_summary) == ("failed", "worker lost (lease of 60s expired)")
     assert Run.objects.get(pk=lost.run_id).status == "failed"
     assert Run.objects.get(pk=alive.run_id).status == "running"
+    assert Run.objects.get(pk=fresh.run_id).status == "running"
+
+
+def test_reaper__after_redis_lost_its_data_waits_a_lease_before_trusting_absence(
+    schedule, settings, redis_client
+):
+    settings.WORKER_LEASE_SECONDS = 1
+    scheduled = _scheduled_run(schedule)
+    runstate.run_start(scheduled.run_id, scheduled.pk, worker="w@h:1", lease_seq=1)
+    _age("orchestrator_run", "heartbeat_at", scheduled.run_id, 61)
+    redis_client.flushdb()  # every liveness key gone at once, live runs' too
+    assert runstate.reap_lost_runs() == []  # live runs put theirs back within a quarter lease
+    wait_for(lambda: runstate.reap_lost_runs() == [scheduled.run_id], timeout=10, what="reaped after a lease")
+
+
+def test_reaper__writes_a_recorded_outcome_instead_of_worker_lost(schedule, settings, redis_client):
+    """A run that ended while PostgreSQL was away gets its own outcome, written once."""
+    settings.WORKER_LEASE_SECONDS = 60
+    scheduled = _scheduled_run(schedule)
+    attempt = runstate.run_start(scheduled.run_id, scheduled.pk, worker="w@h:1", lease_seq=1)
+    _age("orchestrator_run", "heartbeat_at", scheduled.run_id, 61)
+    _trust_liveness(redis_client)
+    runleases.outcome_record(
+        run_id=scheduled.run_id,
+        scheduled_run_id=scheduled.pk,
+        status="succeeded",
+        error_summary="",
+        stats={"tasks": {}},
+        attempt=attempt,
+    )
+    # A later record (the parent's "time limit", say) does not replace the first.
+    assert not runleases.outcome_record(
+        run_id=scheduled.run_id,
+        scheduled_run_id=None,
+        status="failed",
+        error_summary="x",
+        stats=None,
+        worker="w@h:1",
+    )
+    assert runstate.reap_lost_runs() == []
+    scheduled.refresh_from_db()
+    assert (scheduled.status, scheduled.error_summary) == ("succeeded", "")
+    assert Run.objects.get(pk=scheduled.run_id).status == "succeeded"
+    assert runleases.outcomes_pending() == {}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reaper__skips_a_run_whose_row_another_session_holds(schedule, settings, redis_client):
+    """A worker's finish blocked on a row lock must not stall every scheduler's loop behind it."""
+    import psycopg2
+
+    settings.WORKER_LEASE_SECONDS = 60
+    scheduled = _scheduled_run(schedule)
+    runstate.run_start(scheduled.run_id, scheduled.pk, worker="w@h:1", lease_seq=1)
+    _age("orchestrator_run", "heartbeat_at", scheduled.run_id, 61)
+    _trust_liveness(redis_client)
+    params = connection.get_connection_params()
+    params.pop("cursor_factory", None)
+    params.pop("context", None)
+    other = psycopg2.connect(**params)
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM orchestrator_run WHERE id = %s FOR UPDATE", [scheduled.run_id])
+            assert runstate.reap_lost_runs() == []
+        other.rollback()
+    finally:
+        other.close()
+    assert runstate.reap_lost_runs() == [scheduled.run_id]
 
 
 def test_stalled_throttled_runs__are_republished_once(schedule, settings, redis_client):
     settings.WORKER_LEASE_SECONDS = 3
     settings.WORKER_THROTTLE_MAX_SECONDS = 1
     scheduled = _scheduled_run(schedule)
-    execution.run_mark_throttled(scheduled.run_id, scheduled.pk, "waiting: global cap 3/3")
+    runstate.run_mark_throttled(scheduled.run_id, scheduled.pk, "waiting: global cap 3/3")
     assert reaper.republish_stalled_throttled() == 0  # its retry is not late yet
 
     _age("schedules_scheduledrun", "published_at", scheduled.pk, 3600)
@@ -136,24 +217,58 @@ def test_worker_queues__every_enabled_job_by_default_or_the_named_ones(sleep_job
     assert route_run("other.task", (), {"job_key": "sleep"}, {}) is None
 
 
-def test_heartbeat__keeps_the_leases_while_the_database_is_unreachable(
-    schedule, settings, redis_client, monkeypatch
-):
-    """A PostgreSQL outage longer than a lease must not free the slots of runs still executing."""
-    from django.db import OperationalError
+def _heartbeat(caps, fence, run_id=1):
+    return execution.Heartbeat(
+        run_id=run_id, scheduled_run_id=None, attempt=1, caps=caps, owner="ours", fence=fence
+    )
 
-    from worker.semaphore import Cap, semaphore_holders, semaphore_renew
+
+def test_heartbeat__renews_the_leases_whatever_the_database_does(settings, redis_client):
+    """The lease thread talks to Redis only: a PostgreSQL outage longer than a lease frees no slot."""
+    from orchestrator.services import TaskFence
+    from worker.semaphore import Cap, semaphore_holders
 
     settings.WORKER_LEASE_SECONDS = 30
     cap = Cap(scope="job:sleep", limit=1, label="per-job cap", subject="sleep")
-    heartbeat = execution.Heartbeat(run_id=1, scheduled_run_id=None, attempt=1, caps=[cap], owner="ours")
-    semaphore_renew([cap], owner="ours", reassert=True)
-    redis_client.flushdb()  # the lease gone, as if it had expired while heartbeats failed
+    heartbeat = _heartbeat([cap], TaskFence())
+    redis_client.flushdb()  # the lease gone, as if it had lapsed
+    heartbeat.renew()
+    assert not heartbeat.fence.reason
+    assert semaphore_holders(cap) == ["ours"]
+    assert redis_client.get(runleases.run_lease_key(1)) == b"ours"
+
+
+def test_heartbeat__kills_the_run_when_its_slot_went_to_another(settings, redis_client):
+    from orchestrator.services import TaskFence
+    from worker.semaphore import Cap, semaphore_acquire
+
+    settings.WORKER_LEASE_SECONDS = 30
+    cap = Cap(scope="job:sleep", limit=1, label="per-job cap", subject="sleep")
+    fence = TaskFence()
+    heartbeat = _heartbeat([cap], fence)
+    redis_client.flushdb()
+    assert semaphore_acquire(
+        [cap], owner="other", waiter="other", due=timezone.now(), run_id=2, floor=0
+    ).acquired
+    heartbeat.renew()
+    assert fence.reason == "lease lost: per-job cap slot taken by another run"
+
+
+def test_heartbeat__kills_the_run_before_an_unreachable_redis_lets_its_lease_lapse(settings, monkeypatch):
+    import redis
+
+    from orchestrator.services import TaskFence
+
+    settings.WORKER_LEASE_SECONDS = 10
+    fence = TaskFence()
+    heartbeat = _heartbeat([], fence)
 
     def unreachable(*args, **kwargs):
-        raise OperationalError("connection refused")
+        raise redis.ConnectionError("refused")
 
-    monkeypatch.setattr(execution, "run_heartbeat", unreachable)
-    heartbeat.beat()
-    assert not heartbeat.lost
-    assert semaphore_holders(cap) == ["ours"]
+    monkeypatch.setattr(execution, "semaphore_renew", unreachable)
+    heartbeat.renew()
+    assert not fence.reason  # just renewed at the grant: far from the deadline
+    heartbeat.last_renewed -= execution.FENCE_AFTER * 10
+    heartbeat.renew()
+    assert fence.reason.startswith("lease lost: Redis unreachable for 6s")

@@ -1,0 +1,302 @@
+"""The one writer of run state: every status transition of a `Run` and its `ScheduledRun` mirror.
+
+The worker (worker/execution.py, worker/tasks.py), the reapers (every scheduler and every worker) and
+the outbox call these functions; nothing else writes `status`. Each is a conditional UPDATE run inside
+the caller's transaction (or its own when there is none), so the database decides every race:
+
+- throttle: `queued` stays `queued` on the Run (its mirror goes `throttled`), once per wait;
+- start: `queued` -> `running` with `attempt = attempt + 1`; a second delivery of the same message finds
+  zero rows and does nothing (at most once, DESIGN 6.4);
+- every later write (heartbeat, finish, reap) is fenced by `status = running` and the run's `attempt`
+  (or, for the worker's parent, which never learns the attempt, by `worker`: node name + pool pid), so a
+  stale worker can never overwrite a newer outcome, and an outcome is written once;
+- reap: only a run whose Redis liveness lease expired (schedules/runleases.py) is failed "worker lost".
+
+Times come from the database clock (`now()`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.db import OperationalError, connection, transaction
+from django.db.models import F, Max
+from django.db.models.functions import Coalesce, Now
+
+from orchestrator.models import Run, RunStatus
+from schedules import runleases
+from schedules.models import ScheduledRun, ScheduledRunStatus
+
+logger = logging.getLogger(__name__)
+
+ERROR_SUMMARY_MAX = 500
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout
+WORKER_LOST = "worker lost"
+_WAITING = (ScheduledRunStatus.QUEUED, ScheduledRunStatus.THROTTLED)
+
+
+def run_mark_throttled(run_id: int, scheduled_run_id: int | None, reason: str) -> None:
+    """Record why the run waits. `published_at` moves too: the retry is a fresh publish, so the outbox
+    sweep does not take a waiting run for a lost message."""
+    reason = reason[:ERROR_SUMMARY_MAX]
+    with transaction.atomic():
+        Run.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(
+            error_summary=reason, published_at=Now()
+        )
+        if scheduled_run_id is not None:
+            ScheduledRun.objects.filter(pk=scheduled_run_id, status__in=_WAITING).update(
+                status=ScheduledRunStatus.THROTTLED, error_summary=reason, published_at=Now()
+            )
+
+
+def run_start(run_id: int, scheduled_run_id: int | None, *, worker: str, lease_seq: int | None) -> int | None:
+    """The at-most-once gate. Returns the new attempt, or None when the run is not ours to start.
+
+    `lease_seq` is the semaphore's grant number (worker/semaphore.py): the highest one among running
+    runs tells a Redis that came back behind the database (a restore, a failover) from a current one.
+    """
+    with transaction.atomic():
+        taken = Run.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(
+            status=RunStatus.RUNNING,
+            attempt=F("attempt") + 1,
+            started_at=Now(),
+            heartbeat_at=Now(),
+            finished_at=None,
+            worker=worker,
+            error_summary="",
+            lease_seq=lease_seq,
+        )
+        if not taken:
+            return None
+        if scheduled_run_id is not None:
+            mirrored = ScheduledRun.objects.filter(pk=scheduled_run_id, status__in=_WAITING).update(
+                status=ScheduledRunStatus.RUNNING,
+                started_at=Now(),
+                heartbeat_at=Now(),
+                finished_at=None,
+                worker=worker,
+                error_summary="",
+            )
+            if not mirrored:
+                # The slot was settled elsewhere (skipped, cancelled): do not run it behind its back.
+                transaction.set_rollback(True)
+                return None
+        return Run.objects.values_list("attempt", flat=True).get(pk=run_id)
+
+
+def run_heartbeat(run_id: int, scheduled_run_id: int | None, attempt: int) -> bool:
+    """Stamp heartbeat_at; False when the run is no longer ours (reaped, cancelled, finished elsewhere)."""
+    with transaction.atomic():
+        alive = Run.objects.filter(pk=run_id, status=RunStatus.RUNNING, attempt=attempt).update(
+            heartbeat_at=Now()
+        )
+        if alive and scheduled_run_id is not None:
+            ScheduledRun.objects.filter(pk=scheduled_run_id, status=ScheduledRunStatus.RUNNING).update(
+                heartbeat_at=Now()
+            )
+    return bool(alive)
+
+
+def run_finish(
+    run_id: int,
+    scheduled_run_id: int | None,
+    *,
+    status: str,
+    error_summary: str = "",
+    stats: dict[str, Any] | None = None,
+    attempt: int | None = None,
+    worker: str | None = None,
+) -> bool:
+    """End a running run, fenced by `attempt` (or `worker`), and mirror it; False if it was not ours."""
+    if attempt is None and worker is None:
+        raise ValueError("a finish is fenced by attempt or by worker")
+    error_summary = (error_summary or "")[:ERROR_SUMMARY_MAX]
+    fields: dict[str, Any] = {"status": status, "finished_at": Now(), "error_summary": error_summary}
+    if stats is not None:
+        fields["stats"] = stats
+        for counter in ("llm_calls", "llm_prompt_tokens", "llm_completion_tokens"):
+            if isinstance(stats.get(counter), int):
+                fields[counter] = stats[counter]
+    fence: dict[str, Any] = {"pk": run_id, "status": RunStatus.RUNNING}
+    if attempt is not None:
+        fence["attempt"] = attempt
+    if worker is not None:
+        fence["worker"] = worker
+    with transaction.atomic():
+        ended = Run.objects.filter(**fence).update(**fields)
+        if ended:
+            scheduled = ScheduledRun.objects.filter(status=ScheduledRunStatus.RUNNING)
+            scheduled = (
+                scheduled.filter(pk=scheduled_run_id)
+                if scheduled_run_id is not None
+                else scheduled.filter(run_id=run_id)
+            )
+            scheduled.update(status=status, finished_at=Now(), error_summary=error_summary)
+    return bool(ended)
+
+
+def running_lease_floor() -> int:
+    """The highest semaphore grant among running runs (1 for a running run from before grants had
+    numbers, 0 when nothing runs): a Redis whose grant counter is below it lost lease state."""
+    return Run.objects.filter(status=RunStatus.RUNNING).aggregate(
+        floor=Coalesce(Max(Coalesce("lease_seq", 1)), 0)
+    )["floor"]
+
+
+# --- outcomes kept in Redis while PostgreSQL was away ------------------------------------------------
+
+
+def apply_outcome(record: dict[str, Any]) -> bool:
+    """Write one recorded outcome, fenced as recorded; True if this call wrote it (False: the run had
+    ended otherwise, or was not that delivery's). Either way the record is settled."""
+    run_id = int(record["run_id"])
+    written = run_finish(
+        run_id,
+        record.get("scheduled_run_id"),
+        status=record["status"],
+        error_summary=record.get("error_summary") or "",
+        stats=record.get("stats"),
+        attempt=record.get("attempt"),
+        worker=record.get("worker"),
+    )
+    if written:
+        logger.info("recorded outcome written", extra={"run_id": run_id, "status": record["status"]})
+        _store_task_result(record)
+    return written
+
+
+def apply_pending_outcomes(run_ids: list[int] | None = None) -> list[int]:
+    """Write the outcomes workers kept in Redis while the database was away; return the runs settled.
+
+    A run whose row another session holds is left for the next pass (a short lock_timeout): a finish
+    stuck behind a lock must not stall the reaper of every scheduler behind it.
+    """
+    settled = []
+    for run_id, record in runleases.outcomes_pending(run_ids).items():
+        try:
+            with transaction.atomic():
+                with connection.cursor() as cursor:
+                    cursor.execute("SET LOCAL lock_timeout = '1s'")
+                apply_outcome(record)
+        except OperationalError as exc:
+            if getattr(exc.__cause__, "pgcode", None) == LOCK_NOT_AVAILABLE:
+                logger.info("recorded outcome waits for a row lock", extra={"run_id": run_id})
+                continue
+            raise
+        runleases.outcome_clear(run_id)
+        settled.append(run_id)
+    return settled
+
+
+def _store_task_result(record: dict[str, Any]) -> None:
+    """The run's TaskResult, when the worker's own store failed with the database away."""
+    task_id = record.get("task_id")
+    if not task_id:
+        return
+    try:
+        from project.celery import app
+
+        result = {"run_id": record["run_id"], "status": record["status"]}
+        if record.get("error_summary"):
+            result["error"] = record["error_summary"]
+        state = "SUCCESS" if record["status"] == RunStatus.SUCCEEDED else "FAILURE"
+        if state == "SUCCESS":
+            app.backend.store_result(task_id, result, state)
+        else:
+            app.backend.mark_as_failure(task_id, RuntimeError(record.get("error_summary") or "failed"))
+    except Exception:
+        logger.exception("could not store the task result", extra={"task_id": task_id})
+
+
+# --- reaping -------------------------------------------------------------------------------------------
+
+# Candidates: running with no database heartbeat for a lease. The heartbeat alone never condemns a run
+# (during a PostgreSQL outage live runs cannot stamp it); the Redis lease decides, below.
+_CANDIDATES_SQL = """
+SELECT id, attempt, worker, task_id FROM orchestrator_run
+ WHERE status = 'running'
+   AND COALESCE(heartbeat_at, started_at, created_at) < now() - make_interval(secs => %(lease)s)
+ ORDER BY id LIMIT 1000
+"""
+
+# One conditional UPDATE, safe with any number of reapers: fenced by attempt, skipping rows another
+# session holds (a worker's finish blocked on a lock must not stall a scheduler's loop).
+_REAP_SQL = """
+WITH dead AS (
+    SELECT r.id FROM orchestrator_run r
+      JOIN unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS v(id, attempt)
+        ON r.id = v.id AND r.attempt = v.attempt
+     WHERE r.status = 'running'
+       AND COALESCE(r.heartbeat_at, r.started_at, r.created_at) < now() - make_interval(secs => %(lease)s)
+       FOR UPDATE OF r SKIP LOCKED
+)
+UPDATE orchestrator_run r
+   SET status = 'failed', finished_at = now(), error_summary = %(summary)s
+  FROM dead WHERE r.id = dead.id
+RETURNING r.id, r.worker, r.task_id
+"""
+
+_REAP_MIRROR_SQL = """
+UPDATE schedules_scheduledrun
+   SET status = 'failed', finished_at = now(), error_summary = %(summary)s
+ WHERE run_id = ANY(%(run_ids)s) AND status = 'running'
+"""
+
+
+def reap_lost_runs() -> list[int]:
+    """Fail runs whose worker is gone (their liveness lease expired); return their ids.
+
+    First writes the outcomes workers recorded in Redis, so a run that ended during a PostgreSQL outage
+    gets its own outcome, not "worker lost". Raises redis.RedisError when Redis cannot be asked: then
+    nothing is reaped (a run is never failed on the database's word alone).
+    """
+    apply_pending_outcomes()
+    lease = runleases.lease_seconds()
+    with connection.cursor() as cursor:
+        cursor.execute(_CANDIDATES_SQL, {"lease": lease})
+        candidates = cursor.fetchall()
+    if not candidates or not runleases.liveness_trusted():
+        return []
+    alive = runleases.runs_alive([row[0] for row in candidates])
+    dead = [row for row in candidates if row[0] not in alive]
+    if not dead:
+        return []
+    # A worker that ended its run while the database was away recorded the outcome before it let its
+    # lease go: look once more, after the liveness check.
+    settled = set(apply_pending_outcomes([row[0] for row in dead]))
+    dead = [row for row in dead if row[0] not in settled]
+    if not dead:
+        return []
+    summary = f"{WORKER_LOST} (lease of {lease:g}s expired)"
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            _REAP_SQL,
+            {
+                "ids": [row[0] for row in dead],
+                "attempts": [row[1] for row in dead],
+                "lease": lease,
+                "summary": summary,
+            },
+        )
+        reaped = cursor.fetchall()
+        if reaped:
+            cursor.execute(_REAP_MIRROR_SQL, {"summary": summary, "run_ids": [row[0] for row in reaped]})
+    for run_id, worker, task_id in reaped:
+        logger.warning("run reaped: worker lost", extra={"run_id": run_id, "worker": worker})
+        _mark_task_lost(task_id)
+    return [row[0] for row in reaped]
+
+
+def _mark_task_lost(task_id: str) -> None:
+    """The TaskResult of a run whose whole worker died would say nothing (or STARTED) forever."""
+    if not task_id:
+        return
+    try:
+        from billiard.exceptions import WorkerLostError
+
+        from project.celery import app
+
+        app.backend.mark_as_failure(task_id, WorkerLostError(WORKER_LOST))
+    except Exception:
+        logger.exception("could not mark the task result failed", extra={"task_id": task_id})
