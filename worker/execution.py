@@ -299,7 +299,7 @@ class Heartbeat:
                     )
                     connection.close()
                     continue
-                if not alive:
+                if not alive and not self._stop.is_set():
                     self.stop_run("stopped: the run is no longer ours (reaped, cancelled or ended)")
                     return
         finally:
@@ -534,6 +534,11 @@ def _settle(
             runleases.outcome_clear(run_id)
         except redis.RedisError:
             pass  # a reaper finds the run ended and clears it
+    if not ended and recorded:
+        # A reaper may have written our own recorded outcome first (the database just came back).
+        ended = Run.objects.filter(
+            pk=run_id, attempt=attempt, status=status, error_summary=summary[:ERROR_SUMMARY_MAX]
+        ).exists()
     return ended
 
 
