@@ -133,6 +133,16 @@ class WakeListener:
                 pass
 
 
+def _interruption(exc: BaseException) -> BaseException | None:
+    """The SystemExit or KeyboardInterrupt an exception was raised while handling, if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, SystemExit | KeyboardInterrupt):
+            return seen
+        seen = seen.__context__
+    return None
+
+
 class DatabaseScheduler(Scheduler):
     """The beat loop over `Schedule` rows: claim, dispatch, sweep, sleep until due (capped)."""
 
@@ -296,8 +306,18 @@ class DatabaseScheduler(Scheduler):
                 return 0.0  # more may be due right now
             until_due = seconds_until_due()
         except (OperationalError, InterfaceError) as exc:
+            if _interruption(exc) is not None:
+                self.request_stop()
+                raise _interruption(exc) from exc
             return self._database_unreachable(exc)
-        except Exception:
+        except Exception as exc:
+            stop = _interruption(exc)
+            if stop is not None:
+                # Celery beat's SIGTERM raises SystemExit wherever the loop is; inside a transaction's
+                # exit it resurfaces as a ProgrammingError that must not swallow the stop (found by
+                # tests/acceptance/test_scheduler_loop.py: beat kept running after SIGTERM).
+                self.request_stop()
+                raise stop from exc
             # A bug or an unexpected server error must not kill the loop: claims expire by themselves
             # and the next pass starts clean.
             logger.exception("scheduler pass failed", extra={"claimant": self.claimant})

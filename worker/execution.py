@@ -145,24 +145,17 @@ def rebuild_leases() -> int:
 
 def semaphore_take(caps: list[Cap], *, owner: str, run_id: int, due) -> Grant:
     """Acquire the run's caps; a Redis behind the database is rebuilt first, then asked again."""
-    grant = semaphore_acquire(
-        caps,
-        owner=owner,
-        waiter=waiter_id(run_id),
-        due=due,
-        run_id=run_id,
-        floor=runstate.running_lease_floor(),
-    )
+
+    def acquire() -> Grant:
+        floor = runstate.running_lease_floor()
+        return semaphore_acquire(
+            caps, owner=owner, waiter=waiter_id(run_id), due=due, run_id=run_id, floor=floor
+        )
+
+    grant = acquire()
     if grant.rebuild:
         rebuild_leases()
-        grant = semaphore_acquire(
-            caps,
-            owner=owner,
-            waiter=waiter_id(run_id),
-            due=due,
-            run_id=run_id,
-            floor=runstate.running_lease_floor(),
-        )
+        grant = acquire()
     return grant
 
 
