@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
+from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -253,14 +254,21 @@ def _times(run_id: int) -> tuple[datetime | None, datetime | None]:
     return Run.objects.values_list("started_at", "finished_at").get(pk=run_id)
 
 
-def test_redis_restored_from_idle_snapshot__no_third_run_starts_until_one_of_two_ends(tmp_path):
+def test_redis_restored_from_idle_snapshot__no_third_run_starts_until_one_of_two_ends(redis_client, tmp_path):
+    """The semaphores' Redis goes back to an old snapshot (a restore, a failover to a replica that missed
+    writes): its grant counter and keys are there, the pair's leases are not. The broker is another Redis
+    and stays up, so the third run keeps asking for a slot right through the restore, as it would in
+    production; the old warm-up keyed on a missing epoch key only and let it in."""
     server = PrivateRedis(data_dir=tmp_path / "redis")
     server.start()
     dump = tmp_path / "redis" / "dump.rdb"  # where SAVE writes and a start reads
     snapshot = tmp_path / "idle.rdb"
     schedule = _capped_schedule("redis-snapshot")
     tag = uuid.uuid4().hex
-    env = {"REDIS_URL": server.url, "CELERY_BROKER_URL": server.url, TAG_ENV: tag}
+    broker = settings.CELERY_BROKER_URL  # the test Redis, emptied by the redis_client fixture
+    # A longer lease: the old gap (until the pair's next heartbeat re-asserts its leases) is wide enough
+    # for the third run's retries, which come every few tenths of a second, to fall into it.
+    env = {"REDIS_URL": server.url, "CELERY_BROKER_URL": broker, "WORKER_LEASE_SECONDS": "8", TAG_ENV: tag}
     worker = None
     try:
         # Three pool processes: the third run is delivered and would execute if the caps let it.
@@ -268,7 +276,7 @@ def test_redis_restored_from_idle_snapshot__no_third_run_starts_until_one_of_two
         with ProcSampler(tag) as procs:
             # One short capped run, so the semaphore's keys exist, then a snapshot with nothing running.
             warm = _launch_waiting(schedule, "0.1")
-            _publish(server.url, [warm])
+            _publish(broker, [warm])
             wait_for(lambda: _statuses([warm]) == {warm.run_id: "succeeded"}, timeout=60, what="warm-up run")
             wait_for(lambda: not procs.now(), timeout=10, what="nothing executing")
             assert not Run.objects.filter(status="running").exists()
@@ -277,7 +285,7 @@ def test_redis_restored_from_idle_snapshot__no_third_run_starts_until_one_of_two
             shutil.copy(dump, snapshot)
 
             items = [_launch_waiting(schedule, "12") for _ in range(3)]
-            _publish(server.url, items)
+            _publish(broker, items)
             ids = {item.run_id for item in items}
 
             def two_running() -> set[int] | None:
