@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -21,9 +20,11 @@ from django.conf import settings
 from django.db import connection
 from django.db.models import F
 
+from orchestrator import taskrunner
 from orchestrator.jobs.registry import TaskContext, TaskSpec, get_job_spec
 from orchestrator.models import Directive, Job, Run, RunStatus, Task3Scope, Trigger
 from orchestrator.taskprocs import runner_argv
+from orchestrator.template import TemplateUnavailable, task_template
 
 logger = logging.getLogger(__name__)
 
@@ -322,13 +323,14 @@ def run_task_in_child(
     run_timeout: int,
     fence: TaskFence | None = None,
 ) -> TaskOutcome:
-    """Run one task in a fresh `python -m orchestrator.taskrunner` and wait for it, at most `time_limit`.
+    """Run one task in a fresh process forked from this process's task template; wait `time_limit`.
 
-    The child leads its own process group; whatever happens here (success, timeout, an exception in
-    this process such as Celery's soft time limit), the group is killed before returning, so neither
-    the child nor anything it started outlives the task.
+    The task process leads its own process group; whatever happens here (success, timeout, an exception
+    in this process such as Celery's soft time limit), the group is killed before returning, so neither
+    the task process nor anything it started outlives the task. The template's start-up, paid once per
+    pool process, counts against the limit of the task that needed it.
     """
-    payload_path = os.path.join(ctx.work_dir, f"task{index}.in.json")
+    deadline = time.monotonic() + max(time_limit, 0.1)
     result_path = os.path.join(ctx.work_dir, f"task{index}.out.json")
     payload = {
         "task_ref": task.ref,
@@ -340,47 +342,47 @@ def run_task_in_child(
         "db_name": connection.settings_dict["NAME"],
         "settings": _child_settings(),
     }
-    with open(payload_path, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh)
+    argv = runner_argv(run_id=ctx.run_id, job_key=ctx.job_key, task=task.name)
     _become_subreaper()
-    env = dict(os.environ)
-    # Under override_settings SETTINGS_MODULE reads None; the environment names the module then.
-    env["DJANGO_SETTINGS_MODULE"] = env.get("DJANGO_SETTINGS_MODULE") or settings.SETTINGS_MODULE
-    with open(payload_path, "rb") as stdin:
-        proc = subprocess.Popen(
-            [sys.executable, *runner_argv(run_id=ctx.run_id, job_key=ctx.job_key, task=task.name)],
-            stdin=stdin,
-            cwd=str(settings.BASE_DIR),
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-        )
-    timed_out = False
-    if fence is not None:
-        fence.enter(proc.pid)
     try:
-        proc.wait(timeout=max(time_limit, 0.1))
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        template = task_template(deadline=deadline)
+        pid = template.fork_task(
+            title=" ".join([sys.executable, *argv]),
+            argv=[taskrunner.__file__, *argv[2:]],
+            payload=payload,
+            deadline=deadline,
+        )
+    except TimeoutError:
+        return TaskOutcome(False, "timed_out", f"time limit reached (run timeout {run_timeout}s)")
+    except TemplateUnavailable as exc:
+        logger.error("task template unavailable", extra={"task": task.name, "error": str(exc)})
+        return TaskOutcome(False, "crashed", "task process could not be started (task template unavailable)")
+    code: int | None = None
+    lost = False
+    if fence is not None:
+        fence.enter(pid)
+    try:
+        code = template.wait_exit(pid, deadline)
+    except TemplateUnavailable:
+        lost = True  # its guardian took the group down with it; the kill below makes sure
     finally:
         # Always: on timeout this ends the task; after a normal exit it reaps anything it left running;
         # on an exception in this process (a soft time limit, a signal) it keeps the task from outliving us.
-        _kill_group(proc.pid)
-        proc.wait()
+        _kill_group(pid)
+        template.forget(pid)
         if fence is not None:
-            fence.leave(proc.pid)
-    if timed_out:
-        return TaskOutcome(
-            False, "timed_out", f"time limit reached (run timeout {run_timeout}s)", pid=proc.pid
-        )
+            fence.leave(pid)
+    if code is None and not lost:
+        return TaskOutcome(False, "timed_out", f"time limit reached (run timeout {run_timeout}s)", pid=pid)
     try:
         with open(result_path, encoding="utf-8") as fh:
             outcome = json.load(fh)
     except (OSError, ValueError):
         outcome = None
     if outcome is None:
-        code = proc.returncode
-        if code < 0:
+        if code is None:
+            summary = "child process lost (its task template process died)"
+        elif code < 0:
             try:
                 name = signal.Signals(-code).name
             except ValueError:
@@ -390,8 +392,8 @@ def run_task_in_child(
                 summary = f"CPU time limit reached (run timeout {run_timeout}s)"
         else:
             summary = f"child process exited with code {code} without a result"
-        return TaskOutcome(False, "crashed", summary, pid=proc.pid)
-    pid = outcome.get("pid") if isinstance(outcome.get("pid"), int) else proc.pid
+        return TaskOutcome(False, "crashed", summary, pid=pid)
+    pid = outcome.get("pid") if isinstance(outcome.get("pid"), int) else pid
     if not outcome.get("ok"):
         return TaskOutcome(False, "failed", str(outcome.get("summary") or "error")[:300], pid=pid)
     return TaskOutcome(True, "succeeded", result=outcome.get("result") or {}, pid=pid)

@@ -1,9 +1,11 @@
 """What is executing, as the operating system sees it: the task process groups of runs, read from /proc.
 
-Every task of a run executes in a process group of its own, led by `python -m orchestrator.taskrunner
---run-id N --job KEY --task NAME` (see orchestrator/services.py). Whatever the task starts stays in that
-group, so the group is the run's footprint on the host, whatever the database says. Tests, the soak and
-operators count live runs here rather than trusting the rows the code under test writes.
+Every task of a run executes in a process group of its own, led by a process labelled `python -m
+orchestrator.taskrunner --run-id N --job KEY --task NAME` (see orchestrator/services.py): its argv when
+exec'd, or its title when forked from a task template (orchestrator/template.py), which /proc shows as
+one string with spaces (job keys are slugs; task names have no spaces either). Whatever the task starts
+stays in that group, so the group is the run's footprint on the host, whatever the database says. Tests,
+the soak and operators count live runs here rather than trusting the rows the code under test writes.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class TaskGroup:
 
 
 def runner_argv(*, run_id: int, job_key: str, task: str) -> list[str]:
-    """The arguments after `python`: they only label the process (the payload comes on stdin)."""
+    """The arguments after `python`, also a forked task's title: they only label the process."""
     return ["-m", RUNNER_MODULE, "--run-id", str(run_id), "--job", job_key, "--task", task]
 
 
@@ -44,11 +46,12 @@ def _read_stat(pid: str) -> tuple[str, int] | None:
 
 
 def _read_cmdline(pid: str) -> list[str]:
+    """The words of a process's command line, whether argv (NUL-separated) or a title (one string)."""
     try:
         raw = (PROC / pid / "cmdline").read_bytes()
     except OSError:
         return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+    return raw.decode(errors="replace").replace("\0", " ").split()
 
 
 def _labels(argv: list[str]) -> dict[str, str] | None:

@@ -1,19 +1,24 @@
-"""The child process that runs one task of a run, then exits: `python -m orchestrator.taskrunner`.
+"""The process that runs one task of a run, then exits.
 
-`OrchestratorService.execute` starts one of these per task (DESIGN 7: per-task workers stay ephemeral).
-Protocol: a JSON payload on stdin; the outcome is written as JSON to the payload's `result_path`:
+`OrchestratorService.execute` starts one of these per task (DESIGN 7: per-task workers stay ephemeral):
+forked from the pool process's task template (orchestrator/template.py, which imported Django and the
+job modules once) and entering `run_forked`. `python -m orchestrator.taskrunner` runs the same code in
+an exec'd process (`main`, the payload on stdin), for debugging a task by hand.
+Protocol: the outcome is written as JSON to the payload's `result_path`:
 `{"ok": true, "result": {...}}` or `{"ok": false, "error": "<exception type>", "summary": "<short>"}`.
 Exit code 0 with ok, 1 with a task error; anything else (a signal, no result file) is a crash.
 
-The process the worker starts is the *guardian*: it leads the task's process group (its own session),
+The process started per task is the *guardian*: it leads the task's process group (its own session),
 forks the *runner* that executes the task, and waits. Whatever the task starts stays in that group. The
-guardian's parent-death signal is SIGTERM, which it answers by SIGKILLing the whole group, itself
-included: so when the worker's pool process dies (SIGKILL, OOM), nothing of the task survives, not even
-a grandchild (a parent-death signal alone reaches only the direct child). The runner has a SIGKILL
-parent-death signal on the guardian, in case the guardian itself is killed.
+guardian's parent-death signal (on the template, or on the pool process when exec'd) is SIGTERM, which
+it answers by SIGKILLing the whole group, itself included: so when the pool process dies (SIGKILL, OOM)
+and its template with it, nothing of the task survives, not even a grandchild (a parent-death signal
+alone reaches only the direct child). The runner has a SIGKILL parent-death signal on the guardian, in
+case the guardian itself is killed.
 
-The argv (`--run-id N --job KEY --task NAME`) only labels the processes for `ps` and /proc readers
-(orchestrator/taskprocs.py); the payload comes on stdin.
+The title (`python -m orchestrator.taskrunner --run-id N --job KEY --task NAME`, set with setproctitle in
+a forked guardian, the argv when exec'd) only labels the processes for `ps` and /proc readers
+(orchestrator/taskprocs.py); the runner inherits it.
 
 The limits are set in the runner, first thing: an address-space limit (a runaway allocation raises
 MemoryError instead of pushing the worker host into the OOM killer), a CPU-time backstop, no core files.
@@ -96,15 +101,24 @@ def _set_limits(memory_limit_mb: int, cpu_seconds: int) -> None:
 
 def _setup_django(db_name: str, overrides: dict[str, Any]) -> None:
     import django
+    from django.apps import apps
     from django.conf import settings
 
     # The parent may run against another database (the test database) or settings changed at runtime;
     # the child uses exactly the parent's values, applied before the first connection opens.
     settings.DATABASES["default"]["NAME"] = db_name
-    # A task needs the ORM for the orchestrator's own models only. Loading just that app (no admin, DRF,
-    # Celery results, scheduler) halves the child's start-up, which every task of every run pays.
-    settings.INSTALLED_APPS = ["django.contrib.contenttypes", "orchestrator"]
-    django.setup()
+    if not apps.ready:  # exec'd; a forked task has Django set up by its template
+        # A task needs the ORM for the orchestrator's own models only. Loading just that app (no admin,
+        # DRF, Celery results, scheduler) halves the start-up.
+        settings.INSTALLED_APPS = ["django.contrib.contenttypes", "orchestrator"]
+        django.setup()
+    from django.db import connections
+
+    default = connections["default"]
+    if default.connection is not None:
+        # Never the template's (it holds none): a connection shared across a fork corrupts both ends.
+        raise RuntimeError("a task process inherited an open database connection")
+    default.settings_dict["NAME"] = db_name
     for name, value in overrides.items():
         setattr(settings, name, value)
 
@@ -125,10 +139,31 @@ def _write(path: str, outcome: dict[str, Any]) -> None:
 
 
 def main() -> int:
+    """Exec'd: the payload on stdin, the guardian's parent the pool process."""
     payload = json.loads(sys.stdin.read())
     runner = _guard(payload["parent_pid"])
     if runner:
         return _wait_runner(runner)
+    return _run_task(payload)
+
+
+def run_forked(payload: dict[str, Any], *, title: str, argv: list[str], template_pid: int) -> int:
+    """Forked from the task template, just after its setsid(): become the guardian, fork the runner.
+
+    Returns the exit code for `os._exit` (the caller never returns into the template's loop).
+    """
+    import setproctitle
+
+    setproctitle.setproctitle(title)
+    sys.argv = argv  # as if exec'd: whatever reads its own argv (statement counters, logs) sees a task
+    runner = _guard(template_pid)
+    if runner:
+        return _wait_runner(runner)
+    return _run_task(payload)
+
+
+def _run_task(payload: dict[str, Any]) -> int:
+    """The runner: limits first, then the task; the outcome goes to the result file."""
     _set_limits(payload["memory_limit_mb"], payload["cpu_seconds"])
     result_path = payload["result_path"]
     try:

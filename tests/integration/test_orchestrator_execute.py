@@ -1,5 +1,9 @@
 """OrchestratorService.execute: each task in a fresh child process, with time and memory limits.
 
+The child processes are forked from this process's task template (orchestrator/template.py), which
+lives on between tests as it lives on in a pool process; tests/integration/test_task_template.py covers
+the template itself.
+
 Children run against the test database, so these tests commit (transaction=True).
 """
 
@@ -18,6 +22,7 @@ from django.conf import settings
 from orchestrator.jobs.registry import register, unregister
 from orchestrator.models import Job, Run
 from orchestrator.services import OrchestratorService, TaskFailed
+from orchestrator.template import running_template_pid
 from tests.integration.orchestrator_jobs_for_tests import JOBS
 from tests.support import process_env, wait_for
 
@@ -80,7 +85,7 @@ def test_execute__runs_each_task_in_its_own_child_that_exits(test_jobs, tmp_path
     assert os.getpid() not in pids
     assert pids_in(tmp_path / "pids") == [tasks["first"]["pid"]]
     assert not any(alive(pid) for pid in pids)
-    assert children_of(os.getpid()) == []
+    assert children_of(os.getpid()) == [running_template_pid()]  # the template forks; it runs no task
     # Numbers are counted; text never reaches stats.
     assert tasks["middle"]["items"] == 3
     assert tasks["middle"]["ratio"] == 0.5
@@ -100,7 +105,7 @@ def test_execute__overrunning_task_is_killed_with_its_children(test_jobs, tmp_pa
     child, grandchild = pids_in(tmp_path / "pids")
     assert not alive(child)
     assert not alive(grandchild)
-    assert children_of(os.getpid()) == []
+    assert [pid for pid in children_of(os.getpid()) if pid != running_template_pid()] == []
 
 
 def test_execute__crashing_task_fails_the_run_with_the_signal(test_jobs, tmp_path):
@@ -150,13 +155,19 @@ def test_execute__task_dies_when_the_worker_is_hard_killed(test_jobs, tmp_path):
     )
     try:
         wait_for(lambda: len(pids_in(tmp_path / "pids")) == 2, timeout=60, what="the hanging task started")
-        child, _grandchild = pids_in(tmp_path / "pids")
+        child, grandchild = pids_in(tmp_path / "pids")
         assert alive(child)
+        (template,) = children_of(worker.pid)  # the task was forked from it, not by the worker
 
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=30)
 
-        wait_for(lambda: not alive(child), timeout=30, what="the task died with its worker")
+        wait_for(
+            lambda: not alive(child) and not alive(grandchild) and not alive(template),
+            timeout=2,
+            interval=0.02,
+            what="the task, what it started and the template gone within 2 s of the worker",
+        )
         assert [p.name[:7] for p in (tmp_path / "tmp").iterdir()] == ["cb-run-"]
     finally:
         for pid in [worker.pid, *pids_in(tmp_path / "pids")]:

@@ -1,0 +1,412 @@
+"""The task template: a process that imported Django, the orchestrator and the job modules once, and
+forks one fresh process per task (DESIGN 7: per-task workers stay ephemeral; fork, don't exec).
+
+Exec'ing `python -m orchestrator.taskrunner` for every task re-imports Django each time (about 0.3 s of
+CPU, three times a run). Instead each pool process starts one template, lazily at its first task, with
+`python -m orchestrator.template` (a clean exec: it inherits no database or Redis socket of the pool
+process) and asks it over a socketpair to fork each task's guardian. The guardian is the same as in
+orchestrator/taskrunner.py: it leads a new session and process group, forks the runner, waits.
+
+Lifetimes, so that nothing outlives the pool process:
+- the template has a parent-death signal on the pool process (SIGTERM, answered by SIGKILLing every task
+  group it forked, then exiting); it also exits so when the pool process closes its end of the channel;
+- each guardian has a parent-death signal on the template (taskrunner._guard), so a template killed with
+  SIGKILL still takes every task group down with it;
+- the template is a child subreaper and reaps everything below it: it reports each guardian's exit
+  status to the pool process, and orphans of a task group do not linger as zombies. A dead template is
+  replaced before the next task (`task_template`).
+
+The template holds no database connection (checked after the imports) and no socket but the channel;
+the forked task closes the channel first, so its Django connections are its own, opened after the fork
+to the database the pool process names in the payload.
+
+Protocol: JSON lines. Pool process -> template: `{"fork": {"title", "argv", "payload"}}`. Template ->
+pool process: `{"ready": pid}` once, then `{"forked": pid}` per request (after the guardian's setsid(),
+so its pgid exists) or `{"error": "..."}`, and `{"exited": pid, "code": n}` per guardian that ended
+(`n` as `Popen.returncode`: negative for a signal).
+
+A template started from a thread other than the pool process's main thread dies when that thread ends
+(the parent-death signal follows the forking thread): the worker runs tasks on its main thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+TEMPLATE_MODULE = "orchestrator.template"
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+# Room in the template's argv for the task titles of its children. setproctitle may only rewrite the
+# argv area (SPT_NOENV): clobbering the environment area too would blank /proc/<pid>/environ, which the
+# soak and the chaos tests read to tell their task groups from other tests'.
+_TITLE_ROOM = 1024
+
+
+class TemplateUnavailable(RuntimeError):
+    """The template process could not be started, or died: the task it was running is lost."""
+
+
+# --- pool process side -----------------------------------------------------------------------------------
+
+
+class TaskTemplate:
+    """The pool process's handle on its template: start it, have it fork a task, collect exit codes."""
+
+    def __init__(self, proc: subprocess.Popen, sock: socket.socket) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.owner_pid = os.getpid()
+        self._sock = sock
+        self._buffer = b""
+        self._lock = threading.Lock()
+        self._waiting: set[int] = set()
+        self._exited: dict[int, int] = {}
+        self._closed = False
+
+    @classmethod
+    def start(cls, *, timeout: float, preload: list[str]) -> TaskTemplate:
+        from django.conf import settings
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        # Under override_settings SETTINGS_MODULE reads None; the environment names the module then.
+        env["DJANGO_SETTINGS_MODULE"] = env.get("DJANGO_SETTINGS_MODULE") or settings.SETTINGS_MODULE
+        env["SPT_NOENV"] = "1"
+        try:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    TEMPLATE_MODULE,
+                    str(os.getpid()),
+                    str(theirs.fileno()),
+                    ",".join(preload),
+                    " " * _TITLE_ROOM,
+                ],
+                stdin=subprocess.DEVNULL,
+                cwd=str(settings.BASE_DIR),
+                env=env,
+                pass_fds=(theirs.fileno(),),
+                # Its own session: a Ctrl-C meant for the worker's terminal must not reach it.
+                start_new_session=True,
+                close_fds=True,
+            )
+        finally:
+            theirs.close()
+        template = cls(proc, ours)
+        try:
+            message = template._read(time.monotonic() + timeout)
+        except BaseException:
+            template.close()
+            raise
+        if message is None or "ready" not in message:
+            template.close()
+            if message is None:
+                raise TimeoutError("the task template did not start in time")
+            raise TemplateUnavailable(f"unexpected message from the task template: {message}")
+        return template
+
+    def alive(self) -> bool:
+        return not self._closed and self.owner_pid == os.getpid() and self.proc.poll() is None
+
+    def fork_task(self, *, title: str, argv: list[str], payload: dict[str, Any], deadline: float) -> int:
+        """Fork a task's guardian; its pid, which is also its process group's id."""
+        request = json.dumps({"fork": {"title": title, "argv": argv, "payload": payload}}).encode() + b"\n"
+        with self._lock:
+            try:
+                self._sock.sendall(request)
+                while True:
+                    message = self._read(deadline)
+                    if message is None:
+                        # Too slow to even fork: the template is unusable (a late guardian would run
+                        # unsupervised), so it goes, and every group it forked with it.
+                        self.close()
+                        raise TimeoutError("the task template did not fork in time")
+                    if "forked" in message:
+                        pid = int(message["forked"])
+                        self._waiting.add(pid)
+                        return pid
+                    if "error" in message:
+                        raise TemplateUnavailable(f"the task template could not fork: {message['error']}")
+                    self._file(message)
+            except BaseException:
+                # Whatever interrupted the exchange (a soft time limit, a signal, EOF), the stream is
+                # at an unknown point: this template is not trusted again.
+                self.close()
+                raise
+
+    def wait_exit(self, pid: int, deadline: float) -> int | None:
+        """The guardian's exit code (negative: the signal that killed it), or None at the deadline."""
+        with self._lock:
+            try:
+                while pid not in self._exited:
+                    message = self._read(deadline)
+                    if message is None:
+                        return None
+                    self._file(message)
+            except BaseException:
+                self.close()
+                raise
+            self._waiting.discard(pid)
+            return self._exited.pop(pid)
+
+    def forget(self, pid: int) -> None:
+        """Stop waiting for this guardian: its exit report, when it comes, is dropped."""
+        with self._lock:
+            self._waiting.discard(pid)
+            self._exited.pop(pid, None)
+
+    def _file(self, message: dict[str, Any]) -> None:
+        if "exited" in message:
+            pid = int(message["exited"])
+            if pid in self._waiting:
+                self._exited[pid] = int(message["code"])
+
+    def _read(self, deadline: float) -> dict[str, Any] | None:
+        """The next message; None at the deadline; TemplateUnavailable once the template is gone."""
+        while True:
+            line, sep, rest = self._buffer.partition(b"\n")
+            if sep:
+                self._buffer = rest
+                return json.loads(line)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            ready, _, _ = select.select([self._sock], [], [], remaining)
+            if not ready:
+                return None
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                self.close()
+                raise TemplateUnavailable("the task template process exited")
+            self._buffer += chunk
+
+    def close(self) -> None:
+        """Close the channel and end the template (it kills any task group it still has)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._sock.close()
+        if self.owner_pid != os.getpid():
+            return  # a forked copy of the handle: the template belongs to the process that started it
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(timeout=5)  # it exits by itself once the channel is closed
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+_template: TaskTemplate | None = None
+_template_lock = threading.Lock()
+
+
+def task_template(*, deadline: float) -> TaskTemplate:
+    """This process's live template, started (or replaced, if it died) on demand."""
+    global _template
+    with _template_lock:
+        if _template is not None and not _template.alive():
+            _template.close()
+            _template = None
+        if _template is None:
+            from orchestrator.jobs.registry import all_job_specs
+
+            modules = sorted({task.func.__module__ for spec in all_job_specs() for task in spec.tasks})
+            _template = TaskTemplate.start(timeout=max(deadline - time.monotonic(), 0.1), preload=modules)
+        return _template
+
+
+def running_template_pid() -> int | None:
+    """The pid of this process's template, if it has a live one (tests tell it from task processes)."""
+    template = _template
+    return template.pid if template is not None and template.alive() else None
+
+
+# --- template side ---------------------------------------------------------------------------------------
+
+
+def _prctl(option: int, value: int) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _Template:
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = channel
+        self.pid = os.getpid()
+        self.guardians: set[int] = set()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+
+    def kill_all_and_exit(self, signum: int = 0, frame: object = None) -> None:
+        for pid in list(self.guardians):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        os._exit(0)
+
+    def send(self, message: dict[str, Any]) -> None:
+        try:
+            self.channel.sendall(json.dumps(message).encode() + b"\n")
+        except OSError:
+            self.kill_all_and_exit()
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.guardians:
+                self.guardians.discard(pid)
+                self.send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
+
+    def fork(self, request: dict[str, Any]) -> None:
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 70
+            try:
+                os.close(ready_r)
+                os.setsid()
+                self._become_task_process()
+                os.write(ready_w, b"\0")
+                os.close(ready_w)
+                from orchestrator import taskrunner
+
+                code = taskrunner.run_forked(
+                    request["payload"], title=request["title"], argv=request["argv"], template_pid=self.pid
+                )
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        self.guardians.add(pid)
+        os.close(ready_w)
+        # Answer once the guardian leads its group: the pool process signals the group by this pid.
+        started = os.read(ready_r, 1) == b"\0"
+        os.close(ready_r)
+        if started:
+            self.send({"forked": pid})
+        else:
+            self.send({"error": "the forked task process died before it started"})
+
+    def _become_task_process(self) -> None:
+        """In the fork: drop what is the template's (its channel, its signal handling)."""
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.channel.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    def serve(self) -> None:
+        buffer = b""
+        while True:
+            try:
+                ready, _, _ = select.select([self.channel, self.wake_r], [], [])
+            except InterruptedError:
+                continue
+            if self.wake_r in ready:
+                try:
+                    os.read(self.wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            self.reap()
+            if self.channel not in ready:
+                continue
+            chunk = self.channel.recv(65536)
+            if not chunk:
+                self.kill_all_and_exit()  # the pool process is gone or let us go
+            buffer += chunk
+            while b"\n" in buffer:
+                line, _, buffer = buffer.partition(b"\n")
+                request = json.loads(line)
+                if "fork" in request:
+                    self.fork(request["fork"])
+
+
+def _preload(modules: list[str]) -> None:
+    """Import once what every task would import: Django, the ORM, the job modules. Open nothing."""
+    import importlib
+    import logging
+
+    import django
+    from django.conf import settings
+
+    # As in the exec'd child (taskrunner._setup_django): a task needs the orchestrator's models only.
+    settings.INSTALLED_APPS = ["django.contrib.contenttypes", "orchestrator"]
+    django.setup()
+    from django.db import connections
+    from django.db.utils import load_backend
+
+    load_backend(settings.DATABASES["default"]["ENGINE"])
+    from orchestrator.jobs import registry
+
+    log = logging.getLogger("orchestrator.template")
+    try:
+        registry.all_job_specs()
+    except Exception as exc:
+        # The task that needs the broken module fails in its own process, as it did before preloading.
+        log.warning(
+            "job registry could not be loaded in the task template", extra={"error": type(exc).__name__}
+        )
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            log.warning(
+                "job module could not be preloaded", extra={"module": name, "error": type(exc).__name__}
+            )
+    # Nothing above should connect; if anything did, the forks must not share it.
+    for conn in connections.all(initialized_only=True):
+        conn.close()
+        if conn.connection is not None:
+            raise RuntimeError("the task template holds a database connection")
+
+
+def main(argv: list[str]) -> None:
+    pool_pid, channel_fd, modules = int(argv[0]), int(argv[1]), [m for m in argv[2].split(",") if m]
+    channel = socket.socket(fileno=channel_fd)
+    template = _Template(channel)
+    signal.signal(signal.SIGTERM, template.kill_all_and_exit)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    # The pool process may have died before prctl ran: then the signal never comes.
+    if os.getppid() != pool_pid:
+        os._exit(0)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    import setproctitle
+
+    setproctitle.setproctitle(f"{sys.executable} -m {TEMPLATE_MODULE} --pool-pid {pool_pid}")
+    _preload(modules)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.set_wakeup_fd(template.wake_w)
+    template.send({"ready": template.pid})
+    template.serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,282 @@
+"""The task template (orchestrator/template.py): tasks are forked from it, and stay ephemeral and fenced.
+
+Real processes throughout. The task functions below are module-level: the forked runner imports this
+module by name, as it imports any job's module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from orchestrator.jobs.registry import JobSpec, TaskContext, TaskSpec, register, unregister
+from orchestrator.models import Job, Run
+from orchestrator.services import OrchestratorService, TaskFailed
+from orchestrator.taskprocs import live_task_groups
+from orchestrator.template import running_template_pid
+from tests.support import wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+# --- tasks (run in the forked runner) ---------------------------------------------------------------
+
+
+def _socket_inodes(*, from_fd: int = 0) -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        if int(fd) < from_fd:
+            continue
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            found.append(target)
+    return found
+
+
+def report_process(ctx: TaskContext) -> dict[str, Any]:
+    """What the task process is: its pids, the sockets it started with, the connection it opens."""
+    inherited = _socket_inodes(from_fd=3)  # 0-2 are the worker's stdio, whatever they are
+    from django.db import connection as task_connection
+
+    with task_connection.cursor() as cursor:
+        cursor.execute("SELECT current_database(), pg_backend_pid()")
+        database, backend_pid = cursor.fetchone()
+    line = {
+        "task": ctx.job_key,
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "pgid": os.getpgrp(),
+        "inherited_sockets": inherited,
+        "database": database,
+        "backend_pid": backend_pid,
+        "cmdline": Path("/proc/self/cmdline").read_bytes().decode().replace("\0", " ").strip(),
+    }
+    with open(ctx.directive_text, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(line) + "\n")
+    return {}
+
+
+def start_daemon_and_return(ctx: TaskContext) -> dict[str, Any]:
+    """Leaves a detached grandchild behind (its parent exits first) and succeeds."""
+    daemon = subprocess.Popen(
+        ["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"], stdout=subprocess.PIPE, text=True
+    )
+    out, _ = daemon.communicate(timeout=10)
+    with open(ctx.directive_text, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"daemon": int(out.strip())}) + "\n")
+    return {}
+
+
+def hang_until_go(ctx: TaskContext) -> dict[str, Any]:
+    """Records its pid and a grandchild's, then waits for the test to say go (or to kill it)."""
+    grandchild = subprocess.Popen(["sleep", "300"])
+    with open(ctx.directive_text, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"pid": os.getpid(), "grandchild": grandchild.pid}) + "\n")
+    go = Path(f"{ctx.directive_text}.go")
+    deadline = time.monotonic() + 60
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    grandchild.kill()
+    grandchild.wait()
+    return {}
+
+
+def ok(ctx: TaskContext) -> dict[str, Any]:
+    return {}
+
+
+JOBS = {
+    spec.key: spec
+    for spec in (
+        JobSpec(
+            key="tt_report",
+            name="tt_report",
+            description="test job",
+            tasks=(
+                TaskSpec("one", report_process),
+                TaskSpec("two", report_process),
+                TaskSpec("3", report_process),
+            ),
+            timeout_seconds=60,
+        ),
+        JobSpec(
+            key="tt_daemon",
+            name="tt_daemon",
+            description="test job",
+            tasks=(TaskSpec("daemon", start_daemon_and_return), TaskSpec("two", ok), TaskSpec("three", ok)),
+            timeout_seconds=60,
+        ),
+        JobSpec(
+            key="tt_hang",
+            name="tt_hang",
+            description="test job",
+            tasks=(TaskSpec("hang", hang_until_go), TaskSpec("two", ok), TaskSpec("three", ok)),
+            timeout_seconds=120,
+        ),
+    )
+}
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])
+
+
+def socket_fds(pid: int) -> list[str]:
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            found.append(target)
+    return found
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def jobs():
+    for spec in JOBS.values():
+        register(spec)
+        Job.objects.update_or_create(
+            key=spec.key, defaults={"name": spec.name, "timeout_seconds": spec.timeout_seconds}
+        )
+    yield
+    for key in JOBS:
+        unregister(key)
+
+
+def launch(key: str, path: Path) -> Run:
+    return OrchestratorService.launch(job=Job.objects.get(key=key), custom_directive_text=str(path))
+
+
+# --- tests --------------------------------------------------------------------------------------------
+
+
+def test_each_task__a_fresh_forked_process_with_its_own_connection(jobs, tmp_path):
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (our_backend,) = cursor.fetchone()
+    record = tmp_path / "record"
+
+    stats = OrchestratorService.execute(launch("tt_report", record))
+
+    template = running_template_pid()
+    assert template is not None
+    seen = lines(record)
+    pids = [line["pid"] for line in seen]
+    assert pids == [stats["tasks"][name]["pid"] for name in ("one", "two", "3")]  # the runner's pid
+    assert len(set(pids)) == 3
+    assert os.getpid() not in pids
+    assert template not in pids
+    assert not any(alive(pid) for pid in pids)
+    for line in seen:
+        # Runner -> guardian (its group's leader, a child of the template) -> template -> us.
+        assert line["ppid"] == line["pgid"] != line["pid"]
+        assert line["database"] == connection.settings_dict["NAME"]
+        assert line["inherited_sockets"] == []  # neither the template's channel nor any connection
+        assert line["backend_pid"] != our_backend
+        assert "orchestrator.taskrunner --run-id" in line["cmdline"]
+    assert len({line["backend_pid"] for line in seen}) == 3  # one connection per task process
+    # The template's only socket is its channel to us: no database, no Redis connection to hand down.
+    assert len(socket_fds(template)) == 1
+    assert parent_of(template) == os.getpid()
+
+
+def test_task_groups__labelled_for_proc_readers_while_running(jobs, tmp_path):
+    record = tmp_path / "record"
+    run = launch("tt_hang", record)
+    seen: dict[str, Any] = {}
+
+    def observe() -> None:
+        try:
+            wait_for(lambda: lines(record), timeout=60, what="the task started")
+            runner = lines(record)[0]["pid"]
+            # The host is shared: other test sessions' runs may have the same id, not this job.
+            groups = [g for g in live_task_groups().values() if (g.run_id, g.job_key) == (run.pk, "tt_hang")]
+            seen["groups"] = groups
+            seen["runner"] = runner
+            seen["leader_parent"] = parent_of(groups[0].pgid) if groups else None
+        finally:
+            Path(f"{record}.go").touch()
+
+    observer = threading.Thread(target=observe)
+    observer.start()
+    OrchestratorService.execute(run)
+    observer.join()
+
+    (group,) = seen["groups"]
+    assert (group.job_key, group.task) == ("tt_hang", "hang")
+    assert seen["runner"] in group.pids
+    assert lines(record)[0]["grandchild"] in group.pids
+    assert seen["leader_parent"] == running_template_pid()
+
+
+def test_what_a_task_leaves_running__killed_with_its_group(jobs, tmp_path):
+    record = tmp_path / "record"
+
+    OrchestratorService.execute(launch("tt_daemon", record))
+
+    (line,) = lines(record)
+    assert not alive(line["daemon"])
+
+
+def test_template_killed_mid_task__the_task_dies_and_the_next_run_gets_a_new_template(jobs, tmp_path):
+    record = tmp_path / "record"
+    OrchestratorService.execute(launch("tt_daemon", tmp_path / "warm"))  # a template is up
+    template = running_template_pid()
+    assert template is not None
+    killed_at: list[float] = []
+
+    def kill_template() -> None:
+        try:
+            wait_for(lambda: lines(record), timeout=60, what="the task started")
+            os.kill(template, signal.SIGKILL)
+            killed_at.append(time.monotonic())
+        finally:
+            Path(f"{record}.go").touch()
+
+    killer = threading.Thread(target=kill_template)
+    killer.start()
+    with pytest.raises(TaskFailed) as info:
+        OrchestratorService.execute(launch("tt_hang", record))
+    killer.join()
+
+    assert str(info.value) == "task hang failed: child process lost (its task template process died)"
+    (line,) = lines(record)
+    wait_for(
+        lambda: not alive(line["pid"]) and not alive(line["grandchild"]),
+        timeout=2,
+        interval=0.02,
+        what="the task and its grandchild gone with the template",
+    )
+    OrchestratorService.execute(launch("tt_report", tmp_path / "after"))
+    assert running_template_pid() not in (None, template)
+    assert len(lines(tmp_path / "after")) == 3
