@@ -9,7 +9,8 @@ shared is touched), then the processes of `make run` against them: the web (guni
 (`run_scheduler`) and 2 workers (`run_worker`). Flower is left out: it only observes. Through the REST API
 it creates 300 schedules of the `sleep` job: interval and cron, several timezones (half-hour and 45-minute
 offsets among them), every overlap policy, a per-job cap on some, a global cap on all. Before the
-schedulers start, one run-now runs alone (so the semaphore keys exist) and Redis is snapshotted (`SAVE`).
+schedulers start, one run-now runs alone (so the semaphore keys exist) and Redis is snapshotted (`SAVE`);
+then the two 75 s schedules are run now, so that a run executes right through the long outage.
 
 While the fault phase lasts, a seeded driver
 - SIGKILLs a scheduler about every 10 s, preferring one that holds claims at that moment (it watches the
@@ -27,6 +28,7 @@ the database says). Then the schedules are disabled, the system drains, and the 
   dispatched at times the schedule does not have; schedules whose overlap policy is not `allow` seen with
   two runs executing at once (/proc);
 - runs not terminal after the drain (0); runs executed twice: one run's task in two process groups (0);
+  runs marked "worker lost" while /proc still showed their task executing a second later (0);
 - the highest running count, SQL and /proc, against each cap (global, per job, one-per-schedule for the
   non-`allow` overlap policies): never above it, at any moment, Redis outage and restore included
   (DESIGN 6.5); the fullest over-cap sample is kept with its runs;
@@ -77,6 +79,7 @@ TIMEZONES = [
 # (period in minutes, share of the schedules): about 0.7 dispatched slots a second for 300 schedules.
 PERIODS = [(1, 0.03), (2, 0.07), (5, 0.15), (10, 0.25), (15, 0.25), (30, 0.25)]
 DATABASE = "cb_soak"
+LONG_RUN_SECONDS = 75  # the two schedules whose runs outlast their interval (and the long outage)
 
 
 @dataclass
@@ -378,7 +381,7 @@ def schedule_bodies(n: int, rng: random.Random, job_cap: int) -> list[dict]:
             schedule_type="interval",
             interval_minutes=1,
             cron_expr="",
-            custom_directive_text="75",
+            custom_directive_text=str(LONG_RUN_SECONDS),
             overlap_policy=rng.choice(["skip", "buffer_one"]),
         )
     return bodies
@@ -481,7 +484,9 @@ class ProcSampler(threading.Thread):
     def __init__(self, system: System) -> None:
         super().__init__(daemon=True)
         self.marker = f"\0POSTGRES_PORT={system.pg.port}\0".encode()
-        self.samples: list[tuple[float, tuple[tuple[int, str, str, int], ...]]] = []
+        # (monotonic, wall clock, ((run, job, task, pgid), ...)): the wall clock is compared with the
+        # database's timestamps (same host, same clock).
+        self.samples: list[tuple[float, float, tuple[tuple[int, str, str, int], ...]]] = []
         self.failed_samples = 0
         self.ours: dict[tuple[int, int, str], bool] = {}  # (pgid, run, task) -> of this soak
         self.stop_event = threading.Event()
@@ -501,7 +506,7 @@ class ProcSampler(threading.Thread):
         return self.ours[key]
 
     def latest(self) -> set[int]:
-        return {g[0] for g in self.samples[-1][1]} if self.samples else set()
+        return {g[0] for g in self.samples[-1][2]} if self.samples else set()
 
     def run(self) -> None:
         while not self.stop_event.wait(0.1):
@@ -511,7 +516,11 @@ class ProcSampler(threading.Thread):
                 self.failed_samples += 1
                 continue
             self.samples.append(
-                (time.monotonic(), tuple(sorted((g.run_id, g.job_key, g.task, g.pgid) for g in groups)))
+                (
+                    time.monotonic(),
+                    time.time(),
+                    tuple(sorted((g.run_id, g.job_key, g.task, g.pgid) for g in groups)),
+                )
             )
 
 
@@ -534,9 +543,11 @@ class Faults:
     postgres_outage_seconds: float = 0.0
     redis_down_seconds: float = 0.0
     # What executed (/proc) when the long outage began and ended, and when the snapshot came back.
+    long_run_at_outage: int | None = None  # a 75 s run executing when the outage began, if one came
     runs_live_at_outage_start: list[int] = field(default_factory=list)
     runs_live_through_outage: list[int] = field(default_factory=list)
     runs_live_at_restore: list[int] = field(default_factory=list)
+    throttled_at_restore: int = 0
     snapshot_keys: list[str] = field(default_factory=list)
     restored: dict = field(default_factory=dict)
 
@@ -597,6 +608,25 @@ def kill_scheduler(
     return f"{victim.name} claims={'?' if held is None else n} left={left}"
 
 
+def wait_for_long_run(
+    system: System, long_ids: list[int], procs: ProcSampler, outage: float, timeout: float
+) -> int | None:
+    """A run of a long schedule executing (per /proc) that started recently enough to outlast `outage`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        live = sorted(procs.latest())
+        rows = system.sql(
+            """SELECT r.id FROM orchestrator_run r JOIN schedules_scheduledrun sr ON sr.run_id = r.id
+                WHERE sr.schedule_id = ANY(%s) AND r.id = ANY(%s) AND r.status = 'running'
+                  AND r.started_at > now() - make_interval(secs => %s) ORDER BY r.id LIMIT 1""",
+            [long_ids, live, LONG_RUN_SECONDS - outage - 10.0],
+        )
+        if rows:
+            return rows[0][0]
+        time.sleep(0.5)
+    return None
+
+
 def burst(system: System, schedule_ids: list[int], rng: random.Random, faults: Faults) -> None:
     for sid in rng.sample(schedule_ids, k=rng.randint(5, 10)):
         status, _ = system.api("POST", f"/api/schedules/{sid}/run-now")
@@ -615,9 +645,9 @@ def fault_phase(
         "scheduler": start + rng.uniform(0.5, 1.5) * config.scheduler_kill_every,
         "worker": start + rng.uniform(0.5, 1.5) * config.worker_kill_every,
         "burst": start + rng.uniform(0.5, 1.0) * config.burst_every,
-        "postgres": start + 0.15 * config.duration,
-        "redis": start + 0.3 * config.duration,
-        "outage": start + 0.42 * config.duration,
+        "postgres": start + 0.12 * config.duration,
+        "redis": start + 0.25 * config.duration,
+        "outage": start + 0.35 * config.duration,
         "restore": start + 0.8 * config.duration,
     }
     schedulers = [p for n, p in system.procs.items() if n.startswith("scheduler")]
@@ -664,8 +694,11 @@ def fault_phase(
         elif kind == "outage":
             # Longer than a lease, with runs executing: a live run must survive it (DESIGN 6.7) and no
             # cap may be exceeded when PostgreSQL returns (6.5). Kills and bursts go on meanwhile.
-            burst(system, schedule_ids, rng, faults)
-            time.sleep(1.0)
+            # A long run that will outlast the outage (started before the schedulers; waited for here
+            # at most 15 s). The global cap is full by then: runs wait behind it (start lag ~1 min).
+            faults.long_run_at_outage = wait_for_long_run(
+                system, schedule_ids[:2], procs, config.outage_leases * config.lease, timeout=15.0
+            )
             outage_began = time.monotonic()
             faults.runs_live_at_outage_start = sorted(procs.latest())
             system.pg.stop("fast")
@@ -693,10 +726,14 @@ def fault_phase(
             faults.redis_restarts += 1
             del due[kind]
         elif kind == "restore":
-            # Fill the caps first, so that runs wait as throttled behind leases the snapshot lacks.
-            burst(system, schedule_ids, rng, faults)
-            time.sleep(1.5)
+            # Under full caps (the load keeps runs waiting as throttled behind them): a worker that
+            # trusts the restored semaphore state admits them into slots held by the live runs.
+            with contextlib.suppress(RuntimeError):  # runs executing, whose leases the snapshot lacks
+                wait_until(procs.latest, 10, "a live run", interval=0.1)
             faults.runs_live_at_restore = sorted(procs.latest())
+            ((faults.throttled_at_restore,),) = system.sql(
+                "SELECT count(*) FROM schedules_scheduledrun WHERE status = 'throttled'"
+            )
             faults.restored = system.restore_redis()
             faults.redis_restores += 1
             detail = f"live={len(faults.runs_live_at_restore)} {faults.restored}"
@@ -874,7 +911,7 @@ def proc_report(system: System, procs: ProcSampler, config: Config, at) -> dict:
     Also what only the operating system can show: two runs of one non-`allow` schedule executing at once,
     and a run executed twice (one run's task in two process groups, at once or one after the other).
     """
-    run_ids = sorted({g[0] for _, groups in procs.samples for g in groups})
+    run_ids = sorted({g[0] for _, _, groups in procs.samples for g in groups})
     meta = {
         rid: (sid, overlap, max_per_job)
         for rid, sid, overlap, max_per_job in system.sql(
@@ -891,11 +928,13 @@ def proc_report(system: System, procs: ProcSampler, config: Config, at) -> dict:
     overlapping: dict[int, list[int]] = {}  # schedule -> the runs seen executing together
     pgids: dict[tuple[int, str], set[int]] = {}  # (run, task) -> process groups it executed in
     with_runs = 0
-    for t, groups in procs.samples:
+    last_seen: dict[int, float] = {}  # run -> wall-clock time of the last sample showing it
+    for t, wall, groups in procs.samples:
         with_runs += bool(groups)
         runs: dict[int, list[tuple]] = {}
         for group in groups:
             runs.setdefault(group[0], []).append(group)
+            last_seen[group[0]] = wall
             pgids.setdefault((group[0], group[2]), set()).add(group[3])
         per_job: dict[str, int] = {}
         per_schedule: dict[int, list[int]] = {}
@@ -925,6 +964,17 @@ def proc_report(system: System, procs: ProcSampler, config: Config, at) -> dict:
                     ],
                 }
     twice = {key: sorted(groups) for key, groups in pgids.items() if len(groups) > 1}
+    # DESIGN 6.7: a run whose worker is alive is never marked lost. A dead worker's tasks die with it
+    # (parent-death signal), a lease before the reaper writes "worker lost"; a task still executing a
+    # second after that write was reaped alive (a PostgreSQL outage or a Redis restore mistaken for death).
+    lost_alive = []
+    for rid, finished in system.sql(
+        """SELECT id, extract(epoch FROM finished_at) FROM orchestrator_run
+            WHERE status = 'failed' AND error_summary LIKE 'worker lost%%' AND id = ANY(%s)""",
+        [run_ids],
+    ):
+        if finished is not None and last_seen[rid] > float(finished) + 1.0:
+            lost_alive.append({"run": rid, "alive_after_s": round(last_seen[rid] - float(finished), 1)})
     return {
         "samples": len(procs.samples),
         "samples_failed": procs.failed_samples,
@@ -936,6 +986,8 @@ def proc_report(system: System, procs: ProcSampler, config: Config, at) -> dict:
         "schedules_run_concurrently_examples": [
             {"schedule": sid, "runs": rids} for sid, rids in sorted(overlapping.items())[:10]
         ],
+        "runs_lost_while_executing": len(lost_alive),
+        "runs_lost_while_executing_examples": lost_alive[:10],
         "runs_executed_twice": len({rid for rid, _ in twice}),
         "runs_executed_twice_examples": [
             {"run": rid, "task": task, "pgids": groups} for (rid, task), groups in sorted(twice.items())[:10]
@@ -961,6 +1013,11 @@ def verdict(report: dict) -> list[str]:
         problems.append(
             f"{runs['runs_executed_twice']} runs executed twice (/proc):"
             f" {runs['runs_executed_twice_examples']}"
+        )
+    if runs["runs_lost_while_executing"]:
+        problems.append(
+            f"{runs['runs_lost_while_executing']} runs marked 'worker lost' while their task executed"
+            f" (/proc): {runs['runs_lost_while_executing_examples']}"
         )
     if runs["scheduled_runs_without_run"]:
         problems.append(f"{runs['scheduled_runs_without_run']} scheduled runs without a run")
@@ -1063,6 +1120,13 @@ def soak(config: Config, log=print) -> dict:
         procs.start()
         snapshot_keys, live_at_snapshot = take_early_snapshot(system, procs)
         log(f"[soak] Redis snapshot with {snapshot_keys}, {len(live_at_snapshot)} runs live")
+        # The long schedules' runs start now, before the queue behind the global cap builds up, so that
+        # they execute right through the long PostgreSQL outage.
+        long_ids = sorted(initial)[:2]
+        for sid in long_ids:
+            system.api("POST", f"/api/schedules/{sid}/run-now")
+        with contextlib.suppress(RuntimeError):
+            wait_until(lambda: len(procs.latest()) >= len(long_ids), 30, "the long runs to start")
         system.start_schedulers()
         sampler = Sampler(system)
         sampler.start()
@@ -1100,7 +1164,12 @@ def soak(config: Config, log=print) -> dict:
         runs = run_report(system)
         for key in ("schedules_run_concurrently", "schedules_run_concurrently_examples"):
             slots[key] = on_proc.pop(key)
-        for key in ("runs_executed_twice", "runs_executed_twice_examples"):
+        for key in (
+            "runs_executed_twice",
+            "runs_executed_twice_examples",
+            "runs_lost_while_executing",
+            "runs_lost_while_executing_examples",
+        ):
             runs[key] = on_proc.pop(key)
         report = {
             "config": config.__dict__,
