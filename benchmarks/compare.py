@@ -2,9 +2,11 @@
 
     .venv/bin/python -m benchmarks.compare              # the full run (about 15 minutes here)
     .venv/bin/python -m benchmarks.compare --quick      # 1,000 schedules only, for a smoke check
+    .venv/bin/python -m benchmarks.compare --skip-e2e   # dispatch only (the execution figures take longest)
 
 Prints Markdown tables (docs/BENCHMARKS.md holds the last run's) and writes every figure as JSON to
 `.run/bench/` for later reading. Each side has its own database; both publish to the same Redis.
+Then the execution figures, end to end (benchmarks/e2e.py, `--quick` there too), on their own Redis.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks import celery_beat_baseline as dcb
+from benchmarks import e2e
 from benchmarks.common import PYTHON, ROOT
 
 
@@ -36,6 +39,14 @@ def _raw(redis_url: str, runs: int) -> list[dict]:
         cwd=ROOT, check=True, capture_output=True, text=True,
     )  # fmt: skip
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def _e2e(quick: bool, out: Path) -> dict:
+    subprocess.run(
+        [PYTHON, "-m", "benchmarks.e2e", *(["--quick"] if quick else []), "--json", str(out), "--no-report"],
+        cwd=ROOT, check=True,
+    )  # fmt: skip
+    return json.loads(out.read_text())
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -58,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
+    parser.add_argument("--skip-e2e", action="store_true", help="leave out the execution figures")
     args = parser.parse_args(argv)
     sizes = [1000] if args.quick else [1000, 10000]
     idle = [1000] if args.quick else [1000, 10000, 100000]
@@ -73,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             theirs.append(dcb.run_dispatch(n, instances, args.redis_url))
     theirs_idle = [dcb.run_idle(n, args.redis_url) for n in idle]
     raw = _raw(args.redis_url, runs=10 if args.quick else 20)
+    execution = None if args.skip_e2e else _e2e(args.quick, out_dir / "e2e.json")
     (out_dir / "theirs.json").write_text(json.dumps(theirs + theirs_idle, indent=2))
     (out_dir / "raw.json").write_text(json.dumps(raw, indent=2))
 
@@ -139,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"| idle RSS {max(idle)} / {min(idle)} (ours) | {_ratio(hi['peak_rss_mb'], lo['peak_rss_mb'])} |"
         )
+    if execution is not None:
+        print()
+        print(e2e.report(execution))
 
 
 if __name__ == "__main__":

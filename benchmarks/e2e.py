@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -187,6 +188,50 @@ def _redis_calls(client: redis.Redis) -> dict[str, int]:
     }
 
 
+class RedisMonitor:
+    """`--redis-monitor`: MONITOR on the bench Redis for a window, to split each command's calls into
+    those a client sent (a round trip each, but for the commands kombu pipelines between MULTI and EXEC)
+    and those a Lua script ran (no round trip). MONITOR slows Redis, so the timings of a monitored run
+    are not the figures; the counts are."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.counts: Counter = Counter()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._ready.clear()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _read(self) -> None:
+        with self.client.monitor() as monitor:
+            self._ready.set()
+            while not self._stop.is_set():
+                raw = monitor.connection.read_response()
+                if self._stop.is_set() or not isinstance(raw, bytes | str):
+                    continue
+                line = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+                parts = line.split(" ", 4)
+                if len(parts) < 4 or parts[0] == "OK":
+                    continue
+                source = "lua" if parts[2] == "lua]" else "client"
+                command = parts[3].strip('"').lower()
+                if command != "info":
+                    self.counts[(source, command)] += 1
+
+    def stop(self) -> Counter:
+        self._stop.set()
+        redis.Redis(connection_pool=self.client.connection_pool).ping()  # a line, so the reader wakes
+        if self._thread is not None:
+            self._thread.join(10)
+        return self.counts
+
+
 def snapshot(pg: Pg, client: redis.Redis, tally: Path) -> Snapshot:
     pg.q("SELECT pg_stat_clear_snapshot()")
     tables = {
@@ -231,6 +276,7 @@ class Cost:
     rows_by_table: dict[str, dict[str, int]] = field(default_factory=dict)
     commits: int = 0
     redis_by_command: Counter = field(default_factory=Counter)
+    redis_monitored: Counter | None = None  # (client | lua, command) -> calls, with --redis-monitor
 
     @property
     def statements(self) -> int:
@@ -250,9 +296,20 @@ class Cost:
         def each(counter) -> dict:
             return {k: round(v / per, 2) for k, v in counter.most_common()}
 
+        monitored = {}
+        if self.redis_monitored is not None:
+            client = Counter({c: v for (src, c), v in self.redis_monitored.items() if src == "client"})
+            lua = Counter({c: v for (src, c), v in self.redis_monitored.items() if src == "lua"})
+            monitored = {
+                "redis_client_commands": round(sum(client.values()) / per, 2),
+                "redis_lua_commands": round(sum(lua.values()) / per, 2),
+                "redis_client_by_command": each(client),
+                "redis_lua_by_command": each(lua),
+            }
         return {
             "runs": runs,
             "window_s": round(self.seconds, 2),
+            "monitored": monitored,
             "per_run": {
                 "statements": round(self.statements / per, 2),
                 "rows_written": round(self.rows_written / per, 2),
@@ -323,8 +380,9 @@ def _p50_p99(prefix: str, values: list[float]) -> dict:
 
 
 class Bench:
-    def __init__(self, redis_url: str, work: Path, deadline: float) -> None:
+    def __init__(self, redis_url: str, work: Path, deadline: float, *, monitor: bool = False) -> None:
         self.redis_url = redis_url
+        self.monitor = RedisMonitor(redis_url) if monitor else None
         self.work = work
         self.deadline = deadline
         self.procs = Procs(work)
@@ -420,6 +478,9 @@ class Bench:
 
         connection.close()  # the harness's backend exits and flushes its table stats
         idle = idle_background(self.pg, self.client, self.tally)
+        if self.monitor is not None:
+            self.monitor.counts = Counter()
+            self.monitor.start()
         return idle, snapshot(self.pg, self.client, self.tally)
 
     def window_end(self, start: Snapshot) -> Cost:
@@ -427,13 +488,16 @@ class Bench:
         from django.db import connection
 
         # Redis is read before the stop, so that the workers' shutdown traffic stays out of it.
+        monitored = self.monitor.stop() if self.monitor is not None else None
         redis_calls = _redis_calls(self.client)
         connection.close()
         self.procs.stop_all()
         time.sleep(1.5)
         end = snapshot(self.pg, self.client, self.tally)
         end.redis_calls = redis_calls
-        return cost_between(start, end, self.tally)
+        cost = cost_between(start, end, self.tally)
+        cost.redis_monitored = monitored
+        return cost
 
     # figures
 
@@ -584,6 +648,12 @@ class Bench:
             cost = self.window_end(start)
         finally:
             self.procs.stop_all()
+        # The harness's own INSERT of the N schedules is setup, not the path.
+        inserted = cost.rows_by_table.get("schedules_schedule", {})
+        if inserted.get("ins"):
+            inserted["ins"] -= n
+            if not inserted["ins"]:
+                del inserted["ins"]
         seconds = (last_finished - due_at).total_seconds() if done and last_finished else None
         return {
             "n": n, "finished": finished, "succeeded": succeeded, "done": done,
@@ -620,19 +690,24 @@ class Bench:
             before = _redis_calls(self.client)
             subprocess.run([*seed, str(n), "--due"], env=env, cwd=ROOT, check=True)
             due_at = time.monotonic()
-            done = _wait_for(
-                lambda: int(self.client.get(COUNTER) or 0) >= n, timeout=self.deadline, period=0.02
-            )
+            polls = 0
+
+            def all_done() -> bool:
+                nonlocal polls
+                polls += 1
+                return int(self.client.get(COUNTER) or 0) >= n
+
+            done = _wait_for(all_done, timeout=self.deadline, period=0.02)
             seconds = time.monotonic() - due_at
             count = int(self.client.get(COUNTER) or 0)
             after = _redis_calls(self.client)
         finally:
             self.procs.stop_all()
-        calls = sum(v - before.get(k, 0) for k, v in after.items())
+        calls = sum(v - before.get(k, 0) for k, v in after.items()) - polls - 1
         return {
             "n": n, "finished": count, "done": done,
             "seconds": round(seconds, 2) if done else None, "waited_s": round(seconds, 1),
-            "redis_calls_per_task_incl_polls": round(calls / n, 2),
+            "redis_calls_per_task": round(calls / n, 2),
         }  # fmt: skip
 
     def throttled(self, runs: int, seconds: float, cap: int, concurrency: int) -> dict:
@@ -648,10 +723,11 @@ class Bench:
             ids = [run_now(schedule).pk for _ in range(runs)]
             done = _wait_for(lambda: self.finished(ids) == runs, timeout=self.deadline, period=0.1)
             finished = self.finished(ids)
-            (first_start, last_finish, mean, last_wait, succeeded) = self.pg.q(
+            (first_start, last_finish, mean, last_wait, mean_wait, succeeded) = self.pg.q(
                 """SELECT min(started_at), max(finished_at),
                           avg(EXTRACT(EPOCH FROM finished_at - started_at)),
                           max(EXTRACT(EPOCH FROM started_at - created_at)),
+                          avg(EXTRACT(EPOCH FROM started_at - created_at)),
                           count(*) FILTER (WHERE status = 'succeeded')
                      FROM schedules_scheduledrun WHERE id = ANY(%s)""",
                 [ids],
@@ -674,6 +750,7 @@ class Bench:
                     "ideal_s": round(ideal, 2),
                     "beyond_ideal_s": round(makespan - ideal, 2),
                     "last_start_wait_s": round(float(last_wait), 2),
+                    "mean_start_wait_s": round(float(mean_wait), 2),
                 }
             )
         out["cost"] = {"idle": idle, **cost.as_dict(runs)}
@@ -709,6 +786,19 @@ def _unfinished(r: dict, deadline: float) -> str:
     return (
         f"not finished in {deadline:g} s ({r['finished']:,}/{r.get('n', r.get('runs', r.get('tasks')))} done)"
     )
+
+
+ROLES = {
+    "bench": "run-now (harness)",
+    "worker/fork": "pool process",
+    "worker": "worker parent",
+    "task": "task child",
+}
+
+
+def _role_label(key: str) -> str:
+    role, sep, rest = key.partition(": ")
+    return ROLES.get(role, role) + sep + rest
 
 
 def report(results: dict) -> str:
@@ -763,7 +853,9 @@ def report(results: dict) -> str:
                 f"{_n(per['rows_written'], 1)} rows written, {_n(per['statements'], 1)} statements, "
                 f"{_n(per['redis_calls'], 1)} Redis calls per run; last finished "
                 f"{_n(thr['beyond_ideal_s'], 1)} s beyond the ideal ({_n(thr['makespan_s'], 1)} s vs "
-                f"{thr['runs']:,} x {_n(thr['mean_run_s'], 3)} s / {thr['cap']} = {_n(thr['ideal_s'], 1)} s)"
+                f"{thr['runs']:,} x {_n(thr['mean_run_s'], 3)} s / {thr['cap']} = "
+                f"{_n(thr['ideal_s'], 1)} s); "
+                f"mean wait before start {_n(thr['mean_start_wait_s'], 1)} s"
             )
         else:
             ours = _unfinished(thr, deadline)
@@ -823,7 +915,7 @@ def report(results: dict) -> str:
             lines += ["", f"**{name}**, per run:", ""]
             lines.append(
                 "- statements by process: "
-                + ", ".join(f"{k} {_n(v, 2)}" for k, v in p["statements_by_role"].items())
+                + ", ".join(f"{_role_label(k)} {_n(v, 2)}" for k, v in p["statements_by_role"].items())
             )
             lines.append(
                 "- rows written by table: "
@@ -836,9 +928,23 @@ def report(results: dict) -> str:
                 "- Redis calls by command: "
                 + ", ".join(f"{k} {_n(v, 2)}" for k, v in p["redis_by_command"].items())
             )
+            mon = c.get("monitored")
+            if mon:
+                lines.append(
+                    f"- Redis, sent by clients ({_n(mon['redis_client_commands'], 1)}): "
+                    + ", ".join(f"{k} {_n(v, 2)}" for k, v in mon["redis_client_by_command"].items())
+                )
+                lines.append(
+                    f"- Redis, run inside Lua ({_n(mon['redis_lua_commands'], 1)}): "
+                    + ", ".join(f"{k} {_n(v, 2)}" for k, v in mon["redis_lua_by_command"].items())
+                )
             lines.append(
                 "- statements by process and kind: "
-                + ", ".join(f"{k} {_n(v, 2)}" for k, v in p["statements_by_role_kind"].items() if v >= 0.05)
+                + ", ".join(
+                    f"{_role_label(k)} {_n(v, 2)}"
+                    for k, v in p["statements_by_role_kind"].items()
+                    if v >= 0.05
+                )
             )
     if bare:
         lines += [
@@ -854,12 +960,18 @@ def report(results: dict) -> str:
 
 
 def _commit() -> str:
+    """HEAD's short hash, `+dirty` when the code under test differs from it (others' work in progress)."""
     try:
-        return subprocess.run(
+        head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "worker", "orchestrator", "schedules", "project"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{head}+dirty" if dirty else head
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -884,7 +996,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=2, help="pool processes of the worker under test")
     parser.add_argument("--deadline", type=float, help="seconds each scenario may take before it is reported")
     parser.add_argument("--redis-url", help="use this Redis (default: a private redis-server, database 13)")
+    parser.add_argument(
+        "--redis-monitor",
+        action="store_true",
+        help="split Redis calls into client round trips and Lua-internal commands (MONITOR; slows timings)",
+    )
     parser.add_argument("--json", help="also write every figure to this file")
+    parser.add_argument(
+        "--no-report", action="store_true", help="no Markdown at the end (benchmarks.compare)"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     noop_runs = args.noop_runs if args.noop_runs is not None else (200 if quick else 1000)
@@ -902,7 +1022,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {}
     with contextlib.ExitStack() as stack:
         redis_url = args.redis_url or stack.enter_context(private_redis(work))
-        bench = Bench(redis_url, work, deadline)
+        bench = Bench(redis_url, work, deadline, monitor=args.redis_monitor)
         stack.callback(bench.procs.stop_all)
         print(f"e2e benchmark: databases {DB}, {DCB_DB}; Redis {redis_url}; logs {work}", flush=True)
         bench.prepare()
@@ -939,8 +1059,9 @@ def main(argv: list[str] | None = None) -> None:
         "concurrency": args.concurrency,
         "redis": "given: " + args.redis_url if args.redis_url else "private redis-server",
     }
-    print()
-    print(report(results))
+    if not args.no_report:
+        print()
+        print(report(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     shutil.rmtree(work, ignore_errors=True)
