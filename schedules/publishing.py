@@ -151,6 +151,9 @@ SELECT r.id, r.task_id, j.key, j.queue, r.published_at
    AND ((r.published_at IS NULL AND r.created_at < now() - make_interval(secs => %(grace)s))
         OR r.published_at < now() - make_interval(secs => %(republish_after)s))
    AND NOT EXISTS (SELECT 1 FROM schedules_scheduledrun sr WHERE sr.run_id = r.id)
+   -- A run waiting for a slot (parked in Redis, its message acknowledged) is not a lost message: the
+   -- worker's release wakes it, and worker/reaper.py re-publishes one nothing will wake.
+   AND r.error_summary NOT LIKE 'waiting:%%'
  ORDER BY r.id
  LIMIT %(limit)s
    FOR UPDATE OF r SKIP LOCKED

@@ -16,12 +16,13 @@ What this module adds is the worker's side of the promises of DESIGN 6.5 and 6.7
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
@@ -32,7 +33,9 @@ from django.db import DatabaseError, InterfaceError, OperationalError, connectio
 from orchestrator.models import Job, Run, RunStatus
 from orchestrator.services import OrchestratorService, TaskFence
 from schedules import runleases, runstate
+from schedules.dispatch import message_for
 from schedules.models import OverlapPolicy, Schedule, ScheduledRun
+from schedules.publishing import RunMessage, send_messages
 from schedules.runstate import ERROR_SUMMARY_MAX, WORKER_LOST
 from worker.semaphore import (
     Cap,
@@ -43,6 +46,7 @@ from worker.semaphore import (
     semaphore_rebuild,
     semaphore_release,
     semaphore_renew,
+    semaphore_sweep_parked,
 )
 
 logger = logging.getLogger(__name__)
@@ -143,13 +147,14 @@ def rebuild_leases() -> int:
     return semaphore_rebuild(holders, floor=floor)
 
 
-def semaphore_take(caps: list[Cap], *, owner: str, run_id: int, due) -> Grant:
-    """Acquire the run's caps; a Redis behind the database is rebuilt first, then asked again."""
+def semaphore_take(caps: list[Cap], *, owner: str, run_id: int, due, park: str = "") -> Grant:
+    """Acquire the run's caps (parking the run's message when one is full); a Redis behind the
+    database is rebuilt first, then asked again."""
 
     def acquire() -> Grant:
         floor = runstate.running_lease_floor()
         return semaphore_acquire(
-            caps, owner=owner, waiter=waiter_id(run_id), due=due, run_id=run_id, floor=floor
+            caps, owner=owner, waiter=waiter_id(run_id), due=due, run_id=run_id, floor=floor, park=park
         )
 
     grant = acquire()
@@ -157,6 +162,41 @@ def semaphore_take(caps: list[Cap], *, owner: str, run_id: int, due) -> Grant:
         rebuild_leases()
         grant = acquire()
     return grant
+
+
+def park_message(message: RunMessage) -> str:
+    return json.dumps(asdict(message), separators=(",", ":"))
+
+
+def wake(messages: list[str]) -> int:
+    """Publish the messages of parked runs a release (or the safety sweep) woke; return how many.
+
+    A wake-up that cannot be published is not lost for good: the sweep wakes the run again once the
+    woken mark expires (`semaphore.wake_ms`)."""
+    if not messages:
+        return 0
+    try:
+        send_messages([RunMessage(**json.loads(raw)) for raw in messages])
+    except Exception as exc:
+        logger.warning("wake-up publish failed", extra={"count": len(messages), "error": type(exc).__name__})
+        return 0
+    logger.info("parked runs woken", extra={"count": len(messages)})
+    return len(messages)
+
+
+def release_and_wake(caps: list[Cap], *, owner: str, run_id: int) -> None:
+    """Give a run's leases back and wake the runs parked behind the slots it freed."""
+    try:
+        released = semaphore_release(caps, owner=owner, run_id=run_id)
+    except redis.RedisError:
+        logger.warning("lease release failed; it expires by itself", extra={"run_id": run_id})
+        return
+    wake(released.woken)
+
+
+def wake_lost_waiters() -> int:
+    """The maintenance tick's safety net: wake parked runs a lost wake-up left behind a free slot."""
+    return wake(semaphore_sweep_parked())
 
 
 def check_leases() -> bool:
@@ -186,7 +226,7 @@ def throttle_countdown(grant: Grant) -> float:
 class Outcome:
     """What the task should do with the message: return a result, retry later, or drop it."""
 
-    status: str  # succeeded | failed | throttled | skipped
+    status: str  # succeeded | failed | parked (waits in Redis) | throttled (retry later) | skipped
     run_id: int
     reason: str = ""
     countdown: float = 0.0
@@ -304,10 +344,7 @@ class Heartbeat:
             return
         logger.warning("run fenced: task processes killed", extra={"run_id": self.run_id, "reason": reason})
         self.fence.kill(reason)
-        try:
-            semaphore_release(self.caps, owner=self.owner, run_id=self.run_id)
-        except redis.RedisError:
-            pass  # they expire within one lease anyway
+        release_and_wake(self.caps, owner=self.owner, run_id=self.run_id)
 
 
 # --- executing one delivery ----------------------------------------------------------------------------
@@ -387,8 +424,9 @@ def run_execute(
         return Outcome(status="skipped", run_id=run_id, reason=f"already {run.status}")
     owner = lease_owner(run_id, worker)
     due = scheduled.scheduled_for if scheduled is not None else run.created_at
+    park = park_message(message_for(run.job, run, scheduled))
     try:
-        grant = semaphore_take(caps, owner=owner, run_id=run_id, due=due)
+        grant = semaphore_take(caps, owner=owner, run_id=run_id, due=due, park=park)
     except redis.RedisError as exc:
         reason = "waiting: concurrency caps unavailable (Redis unreachable)"
         logger.warning(reason, extra={"run_id": run_id, "error": type(exc).__name__})
@@ -400,10 +438,13 @@ def run_execute(
         )
     if not grant.acquired:
         runstate.run_mark_throttled(run_id, scheduled_run_id, grant.reason)
-        logger.info("run throttled", extra={"run_id": run_id, "job": job_key, "reason": grant.reason})
-        return Outcome(
-            status="throttled", run_id=run_id, reason=grant.reason, countdown=throttle_countdown(grant)
-        )
+        if grant.rebuild:
+            # Not parked: Redis is being rebuilt from the database; ask again shortly.
+            return Outcome(
+                status="throttled", run_id=run_id, reason=grant.reason, countdown=throttle_countdown(grant)
+            )
+        logger.info("run parked", extra={"run_id": run_id, "job": job_key, "reason": grant.reason})
+        return Outcome(status="parked", run_id=run_id, reason=grant.reason)
 
     try:
         attempt = runstate.run_start(run_id, scheduled_run_id, worker=worker, lease_seq=grant.seq)
@@ -449,10 +490,7 @@ def run_execute(
 
 
 def _release(caps: list[Cap], owner: str, run_id: int) -> None:
-    try:
-        semaphore_release(caps, owner=owner, run_id=run_id)
-    except redis.RedisError:
-        logger.warning("lease release failed; it expires by itself", extra={"run_id": run_id})
+    release_and_wake(caps, owner=owner, run_id=run_id)
 
 
 def _execute_started(
@@ -634,9 +672,10 @@ def run_end_from_parent(
                 run_id, None, status=RunStatus.FAILED, error_summary=reason, worker=worker
             )
         try:
-            semaphore_release(caps_for_run(run_id), owner=lease_owner(run_id, worker), run_id=run_id)
-        except (redis.RedisError, Run.DoesNotExist):
-            pass
+            caps = caps_for_run(run_id)
+        except Run.DoesNotExist:
+            caps = []
+        release_and_wake(caps, owner=lease_owner(run_id, worker), run_id=run_id)
         if ended:
             logger.warning("run ended by the worker's parent", extra={"run_id": run_id, "reason": reason})
 

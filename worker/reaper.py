@@ -28,7 +28,8 @@ from django.db import close_old_connections, connection, transaction
 from orchestrator.models import Run, RunStatus
 from schedules.models import ScheduledRun, ScheduledRunStatus
 from schedules.runstate import reap_lost_runs
-from worker.execution import check_leases
+from worker import semaphore
+from worker.execution import check_leases, waiter_id, wake_lost_waiters
 
 logger = logging.getLogger(__name__)
 
@@ -79,32 +80,23 @@ def republish_waiting_runs(run_ids: list[int] | None = None) -> int:
     return len(publish_messages(messages))
 
 
-# Throttled runs whose retry chain stopped: every retry stamps published_at, so a stale stamp means the
-# message went with a worker that died holding it (it would only come back after the visibility
-# timeout). Each query claims its rows by stamping them, so concurrent instances never pick the same row.
-_STALLED_SCHEDULED_SQL = """
-WITH picked AS (
-    SELECT sr.id FROM schedules_scheduledrun sr
-     WHERE sr.status = 'throttled' AND sr.run_id IS NOT NULL
-       AND sr.published_at < now() - make_interval(secs => %(stale)s)
-     ORDER BY sr.id LIMIT %(limit)s
-       FOR UPDATE SKIP LOCKED
-)
-UPDATE schedules_scheduledrun sr SET published_at = now() FROM picked WHERE sr.id = picked.id
-RETURNING sr.run_id
+# Throttled runs nothing will wake: a run parked in Redis is woken by a release or the parked sweep, but
+# one whose parked entry is gone (Redis lost it) or that waited by retrying (Redis was unreachable, or
+# being rebuilt) and whose retry died with its worker has nobody left to publish it. Candidates are
+# read without a write (parked runs stay candidates for as long as they wait: O(1) writes per wait);
+# the ones not parked are claimed by a conditional stamp, so concurrent instances never pick the same.
+_STALLED_SQL = """
+SELECT r.id FROM orchestrator_run r
+ WHERE r.status = 'queued' AND r.error_summary LIKE 'waiting:%%'
+   AND r.published_at < now() - make_interval(secs => %(stale)s)
+ ORDER BY r.id LIMIT %(limit)s
 """
 
-_STALLED_MANUAL_SQL = """
-WITH picked AS (
-    SELECT r.id FROM orchestrator_run r
-     WHERE r.status = 'queued' AND r.error_summary LIKE 'waiting:%%'
-       AND r.published_at < now() - make_interval(secs => %(stale)s)
-       AND NOT EXISTS (SELECT 1 FROM schedules_scheduledrun sr WHERE sr.run_id = r.id)
-     ORDER BY r.id LIMIT %(limit)s
-       FOR UPDATE SKIP LOCKED
-)
-UPDATE orchestrator_run r SET published_at = now() FROM picked WHERE r.id = picked.id
-RETURNING r.id
+_CLAIM_STALLED_SQL = """
+UPDATE orchestrator_run SET published_at = now()
+ WHERE id = ANY(%(ids)s) AND status = 'queued'
+   AND published_at < now() - make_interval(secs => %(stale)s)
+RETURNING id
 """
 
 
@@ -115,13 +107,20 @@ def stalled_after_seconds() -> float:
 
 
 def republish_stalled_throttled() -> int:
-    """Re-publish throttled runs whose retries stopped arriving; return how many."""
+    """Re-publish waiting runs that nothing will wake (not parked, retries stopped); return how many."""
     params = {"stale": stalled_after_seconds(), "limit": REPUBLISH_BATCH}
+    with connection.cursor() as cursor:
+        cursor.execute(_STALLED_SQL, params)
+        candidates = [row[0] for row in cursor.fetchall()]
+    if not candidates:
+        return 0
+    parked = semaphore.semaphore_parked([waiter_id(run_id) for run_id in candidates])
+    orphans = [run_id for run_id in candidates if waiter_id(run_id) not in parked]
+    if not orphans:
+        return 0
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(_STALLED_SCHEDULED_SQL, params)
+        cursor.execute(_CLAIM_STALLED_SQL, {**params, "ids": orphans})
         run_ids = [row[0] for row in cursor.fetchall()]
-        cursor.execute(_STALLED_MANUAL_SQL, params)
-        run_ids += [row[0] for row in cursor.fetchall()]
     if not run_ids:
         return 0
     count = republish_waiting_runs(run_ids=run_ids)
@@ -154,6 +153,7 @@ def maintenance_tick() -> dict[str, Any]:
         ("republished", check_broker_data),
         ("stalled", republish_stalled_throttled),
         ("leases_rebuilt", check_leases),
+        ("woken", wake_lost_waiters),
     ):
         try:
             report[name] = step()

@@ -17,6 +17,16 @@ missed writes), and admits nobody until the lease sets are rebuilt from the data
 (`semaphore_rebuild`). A renewal that finds its lease gone takes it again only under the limit; if the cap
 is full, the run has lost its slot and must stop (worker/execution.py fences it).
 
+A run that finds a cap full *parks*: inside the same script it registers as a waiter and leaves its run
+message in `cb:sem:parked`, and its task acknowledges the message and ends. No retry message, no task
+result, no database write while it waits (the `throttled` status is written once). A release wakes the
+earliest parked waiter of each cap it freed (returns its message, which the releaser publishes), marking
+it woken for a while so two releases wake two different runs; a woken run that still does not fit parks
+again. A slow safety sweep (`semaphore_sweep_parked`, every worker maintenance tick) wakes the head of a
+cap that has room when a wake-up was lost (the releasing process died before publishing, the message was
+lost). The parked-waiter scripts reach keys named in `cb:sem:parked-caps`, so they need a standalone
+Redis (or one hash slot), not a cluster.
+
 Each run also holds its liveness lease, `cb:run:<id>:lease` (schedules/runleases.py), in the same
 scripts: the reaper fails a run only once that key has expired.
 
@@ -41,16 +51,23 @@ logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "cb:sem"
 SEQ_KEY = f"{KEY_PREFIX}:seq"
+PARKED_KEY = f"{KEY_PREFIX}:parked"  # waiter -> "<limit>|<run message JSON>"
+WOKEN_KEY = f"{KEY_PREFIX}:woken"  # waiter -> until (ms): woken, its message on the way
+PARKED_CAPS_KEY = f"{KEY_PREFIX}:parked-caps"  # "<holders key>|<waiters key>" of caps with parked waiters
+_PARKING_KEYS = [PARKED_KEY, WOKEN_KEY, PARKED_CAPS_KEY]
 
 # KEYS: n holder sets, n waiter sets (score = due), n waiter-expiry sets (score = expiry), the grant
-# counter, the run's liveness key. ARGV: owner, waiter id, due (ms), lease ms, waiter ttl ms, floor (the
-# highest grant among running runs in PostgreSQL), then n limits.
+# counter, the run's liveness key, the parked hash, the woken set, the parked-caps set.
+# ARGV: owner, waiter id, due (ms), lease ms, waiter ttl ms, floor (the highest grant among running runs
+# in PostgreSQL), parked message ('' = do not park), then n limits.
 # Returns {1, grant} granted | {0, i, held, ahead} blocked on cap i | {-2} lease state behind the database.
 ACQUIRE_LUA = """
-local n = (#KEYS - 2) / 3
+local n = (#KEYS - 5) / 3
 local owner, waiter, due = ARGV[1], ARGV[2], ARGV[3]
 local lease_ms, waiter_ms, floor = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local message = ARGV[7]
 local seq_key, run_key = KEYS[3 * n + 1], KEYS[3 * n + 2]
+local parked, woken, parked_caps = KEYS[3 * n + 3], KEYS[3 * n + 4], KEYS[3 * n + 5]
 local seq = redis.call('GET', seq_key)
 if not seq then
   if floor > 0 then
@@ -70,10 +87,11 @@ for i = 1, n do
   if #gone > 0 then
     redis.call('ZREM', KEYS[2 * n + i], unpack(gone))
     redis.call('ZREM', KEYS[n + i], unpack(gone))
+    redis.call('HDEL', parked, unpack(gone))
   end
 end
 for i = 1, n do
-  local limit = tonumber(ARGV[6 + i])
+  local limit = tonumber(ARGV[7 + i])
   local held = redis.call('ZCARD', KEYS[i])
   if redis.call('ZSCORE', KEYS[i], owner) then
     held = held - 1
@@ -88,6 +106,11 @@ for i = 1, n do
     redis.call('ZADD', KEYS[2 * n + i], now + waiter_ms, waiter)
     redis.call('PEXPIRE', KEYS[n + i], waiter_ms * 2)
     redis.call('PEXPIRE', KEYS[2 * n + i], waiter_ms * 2)
+    if message ~= '' then
+      redis.call('HSET', parked, waiter, limit .. '|' .. message)
+      redis.call('ZREM', woken, waiter)
+      redis.call('SADD', parked_caps, KEYS[i] .. '|' .. KEYS[n + i])
+    end
     return {0, i, held, ahead}
   end
 end
@@ -99,6 +122,8 @@ for i = 1, n do
   redis.call('ZREM', KEYS[n + i], waiter)
   redis.call('ZREM', KEYS[2 * n + i], waiter)
 end
+redis.call('HDEL', parked, waiter)
+redis.call('ZREM', woken, waiter)
 redis.call('SET', run_key, owner, 'PX', lease_ms)
 return {1, redis.call('INCR', seq_key)}
 """
@@ -135,16 +160,77 @@ redis.call('SET', KEYS[n + 1], owner, 'PX', lease_ms)
 return {renewed, #missing, 0}
 """
 
-# KEYS: holder sets, then the run's liveness key. ARGV: owner. Removes only this owner's leases.
+# KEYS: n holder sets, n waiter sets, the run's liveness key, the parked hash, the woken set.
+# ARGV: owner, wake ms. Removes only this owner's leases; for each cap it freed, wakes the earliest parked
+# waiter not woken already. Returns {removed, message, message, ...}.
 RELEASE_LUA = """
-local removed = 0
-for i = 1, #KEYS - 1 do
-  removed = removed + redis.call('ZREM', KEYS[i], ARGV[1])
+local n = (#KEYS - 3) / 2
+local owner, wake_ms = ARGV[1], tonumber(ARGV[2])
+local run_key, parked, woken = KEYS[2 * n + 1], KEYS[2 * n + 2], KEYS[2 * n + 3]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', woken, '-inf', now)
+local removed, out = 0, {}
+for i = 1, n do
+  if redis.call('ZREM', KEYS[i], owner) == 1 then
+    removed = removed + 1
+    for _, w in ipairs(redis.call('ZRANGE', KEYS[n + i], 0, 49)) do
+      if not redis.call('ZSCORE', woken, w) then
+        local record = redis.call('HGET', parked, w)
+        if record then
+          redis.call('ZADD', woken, now + wake_ms, w)
+          out[#out + 1] = string.sub(record, string.find(record, '|', 1, true) + 1)
+          break
+        end
+      end
+    end
+  end
 end
-if redis.call('GET', KEYS[#KEYS]) == ARGV[1] then
-  redis.call('DEL', KEYS[#KEYS])
+if redis.call('GET', run_key) == owner then
+  redis.call('DEL', run_key)
 end
-return removed
+table.insert(out, 1, removed)
+return out
+"""
+
+# KEYS: the parked hash, the woken set, the parked-caps set. ARGV: wake ms.
+# The safety net for lost wake-ups: for each cap with parked waiters, wake waiters in due order while the
+# cap has room under each one's own limit (counting runs already woken as about to take a slot).
+SWEEP_PARKED_LUA = """
+local parked, woken, parked_caps = KEYS[1], KEYS[2], KEYS[3]
+local wake_ms = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', woken, '-inf', now)
+local out = {}
+for _, pair in ipairs(redis.call('SMEMBERS', parked_caps)) do
+  local sep = string.find(pair, '|', 1, true)
+  local holders, waiters = string.sub(pair, 1, sep - 1), string.sub(pair, sep + 1)
+  redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
+  local line = redis.call('ZRANGE', waiters, 0, 49)
+  if #line == 0 then
+    redis.call('SREM', parked_caps, pair)
+  else
+    local held = redis.call('ZCARD', holders)
+    for _, w in ipairs(line) do
+      if redis.call('ZSCORE', woken, w) then
+        held = held + 1
+      else
+        local record = redis.call('HGET', parked, w)
+        if record then
+          local bar = string.find(record, '|', 1, true)
+          if held >= tonumber(string.sub(record, 1, bar - 1)) then
+            break
+          end
+          redis.call('ZADD', woken, now + wake_ms, w)
+          out[#out + 1] = string.sub(record, bar + 1)
+          held = held + 1
+        end
+      end
+    end
+  end
+end
+return out
 """
 
 # KEYS: the grant counter, then one key per entry. ARGV: lease ms, floor, then per entry "z:<owner>" (a
@@ -174,14 +260,17 @@ end
 return added
 """
 
-# KEYS: n waiter sets then n waiter-expiry sets. ARGV: waiter id. A run that will not wait any more (it
-# started elsewhere, was cancelled) leaves the line at once instead of holding its place until expiry.
+# KEYS: n waiter sets, n waiter-expiry sets, the parked hash, the woken set. ARGV: waiter id. A run that
+# will not wait any more (it started elsewhere, was cancelled) leaves the line at once instead of holding
+# its place until expiry.
 FORGET_WAITER_LUA = """
-local n = #KEYS / 2
+local n = (#KEYS - 2) / 2
 for i = 1, n do
   redis.call('ZREM', KEYS[i], ARGV[1])
   redis.call('ZREM', KEYS[n + i], ARGV[1])
 end
+redis.call('HDEL', KEYS[2 * n + 1], ARGV[1])
+redis.call('ZREM', KEYS[2 * n + 2], ARGV[1])
 return 1
 """
 
@@ -280,6 +369,7 @@ def semaphore_client() -> redis.Redis:
                 ("renew", RENEW_LUA),
                 ("release", RELEASE_LUA),
                 ("rebuild", REBUILD_LUA),
+                ("sweep_parked", SWEEP_PARKED_LUA),
                 ("forget_waiter", FORGET_WAITER_LUA),
             ):
                 _scripts[name] = _client.register_script(source)
@@ -299,21 +389,39 @@ def _ms(value: datetime) -> int:
     return int(value.timestamp() * 1000)
 
 
+# A parked run keeps its place in line this long without news (its entry is renewed whenever it tries).
+PARK_TTL_MS = 24 * 3600 * 1000
+
+
+def wake_ms() -> int:
+    """How long a woken run has to arrive before the safety sweep may wake it (or the next) again."""
+    return max(10_000, 2 * lease_ms())
+
+
 def semaphore_acquire(
-    caps: list[Cap], *, owner: str, waiter: str, due: datetime, run_id: int, floor: int
+    caps: list[Cap],
+    *,
+    owner: str,
+    waiter: str,
+    due: datetime,
+    run_id: int,
+    floor: int,
+    park: str = "",
 ) -> Grant:
     """Take a lease on every cap or on none, and the run's liveness lease with them.
 
     `waiter` names the run (stable across deliveries); `floor` is `runstate.running_lease_floor()`.
+    `park`: the run's message (JSON); when a cap is full it is kept with the waiter, and a release wakes
+    it (see the module's docstring). Empty: the caller retries by itself.
     """
     keys = (
         [c.key for c in caps]
         + [c.waiters_key for c in caps]
         + [c.waiter_expiry_key for c in caps]
-        + [SEQ_KEY, runleases.run_lease_key(run_id)]
+        + [SEQ_KEY, runleases.run_lease_key(run_id), *_PARKING_KEYS]
     )
-    waiter_ttl_ms = int(settings.WORKER_THROTTLE_MAX_SECONDS * 1000 * 3) + 10_000
-    argv = [owner, waiter, _ms(due), lease_ms(), waiter_ttl_ms, int(floor), *[c.limit for c in caps]]
+    waiter_ttl_ms = PARK_TTL_MS if park else int(settings.WORKER_THROTTLE_MAX_SECONDS * 1000 * 3) + 10_000
+    argv = [owner, waiter, _ms(due), lease_ms(), waiter_ttl_ms, int(floor), park, *[c.limit for c in caps]]
     result = _script("acquire")(keys=keys, args=argv)
     code = int(result[0])
     if code == 1:
@@ -331,15 +439,43 @@ def semaphore_renew(caps: list[Cap], *, owner: str, run_id: int) -> Renewal:
     return Renewal(renewed=int(result[0]), reasserted=int(result[1]), lost=caps[lost - 1] if lost else None)
 
 
-def semaphore_release(caps: list[Cap], *, owner: str, run_id: int) -> int:
-    keys = [c.key for c in caps] + [runleases.run_lease_key(run_id)]
-    return int(_script("release")(keys=keys, args=[owner]))
+@dataclass(frozen=True)
+class Released:
+    removed: int
+    woken: list[str]  # parked run messages (JSON) to publish now: their run may start
+
+
+def semaphore_release(caps: list[Cap], *, owner: str, run_id: int) -> Released:
+    """Give the owner's leases back and wake the next parked waiter of each cap it freed."""
+    keys = (
+        [c.key for c in caps]
+        + [c.waiters_key for c in caps]
+        + [runleases.run_lease_key(run_id), PARKED_KEY, WOKEN_KEY]
+    )
+    result = _script("release")(keys=keys, args=[owner, wake_ms()])
+    return Released(removed=int(result[0]), woken=[_text(m) for m in result[1:]])
+
+
+def semaphore_sweep_parked() -> list[str]:
+    """Messages of parked runs whose cap has room although nobody woke them (a lost wake-up)."""
+    return [_text(m) for m in _script("sweep_parked")(keys=_PARKING_KEYS, args=[wake_ms()])]
 
 
 def semaphore_forget_waiter(caps: list[Cap], *, waiter: str) -> None:
-    if caps:
-        keys = [c.waiters_key for c in caps] + [c.waiter_expiry_key for c in caps]
-        _script("forget_waiter")(keys=keys, args=[waiter])
+    keys = [c.waiters_key for c in caps] + [c.waiter_expiry_key for c in caps] + [PARKED_KEY, WOKEN_KEY]
+    _script("forget_waiter")(keys=keys, args=[waiter])
+
+
+def semaphore_parked(waiters: list[str]) -> set[str]:
+    """The waiters among `waiters` that are parked (a release or the sweep will wake them)."""
+    if not waiters:
+        return set()
+    found = semaphore_client().hmget(PARKED_KEY, waiters)
+    return {waiter for waiter, record in zip(waiters, found, strict=True) if record is not None}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def semaphore_behind(floor: int) -> bool:

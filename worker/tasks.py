@@ -92,6 +92,10 @@ def execute_run(self, run_id: int, scheduled_run_id: int | None = None, job_key:
         raise self.retry(
             countdown=outcome.countdown, exc=execution.CapReached(outcome.reason), max_retries=None
         )
+    if outcome.status == "parked":
+        # The run waits in Redis with its message (worker/semaphore.py): acknowledge this delivery and
+        # store nothing; the release of a slot publishes it again.
+        raise Ignore()
     if outcome.status == "skipped":
         # A duplicate delivery: acknowledge and store nothing, so the real run's TaskResult stands.
         raise Ignore()

@@ -52,7 +52,14 @@ def renew(caps, owner):
 
 
 def release(caps, owner):
-    return semaphore_release(caps, owner=owner, run_id=run_id_of(owner))
+    return semaphore_release(caps, owner=owner, run_id=run_id_of(owner)).removed
+
+
+def park(caps, owner, due=T0):
+    message = f'{{"run": "{owner}"}}'
+    return semaphore_acquire(
+        caps, owner=owner, waiter=owner, due=due, run_id=run_id_of(owner), floor=0, park=message
+    )
 
 
 def test_acquire__is_all_or_nothing_across_caps(sem):
@@ -222,3 +229,48 @@ def test_forget_waiter__gives_up_the_place_in_line(sem):
     assert not acquire([job_cap()], "next", due=T0 + timedelta(minutes=1)).acquired  # "gone" is ahead
     semaphore.semaphore_forget_waiter([job_cap()], waiter="gone")
     assert acquire([job_cap()], "next", due=T0 + timedelta(minutes=1)).acquired
+
+
+def test_parked_runs__a_release_wakes_the_earliest_one_not_yet_woken(sem):
+    """A run that finds its cap full waits in Redis with its message; freeing a slot hands it out."""
+    cap = job_cap(limit=2)
+    assert acquire([cap], "h1").acquired
+    assert acquire([cap], "h2").acquired
+    assert not park([cap], "late", due=T0 + timedelta(minutes=2)).acquired
+    assert not park([cap], "early", due=T0 + timedelta(minutes=1)).acquired
+    assert semaphore.semaphore_parked(["late", "early", "h1"]) == {"late", "early"}
+
+    freed = semaphore_release([cap], owner="h1", run_id=run_id_of("h1"))
+    assert (freed.removed, freed.woken) == (1, ['{"run": "early"}'])
+    # A second release wakes the next one, not "early" again (its message is on its way).
+    assert semaphore_release([cap], owner="h2", run_id=run_id_of("h2")).woken == ['{"run": "late"}']
+    # A release of a lease nobody holds wakes nobody.
+    assert semaphore_release([cap], owner="h2", run_id=run_id_of("h2")).woken == []
+
+    assert park([cap], "early", due=T0 + timedelta(minutes=1)).acquired  # woken, and it fits
+    assert semaphore.semaphore_parked(["early"]) == set()
+
+
+def test_parked_runs__the_sweep_wakes_a_head_whose_wake_up_was_lost(sem, settings):
+    cap = job_cap(limit=1)
+    assert acquire([cap], "holder").acquired
+    assert not park([cap], "waiting", due=T0 + timedelta(minutes=1)).acquired
+    assert semaphore.semaphore_sweep_parked() == []  # the cap is full: nothing to wake
+    sem.delete(cap.key)  # the holder's lease lapsed (its worker died): nobody released, nobody woke
+    assert semaphore.semaphore_sweep_parked() == ['{"run": "waiting"}']
+    assert semaphore.semaphore_sweep_parked() == []  # woken already; again only once the mark expires
+    sem.delete(semaphore.WOKEN_KEY)
+    assert semaphore.semaphore_sweep_parked() == ['{"run": "waiting"}']
+
+
+def test_parked_runs__a_woken_run_that_still_does_not_fit_parks_again(sem):
+    narrow, wide = global_cap(1), global_cap(3)
+    assert acquire([wide], "w1").acquired
+    assert acquire([wide], "w2").acquired
+    assert not park([narrow], "n1", due=T0 + timedelta(seconds=1)).acquired
+    # w1 frees a slot: n1 is woken, but under its own limit of 1 one running is still too many.
+    assert semaphore_release([wide], owner="w1", run_id=run_id_of("w1")).woken == ['{"run": "n1"}']
+    assert not park([narrow], "n1", due=T0 + timedelta(seconds=1)).acquired
+    assert semaphore.semaphore_parked(["n1"]) == {"n1"}
+    assert semaphore_release([wide], owner="w2", run_id=run_id_of("w2")).woken == ['{"run": "n1"}']
+    assert park([narrow], "n1", due=T0 + timedelta(seconds=1)).acquired

@@ -189,18 +189,49 @@ def test_reaper__skips_a_run_whose_row_another_session_holds(schedule, settings,
     assert runstate.reap_lost_runs() == [scheduled.run_id]
 
 
-def test_stalled_throttled_runs__are_republished_once(schedule, settings, redis_client):
+def test_stalled_throttled_runs__are_republished_once_unless_parked(schedule, settings, redis_client):
+    from worker import semaphore
+
     settings.WORKER_LEASE_SECONDS = 3
     settings.WORKER_THROTTLE_MAX_SECONDS = 1
-    scheduled = _scheduled_run(schedule)
-    runstate.run_mark_throttled(scheduled.run_id, scheduled.pk, "waiting: global cap 3/3")
-    assert reaper.republish_stalled_throttled() == 0  # its retry is not late yet
+    scheduled, parked = _scheduled_run(schedule), _scheduled_run(schedule)
+    for item in (scheduled, parked):
+        runstate.run_mark_throttled(item.run_id, item.pk, "waiting: global cap 3/3")
+    assert reaper.republish_stalled_throttled() == 0  # not late yet
+    cap = execution.caps_for(schedule.job, schedule)[-1]
+    for n in range(3):
+        semaphore.semaphore_acquire(
+            [cap], owner=f"h{n}", waiter=f"h{n}", due=timezone.now(), run_id=1000 + n, floor=0
+        )
+    grant = semaphore.semaphore_acquire(
+        [cap],
+        owner="p",
+        waiter=execution.waiter_id(parked.run_id),
+        due=timezone.now(),
+        run_id=parked.run_id,
+        floor=0,
+        park="{}",
+    )
+    assert not grant.acquired
 
-    _age("schedules_scheduledrun", "published_at", scheduled.pk, 3600)
+    for item in (scheduled, parked):
+        _age("orchestrator_run", "published_at", item.run_id, 3600)
     before = redis_client.llen("jobs.sleep")
+    # The parked one waits for a release (or the parked sweep); only the other has nobody to wake it.
     assert reaper.republish_stalled_throttled() == 1
     assert redis_client.llen("jobs.sleep") == before + 1
     assert reaper.republish_stalled_throttled() == 0
+
+
+def test_run_mark_throttled__writes_once_per_wait(schedule):
+    scheduled = _scheduled_run(schedule)
+    runstate.run_mark_throttled(scheduled.run_id, scheduled.pk, "waiting: per-job cap 2/2 for sleep")
+    first = Run.objects.values_list("published_at", flat=True).get(pk=scheduled.run_id)
+    runstate.run_mark_throttled(scheduled.run_id, scheduled.pk, "waiting: global cap 3/3")
+    run = Run.objects.get(pk=scheduled.run_id)
+    scheduled.refresh_from_db()
+    assert (run.error_summary, run.published_at) == ("waiting: per-job cap 2/2 for sleep", first)
+    assert (scheduled.status, scheduled.error_summary) == ("throttled", "waiting: per-job cap 2/2 for sleep")
 
 
 def test_worker_queues__every_enabled_job_by_default_or_the_named_ones(sleep_job):
