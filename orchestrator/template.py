@@ -350,6 +350,7 @@ class _Template:
 
 def _preload(modules: list[str]) -> None:
     """Import once what every task would import: Django, the ORM, the job modules. Open nothing."""
+    import gc
     import importlib
     import logging
 
@@ -380,11 +381,19 @@ def _preload(modules: list[str]) -> None:
             log.warning(
                 "job module could not be preloaded", extra={"module": name, "error": type(exc).__name__}
             )
+    # What every forked task runs before its own code (a fork pays for an import with a compile too).
+    import setproctitle  # noqa: F401
+
+    from orchestrator import taskrunner  # noqa: F401
+
     # Nothing above should connect; if anything did, the forks must not share it.
     for conn in connections.all(initialized_only=True):
         conn.close()
         if conn.connection is not None:
             raise RuntimeError("the task template holds a database connection")
+    # Keep the collector off what was imported: a task process touching those objects' GC headers
+    # would copy (on write) most of the template's pages into every fork.
+    gc.freeze()
 
 
 def main(argv: list[str]) -> None:
