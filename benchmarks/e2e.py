@@ -865,11 +865,16 @@ def report(results: dict) -> str:
             if base
             else "n/a"
         )
-        ratio = (
-            f"rows throttled / unthrottled = **{per['rows_written'] / base['rows_written']:.2f}**"
-            if base and base["rows_written"]
-            else "n/a"
-        )
+        ratio = "n/a"
+        if base and base["rows_written"]:
+            ratio = f"rows throttled / unthrottled = **{per['rows_written'] / base['rows_written']:.2f}**"
+            if thr["done"] and thr.get("mean_start_wait_s"):
+                # O(1) or O(wait): what waiting added, per run and per second waited.
+                extra = per["rows_written"] - base["rows_written"]
+                ratio += (
+                    f"; waiting added {extra:.2f} rows per run, "
+                    f"{extra / thr['mean_start_wait_s']:.3f} per second waited"
+                )
         lines.append(
             f"| {thr['runs']:,} runs of one job, `max_per_job = {thr['cap']}`, `sleep {thr['sleep_s']:g}`, "
             f"worker of {thr['worker_concurrency']} | {ours} | {yard} | {ratio} |"
