@@ -2,7 +2,7 @@
 
 `OrchestratorService.execute` starts one of these per task (DESIGN 7: per-task workers stay ephemeral):
 forked from the pool process's task template (orchestrator/template.py, which imported Django and the
-job modules once) and entering `run_forked`. `python -m orchestrator.taskrunner` runs the same code in
+job modules once) and entering `serve_spare`. `python -m orchestrator.taskrunner` runs the same code in
 an exec'd process (`main`, the payload on stdin), for debugging a task by hand.
 Protocol: the outcome is written as JSON to the payload's `result_path`:
 `{"ok": true, "result": {...}}` or `{"ok": false, "error": "<exception type>", "summary": "<short>"}`.
@@ -147,19 +147,56 @@ def main() -> int:
     return _run_task(payload)
 
 
-def run_forked(payload: dict[str, Any], *, title: str, argv: list[str], template_pid: int) -> int:
-    """Forked from the task template, just after its setsid(): become the guardian, fork the runner.
+def serve_spare(request_fd: int, *, template_pid: int) -> int:
+    """A spare forked by the task template ahead of need, just after its setsid(): become the guardian,
+    fork the runner, and let both wait for one task, which the template writes to `request_fd` as JSON
+    (`{"title", "argv", "payload"}`). The fork is then paid while the previous task runs, not by the next.
 
-    Returns the exit code for `os._exit` (the caller never returns into the template's loop).
+    Returns the exit code for `os._exit` (the caller never returns into the template's loop). EOF
+    without a request (the template is gone) ends both without running anything.
     """
+    to_runner_r, to_runner_w = os.pipe()
+    runner = _guard(template_pid)
+    if runner == 0:
+        os.close(to_runner_w)
+        os.close(request_fd)
+        request = _read_request(to_runner_r)
+        if request is None:
+            return 70
+        _label(request)
+        return _run_task(request["payload"])
+    os.close(to_runner_r)
+    raw = _read_all(request_fd)
+    request = json.loads(raw) if raw else None
+    if request is None:
+        os.close(to_runner_w)
+        _kill_own_group()
+    _label(request)
+    view = memoryview(raw)
+    while view:
+        view = view[os.write(to_runner_w, view) :]
+    os.close(to_runner_w)
+    return _wait_runner(runner)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+def _read_request(fd: int) -> dict[str, Any] | None:
+    raw = _read_all(fd)
+    return json.loads(raw) if raw else None
+
+
+def _label(request: dict[str, Any]) -> None:
     import setproctitle
 
-    setproctitle.setproctitle(title)
-    sys.argv = argv  # as if exec'd: whatever reads its own argv (statement counters, logs) sees a task
-    runner = _guard(template_pid)
-    if runner:
-        return _wait_runner(runner)
-    return _run_task(payload)
+    setproctitle.setproctitle(request["title"])  # what /proc readers (orchestrator/taskprocs.py) match
+    sys.argv = request["argv"]  # as if exec'd: what reads its own argv (statement counters) sees a task
 
 
 def _run_task(payload: dict[str, Any]) -> int:

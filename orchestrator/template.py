@@ -247,6 +247,8 @@ class _Template:
         self.channel = channel
         self.pid = os.getpid()
         self.guardians: set[int] = set()
+        # A guardian forked ahead of need (pid, the write end of its request pipe): see `fork`.
+        self.spare: tuple[int, int] | None = None
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
 
@@ -272,26 +274,55 @@ class _Template:
                 return
             if pid == 0:
                 return
-            if pid in self.guardians:
+            if self.spare is not None and pid == self.spare[0]:
+                # A spare that died unused (killed from outside): nobody waits for it.
+                self.guardians.discard(pid)
+                os.close(self.spare[1])
+                self.spare = None
+            elif pid in self.guardians:
                 self.guardians.discard(pid)
                 self.send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
 
     def fork(self, request: dict[str, Any]) -> None:
+        """Hand the request to the spare (a fresh guardian with its runner, waiting), then fork the next."""
+        data = json.dumps(request).encode()
+        for _ in range(2):
+            if self.spare is None:
+                self.new_spare()
+            if self.spare is None:
+                break
+            pid, request_w = self.spare
+            self.spare = None
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(request_w, view) :]
+            except OSError:
+                continue  # it died meanwhile (reaped, or about to be): take a new one
+            finally:
+                os.close(request_w)
+            self.send({"forked": pid})
+            self.new_spare()
+            return
+        self.send({"error": "the forked task process died before it started"})
+
+    def new_spare(self) -> None:
+        """Fork a guardian that leads its own session and group, forks its runner and waits for a task."""
         ready_r, ready_w = os.pipe()
+        request_r, request_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             code = 70
             try:
                 os.close(ready_r)
+                os.close(request_w)
                 os.setsid()
                 self._become_task_process()
                 os.write(ready_w, b"\0")
                 os.close(ready_w)
                 from orchestrator import taskrunner
 
-                code = taskrunner.run_forked(
-                    request["payload"], title=request["title"], argv=request["argv"], template_pid=self.pid
-                )
+                code = taskrunner.serve_spare(request_r, template_pid=self.pid)
             except BaseException:
                 import traceback
 
@@ -304,13 +335,14 @@ class _Template:
                     os._exit(code)
         self.guardians.add(pid)
         os.close(ready_w)
-        # Answer once the guardian leads its group: the pool process signals the group by this pid.
+        os.close(request_r)
+        # Ready once the guardian leads its group: the pool process signals the group by this pid.
         started = os.read(ready_r, 1) == b"\0"
         os.close(ready_r)
         if started:
-            self.send({"forked": pid})
+            self.spare = (pid, request_w)
         else:
-            self.send({"error": "the forked task process died before it started"})
+            os.close(request_w)
 
     def _become_task_process(self) -> None:
         """In the fork: drop what is the template's (its channel, its signal handling)."""
@@ -321,6 +353,8 @@ class _Template:
         self.channel.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
+        if self.spare is not None:
+            os.close(self.spare[1])  # another spare's request pipe: its EOF must come from the template
 
     def serve(self) -> None:
         buffer = b""
@@ -414,6 +448,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.set_wakeup_fd(template.wake_w)
     template.send({"ready": template.pid})
+    template.new_spare()
     template.serve()
 
 

@@ -258,15 +258,18 @@ def test_template_killed_mid_task__the_task_dies_and_the_next_run_gets_a_new_tem
     def kill_template() -> None:
         try:
             wait_for(lambda: lines(record), timeout=60, what="the task started")
-            os.kill(template, signal.SIGKILL)
-            killed_at.append(time.monotonic())
-        finally:
+        except BaseException:
             Path(f"{record}.go").touch()
+            raise
+        # No "go" afterwards: the task must not get to finish on its own.
+        os.kill(template, signal.SIGKILL)
+        killed_at.append(time.monotonic())
 
     killer = threading.Thread(target=kill_template)
     killer.start()
     with pytest.raises(TaskFailed) as info:
         OrchestratorService.execute(launch("tt_hang", record))
+    assert time.monotonic() - killed_at[0] < 2  # the run ended, its task group gone, right away
     killer.join()
 
     assert str(info.value) == "task hang failed: child process lost (its task template process died)"
@@ -279,4 +282,33 @@ def test_template_killed_mid_task__the_task_dies_and_the_next_run_gets_a_new_tem
     )
     OrchestratorService.execute(launch("tt_report", tmp_path / "after"))
     assert running_template_pid() not in (None, template)
+    assert len(lines(tmp_path / "after")) == 3
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if parent_of(int(entry)) == pid and alive(int(entry)):
+                    found.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return found
+
+
+def test_spare_killed_while_idle__the_next_task_gets_another(jobs, tmp_path):
+    OrchestratorService.execute(launch("tt_daemon", tmp_path / "warm"))
+    template = running_template_pid()
+    # Idle, the template keeps one spare guardian (its runner below it) forked ahead of the next task:
+    # unlabelled, so not a task group to /proc readers.
+    (spare,) = wait_for(lambda: children_of(template), timeout=10, what="the spare forked")
+    assert spare not in live_task_groups()
+    os.kill(spare, signal.SIGKILL)
+    wait_for(lambda: not alive(spare), timeout=10, what="the spare dead")  # killed at start is a crash
+
+    OrchestratorService.execute(launch("tt_report", tmp_path / "after"))
+
+    assert running_template_pid() == template
+    assert spare not in [line["pgid"] for line in lines(tmp_path / "after")]
     assert len(lines(tmp_path / "after")) == 3
