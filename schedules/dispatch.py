@@ -73,6 +73,27 @@ class SlotPlan:
         return self.decisions[-1].slot if self.decisions else None
 
 
+def missed_before(*, now: datetime, grace: timedelta, handover: tuple[datetime, datetime] | None) -> datetime:
+    """The instant before which a due slot counts as *missed*, for a schedule dispatched at `now`.
+
+    A slot is missed when it waited longer than `grace` for a live scheduler. Time the row spent held
+    by a claimant that died (`handover`: from when that claim was taken until it expired) is not
+    waiting for a live scheduler: the claim TTL is routinely longer than the grace (120 s against
+    60 s by default), and without this a SIGKILLed instance would make its peer record healthy slots
+    as missed (DESIGN 6.2). Waiting before that claim was taken, or after it expired, still counts,
+    so a real downtime of every scheduler is still a misfire. Lateness falls as the slot is later, so
+    "missed" is one cut-off instant.
+    """
+    cutoff = now - grace
+    if handover is not None:
+        start, end = handover
+        end = min(end, now)
+        start = min(start, end)
+        if end >= cutoff:  # the hand-over ended within the grace: its length does not count
+            return cutoff - (end - start)
+    return cutoff
+
+
 def plan_slots(
     spec: timing.ScheduleSpec,
     *,
@@ -85,30 +106,44 @@ def plan_slots(
     grace: timedelta,
     job_enabled: bool = True,
     max_slots: int | None = None,
+    handover: tuple[datetime, datetime] | None = None,
 ) -> SlotPlan:
     """Decide every slot of one schedule that is due at `now` (the database clock).
 
-    A slot older than `grace` is *missed* (the scheduler was down or far behind). misfire_policy:
-    `run_all` runs each missed slot (the latest MAX_CATCH_UP_SLOTS), `run_once` runs only the latest
-    one, `skip` runs none and records the latest as `skipped` so history shows the gap. Slots not
-    missed always run. overlap_policy then applies to each slot to run, in order, counting the
+    A slot that waited longer than `grace` for a live scheduler is *missed* (the schedulers were down
+    or far behind; a claim held by a dead instance, `handover`, does not count: see `missed_before`).
+    misfire_policy: `run_all` runs each missed slot (the latest MAX_CATCH_UP_SLOTS), `run_once` runs
+    only the latest one, `skip` runs none and records the latest as `skipped` so history shows the gap.
+    Slots not missed always run. overlap_policy then applies to each slot to run, in order, counting the
     schedule's unfinished runs (`unfinished`) plus the ones this plan adds. `max_slots` cuts a long
     plan; `next_run_at` then points at the first undecided slot, which is still due.
+
+    The cost is that of the slots decided, never of the downtime: `run_once` and `skip` look only at
+    the on-time slots and the latest missed one (issue 15.3).
     """
     if next_run_at > now:
         return SlotPlan(decisions=[], next_run_at=next_run_at)
-    due, after = timing.missed_slots(spec, first=next_run_at, now=now, limit=MAX_CATCH_UP_SLOTS)
+    cutoff = missed_before(now=now, grace=grace, handover=handover)
+    if misfire_policy == MisfirePolicy.RUN_ALL:
+        due, after = timing.missed_slots(spec, first=next_run_at, now=now, limit=MAX_CATCH_UP_SLOTS)
+        missed = [slot for slot in due if slot < cutoff]
+        on_time = [slot for slot in due if slot >= cutoff]
+    else:
+        split = timing.split_due(
+            spec, first=next_run_at, now=now, missed_before=cutoff, limit=MAX_CATCH_UP_SLOTS
+        )
+        on_time, after = split.on_time, split.following
+        missed = [split.latest_missed] if split.latest_missed is not None else []
     if last_run_at is not None:
         # High-water mark: no slot at or before the last dispatched one is ever created again.
-        due = [slot for slot in due if slot > last_run_at]
-    if not due:
+        missed = [slot for slot in missed if slot > last_run_at]
+        on_time = [slot for slot in on_time if slot > last_run_at]
+    if not missed and not on_time:
         return SlotPlan(decisions=[], next_run_at=after)
 
-    missed = [slot for slot in due if now - slot > grace]
-    on_time = [slot for slot in due if now - slot <= grace]
     decisions: list[SlotDecision] = []
     if misfire_policy == MisfirePolicy.RUN_ALL:
-        to_run = due
+        to_run = missed + on_time
     elif misfire_policy == MisfirePolicy.SKIP:
         to_run = on_time
         if missed:

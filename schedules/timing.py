@@ -16,7 +16,8 @@ croniter walks naive wall-clock times; this module maps each to the instants abo
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -147,29 +148,114 @@ def first_slot(spec: ScheduleSpec, *, now: datetime) -> datetime:
     return next_slot(spec, after=now)
 
 
+def _prev_cron(expr: str, zone: ZoneInfo, at: datetime) -> datetime:
+    """The latest slot at or before `at` (UTC): the mirror image of `_next_cron`, same DST rules."""
+    wildcard_hour = _hour_is_wildcard(expr)
+    local = at.astimezone(zone).replace(tzinfo=None)
+    # Fast path: away from any transition, the latest wall time at or before the local time is the
+    # latest instant (croniter's get_prev is strict, hence the microsecond).
+    if _steady(at, zone):
+        walls = croniter(expr, local + timedelta(microseconds=1))
+        wall = walls.get_prev(datetime)
+        candidate = wall.replace(tzinfo=zone).astimezone(UTC)
+        if candidate <= at and _steady(candidate, zone):
+            return candidate
+    # Near a transition: walk wall times back from beyond the shift bound, map each to its instants
+    # (none, one or two) and keep the greatest at or before `at`; walls more than the bound below the
+    # best one cannot beat it.
+    walls = croniter(expr, local + _SHIFT_BOUND)
+    best: datetime | None = None
+    horizon: datetime | None = None
+    while True:
+        wall = walls.get_prev(datetime)
+        if horizon is not None and wall < horizon:
+            return best
+        for instant in _instants(wall, zone, wildcard_hour):
+            if instant <= at and (best is None or instant > best):
+                best = instant
+                horizon = wall - _SHIFT_BOUND
+
+
+def prev_slot(spec: ScheduleSpec, *, at_or_before: datetime) -> datetime:
+    """The latest cron slot at or before `at_or_before` (aware), in UTC: the inverse of `next_slot`, so
+    `prev_slot(at_or_before=t) <= t < next_slot(prev_slot(at_or_before=t))`. Interval schedules have no
+    grid without an anchor: see `missed_slots`."""
+    if at_or_before.tzinfo is None:
+        raise ValueError("prev_slot needs an aware datetime")
+    if spec.schedule_type != "cron":
+        raise ValueError("prev_slot is for cron schedules")
+    return _prev_cron(spec.cron_expr, _zone(spec.timezone), at_or_before.astimezone(UTC))
+
+
+def _slots_back(spec: ScheduleSpec, *, first: datetime, now: datetime) -> Iterator[datetime]:
+    """Slots from the latest at or before `now` down to `first` (a slot by contract, even one set off
+    the grid by hand), newest first. Each costs one step, whatever the time since `first`."""
+    if first > now:
+        return
+    if spec.schedule_type == "interval":
+        step = timedelta(minutes=spec.interval_minutes)
+        slot = first + step * ((now - first) // step)
+        while slot >= first:
+            yield slot.astimezone(UTC)
+            slot -= step
+        return
+    slot = prev_slot(spec, at_or_before=now)
+    while slot > first:
+        yield slot
+        slot = prev_slot(spec, at_or_before=slot - _TICK)
+    yield first.astimezone(UTC)
+
+
+# Strictly before a slot, for walking back: slots are whole seconds, so a microsecond earlier lies
+# between a slot and the one before it.
+_TICK = timedelta(microseconds=1)
+
+
 def missed_slots(
     spec: ScheduleSpec, *, first: datetime, now: datetime, limit: int
 ) -> tuple[list[datetime], datetime]:
     """Slots from `first` (itself a slot) up to and including `now`: the latest `limit` of them,
     ascending, and the first slot after `now`.
 
-    Interval schedules jump straight to the tail, so a year of downtime costs no more than a minute.
+    The cost is that of the slots returned, never of the time since `first`: interval schedules are
+    computed on their anchored grid, cron ones walk back from the latest slot at or before `now`, so a
+    month behind costs no more than a minute (the catch-up runs under row locks; issue 15.3).
     """
-    if spec.schedule_type == "interval":
-        step = timedelta(minutes=spec.interval_minutes)
-        if first > now:
-            return [], first
-        count = (now - first) // step + 1
-        taken = min(count, limit)
-        last = first + step * (count - 1)
-        due = [last - step * i for i in range(taken - 1, -1, -1)]
-        return [slot.astimezone(UTC) for slot in due], (last + step).astimezone(UTC)
-    due: deque[datetime] = deque(maxlen=limit)
-    slot = first
-    while slot <= now:
-        due.append(slot)
-        slot = next_slot(spec, after=slot)
-    return list(due), slot
+    due = list(itertools.islice(_slots_back(spec, first=first, now=now), max(0, limit)))
+    if not due:
+        return [], first if first > now else next_slot(spec, after=now)
+    due.reverse()
+    return due, next_slot(spec, after=due[-1])
+
+
+@dataclass(frozen=True)
+class DueSlots:
+    """A schedule's due slots split at the instant before which a slot counts as missed."""
+
+    on_time: list[datetime]  # ascending, at most `limit` (the latest ones)
+    latest_missed: datetime | None  # None if no slot is missed (or `limit` on-time ones came first)
+    following: datetime  # the first slot after `now`
+
+
+def split_due(
+    spec: ScheduleSpec, *, first: datetime, now: datetime, missed_before: datetime, limit: int
+) -> DueSlots:
+    """The due slots from `first` to `now` that are on time (at or after `missed_before`), and the latest
+    missed one: what `run_once` and `skip` need, found by walking back from `now` only through the
+    on-time slots plus one, never through a whole downtime."""
+    on_time: list[datetime] = []
+    latest_missed: datetime | None = None
+    for slot in _slots_back(spec, first=first, now=now):
+        if slot < missed_before:
+            latest_missed = slot
+            break
+        on_time.append(slot)
+        if len(on_time) >= limit:
+            break
+    on_time.reverse()
+    newest = on_time[-1] if on_time else latest_missed
+    following = next_slot(spec, after=newest) if newest is not None else first
+    return DueSlots(on_time=on_time, latest_missed=latest_missed, following=following)
 
 
 # Files in the zone database that are not zones: `localtime` is whatever the host is set to (a schedule

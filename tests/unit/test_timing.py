@@ -7,6 +7,7 @@ from first principles whether the schedule fires there. The two share nothing bu
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -20,6 +21,8 @@ from schedules.timing import (
     describe,
     missed_slots,
     next_slot,
+    prev_slot,
+    split_due,
     upcoming,
     validate_cron_expr,
     validate_timezone,
@@ -278,3 +281,105 @@ def test_wildcard_hour__fires_at_every_real_hour(zone_name):
             expected.append(t)
         t += timedelta(minutes=15)
     assert slots == expected
+
+
+# --- Walking back: prev_slot, missed_slots, split_due (issue 15.3) --------------------------------
+
+
+def walk_latest_at_or_before(spec: ScheduleSpec, at: datetime) -> datetime:
+    """The reference for prev_slot: walk next_slot forward from far enough back, keep the last <= at."""
+    back = timedelta(hours=1)
+    while next_slot(spec, after=at - back) > at:
+        back *= 2
+    slot = next_slot(spec, after=at - back)
+    while (following := next_slot(spec, after=slot)) <= at:
+        slot = following
+    return slot
+
+
+def walk_missed(spec: ScheduleSpec, first: datetime, now: datetime, limit: int):
+    """The catch-up as it was first written: every slot from `first` walked forward with next_slot."""
+    due: deque[datetime] = deque(maxlen=limit)
+    slot = first
+    while slot <= now:
+        due.append(slot)
+        slot = next_slot(spec, after=slot)
+    return list(due), slot
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    point=st.sampled_from(TRANSITION_POINTS),
+    offset_seconds=st.integers(min_value=-30 * 3600, max_value=8 * 3600),
+    expr=CRONS,
+)
+def test_prev_slot__agrees_with_walking_next_slot_around_every_transition(point, offset_seconds, expr):
+    zone, transition = point
+    spec = cron(expr, zone)
+    at = transition + timedelta(seconds=offset_seconds)
+    latest = prev_slot(spec, at_or_before=at)
+    assert latest == walk_latest_at_or_before(spec, at)
+    assert latest <= at < next_slot(spec, after=latest)
+    assert prev_slot(spec, at_or_before=latest) == latest  # a slot is at or before itself
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    point=st.sampled_from(TRANSITION_POINTS),
+    start_minutes=st.integers(min_value=-30 * 60, max_value=60),
+    span_minutes=st.integers(min_value=0, max_value=20 * 60),
+    limit=st.integers(min_value=1, max_value=120),
+    expr=CRONS,
+)
+def test_missed_slots__cron_agrees_with_the_forward_walk(point, start_minutes, span_minutes, limit, expr):
+    zone, transition = point
+    spec = cron(expr, zone)
+    first = next_slot(spec, after=transition + timedelta(minutes=start_minutes))
+    now = first + timedelta(minutes=span_minutes, seconds=17)
+    assert missed_slots(spec, first=first, now=now, limit=limit) == walk_missed(spec, first, now, limit)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    point=st.sampled_from(TRANSITION_POINTS),
+    span_minutes=st.integers(min_value=0, max_value=20 * 60),
+    cut_minutes=st.integers(min_value=0, max_value=21 * 60),
+    expr=CRONS,
+)
+def test_split_due__is_the_forward_walk_cut_at_the_missed_instant(point, span_minutes, cut_minutes, expr):
+    zone, transition = point
+    spec = cron(expr, zone)
+    first = next_slot(spec, after=transition - timedelta(hours=12))
+    now = first + timedelta(minutes=span_minutes, seconds=5)
+    cutoff = now - timedelta(minutes=cut_minutes)
+    walked, following = walk_missed(spec, first, now, 10_000)
+    split = split_due(spec, first=first, now=now, missed_before=cutoff, limit=100)
+    assert split.on_time == [slot for slot in walked if slot >= cutoff][-100:]
+    missed = [slot for slot in walked if slot < cutoff]
+    if len([slot for slot in walked if slot >= cutoff]) < 100:
+        assert split.latest_missed == (missed[-1] if missed else None)
+    assert split.following == following
+
+
+def test_missed_slots__cron_off_the_grid_first_slot_is_kept():
+    # A next_run_at set by hand between two cron slots is itself a slot, as the forward walk had it.
+    spec = cron("0 * * * *")
+    first = utc(2026, 1, 1, 0, 20)
+    assert missed_slots(spec, first=first, now=utc(2026, 1, 1, 2, 5), limit=10) == walk_missed(
+        spec, first, utc(2026, 1, 1, 2, 5), 10
+    )
+    assert missed_slots(spec, first=first, now=utc(2026, 1, 1, 0, 30), limit=10) == (
+        [first],
+        utc(2026, 1, 1, 1),
+    )
+
+
+@pytest.mark.parametrize("zone", ["UTC", "America/New_York", "Australia/Lord_Howe"])
+def test_split_due__a_minute_cron_a_month_behind_gives_the_latest_slot_without_the_month(zone):
+    spec = cron("* * * * *", zone)
+    now = utc(2026, 4, 5, 12, 0, 30)
+    first = now.replace(second=0) - timedelta(days=30)  # across the DST change of each of these zones
+    split = split_due(spec, first=first, now=now, missed_before=now - timedelta(seconds=60), limit=100)
+    assert split.on_time == [utc(2026, 4, 5, 11, 59, 30) + timedelta(seconds=30)]
+    assert split.latest_missed == utc(2026, 4, 5, 11, 59)
+    assert split.following == utc(2026, 4, 5, 12, 1)
