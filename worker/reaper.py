@@ -211,12 +211,26 @@ def _warn_if_visibility_too_short() -> None:
         )
 
 
+def _warn_if_redis_may_evict() -> None:
+    """Leases that Redis evicts silently are slots it hands out twice: the semaphores need noeviction."""
+    try:
+        policy = semaphore.semaphore_client().config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.RedisError:
+        return  # CONFIG may be disabled on a managed Redis: nothing to check
+    if policy and policy != "noeviction":
+        logger.warning(
+            "Redis may evict semaphore leases: set maxmemory-policy noeviction",
+            extra={"maxmemory_policy": policy},
+        )
+
+
 @worker_init.connect
 def _on_worker_init(**kwargs: Any) -> None:
     # Before the pool and the consumer start: lease state Redis lost is rebuilt before the first message.
     try:
         check_leases()
         _warn_if_visibility_too_short()
+        _warn_if_redis_may_evict()
     except Exception as exc:
         logger.warning("worker start-up checks failed", extra={"error": type(exc).__name__})
     finally:
