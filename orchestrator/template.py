@@ -4,12 +4,16 @@ forks one fresh process per task (DESIGN 7: per-task workers stay ephemeral; for
 Exec'ing `python -m orchestrator.taskrunner` for every task re-imports Django each time (about 0.3 s of
 CPU, three times a run). Instead each pool process starts one template, lazily at its first task, with
 `python -m orchestrator.template` (a clean exec: it inherits no database or Redis socket of the pool
-process) and asks it over a socketpair to fork each task's guardian. The guardian is the same as in
-orchestrator/taskrunner.py: it leads a new session and process group, forks the runner, waits.
+process) and asks it over a socketpair for each task's guardian. The guardian is the same as in
+orchestrator/taskrunner.py: it leads a new session and process group, forks the runner, waits. The
+template keeps one *spare* forked ahead of need (a guardian with its runner, both waiting on a pipe for
+their one task, unlabelled until then): a task is handed to the spare and the next spare is forked while
+the task runs, so the two forks (a few ms each for a process this size) are off the task's path. A spare
+still runs exactly one task, or none if the template goes first.
 
 Lifetimes, so that nothing outlives the pool process:
 - the template has a parent-death signal on the pool process (SIGTERM, answered by SIGKILLing every task
-  group it forked, then exiting); it also exits so when the pool process closes its end of the channel;
+  group it forked, then exiting); it also does so when the pool process closes its end of the channel;
 - each guardian has a parent-death signal on the template (taskrunner._guard), so a template killed with
   SIGKILL still takes every task group down with it;
 - the template is a child subreaper and reaps everything below it: it reports each guardian's exit
@@ -21,9 +25,10 @@ the forked task closes the channel first, so its Django connections are its own,
 to the database the pool process names in the payload.
 
 Protocol: JSON lines. Pool process -> template: `{"fork": {"title", "argv", "payload"}}`. Template ->
-pool process: `{"ready": pid}` once, then `{"forked": pid}` per request (after the guardian's setsid(),
-so its pgid exists) or `{"error": "..."}`, and `{"exited": pid, "code": n}` per guardian that ended
-(`n` as `Popen.returncode`: negative for a signal).
+pool process: `{"ready": pid}` once, then `{"forked": pid}` per request (a guardian that has done its
+setsid(), so its pgid exists) or `{"error": "..."}`, and `{"exited": pid, "code": n}` per guardian that
+ended (`n` as `Popen.returncode`: negative for a signal). The task's outcome itself travels as before:
+the runner writes it to the payload's `result_path`.
 
 A template started from a thread other than the pool process's main thread dies when that thread ends
 (the parent-death signal follows the forking thread): the worker runs tasks on its main thread.
