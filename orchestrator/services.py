@@ -168,10 +168,11 @@ class OrchestratorService:
                 _apply_run_fields(run, result)
                 stats["notes"].extend(_notes(result))
                 stats["tasks"][task.name] = {
+                    # The task's own counts first: one it names `seconds` or `pid` must not hide ours.
+                    **_counts(result),
                     "outcome": "succeeded",
                     "seconds": seconds,
                     "pid": outcome.pid,
-                    **_counts(result),
                 }
                 logger.info("task succeeded", extra={"run_id": run.pk, "task": task.name, "seconds": seconds})
         finally:
