@@ -268,6 +268,7 @@ class DatabaseScheduler(Scheduler):
                     grace=self.misfire_grace,
                     ttl=self.claim_ttl,
                     should_stop=lambda: self.stopping,
+                    taken_over={c.schedule_id: c.taken_over_at for c in claims if c.taken_over_at},
                 )
                 if result.pending:
                     self._release(result.pending)

@@ -17,18 +17,24 @@ from django.db import connection
 # NULLs: an unclaimed row sorts by next_run_at, a claimed one by the later of the two, so rows held by
 # a live claim sort past now() and drop out of the scan instead of being stepped over on every tick.
 # SKIP LOCKED lets instances racing for the same rows each take different ones without waiting.
-# `id = ANY(ARRAY(...))` (not `id IN (...)`) makes the outer UPDATE a primary-key lookup of the claimed
-# ids; with `IN` the planner hash-joins against a sequential scan of the whole table on every tick.
+# `id = ANY(ARRAY(...))` (not a bare join or `id IN (...)`) makes the outer UPDATE a primary-key lookup
+# of the claimed ids; without it the planner hash-joins against a sequential scan of the whole table on
+# every tick. The join with `picked` only carries each row's claim as it was before this statement:
+# a claimed_until still set is an expired claim of an instance that died holding it (a release or a
+# dispatch clears it), and the time that claim held the row is not lateness (schedules.dispatch).
 CLAIM_DUE_SQL = """
-UPDATE schedules_schedule
+WITH picked AS MATERIALIZED (
+    SELECT id, claimed_until FROM schedules_schedule
+     WHERE enabled AND GREATEST(next_run_at, claimed_until) <= now()
+       AND next_run_at IS NOT NULL
+     ORDER BY GREATEST(next_run_at, claimed_until)
+     LIMIT %(limit)s
+     FOR UPDATE SKIP LOCKED)
+UPDATE schedules_schedule AS s
    SET claimed_by = %(claimant)s, claimed_until = now() + make_interval(secs => %(ttl)s)
- WHERE id = ANY(ARRAY(SELECT id FROM schedules_schedule
-                        WHERE enabled AND GREATEST(next_run_at, claimed_until) <= now()
-                          AND next_run_at IS NOT NULL
-                        ORDER BY GREATEST(next_run_at, claimed_until)
-                        LIMIT %(limit)s
-                        FOR UPDATE SKIP LOCKED))
-RETURNING id, next_run_at
+  FROM picked
+ WHERE s.id = ANY(ARRAY(SELECT id FROM picked)) AND s.id = picked.id
+RETURNING s.id, s.next_run_at, picked.claimed_until
 """
 
 RELEASE_CLAIMS_SQL = """
@@ -58,6 +64,8 @@ SELECT EXTRACT(EPOCH FROM (min(GREATEST(next_run_at, claimed_until)) - now()))
 class Claim:
     schedule_id: int
     next_run_at: datetime
+    # When the claim this one took over expired (its holder died holding it); None for a free row.
+    taken_over_at: datetime | None = None
 
 
 def claim_due(*, claimant: str, ttl: float, limit: int) -> list[Claim]:
@@ -65,7 +73,8 @@ def claim_due(*, claimant: str, ttl: float, limit: int) -> list[Claim]:
     with connection.cursor() as cursor:
         cursor.execute(CLAIM_DUE_SQL, {"claimant": claimant, "ttl": float(ttl), "limit": int(limit)})
         rows = cursor.fetchall()
-    return sorted((Claim(schedule_id=row[0], next_run_at=row[1]) for row in rows), key=_claim_order)
+    claims = (Claim(schedule_id=row[0], next_run_at=row[1], taken_over_at=row[2]) for row in rows)
+    return sorted(claims, key=_claim_order)
 
 
 def _claim_order(claim: Claim) -> tuple[datetime, int]:

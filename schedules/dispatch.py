@@ -242,6 +242,18 @@ class DispatchResult:
         self.failed += other.failed
 
 
+def handover_window(taken_over_at: datetime | None, *, ttl: float) -> tuple[datetime, datetime] | None:
+    """The span a dead claimant held a row, from the expiry of its claim (`Claim.taken_over_at`).
+
+    When that claim was taken is not recorded; it is taken as one claim TTL before it expired, this
+    instance's TTL (instances of one deployment share `--claim-ttl`). A renewed claim was held longer
+    than that, by an instance alive while it renewed, so its slots were late for a live scheduler.
+    """
+    if taken_over_at is None:
+        return None
+    return (taken_over_at - timedelta(seconds=float(ttl)), taken_over_at)
+
+
 def dispatch_claimed(
     schedule_ids: list[int],
     *,
@@ -249,21 +261,28 @@ def dispatch_claimed(
     grace: timedelta,
     ttl: float,
     should_stop: Callable[[], bool] = lambda: False,
+    taken_over: dict[int, datetime] | None = None,
 ) -> DispatchResult:
     """Dispatch every due slot of the schedules `claimant` claimed, a bounded batch per transaction.
 
     Stops between transactions when `should_stop()` says so; what was not reached is returned in
     `pending` (still claimed: the caller releases it). Claims are renewed as the batch goes on.
+    `taken_over`: schedule id -> when the dead claim this instance took over expired (`Claim`).
     """
     total = DispatchResult()
     queue = deque(schedule_ids)
+    handovers = {
+        sid: window
+        for sid, at in (taken_over or {}).items()
+        if (window := handover_window(at, ttl=ttl)) is not None
+    }
     renewed_at = time.monotonic()
     while queue:
         if should_stop():
             total.pending = list(queue)
             break
         batch = [queue.popleft() for _ in range(min(SCHEDULES_PER_TRANSACTION, len(queue)))]
-        result, unfinished = _dispatch_batch(batch, claimant=claimant, grace=grace)
+        result, unfinished = _dispatch_batch(batch, claimant=claimant, grace=grace, handovers=handovers)
         total.add(result)
         # Schedules with slots left (a long catch-up cut by the per-transaction budget) go first again.
         queue.extendleft(reversed(unfinished))
@@ -280,12 +299,21 @@ def dispatch_claimed(
     return total
 
 
-def dispatch_slot(schedule_id: int, *, claimant: str, grace: timedelta) -> DispatchResult:
+def dispatch_slot(
+    schedule_id: int,
+    *,
+    claimant: str,
+    grace: timedelta,
+    taken_over_at: datetime | None = None,
+    ttl: float = 0.0,
+) -> DispatchResult:
     """Dispatch one claimed schedule's due slots (all of them), publishing after each commit."""
     total = DispatchResult()
     pending = [schedule_id]
+    window = handover_window(taken_over_at, ttl=ttl)
+    handovers = {schedule_id: window} if window is not None else {}
     while pending:
-        result, pending = _dispatch_batch(pending, claimant=claimant, grace=grace)
+        result, pending = _dispatch_batch(pending, claimant=claimant, grace=grace, handovers=handovers)
         total.add(result)
     return total
 
@@ -333,7 +361,11 @@ class _Locked:
 
 
 def _dispatch_batch(
-    schedule_ids: list[int], *, claimant: str, grace: timedelta
+    schedule_ids: list[int],
+    *,
+    claimant: str,
+    grace: timedelta,
+    handovers: dict[int, tuple[datetime, datetime]],
 ) -> tuple[DispatchResult, list[int]]:
     """One transaction: lock, plan, insert, advance, release; then publish. Returns (result, unfinished)."""
     result = DispatchResult()
@@ -378,6 +410,7 @@ def _dispatch_batch(
                     grace=grace,
                     job_enabled=jobs[s.job_id].enabled,
                     max_slots=budget,
+                    handover=handovers.get(s.id),
                 )
             except Exception:
                 # A schedule whose timing cannot be computed keeps its claim: it is retried once the TTL

@@ -105,3 +105,22 @@ def test_claim_due__uses_the_due_index_and_a_primary_key_update():
     )
     assert "schedule_due_idx" in plan, plan
     assert "Seq Scan" not in plan, plan
+
+
+def test_claim_due__says_when_the_claim_it_took_over_expired():
+    free = make_schedule("free")
+    orphan = make_schedule("orphan")
+    sql(
+        "UPDATE schedules_schedule SET claimed_by = 'dead:1', claimed_until = now() - interval '3 seconds'"
+        " WHERE id = %s",
+        [orphan.pk],
+    )
+    (expired_at,) = sql("SELECT claimed_until FROM schedules_schedule WHERE id = %s", [orphan.pk])[0]
+
+    claims = {c.schedule_id: c for c in claim_due(claimant="b:2", ttl=60, limit=10)}
+
+    assert claims[free.pk].taken_over_at is None
+    assert claims[orphan.pk].taken_over_at == expired_at
+    orphan.refresh_from_db()
+    assert orphan.claimed_by == "b:2"
+    assert orphan.claimed_until > expired_at

@@ -164,6 +164,82 @@ def test_dst__daily_0230_new_york_across_fall_back():
     ]
 
 
+# --- a dead claimant's hold is not lateness (issue 15.1) --------------------------------------------
+
+SPEC1 = timing.ScheduleSpec(schedule_type="interval", interval_minutes=1)
+
+
+def plan1(**kw):
+    args = {"last_run_at": None, "overlap_policy": "allow", "unfinished": 0, "grace": GRACE}
+    args.update(kw)
+    return plan_slots(SPEC1, **args)
+
+
+@pytest.mark.parametrize("policy", ["skip", "run_once", "run_all"])
+def test_plan__slots_held_by_a_dead_claimant_are_not_missed(policy):
+    # Claimed 5 s after its slot by an instance that died; its 120 s claim expired at T0 + 125 s.
+    handover = (T0 + timedelta(seconds=5), T0 + timedelta(seconds=125))
+    p = plan1(next_run_at=T0, now=T0 + timedelta(seconds=126), misfire_policy=policy, handover=handover)
+    assert [(d.slot, d.dispatch) for d in p.decisions] == [
+        (T0, True),
+        (T0 + timedelta(minutes=1), True),
+        (T0 + timedelta(minutes=2), True),
+    ]
+    assert p.next_run_at == T0 + timedelta(minutes=3)
+
+
+def test_plan__a_hand_over_long_ago_still_leaves_a_downtime_missed():
+    # The dead claim expired 10 minutes ago and no scheduler ran since: a real downtime.
+    handover = (T0, T0 + timedelta(minutes=2))
+    now = T0 + timedelta(minutes=12, seconds=5)
+    skip = plan1(next_run_at=T0, now=now, misfire_policy="skip", handover=handover)
+    assert [(d.slot, d.dispatch) for d in skip.decisions] == [
+        (T0 + timedelta(minutes=11), False),
+        (T0 + timedelta(minutes=12), True),
+    ]
+    once = plan1(next_run_at=T0, now=now, misfire_policy="run_once", handover=handover)
+    assert [d.slot for d in once.decisions] == [T0 + timedelta(minutes=12)]
+
+
+def test_plan__slots_already_missed_when_the_dead_claimant_took_them_stay_missed():
+    # Down an hour, then the first instance back claimed at T0 + 60 min and died: the hour counts.
+    handover = (T0 + timedelta(minutes=60), T0 + timedelta(minutes=62))
+    now = T0 + timedelta(minutes=62, seconds=1)
+    p = plan1(next_run_at=T0, now=now, misfire_policy="skip", handover=handover)
+    # Slot 59 had waited a minute when that claim was taken (+1 s after it expired): missed. Slots
+    # 60.. came due under the dead claim or just after: on time.
+    assert [(d.slot, d.dispatch) for d in p.decisions] == [
+        (T0 + timedelta(minutes=59), False),
+        (T0 + timedelta(minutes=60), True),
+        (T0 + timedelta(minutes=61), True),
+        (T0 + timedelta(minutes=62), True),
+    ]
+
+
+def test_plan__a_minute_cron_a_month_behind_decides_only_the_latest_slots():
+    spec = timing.ScheduleSpec(schedule_type="cron", cron_expr="* * * * *", timezone="America/New_York")
+    now = datetime(2026, 3, 31, 12, 0, 30, tzinfo=UTC)
+    first = now.replace(second=0) - timedelta(days=30)  # across the spring-forward of 2026-03-08
+    common = {"next_run_at": first, "last_run_at": None, "now": now, "overlap_policy": "allow"}
+    once = plan_slots(spec, misfire_policy="run_once", unfinished=0, grace=GRACE, **common)
+    assert [(d.slot, d.dispatch) for d in once.decisions] == [(now.replace(second=0), True)]
+    skip = plan_slots(spec, misfire_policy="skip", unfinished=0, grace=GRACE, **common)
+    assert [(d.slot, d.dispatch) for d in skip.decisions] == [
+        (now.replace(second=0) - timedelta(minutes=1), False),
+        (now.replace(second=0), True),
+    ]
+    run_all = plan_slots(spec, misfire_policy="run_all", unfinished=0, grace=GRACE, **common)
+    assert [d.slot for d in run_all.decisions] == [
+        now.replace(second=0) - timedelta(minutes=99 - i) for i in range(100)
+    ]
+    assert (
+        once.next_run_at
+        == skip.next_run_at
+        == run_all.next_run_at
+        == now.replace(second=0) + timedelta(minutes=1)
+    )
+
+
 # --- against PostgreSQL ----------------------------------------------------------------------------
 
 
@@ -448,3 +524,55 @@ def test_run_now_and_manual_launch__still_publish_after_commit(redis_client):
     sr = run_now(s)
     run = launch_manual_run(job=s.job, custom_directive_text="0.2", task3_scope="allowlist")
     assert sorted(_queued_ids(redis_client)) == sorted([sr.task_id, run.task_id])
+
+
+# --- the loop: a dead claimant's claim taken over (issue 15.1) -------------------------------------
+
+
+def _pass_of(claimant: str, ttl: float):
+    from project.celery import app
+    from schedules.beat import DatabaseScheduler
+
+    scheduler = DatabaseScheduler(app=app, claimant=claimant, claim_ttl=ttl, interval=30)
+    return scheduler.run_pass
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("policy", ["skip", "run_once"])
+def test_run_pass__slots_a_dead_claimant_held_are_dispatched_not_skipped(policy, redis_client):
+    # Slots 125, 65 and 5 s ago; an instance claimed the first 4 s late (TTL 120) and was SIGKILLed:
+    # its claim expired a second ago. Schedulers were healthy all along, so nothing was missed.
+    s = make_schedule(f"handover-{policy}", interval_minutes=1, misfire_policy=policy)
+    sql(
+        "UPDATE schedules_schedule SET next_run_at = now() - interval '125 seconds',"
+        " claimed_by = 'dead:1', claimed_until = now() - interval '1 second' WHERE id = %s",
+        [s.pk],
+    )
+    (first,) = sql("SELECT next_run_at FROM schedules_schedule WHERE id = %s", [s.pk])[0]
+
+    _pass_of(ME, ttl=120)()
+
+    assert slots_of(s, "queued") == [first + timedelta(minutes=m) for m in (0, 1, 2)]
+    assert slots_of(s, "skipped") == []
+    s.refresh_from_db()
+    assert (s.claimed_by, s.next_run_at) == ("", first + timedelta(minutes=3))
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("policy", "queued", "skipped"), [("skip", 0, 1), ("run_once", 1, 0), ("run_all", 6, 0)]
+)
+def test_run_pass__a_downtime_after_a_dead_claim_is_still_missed(policy, queued, skipped, redis_client):
+    # The dead claim expired 10 minutes ago and nobody ran since: the slots 700, 580, .. 100 s ago
+    # are all missed.
+    s = make_schedule(f"down-after-handover-{policy}", interval_minutes=2, misfire_policy=policy)
+    sql(
+        "UPDATE schedules_schedule SET next_run_at = now() - interval '700 seconds',"
+        " claimed_by = 'dead:1', claimed_until = now() - interval '600 seconds' WHERE id = %s",
+        [s.pk],
+    )
+
+    _pass_of(ME, ttl=120)()
+
+    assert len(slots_of(s, "queued")) == queued
+    assert len(slots_of(s, "skipped")) == skipped
