@@ -153,6 +153,13 @@ CELERY_ENABLE_UTC = True
 # --- Scheduler and workers --------------------------------------------------------------------------
 # Default global cap on running runs when neither the schedule nor the job sets one (None = no cap).
 SCHEDULER_MAX_GLOBAL = env_int("SCHEDULER_MAX_GLOBAL", 10)
+# How long a statement of the scheduler (run_scheduler, Celery beat) may wait for a lock, and run, in
+# ms (0 = no limit); project/dbsession.py. Its claims and dispatch skip locked rows, so a wait is
+# someone holding a table or a row it must write (a migration, a session left open): after this the
+# pass fails, backs off and retries instead of stalling every schedule behind it. Both stay well under
+# the claim TTL (120 s), so a stuck statement never outlives the claims it works on.
+SCHEDULER_LOCK_TIMEOUT_MS = env_int("SCHEDULER_LOCK_TIMEOUT_MS", 5000)
+SCHEDULER_STATEMENT_TIMEOUT_MS = env_int("SCHEDULER_STATEMENT_TIMEOUT_MS", 30000)
 
 # --- Workers (worker/) -----------------------------------------------------------------------------
 # Lease TTL of a running run's semaphore slots and liveness key; its heartbeat renews them every quarter
@@ -170,6 +177,11 @@ WORKER_HARD_LIMIT_GRACE_SECONDS = env_int("WORKER_HARD_LIMIT_GRACE_SECONDS", 30)
 WORKER_FINISH_RETRY_SECONDS = float(env_str("WORKER_FINISH_RETRY_SECONDS", str(WORKER_LEASE_SECONDS)))
 # How long the worker's parent retries ending the run of a pool process that died or hit its hard limit.
 WORKER_PARENT_WRITE_RETRY_SECONDS = float(env_str("WORKER_PARENT_WRITE_RETRY_SECONDS", "3600"))
+# The same limits for the worker's statements (ms, 0 = no limit): a run's transitions are single-row
+# writes that never need to wait long; a lock held longer is someone else's stuck session, and the
+# worker's retries of a failed write (as for PostgreSQL away) apply instead of a silent stall.
+WORKER_LOCK_TIMEOUT_MS = env_int("WORKER_LOCK_TIMEOUT_MS", 5000)
+WORKER_STATEMENT_TIMEOUT_MS = env_int("WORKER_STATEMENT_TIMEOUT_MS", 30000)
 
 # --- Jobs -------------------------------------------------------------------------------------------
 CYBER_BRAIN_LOGS = Path(env_str("CYBER_BRAIN_LOGS", str(BASE_DIR / "logs")))

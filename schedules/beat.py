@@ -33,6 +33,13 @@ DEFAULT_PUBLISH_GRACE = 10.0
 # A run published this long ago and still queued has its message looked for in the broker.
 DEFAULT_REPUBLISH_AFTER = 300.0
 MAX_BACKOFF = 30.0
+# A schedule is due but nothing could be claimed (its row is locked by another session, which SKIP
+# LOCKED passes over), or a claimed one was busy the same way: look again after this long (seconds)
+# rather than at once, which would spin the loop for as long as the lock is held.
+BUSY_RETRY = 1.0
+# SQLSTATEs of a statement stopped by this process's lock_timeout / statement_timeout
+# (project/dbsession.py): someone else holds what it needs, so wait and retry, keeping the connection.
+_TIMEOUT_SQLSTATES = {"55P03", "57014"}
 # Runs launched through /api/runs/ have no scheduled run; their outbox query is costlier, so it runs
 # at most this often (seconds) rather than every tick.
 MANUAL_SWEEP_EVERY = 10.0
@@ -179,6 +186,8 @@ class DatabaseScheduler(Scheduler):
         self._next_sleep = 0.0
         self._next_manual_sweep = 0.0
         self._next_reap = 0.0
+        # Claims still ours whose rows another session had locked when we came to dispatch them.
+        self._busy: list[int] = []
         super().__init__(*args, lazy=lazy, **kwargs)
 
     # --- celery.beat.Scheduler interface ---
@@ -189,6 +198,10 @@ class DatabaseScheduler(Scheduler):
 
         if not apps.ready:
             django.setup()
+        from project.dbsession import apply_scheduler_timeouts
+
+        # Before the first query: no statement of this process waits without bound (issue 15.4).
+        apply_scheduler_timeouts()
         self._listener = WakeListener()
         logger.info(
             "scheduler started",
@@ -261,6 +274,11 @@ class DatabaseScheduler(Scheduler):
             claimed_ids = [claim.schedule_id for claim in claims]
             if claims:
                 logger.info("schedules claimed", extra={"claimant": self.claimant, "count": len(claims)})
+            # Claims kept from an earlier pass because their rows were locked by someone else.
+            fresh = set(claimed_ids)
+            claimed_ids += [sid for sid in self._busy if sid not in fresh]
+            self._busy = []
+            if claimed_ids:
                 started = time.monotonic()
                 result = dispatch_claimed(
                     claimed_ids,
@@ -270,8 +288,10 @@ class DatabaseScheduler(Scheduler):
                     should_stop=lambda: self.stopping,
                     taken_over={c.schedule_id: c.taken_over_at for c in claims if c.taken_over_at},
                 )
+                self._busy = result.busy
                 if result.pending:
-                    self._release(result.pending)
+                    self._release(result.pending + self._busy)
+                    self._busy = []
                 logger.info(
                     "claimed schedules dispatched",
                     extra={
@@ -283,6 +303,7 @@ class DatabaseScheduler(Scheduler):
                         "lost": len(result.lost),
                         "failed": len(result.failed),
                         "released": len(result.pending),
+                        "busy": len(result.busy),
                         "seconds": round(time.monotonic() - started, 3),
                     },
                 )
@@ -310,6 +331,8 @@ class DatabaseScheduler(Scheduler):
             if _interruption(exc) is not None:
                 self.request_stop()
                 raise _interruption(exc) from exc
+            if getattr(exc.__cause__, "pgcode", None) in _TIMEOUT_SQLSTATES:
+                return self._database_busy(exc)
             return self._database_unreachable(exc)
         except Exception as exc:
             stop = _interruption(exc)
@@ -327,8 +350,14 @@ class DatabaseScheduler(Scheduler):
         self._backoff = 0.0
         # Wake for the next reap too: the reaper's period bounds how late a dead worker's run ends.
         longest = min(self.interval, max(0.0, self._next_reap - time.monotonic()))
+        if self._busy:
+            longest = min(longest, BUSY_RETRY)
         if until_due is None:
             return longest
+        if until_due <= 0 and not claims:
+            # Due, yet the claim found nothing: the row is locked by another session. Poll for its
+            # release (no NOTIFY comes when a lock is let go) instead of spinning on it.
+            return min(longest, BUSY_RETRY)
         # A little past the due instant, so the next claim (database clock) finds it due.
         return max(0.0, min(until_due + 0.01, longest))
 
@@ -377,6 +406,21 @@ class DatabaseScheduler(Scheduler):
         logger.warning(
             "database unreachable; backing off",
             extra={"claimant": self.claimant, "error": type(exc).__name__, "retry_in": self._backoff},
+        )
+        return min(self._backoff, self.interval) if self.interval > 0 else self._backoff
+
+    def _database_busy(self, exc: Exception) -> float:
+        # A statement hit this process's lock_timeout or statement_timeout: the database is there but
+        # something holds what the pass needs. Whatever the pass did not commit is rolled back and
+        # claims we hold expire by themselves, as for an outage; the connection is fine to reuse.
+        self._backoff = min(MAX_BACKOFF, max(1.0, self._backoff * 2))
+        logger.warning(
+            "database statement timed out; backing off",
+            extra={
+                "claimant": self.claimant,
+                "error": type(exc.__cause__ or exc).__name__,
+                "retry_in": self._backoff,
+            },
         )
         return min(self._backoff, self.interval) if self.interval > 0 else self._backoff
 

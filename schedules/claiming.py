@@ -37,17 +37,24 @@ UPDATE schedules_schedule AS s
 RETURNING s.id, s.next_run_at, picked.claimed_until
 """
 
+# Release and renewal skip rows another session has locked, as the claim does: a row locked by an
+# edit left open must not stall the loop (issue 15.4). A claim not renewed for that reason counts as
+# lost to the caller; it stays ours until it expires, and is then taken over like any other.
 RELEASE_CLAIMS_SQL = """
 UPDATE schedules_schedule
    SET claimed_by = '', claimed_until = NULL
- WHERE id = ANY(%(ids)s) AND claimed_by = %(claimant)s
+ WHERE id = ANY(ARRAY(SELECT id FROM schedules_schedule
+                        WHERE id = ANY(%(ids)s) AND claimed_by = %(claimant)s
+                        FOR UPDATE SKIP LOCKED))
 RETURNING id
 """
 
 RENEW_CLAIMS_SQL = """
 UPDATE schedules_schedule
    SET claimed_until = now() + make_interval(secs => %(ttl)s)
- WHERE id = ANY(%(ids)s) AND claimed_by = %(claimant)s AND claimed_until > now()
+ WHERE id = ANY(ARRAY(SELECT id FROM schedules_schedule
+                        WHERE id = ANY(%(ids)s) AND claimed_by = %(claimant)s AND claimed_until > now()
+                        FOR UPDATE SKIP LOCKED))
 RETURNING id
 """
 

@@ -171,7 +171,9 @@ def plan_slots(
 # --- The scheduler's dispatch ----------------------------------------------------------------------
 
 # The claim check and the lock in one statement: only rows still claimed by us, unexpired (database
-# clock), enabled. Another instance that takes over an expired claim waits on (or skips) this lock.
+# clock), enabled. Another instance that takes over an expired claim skips this lock. SKIP LOCKED: a
+# row someone else has locked (an edit in a transaction left open, a session in psql) must not stall
+# the 200 schedules of the batch behind it; it is set aside as busy (BUSY_SQL) and retried.
 LOCK_CLAIMED_SQL = """
 SELECT s.id, s.name, s.schedule_type, s.interval_minutes, s.cron_expr, s.timezone, s.misfire_policy,
        s.overlap_policy, s.last_run_at, s.next_run_at, s.directive_id, s.custom_directive_text,
@@ -180,7 +182,14 @@ SELECT s.id, s.name, s.schedule_type, s.interval_minutes, s.cron_expr, s.timezon
  WHERE s.id = ANY(%(ids)s) AND s.enabled
    AND s.claimed_by = %(claimant)s AND s.claimed_until > now()
  ORDER BY s.id
-   FOR UPDATE
+   FOR UPDATE SKIP LOCKED
+"""
+
+# Of the rows LOCK_CLAIMED_SQL did not return, those still ours: locked by someone else (a plain read,
+# which waits on no lock). The others are gone: expired and taken over, or disabled meanwhile.
+BUSY_SQL = """
+SELECT id FROM schedules_schedule
+ WHERE id = ANY(%(ids)s) AND enabled AND claimed_by = %(claimant)s AND claimed_until > now()
 """
 
 UNFINISHED_SQL = """
@@ -217,9 +226,12 @@ UPDATE schedules_schedule AS s
  WHERE s.id = v.id AND s.claimed_by = %(claimant)s
 """
 
+# Giving back claims of rows we could not lock must not wait for them either.
 RELEASE_SQL = """
 UPDATE schedules_schedule SET claimed_by = '', claimed_until = NULL
- WHERE id = ANY(%(ids)s) AND claimed_by = %(claimant)s
+ WHERE id = ANY(ARRAY(SELECT id FROM schedules_schedule
+                        WHERE id = ANY(%(ids)s) AND claimed_by = %(claimant)s
+                        FOR UPDATE SKIP LOCKED))
 """
 
 
@@ -232,6 +244,7 @@ class DispatchResult:
     lost: list[int] = field(default_factory=list)  # claims no longer ours: someone else's now
     failed: list[int] = field(default_factory=list)  # plan errors: left claimed, retried after the TTL
     pending: list[int] = field(default_factory=list)  # still claimed, not reached (stop requested)
+    busy: list[int] = field(default_factory=list)  # still claimed, row locked by another session
 
     def add(self, other: DispatchResult) -> None:
         self.dispatched += other.dispatched
@@ -240,6 +253,7 @@ class DispatchResult:
         self.publish_failed += other.publish_failed
         self.lost += other.lost
         self.failed += other.failed
+        self.busy += other.busy
 
 
 def handover_window(taken_over_at: datetime | None, *, ttl: float) -> tuple[datetime, datetime] | None:
@@ -267,6 +281,8 @@ def dispatch_claimed(
 
     Stops between transactions when `should_stop()` says so; what was not reached is returned in
     `pending` (still claimed: the caller releases it). Claims are renewed as the batch goes on.
+    Schedules whose rows another session holds locked are returned in `busy`, still claimed: the
+    caller retries them shortly (their claims expire by themselves if it does not).
     `taken_over`: schedule id -> when the dead claim this instance took over expired (`Claim`).
     """
     total = DispatchResult()
@@ -377,11 +393,22 @@ def _dispatch_batch(
             cursor.execute(LOCK_CLAIMED_SQL, {"ids": schedule_ids, "claimant": claimant})
             locked = [_Locked.from_row(row) for row in cursor.fetchall()]
             locked_ids = {s.id for s in locked}
-            # Not ours any more (expired and taken over) or disabled meanwhile: give back what is ours.
-            gone = [sid for sid in schedule_ids if sid not in locked_ids]
-            if gone:
-                cursor.execute(RELEASE_SQL, {"ids": gone, "claimant": claimant})
-                result.lost += gone
+            missing = [sid for sid in schedule_ids if sid not in locked_ids]
+            if missing:
+                # Still ours but locked by someone else: keep the claim, the caller retries it.
+                cursor.execute(BUSY_SQL, {"ids": missing, "claimant": claimant})
+                busy = {row[0] for row in cursor.fetchall()}
+                if busy:
+                    result.busy += sorted(busy)
+                    logger.warning(
+                        "claimed schedules locked by another session; retried later",
+                        extra={"claimant": claimant, "count": len(busy), "schedule_ids": sorted(busy)},
+                    )
+                # Not ours any more (expired and taken over) or disabled meanwhile: give back what is ours.
+                gone = [sid for sid in missing if sid not in busy]
+                if gone:
+                    cursor.execute(RELEASE_SQL, {"ids": gone, "claimant": claimant})
+                    result.lost += gone
             if not locked:
                 return result, []
             needs_count = [s.id for s in locked if s.overlap_policy != OverlapPolicy.ALLOW]

@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from urllib.parse import urlparse
 
 from django.conf import settings
@@ -122,10 +123,12 @@ def publish_on_commit(messages: list[RunMessage]) -> None:
 
 # --- Outbox sweep ----------------------------------------------------------------------------------
 
-# The sweep runs in one transaction: pick rows FOR UPDATE SKIP LOCKED (two instances sweeping at once
-# never pick the same row), hand the messages to the broker, stamp published_at, commit. An instance
-# killed in the middle rolls back to published_at NULL, so the next sweep picks the rows straight away
-# (a message it did send is a duplicate the worker absorbs; one it did not send is not lost).
+# The sweep holds no row lock while it talks to Redis (issue 15.4: it used to hold FOR UPDATE on up to
+# 1,000 rows while it read whole queues and the `unacked` hash). It reads candidates with plain SELECTs,
+# inspects the broker for the stale ones, then *takes* the rows to publish with one conditional UPDATE
+# each kind (TAKE_*): a row is taken only if it is still `queued` and its published_at is still what was
+# read, so two sweepers never both take a row and a run started meanwhile is left alone; rows another
+# session holds locked are skipped, never waited on. It then publishes what it took.
 # NULL published_at means "never reached the broker": publish. An old published_at on a still-queued
 # run means "published long ago": publish only if the broker no longer holds the message.
 # Both conditions are range scans of the partial index scheduledrun_outbox_idx (status = 'queued').
@@ -139,7 +142,6 @@ SELECT sr.id, sr.run_id, r.task_id, j.key, j.queue, sr.published_at
         OR sr.published_at < now() - make_interval(secs => %(republish_after)s))
  ORDER BY sr.id
  LIMIT %(limit)s
-   FOR UPDATE OF sr SKIP LOCKED
 """
 
 # Runs launched via /api/runs/ (no ScheduledRun) whose publish failed or whose message was lost.
@@ -156,7 +158,40 @@ SELECT r.id, r.task_id, j.key, j.queue, r.published_at
    AND r.error_summary NOT LIKE 'waiting:%%'
  ORDER BY r.id
  LIMIT %(limit)s
-   FOR UPDATE OF r SKIP LOCKED
+"""
+
+# The take stamps `%(stamp)s` = now() minus `hold` seconds: for a row to publish, a provisional stamp
+# that makes it stale again `grace` seconds later, so an instance killed between the take and the
+# publish leaves it to a later sweep's broker check (republished if the message is not there, not
+# doubled if it did get out); for a row whose message is still waiting, now(). After a publish the
+# stamp becomes now() (stamp_published); after a failed one it goes back to what was read.
+TAKE_SCHEDULED_SQL = """
+UPDATE schedules_scheduledrun AS sr
+   SET published_at = now() - make_interval(secs => v.hold)
+  FROM unnest(%(ids)s::bigint[], %(previous)s::timestamptz[], %(hold)s::float8[]) AS v(id, previous, hold)
+ WHERE sr.id = v.id
+   AND sr.id = ANY(ARRAY(SELECT id FROM schedules_scheduledrun WHERE id = ANY(%(ids)s)
+                          FOR UPDATE SKIP LOCKED))
+   AND sr.status = 'queued' AND sr.published_at IS NOT DISTINCT FROM v.previous
+RETURNING sr.id, v.previous, sr.published_at
+"""
+
+TAKE_MANUAL_SQL = """
+UPDATE orchestrator_run AS r
+   SET published_at = now() - make_interval(secs => v.hold)
+  FROM unnest(%(ids)s::bigint[], %(previous)s::timestamptz[], %(hold)s::float8[]) AS v(id, previous, hold)
+ WHERE r.id = v.id
+   AND r.id = ANY(ARRAY(SELECT id FROM orchestrator_run WHERE id = ANY(%(ids)s) FOR UPDATE SKIP LOCKED))
+   AND r.status = 'queued' AND r.published_at IS NOT DISTINCT FROM v.previous
+RETURNING r.id, v.previous, r.published_at
+"""
+
+# A failed publish gives the rows back as they were read, unless someone stamped them since.
+UNTAKE_SQL = """
+UPDATE {table} AS t SET published_at = v.previous
+  FROM unnest(%(ids)s::bigint[], %(previous)s::timestamptz[], %(stamp)s::timestamptz[])
+       AS v(id, previous, stamp)
+ WHERE t.id = v.id AND t.published_at = v.stamp
 """
 
 
@@ -165,6 +200,21 @@ class SweepResult:
     published: int = 0
     still_waiting: int = 0
     failed: int = 0
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    message: RunMessage
+    previous: datetime | None  # published_at as read
+
+    @property
+    def scheduled(self) -> bool:
+        return self.message.scheduled_run_id is not None
+
+    @property
+    def key(self) -> tuple[bool, int]:  # the row the take is conditional on: the scheduled run, or the run
+        m = self.message
+        return (True, m.scheduled_run_id) if m.scheduled_run_id is not None else (False, m.run_id)
 
 
 def sweep_outbox(
@@ -176,63 +226,105 @@ def sweep_outbox(
     `republish_after`: seconds after a publish before a still-queued run's message is looked for.
     `include_manual`: also look at runs with no scheduled run (/api/runs/). That query walks every
     queued run (no index on orchestrator_run fits it), so the loop runs it less often than each tick.
+    No row lock is held while the broker is read or written.
     """
     result = SweepResult()
     params = {"grace": float(grace), "republish_after": float(republish_after), "limit": int(limit)}
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute(SWEEP_SCHEDULED_SQL, params)
-            picked = [
-                (_message(tid, rid, sid, key, queue), prev)
-                for sid, rid, tid, key, queue, prev in cursor.fetchall()
+    with connection.cursor() as cursor:
+        cursor.execute(SWEEP_SCHEDULED_SQL, params)
+        picked = [
+            _Candidate(_message(tid, rid, sid, key, queue), prev)
+            for sid, rid, tid, key, queue, prev in cursor.fetchall()
+        ]
+        if include_manual:
+            cursor.execute(SWEEP_MANUAL_SQL, params)
+            picked += [
+                _Candidate(_message(tid, rid, None, key, queue), prev)
+                for rid, tid, key, queue, prev in cursor.fetchall()
             ]
-            if include_manual:
-                cursor.execute(SWEEP_MANUAL_SQL, params)
-                picked += [
-                    (_message(tid, rid, None, key, queue), prev)
-                    for rid, tid, key, queue, prev in cursor.fetchall()
-                ]
-        if not picked:
-            return result
+    if not picked:
+        return result
 
-        to_send = [message for message, previous in picked if previous is None]
-        stale = [message for message, previous in picked if previous is not None]
-        waiting_messages: list[RunMessage] = []
-        if stale:
-            try:
-                waiting = task_ids_in_broker({m.queue for m in stale}, delivered_within=republish_after)
-            except Exception as exc:
-                # Unknown broker state: look again after another republish_after.
-                logger.warning(
-                    "outbox sweep could not inspect the broker",
-                    extra={"count": len(stale), "error": type(exc).__name__},
-                )
-                waiting = {m.task_id for m in stale}
-            for message in stale:
-                if message.task_id in waiting:
-                    waiting_messages.append(message)
-                else:
-                    to_send.append(message)
-        result.still_waiting = len(waiting_messages)
-        if to_send:
-            try:
-                send_messages(to_send)
-            except Exception as exc:
-                result.failed = len(to_send)
-                to_send = []
-                logger.warning(
-                    "outbox sweep publish failed; broker unreachable",
-                    extra={"count": result.failed, "error": type(exc).__name__},
-                )
-        # Sent ones are published now; ones still waiting are not looked for again for a while.
-        stamp_published(to_send + waiting_messages)
-        result.published = len(to_send)
+    to_send = [c for c in picked if c.previous is None]
+    stale = [c for c in picked if c.previous is not None]
+    waiting: list[_Candidate] = []
+    if stale:
+        try:
+            in_broker = task_ids_in_broker({c.message.queue for c in stale}, delivered_within=republish_after)
+        except Exception as exc:
+            # Unknown broker state: look again after another republish_after.
+            logger.warning(
+                "outbox sweep could not inspect the broker",
+                extra={"count": len(stale), "error": type(exc).__name__},
+            )
+            in_broker = {c.message.task_id for c in stale}
+        for candidate in stale:
+            (waiting if candidate.message.task_id in in_broker else to_send).append(candidate)
+
+    # Take the rows (no wait on any lock); only what this sweep took is published or stamped.
+    hold = float(republish_after) - float(grace)
+    taken = _take([(c, hold) for c in to_send] + [(c, 0.0) for c in waiting])
+    to_send = [c for c in to_send if c.key in taken]
+    waiting = [c for c in waiting if c.key in taken]
+    result.still_waiting = len(waiting)
+    if waiting:
+        stamp_published(c.message for c in waiting)  # looked for again after republish_after
+    if to_send:
+        messages = [c.message for c in to_send]
+        try:
+            send_messages(messages)
+        except Exception as exc:
+            result.failed = len(messages)
+            logger.warning(
+                "outbox sweep publish failed; broker unreachable",
+                extra={"count": result.failed, "error": type(exc).__name__},
+            )
+            _untake([(c, taken[c.key]) for c in to_send])
+        else:
+            stamp_published(messages)
+            result.published = len(messages)
     if result.published or result.still_waiting:
         logger.info(
             "outbox swept",
             extra={"republished": result.published, "still_waiting": result.still_waiting},
         )
     return result
+
+
+def _take(rows: list[tuple[_Candidate, float]]) -> dict[tuple[bool, int], datetime]:
+    """Stamp the candidates still as read, one statement per table; the taken ones' stamps by key."""
+    taken: dict[tuple[bool, int], datetime] = {}
+    with connection.cursor() as cursor:
+        for scheduled, sql in ((True, TAKE_SCHEDULED_SQL), (False, TAKE_MANUAL_SQL)):
+            part = [(c, hold) for c, hold in rows if c.scheduled is scheduled]
+            if not part:
+                continue
+            cursor.execute(
+                sql,
+                {
+                    "ids": [c.key[1] for c, _ in part],
+                    "previous": [c.previous for c, _ in part],
+                    "hold": [hold for _, hold in part],
+                },
+            )
+            for row_id, _previous, stamp in cursor.fetchall():
+                taken[(scheduled, row_id)] = stamp
+    return taken
+
+
+def _untake(rows: list[tuple[_Candidate, datetime]]) -> None:
+    with connection.cursor() as cursor:
+        for scheduled, table in ((True, "schedules_scheduledrun"), (False, "orchestrator_run")):
+            part = [(c, stamp) for c, stamp in rows if c.scheduled is scheduled]
+            if part:
+                cursor.execute(
+                    UNTAKE_SQL.format(table=table),
+                    {
+                        "ids": [c.key[1] for c, _ in part],
+                        "previous": [c.previous for c, _ in part],
+                        "stamp": [stamp for _, stamp in part],
+                    },
+                )
 
 
 def _message(task_id: str, run_id: int, scheduled_run_id: int | None, key: str, queue: str) -> RunMessage:

@@ -533,7 +533,7 @@ def _pass_of(claimant: str, ttl: float):
     from project.celery import app
     from schedules.beat import DatabaseScheduler
 
-    scheduler = DatabaseScheduler(app=app, claimant=claimant, claim_ttl=ttl, interval=30)
+    scheduler = DatabaseScheduler(app=app, claimant=claimant, claim_ttl=ttl, interval=30, lazy=True)
     return scheduler.run_pass
 
 
@@ -576,3 +576,146 @@ def test_run_pass__a_downtime_after_a_dead_claim_is_still_missed(policy, queued,
 
     assert len(slots_of(s, "queued")) == queued
     assert len(slots_of(s, "skipped")) == skipped
+
+
+# --- no unbounded wait on a lock (issue 15.4) ------------------------------------------------------
+
+
+def _other_session():
+    import psycopg2
+    from django.db import connection
+
+    params = connection.get_connection_params()
+    params.pop("cursor_factory", None)
+    params.pop("context", None)
+    return psycopg2.connect(**params)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dispatch_claimed__a_row_another_session_locked_after_the_claim_does_not_stall_the_batch(
+    redis_client,
+):
+    import threading
+
+    from django.db import connection
+
+    from schedules.claiming import claim_due
+
+    schedules = [make_schedule(f"lk{i}", next_run_at=db_now() - timedelta(seconds=5)) for i in range(3)]
+    ids = [c.schedule_id for c in claim_due(claimant=ME, ttl=60, limit=10)]
+    assert sorted(ids) == [s.pk for s in schedules]
+    locked = schedules[1]
+    blocker = _other_session()
+    outcome: dict = {}
+
+    def dispatch() -> None:
+        try:
+            outcome["result"] = dispatch_claimed(ids, claimant=ME, grace=GRACE, ttl=60)
+        finally:
+            connection.close()
+
+    try:
+        with blocker.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM schedules_schedule WHERE id = %s FOR UPDATE", [locked.pk])
+        worker = threading.Thread(target=dispatch, daemon=True)
+        worker.start()
+        worker.join(timeout=15)
+        assert not worker.is_alive(), "dispatch waited on the locked row"
+    finally:
+        blocker.rollback()
+        blocker.close()
+        worker.join(timeout=30)
+
+    result = outcome["result"]
+    assert (result.dispatched, result.busy, result.lost) == (2, [locked.pk], [])
+    assert [len(slots_of(s)) for s in schedules] == [1, 0, 1]
+    locked.refresh_from_db()
+    assert locked.claimed_by == ME  # still ours: retried, not given up
+
+    assert dispatch_claimed([locked.pk], claimant=ME, grace=GRACE, ttl=60).dispatched == 1
+    assert len(slots_of(locked)) == 1
+
+
+def _stale_published_run(name: str, task_id: str):
+    from schedules.dispatch import message_for
+    from schedules.publishing import publish_messages
+
+    s = make_schedule(name)
+    run = Run.objects.create(job=s.job, trigger="schedule", task_id=task_id, custom_directive_text="0.1")
+    sr = ScheduledRun.objects.create(schedule=s, run=run, scheduled_for=db_now(), task_id=task_id)
+    publish_messages([message_for(s.job, run, sr)])
+    sql(
+        "UPDATE schedules_scheduledrun SET published_at = now() - interval '10 minutes' WHERE id = %s",
+        [sr.pk],
+    )
+    return sr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sweep__holds_no_row_lock_while_it_reads_the_broker(redis_client, monkeypatch):
+    import psycopg2
+
+    from schedules import publishing
+
+    sr = _stale_published_run("sweep-no-lock", "t-nolock")
+    redis_client.flushdb()  # the message is lost: the sweep looks in the broker, then republishes
+    seen: dict = {}
+    real = publishing.task_ids_in_broker
+
+    def inspect_while_another_session_locks(*args, **kwargs):
+        other = _other_session()
+        try:
+            with other.cursor() as cursor:
+                cursor.execute(
+                    "SELECT 1 FROM schedules_scheduledrun WHERE id = %s FOR UPDATE NOWAIT", [sr.pk]
+                )
+            seen["lockable"] = True
+        except psycopg2.errors.LockNotAvailable:
+            seen["lockable"] = False
+        finally:
+            other.rollback()
+            other.close()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(publishing, "task_ids_in_broker", inspect_while_another_session_locks)
+    assert publishing.sweep_outbox(grace=60, republish_after=300).published == 1
+    assert seen == {"lockable": True}
+    assert _queued_ids(redis_client) == ["t-nolock"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sweep__a_row_another_sweeper_took_meanwhile_is_not_published_again(redis_client, monkeypatch):
+    from schedules import publishing
+
+    sr = _stale_published_run("sweep-raced", "t-raced")
+    redis_client.flushdb()
+    real = publishing.task_ids_in_broker
+
+    def another_sweeper_publishes_first(*args, **kwargs):
+        sql("UPDATE schedules_scheduledrun SET published_at = now() WHERE id = %s", [sr.pk])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(publishing, "task_ids_in_broker", another_sweeper_publishes_first)
+    assert publishing.sweep_outbox(grace=60, republish_after=300).published == 0
+    assert _queued_ids(redis_client) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sweep__a_failed_publish_leaves_the_row_as_it_was_for_the_next_sweep(redis_client, monkeypatch):
+    from schedules import publishing
+
+    s = make_schedule("sweep-fails")
+    run = Run.objects.create(job=s.job, trigger="schedule", task_id="t-fail", custom_directive_text="0.1")
+    sr = ScheduledRun.objects.create(schedule=s, run=run, scheduled_for=db_now(), task_id="t-fail")
+    sql("UPDATE schedules_scheduledrun SET created_at = now() - interval '2 minutes' WHERE id = %s", [sr.pk])
+
+    def broker_down(messages):
+        raise ConnectionError("redis down")
+
+    monkeypatch.setattr(publishing, "send_messages", broker_down)
+    assert publishing.sweep_outbox(grace=60, republish_after=300).failed == 1
+    sr.refresh_from_db()
+    assert sr.published_at is None
+    monkeypatch.undo()
+    assert publishing.sweep_outbox(grace=60, republish_after=300).published == 1
+    assert _queued_ids(redis_client) == ["t-fail"]
