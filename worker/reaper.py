@@ -26,6 +26,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 
 from orchestrator.models import Run, RunStatus
+from project.dbsession import apply_worker_timeouts
 from schedules.models import ScheduledRun, ScheduledRunStatus
 from schedules.runstate import reap_lost_runs
 from worker import semaphore
@@ -226,6 +227,10 @@ def _warn_if_redis_may_evict() -> None:
 
 @worker_init.connect
 def _on_worker_init(**kwargs: Any) -> None:
+    # Before the first query: no statement of the worker waits on a lock without bound (issue 15.4);
+    # pool processes inherit it. A statement that hits the limit fails like any transient database
+    # error (retried: worker/execution.DATABASE_AWAY holds lock_timeout's and statement_timeout's errors).
+    apply_worker_timeouts()
     # Before the pool and the consumer start: lease state Redis lost is rebuilt before the first message.
     try:
         check_leases()

@@ -136,7 +136,12 @@ def test_finish_blocked_on_a_row_lock__hard_time_limit_kills_the_pool_process(re
     params.pop("context", None)
     locker = psycopg2.connect(**params)
     try:
-        with running_worker(["jobs.sleep"], tmp_path=tmp_path, name="limited", concurrency=1) as worker:
+        # No lock_timeout (WORKER_LOCK_TIMEOUT_MS=0): the hard time limit is the backstop for a pool
+        # process stuck wherever it is, a lock with no limit being the plainest such place.
+        no_lock_timeout = {"WORKER_LOCK_TIMEOUT_MS": "0"}
+        with running_worker(
+            ["jobs.sleep"], tmp_path=tmp_path, name="limited", concurrency=1, env=no_lock_timeout
+        ) as worker:
             scheduled = run_now(schedule)
             wait_for(lambda: _run(scheduled.run_id).status == "running", timeout=60, what="run started")
             with locker.cursor() as cursor:
@@ -180,3 +185,33 @@ def test_worker_sigkilled__nothing_the_task_started_survives(redis_client, tmp_p
         )
     finally:
         worker.stop()
+
+
+def test_finish_blocked_on_a_row_lock__with_the_lock_timeout_the_pool_process_moves_on(
+    redis_client, tmp_path
+):
+    """WORKER_LOCK_TIMEOUT_MS (default 5 s): the finish write gives up instead of waiting without bound,
+    its outcome stays in Redis, and a reaper pass writes it once the lock goes (issue 15.4)."""
+    schedule = _schedule("sleep", "0.5", max_per_job=1, overlap_policy="allow")
+    params = connection.get_connection_params()
+    params.pop("cursor_factory", None)
+    params.pop("context", None)
+    locker = psycopg2.connect(**params)
+    try:
+        with running_worker(["jobs.sleep"], tmp_path=tmp_path, name="timeout", concurrency=1) as worker:
+            scheduled = run_now(schedule)
+            wait_for(lambda: _run(scheduled.run_id).status == "running", timeout=60, what="run started")
+            with locker.cursor() as cursor:
+                cursor.execute("SELECT 1 FROM orchestrator_run WHERE id = %s FOR UPDATE", [scheduled.run_id])
+                wait_for(
+                    lambda: "outcome left in Redis for the reapers" in worker.log(),
+                    timeout=60,
+                    what="the pool process giving the write up",
+                )
+                assert _run(scheduled.run_id).status == "running"
+            locker.rollback()
+            run = wait_for(lambda: _ended(scheduled.run_id), timeout=30, what="the outcome written")
+    finally:
+        locker.close()
+    assert (run.status, run.error_summary) == ("succeeded", "")
+    assert ScheduledRun.objects.get(pk=scheduled.pk).status == "succeeded"
