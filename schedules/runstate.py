@@ -52,14 +52,26 @@ def run_mark_throttled(run_id: int, scheduled_run_id: int | None, reason: str) -
             )
 
 
-def run_start(run_id: int, scheduled_run_id: int | None, *, worker: str, lease_seq: int | None) -> int | None:
+def run_start(
+    run_id: int,
+    scheduled_run_id: int | None,
+    *,
+    worker: str,
+    lease_seq: int | None,
+    attempt: int | None = None,
+) -> int | None:
     """The at-most-once gate. Returns the new attempt, or None when the run is not ours to start.
 
     `lease_seq` is the semaphore's grant number (worker/semaphore.py): the highest one among running
     runs tells a Redis that came back behind the database (a restore, a failover) from a current one.
+    `attempt`: the attempt the caller read with the run; the gate then also requires it unchanged, and
+    the new one is known without reading the row again.
     """
+    fence: dict[str, Any] = {"pk": run_id, "status": RunStatus.QUEUED}
+    if attempt is not None:
+        fence["attempt"] = attempt
     with transaction.atomic():
-        taken = Run.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(
+        taken = Run.objects.filter(**fence).update(
             status=RunStatus.RUNNING,
             attempt=F("attempt") + 1,
             started_at=Now(),
@@ -84,6 +96,8 @@ def run_start(run_id: int, scheduled_run_id: int | None, *, worker: str, lease_s
                 # The slot was settled elsewhere (skipped, cancelled): do not run it behind its back.
                 transaction.set_rollback(True)
                 return None
+        if attempt is not None:
+            return attempt + 1
         return Run.objects.values_list("attempt", flat=True).get(pk=run_id)
 
 
