@@ -365,7 +365,7 @@ def run_task_in_child(
     try:
         code = template.wait_exit(pid, deadline)
     except TemplateUnavailable:
-        lost = True  # its guardian took the group down with it; the kill below makes sure
+        lost = True  # the task took its group down on its parent's death; the kill below makes sure
     finally:
         # Always: on timeout this ends the task; after a normal exit it reaps anything it left running;
         # on an exception in this process (a soft time limit, a signal) it keeps the task from outliving us.

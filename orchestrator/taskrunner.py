@@ -8,20 +8,33 @@ Protocol: the outcome is written as JSON to the payload's `result_path`:
 `{"ok": true, "result": {...}}` or `{"ok": false, "error": "<exception type>", "summary": "<short>"}`.
 Exit code 0 with ok, 1 with a task error; anything else (a signal, no result file) is a crash.
 
-The process started per task is the *guardian*: it leads the task's process group (its own session),
-forks the *runner* that executes the task, and waits. Whatever the task starts stays in that group. The
-guardian's parent-death signal (on the template, or on the pool process when exec'd) is SIGTERM, which
-it answers by SIGKILLing the whole group, itself included: so when the pool process dies (SIGKILL, OOM)
-and its template with it, nothing of the task survives, not even a grandchild (a parent-death signal
-alone reaches only the direct child). The runner has a SIGKILL parent-death signal on the guardian, in
-case the guardian itself is killed.
+One process per task: the task process leads the task's process group (its own session, from the
+template's setsid()) and runs the task itself, so its exit status is the task's (a signal is the one
+that killed the task, SIGXCPU its CPU limit) and `pid` in the result is where the task ran. Whatever the
+task starts stays in that group. Its parent-death signal (on the template, or on the pool process when
+exec'd) is SIGTERM, answered by SIGKILLing the whole group, itself included: a parent-death signal alone
+reaches only the direct child, not a grandchild. Only the task process answers so: a child it forks
+(inheriting the handler, as multiprocessing's fork does) dies of an ordinary SIGTERM instead.
 
-The title (`python -m orchestrator.taskrunner --run-id N --job KEY --task NAME`, set with setproctitle in
-a forked guardian, the argv when exec'd) only labels the processes for `ps` and /proc readers
-(orchestrator/taskprocs.py); the runner inherits it.
+Who takes a task group down, by what died:
+- the pool process: its template SIGKILLs every group it forked (its own parent-death signal, or EOF
+  on its channel), and the pool process's `_kill_group` after every task;
+- the template alone: the pool process sees the channel close and SIGKILLs the group, and the task's
+  parent-death signal does too;
+- pool process and template at once (both SIGKILLed): the task's parent-death signal only. Its handler
+  is Python code, run between bytecodes of the main thread: a wait (time.sleep, a lock, a pipe, a
+  socket, a child) is interrupted for it, but a task stuck in C code that retries its system call
+  without returning to Python (libpq's PQexec in a long query, a long computation in an extension)
+  takes its group down only when that call returns. (A second process per task, a guardian that only
+  waits, closed this gap at a cost of a fork and an exit per task; issue 14.)
 
-The limits are set in the runner, first thing: an address-space limit (a runaway allocation raises
-MemoryError instead of pushing the worker host into the OOM killer), a CPU-time backstop, no core files.
+The title (`python -m orchestrator.taskrunner --run-id N --job KEY --task NAME`, set with setproctitle
+once the task is known, the argv when exec'd) only labels the process for `ps` and /proc readers
+(orchestrator/taskprocs.py); what it starts inherits it until it execs.
+
+The limits are set first thing once the task is known: an address-space limit (a runaway allocation
+raises MemoryError instead of pushing the worker host into the OOM killer), a CPU-time backstop, no core
+files. The process ends with `os._exit` once the result file is written: no interpreter teardown.
 """
 
 from __future__ import annotations
@@ -37,58 +50,46 @@ from typing import Any
 PR_SET_PDEATHSIG = 1
 
 
+try:
+    # Loaded once, in the template: a forked task finds it ready.
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    _libc = None
+
+
 def _set_parent_death_signal(sig: int) -> None:
     # Linux only. The signal fires when the thread that forked us ends; the worker runs tasks on its
     # main thread.
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-    except (OSError, AttributeError):
+        _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)  # type: ignore[union-attr]
+    except AttributeError:
         pass
 
 
+_task_pid = 0
+
+
 def _kill_own_group(signum: int = 0, frame: object = None) -> None:
+    if signum and os.getpid() != _task_pid:
+        # A process the task forked (the handler is inherited across a fork): an ordinary SIGTERM,
+        # such as multiprocessing's terminate(), ends that process only, as it would by default.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     os.killpg(os.getpgrp(), signal.SIGKILL)
     os._exit(70)  # not reached: the group includes this process
 
 
-def _guard(parent_pid: int) -> int:
-    """Fork the runner and wait for it; if the worker dies first, take the whole group down with it.
-
-    Returns the runner's pid in the runner, 0 in the guardian (which then only waits).
-    """
+def _lead_group(parent_pid: int) -> None:
+    """First thing in the task process: if the parent dies (SIGKILL, OOM), take the whole group down."""
+    global _task_pid
+    _task_pid = os.getpid()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     signal.signal(signal.SIGTERM, _kill_own_group)
     _set_parent_death_signal(signal.SIGTERM)
     # The parent may have died before prctl ran: then the signal never comes.
     if os.getppid() != parent_pid:
         _kill_own_group()
-    guardian = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        _set_parent_death_signal(signal.SIGKILL)
-        if os.getppid() != guardian:
-            os._exit(70)
-        return 0
-    return pid
-
-
-def _wait_runner(pid: int) -> int:
-    """The guardian's life: wait for the runner, then exit as it did (a signal as 128 + number)."""
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except ChildProcessError:
-            return 70
-    if os.WIFSIGNALED(status):
-        # Die of the same signal, so the worker sees how the task ended.
-        sig = os.WTERMSIG(status)
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(sig, signal.SIG_DFL)
-        os.kill(os.getpid(), sig)
-    return os.waitstatus_to_exitcode(status)
 
 
 def _set_limits(memory_limit_mb: int, cpu_seconds: int) -> None:
@@ -131,7 +132,7 @@ def _import_task(ref: str):
 
 
 def _write(path: str, outcome: dict[str, Any]) -> None:
-    outcome["pid"] = os.getpid()  # the runner's: the task ran here, not in the guardian
+    outcome["pid"] = os.getpid()  # where the task ran
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(outcome, fh)
@@ -139,44 +140,27 @@ def _write(path: str, outcome: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    """Exec'd: the payload on stdin, the guardian's parent the pool process."""
+    """Exec'd: the payload on stdin, the parent the pool process (which started it in a new session)."""
     payload = json.loads(sys.stdin.read())
-    runner = _guard(payload["parent_pid"])
-    if runner:
-        return _wait_runner(runner)
+    _lead_group(payload["parent_pid"])
     return _run_task(payload)
 
 
 def serve_spare(request_fd: int, *, template_pid: int) -> int:
-    """A spare forked by the task template ahead of need, just after its setsid(): become the guardian,
-    fork the runner, and let both wait for one task, which the template writes to `request_fd` as JSON
-    (`{"title", "argv", "payload"}`). The fork is then paid while the previous task runs, not by the next.
+    """A spare forked by the task template ahead of need, just after its setsid(): wait for one task,
+    which the template writes to `request_fd` as JSON (`{"title", "argv", "payload"}`), and run it here.
+    The fork is then paid while the previous task runs, not by the next.
 
     Returns the exit code for `os._exit` (the caller never returns into the template's loop). EOF
-    without a request (the template is gone) ends both without running anything.
+    without a request (the template is gone) ends it without running anything.
     """
-    to_runner_r, to_runner_w = os.pipe()
-    runner = _guard(template_pid)
-    if runner == 0:
-        os.close(to_runner_w)
-        os.close(request_fd)
-        request = _read_request(to_runner_r)
-        if request is None:
-            return 70
-        _label(request)
-        return _run_task(request["payload"])
-    os.close(to_runner_r)
+    _lead_group(template_pid)
     raw = _read_all(request_fd)
-    request = json.loads(raw) if raw else None
-    if request is None:
-        os.close(to_runner_w)
-        _kill_own_group()
+    if not raw:
+        return 70
+    request = json.loads(raw)
     _label(request)
-    view = memoryview(raw)
-    while view:
-        view = view[os.write(to_runner_w, view) :]
-    os.close(to_runner_w)
-    return _wait_runner(runner)
+    return _run_task(request["payload"])
 
 
 def _read_all(fd: int) -> bytes:
@@ -187,11 +171,6 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _read_request(fd: int) -> dict[str, Any] | None:
-    raw = _read_all(fd)
-    return json.loads(raw) if raw else None
-
-
 def _label(request: dict[str, Any]) -> None:
     import setproctitle
 
@@ -200,7 +179,7 @@ def _label(request: dict[str, Any]) -> None:
 
 
 def _run_task(payload: dict[str, Any]) -> int:
-    """The runner: limits first, then the task; the outcome goes to the result file."""
+    """Limits first, then the task; the outcome goes to the result file."""
     _set_limits(payload["memory_limit_mb"], payload["cpu_seconds"])
     result_path = payload["result_path"]
     try:
@@ -251,7 +230,9 @@ def _close_connections() -> None:
         try:
             from django.db import connections
 
-            connections.close_all()
+            # Only those the task opened: a task that never touched the database creates none here.
+            for conn in connections.all(initialized_only=True):
+                conn.close()
         except Exception:
             pass
 

@@ -4,19 +4,21 @@ forks one fresh process per task (DESIGN 7: per-task workers stay ephemeral; for
 Exec'ing `python -m orchestrator.taskrunner` for every task re-imports Django each time (about 0.3 s of
 CPU, three times a run). Instead each pool process starts one template, lazily at its first task, with
 `python -m orchestrator.template` (a clean exec: it inherits no database or Redis socket of the pool
-process) and asks it over a socketpair for each task's guardian. The guardian is the same as in
-orchestrator/taskrunner.py: it leads a new session and process group, forks the runner, waits. The
-template keeps one *spare* forked ahead of need (a guardian with its runner, both waiting on a pipe for
-their one task, unlabelled until then): a task is handed to the spare and the next spare is forked while
-the task runs, so the two forks (a few ms each for a process this size) are off the task's path. A spare
-still runs exactly one task, or none if the template goes first.
+process) and asks it over a socketpair for each task's process. That process leads a new session and
+process group and runs the task itself (orchestrator/taskrunner.py, `serve_spare`). The template keeps
+one *spare* forked ahead of need (waiting on a pipe for its one task, unlabelled until then): a task is
+handed to the spare and the next spare is forked while the task runs, so the fork (a few ms for a
+process this size) is off the task's path. A spare still runs exactly one task, or none if the template
+goes first. One process per task, not a guardian and a runner: each process costs a fork and an exit
+(about 3 ms each here), on the path of every task (issue 14).
 
 Lifetimes, so that nothing outlives the pool process:
 - the template has a parent-death signal on the pool process (SIGTERM, answered by SIGKILLing every task
   group it forked, then exiting); it also does so when the pool process closes its end of the channel;
-- each guardian has a parent-death signal on the template (taskrunner._guard), so a template killed with
-  SIGKILL still takes every task group down with it;
-- the template is a child subreaper and reaps everything below it: it reports each guardian's exit
+- each task process has a parent-death signal on the template (taskrunner._lead_group), so a template
+  killed with SIGKILL still takes every task group down with it (see taskrunner for the one edge: a
+  task stuck in C code when the pool process and the template die together);
+- the template is a child subreaper and reaps everything below it: it reports each task process's exit
   status to the pool process, and orphans of a task group do not linger as zombies. A dead template is
   replaced before the next task (`task_template`).
 
@@ -25,10 +27,10 @@ the forked task closes the channel first, so its Django connections are its own,
 to the database the pool process names in the payload.
 
 Protocol: JSON lines. Pool process -> template: `{"fork": {"title", "argv", "payload"}}`. Template ->
-pool process: `{"ready": pid}` once, then `{"forked": pid}` per request (a guardian that has done its
-setsid(), so its pgid exists) or `{"error": "..."}`, and `{"exited": pid, "code": n}` per guardian that
-ended (`n` as `Popen.returncode`: negative for a signal). The task's outcome itself travels as before:
-the runner writes it to the payload's `result_path`.
+pool process: `{"ready": pid}` once, then `{"forked": pid}` per request (a task process that has done
+its setsid(), so its pgid exists) or `{"error": "..."}`, and `{"exited": pid, "code": n}` per task
+process that ended (`n` as `Popen.returncode`: negative for a signal). The task's outcome itself travels
+as before: the task process writes it to the payload's `result_path`.
 
 A template started from a thread other than the pool process's main thread dies when that thread ends
 (the parent-death signal follows the forking thread): the worker runs tasks on its main thread.
@@ -125,7 +127,7 @@ class TaskTemplate:
         return not self._closed and self.owner_pid == os.getpid() and self.proc.poll() is None
 
     def fork_task(self, *, title: str, argv: list[str], payload: dict[str, Any], deadline: float) -> int:
-        """Fork a task's guardian; its pid, which is also its process group's id."""
+        """Fork a task's process; its pid, which is also its process group's id."""
         request = json.dumps({"fork": {"title": title, "argv": argv, "payload": payload}}).encode() + b"\n"
         with self._lock:
             try:
@@ -133,7 +135,7 @@ class TaskTemplate:
                 while True:
                     message = self._read(deadline)
                     if message is None:
-                        # Too slow to even fork: the template is unusable (a late guardian would run
+                        # Too slow to even fork: the template is unusable (a late task would run
                         # unsupervised), so it goes, and every group it forked with it.
                         self.close()
                         raise TimeoutError("the task template did not fork in time")
@@ -151,7 +153,7 @@ class TaskTemplate:
                 raise
 
     def wait_exit(self, pid: int, deadline: float) -> int | None:
-        """The guardian's exit code (negative: the signal that killed it), or None at the deadline."""
+        """The task process's exit code (negative: the signal that killed it), or None at the deadline."""
         with self._lock:
             try:
                 while pid not in self._exited:
@@ -166,7 +168,7 @@ class TaskTemplate:
             return self._exited.pop(pid)
 
     def forget(self, pid: int) -> None:
-        """Stop waiting for this guardian: its exit report, when it comes, is dropped."""
+        """Stop waiting for this task process: its exit report, when it comes, is dropped."""
         with self._lock:
             self._waiting.discard(pid)
             self._exited.pop(pid, None)
@@ -251,14 +253,15 @@ class _Template:
     def __init__(self, channel: socket.socket) -> None:
         self.channel = channel
         self.pid = os.getpid()
-        self.guardians: set[int] = set()
-        # A guardian forked ahead of need (pid, the write end of its request pipe): see `fork`.
-        self.spare: tuple[int, int] | None = None
+        self.tasks: set[int] = set()
+        # A task process forked ahead of need (pid, the write end of its request pipe, the read end of
+        # its ready pipe): see `fork`.
+        self.spare: tuple[int, int, int] | None = None
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
 
     def kill_all_and_exit(self, signum: int = 0, frame: object = None) -> None:
-        for pid in list(self.guardians):
+        for pid in list(self.tasks):
             try:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
@@ -281,24 +284,33 @@ class _Template:
                 return
             if self.spare is not None and pid == self.spare[0]:
                 # A spare that died unused (killed from outside): nobody waits for it.
-                self.guardians.discard(pid)
-                os.close(self.spare[1])
-                self.spare = None
-            elif pid in self.guardians:
-                self.guardians.discard(pid)
+                self.tasks.discard(pid)
+                self._drop_spare()
+            elif pid in self.tasks:
+                self.tasks.discard(pid)
                 self.send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
 
+    def _drop_spare(self) -> None:
+        if self.spare is not None:
+            os.close(self.spare[1])
+            os.close(self.spare[2])
+            self.spare = None
+
     def fork(self, request: dict[str, Any]) -> None:
-        """Hand the request to the spare (a fresh guardian with its runner, waiting), then fork the next."""
+        """Hand the request to the spare (a fresh task process, waiting), then fork the next."""
         data = json.dumps(request).encode()
         for _ in range(2):
             if self.spare is None:
                 self.new_spare()
             if self.spare is None:
                 break
-            pid, request_w = self.spare
+            pid, request_w, ready_r = self.spare
             self.spare = None
             try:
+                # Ready once it leads its group (the pool process signals the group by this pid):
+                # long since, as a rule, so this read does not wait.
+                if os.read(ready_r, 1) != b"\0":
+                    continue  # it died before its setsid(): take a new one
                 view = memoryview(data)
                 while view:
                     view = view[os.write(request_w, view) :]
@@ -306,13 +318,18 @@ class _Template:
                 continue  # it died meanwhile (reaped, or about to be): take a new one
             finally:
                 os.close(request_w)
+                os.close(ready_r)
             self.send({"forked": pid})
             self.new_spare()
             return
         self.send({"error": "the forked task process died before it started"})
 
     def new_spare(self) -> None:
-        """Fork a guardian that leads its own session and group, forks its runner and waits for a task."""
+        """Fork a task process that leads its own session and group and waits for a task.
+
+        Not waited for here: the template goes back to its loop (reaping, reporting) while the spare
+        starts, and `fork` checks it is ready when it hands it a task.
+        """
         ready_r, ready_w = os.pipe()
         request_r, request_w = os.pipe()
         pid = os.fork()
@@ -337,17 +354,12 @@ class _Template:
                     sys.stdout.flush()
                     sys.stderr.flush()
                 finally:
+                    # No interpreter teardown: the result is written, the group is killed anyway.
                     os._exit(code)
-        self.guardians.add(pid)
+        self.tasks.add(pid)
         os.close(ready_w)
         os.close(request_r)
-        # Ready once the guardian leads its group: the pool process signals the group by this pid.
-        started = os.read(ready_r, 1) == b"\0"
-        os.close(ready_r)
-        if started:
-            self.spare = (pid, request_w)
-        else:
-            os.close(request_w)
+        self.spare = (pid, request_w, ready_r)
 
     def _become_task_process(self) -> None:
         """In the fork: drop what is the template's (its channel, its signal handling)."""
@@ -359,7 +371,9 @@ class _Template:
         os.close(self.wake_r)
         os.close(self.wake_w)
         if self.spare is not None:
-            os.close(self.spare[1])  # another spare's request pipe: its EOF must come from the template
+            # Another spare's pipes: its EOF must come from the template.
+            os.close(self.spare[1])
+            os.close(self.spare[2])
 
     def serve(self) -> None:
         buffer = b""

@@ -176,3 +176,48 @@ def test_execute__task_dies_when_the_worker_is_hard_killed(test_jobs, tmp_path):
             except ProcessLookupError:
                 pass
         worker.wait(timeout=30)
+
+
+def test_execute__task_dies_when_the_worker_and_its_template_are_killed_together(test_jobs, tmp_path):
+    """Nobody is left to kill the task's group: the task's own parent-death signal does it."""
+    run = launch("t_hang", tmp_path / "pids")
+    Job.objects.filter(key="t_hang").update(timeout_seconds=300)
+    script = (
+        "import django; django.setup()\n"
+        "from tests.integration.orchestrator_jobs_for_tests import JOBS\n"
+        "from orchestrator.jobs.registry import register\n"
+        "from orchestrator.models import Run\n"
+        "from orchestrator.services import OrchestratorService\n"
+        "register(JOBS['t_hang'])\n"
+        f"OrchestratorService.execute(Run.objects.get(pk={run.pk}))\n"
+    )
+    (tmp_path / "tmp").mkdir()
+    worker = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=settings.BASE_DIR,
+        env=process_env(TMPDIR=str(tmp_path / "tmp")),
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: len(pids_in(tmp_path / "pids")) == 2, timeout=60, what="the hanging task started")
+        child, grandchild = pids_in(tmp_path / "pids")
+        (template,) = children_of(worker.pid)
+
+        os.kill(worker.pid, signal.SIGSTOP)  # so that it cannot kill the group when its template goes
+        os.kill(template, signal.SIGKILL)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+
+        wait_for(
+            lambda: not alive(child) and not alive(grandchild),
+            timeout=2,
+            interval=0.02,
+            what="the task and what it started gone within 2 s",
+        )
+    finally:
+        for pid in [worker.pid, *pids_in(tmp_path / "pids")]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        worker.wait(timeout=30)

@@ -1,6 +1,6 @@
 """The task template (orchestrator/template.py): tasks are forked from it, and stay ephemeral and fenced.
 
-Real processes throughout. The task functions below are module-level: the forked runner imports this
+Real processes throughout. The task functions below are module-level: the forked task imports this
 module by name, as it imports any job's module.
 """
 
@@ -28,7 +28,7 @@ from tests.support import wait_for
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-# --- tasks (run in the forked runner) ---------------------------------------------------------------
+# --- tasks (run in the forked task process) ---------------------------------------------------------------
 
 
 def _socket_inodes(*, from_fd: int = 0) -> list[str]:
@@ -93,6 +93,21 @@ def hang_until_go(ctx: TaskContext) -> dict[str, Any]:
     return {}
 
 
+def terminate_a_forked_child(ctx: TaskContext) -> dict[str, Any]:
+    """Forks a child as multiprocessing does (inheriting the task's signal handlers) and SIGTERMs it."""
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(ready_w, b"\0")
+        time.sleep(60)
+        os._exit(0)
+    # A signal that lands before the fork's child has finished os.fork() is dropped by CPython.
+    os.read(ready_r, 1)
+    os.kill(child, signal.SIGTERM)
+    _, status = os.waitpid(child, 0)
+    return {"child_signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0}
+
+
 def ok(ctx: TaskContext) -> dict[str, Any]:
     return {}
 
@@ -116,6 +131,13 @@ JOBS = {
             name="tt_daemon",
             description="test job",
             tasks=(TaskSpec("daemon", start_daemon_and_return), TaskSpec("two", ok), TaskSpec("three", ok)),
+            timeout_seconds=60,
+        ),
+        JobSpec(
+            key="tt_fork_term",
+            name="tt_fork_term",
+            description="test job",
+            tasks=(TaskSpec("fork", terminate_a_forked_child), TaskSpec("two", ok), TaskSpec("three", ok)),
             timeout_seconds=60,
         ),
         JobSpec(
@@ -192,14 +214,15 @@ def test_each_task__a_fresh_forked_process_with_its_own_connection(jobs, tmp_pat
     assert template is not None
     seen = lines(record)
     pids = [line["pid"] for line in seen]
-    assert pids == [stats["tasks"][name]["pid"] for name in ("one", "two", "3")]  # the runner's pid
+    assert pids == [stats["tasks"][name]["pid"] for name in ("one", "two", "3")]
     assert len(set(pids)) == 3
     assert os.getpid() not in pids
     assert template not in pids
     assert not any(alive(pid) for pid in pids)
     for line in seen:
-        # Runner -> guardian (its group's leader, a child of the template) -> template -> us.
-        assert line["ppid"] == line["pgid"] != line["pid"]
+        # One process per task: it leads its own group, a child of the template, itself a child of us.
+        assert line["pgid"] == line["pid"]
+        assert line["ppid"] == template
         assert line["database"] == connection.settings_dict["NAME"]
         assert line["inherited_sockets"] == []  # neither the template's channel nor any connection
         assert line["backend_pid"] != our_backend
@@ -218,11 +241,11 @@ def test_task_groups__labelled_for_proc_readers_while_running(jobs, tmp_path):
     def observe() -> None:
         try:
             wait_for(lambda: lines(record), timeout=60, what="the task started")
-            runner = lines(record)[0]["pid"]
+            task_pid = lines(record)[0]["pid"]
             # The host is shared: other test sessions' runs may have the same id, not this job.
             groups = [g for g in live_task_groups().values() if (g.run_id, g.job_key) == (run.pk, "tt_hang")]
             seen["groups"] = groups
-            seen["runner"] = runner
+            seen["task_pid"] = task_pid
             seen["leader_parent"] = parent_of(groups[0].pgid) if groups else None
         finally:
             Path(f"{record}.go").touch()
@@ -234,7 +257,8 @@ def test_task_groups__labelled_for_proc_readers_while_running(jobs, tmp_path):
 
     (group,) = seen["groups"]
     assert (group.job_key, group.task) == ("tt_hang", "hang")
-    assert seen["runner"] in group.pids
+    assert group.pgid == seen["task_pid"]  # the task process leads its group: no second process
+    assert seen["task_pid"] in group.pids
     assert lines(record)[0]["grandchild"] in group.pids
     assert seen["leader_parent"] == running_template_pid()
 
@@ -246,6 +270,15 @@ def test_what_a_task_leaves_running__killed_with_its_group(jobs, tmp_path):
 
     (line,) = lines(record)
     assert not alive(line["daemon"])
+
+
+def test_sigterm_to_a_process_the_task_forked__ends_that_process_only(jobs, tmp_path):
+    # The task's SIGTERM handler (take the group down when the template dies) is inherited by a fork;
+    # there it must act as the default action, or a multiprocessing terminate() would kill the task.
+    stats = OrchestratorService.execute(launch("tt_fork_term", tmp_path / "unused"))
+
+    assert stats["tasks"]["fork"]["child_signal"] == signal.SIGTERM
+    assert stats["tasks"]["three"]["outcome"] == "succeeded"
 
 
 def test_template_killed_mid_task__the_task_dies_and_the_next_run_gets_a_new_template(jobs, tmp_path):
@@ -300,8 +333,8 @@ def children_of(pid: int) -> list[int]:
 def test_spare_killed_while_idle__the_next_task_gets_another(jobs, tmp_path):
     OrchestratorService.execute(launch("tt_daemon", tmp_path / "warm"))
     template = running_template_pid()
-    # Idle, the template keeps one spare guardian (its runner below it) forked ahead of the next task:
-    # unlabelled, so not a task group to /proc readers.
+    # Idle, the template keeps one spare task process forked ahead of the next task: unlabelled, so not
+    # a task group to /proc readers.
     (spare,) = wait_for(lambda: children_of(template), timeout=10, what="the spare forked")
     assert spare not in live_task_groups()
     os.kill(spare, signal.SIGKILL)
