@@ -271,39 +271,16 @@ class TaskFence:
             self._groups.discard(pgid)
 
 
-PR_SET_CHILD_SUBREAPER = 36
-_subreaper = False
-
-
-def _become_subreaper() -> None:
-    """Orphans of a task group (its runner, once the guardian is gone) are re-parented to this process
-    instead of init, so `_kill_group` can reap them and know the group is really gone."""
-    global _subreaper
-    if _subreaper:
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    _subreaper = True
-
-
 def _kill_group(pgid: int, *, wait: float = 5.0) -> None:
-    """SIGKILL the task's whole process group and wait until none of it is left (reaping what was
-    re-parented here): a fenced run has stopped when this returns, not merely been signalled."""
+    """SIGKILL the task's whole process group and wait until none of it is left (the task template, a
+    child subreaper, reaps them all): a fenced run has stopped when this returns, not merely been
+    signalled."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         return
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        try:
-            while os.waitpid(-pgid, os.WNOHANG)[0] > 0:
-                pass
-        except ChildProcessError:
-            pass
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
@@ -344,7 +321,6 @@ def run_task_in_child(
         "settings": _child_settings(),
     }
     argv = runner_argv(run_id=ctx.run_id, job_key=ctx.job_key, task=task.name)
-    _become_subreaper()
     try:
         template = task_template(deadline=deadline)
         pid = template.fork_task(
