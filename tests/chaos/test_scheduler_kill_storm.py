@@ -109,12 +109,9 @@ def test_kill_storm__every_slot_dispatched_exactly_once(tmp_path, redis_client):
     logger.warning(summary)
     print(summary)
     assert kills >= 3
-
-    # None twice (the constraint makes this true; the test says it).
-    assert (
-        sql("SELECT schedule_id, scheduled_for FROM schedules_scheduledrun GROUP BY 1, 2 HAVING count(*) > 1")
-        == []
-    )
+    # The storm really hit instances while they held claims (what could lose or double a slot); the
+    # duplicate-slot count it used to check could not fail: the unique constraint makes it zero.
+    assert kills_holding_claims >= 1
     # Each scheduled run has its own run, and no run exists without its scheduled run.
     assert (
         sql("SELECT count(*) FROM schedules_scheduledrun WHERE run_id IS NULL OR status <> 'queued'")[0][0]
