@@ -120,7 +120,12 @@ def _spawn_ready(cmd: list[str], log_path: Path, name: str, env: dict[str, str])
 
 
 def start_run_worker(
-    *, tmp_path: Path, name: str = "rw", jobs: str = "sleep", concurrency: int = 2
+    *,
+    tmp_path: Path,
+    name: str = "rw",
+    jobs: str = "sleep",
+    concurrency: int = 2,
+    env: dict[str, str] | None = None,
 ) -> WorkerProcess:
     """A worker started the way operators start it: `manage.py run_worker` (supervising Celery)."""
     log_path = tmp_path / f"run_worker-{name}.log"
@@ -135,7 +140,7 @@ def start_run_worker(
         "--hostname",
         f"{name}@%h",
     ]
-    return _spawn_ready(cmd, log_path, name, FAST)
+    return _spawn_ready(cmd, log_path, name, {**FAST, **(env or {})})
 
 
 @contextmanager
@@ -180,3 +185,24 @@ class RunningSampler:
             self.error = exc
         finally:
             connection.close()
+
+
+def publish_runs(broker_url: str, scheduled) -> None:
+    """Publish `sleep` run messages to a private broker (the test process's own app points at the
+    shared test Redis), as schedules/publishing.py does."""
+    from celery import Celery
+
+    from schedules.publishing import RUN_TASK_NAME
+
+    publisher = Celery("publisher", broker=broker_url)
+    try:
+        for item in scheduled:
+            publisher.send_task(
+                RUN_TASK_NAME,
+                kwargs={"run_id": item.run_id, "scheduled_run_id": item.pk, "job_key": "sleep"},
+                task_id=item.task_id,
+                queue="jobs.sleep",
+                routing_key="jobs.sleep",
+            )
+    finally:
+        publisher.close()

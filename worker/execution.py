@@ -451,10 +451,10 @@ def run_execute(
             run_id, scheduled_run_id, worker=worker, lease_seq=grant.seq, attempt=run.attempt
         )
     except BaseException:
-        _release(caps, owner, run_id)
+        release_and_wake(caps, owner=owner, run_id=run_id)
         raise
     if attempt is None:
-        _release(caps, owner, run_id)
+        release_and_wake(caps, owner=owner, run_id=run_id)
         logger.info("run already taken; message dropped", extra={"run_id": run_id})
         return Outcome(status="skipped", run_id=run_id, reason="already taken")
 
@@ -477,7 +477,7 @@ def run_execute(
                 stats=stats,
             )
     finally:
-        _release(caps, owner, run_id)
+        release_and_wake(caps, owner=owner, run_id=run_id)
     counts = _counts(stats or {})
     if ended is False:
         # Reaped, cancelled or ended by someone else meanwhile: their outcome stands.
@@ -489,10 +489,6 @@ def run_execute(
     else:
         logger.warning("run failed", extra={"run_id": run_id, "job": job_key, "error": summary})
     return Outcome(status=str(status), run_id=run_id, reason=summary, counts=counts)
-
-
-def _release(caps: list[Cap], owner: str, run_id: int) -> None:
-    release_and_wake(caps, owner=owner, run_id=run_id)
 
 
 def _execute_started(

@@ -22,7 +22,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from celery import Celery
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
@@ -31,11 +30,10 @@ from orchestrator.models import RUN_TERMINAL, Run
 from orchestrator.taskprocs import TaskGroup, live_task_groups
 from schedules.dispatch import launch_run, run_now
 from schedules.models import Schedule, ScheduledRun
-from schedules.publishing import RUN_TASK_NAME
 from tests.scheduler_support import sleep_job
 from tests.support import wait_for
 from tests.tcpproxy import TcpProxy
-from tests.workerproc import FAST, PrivateRedis, WorkerProcess, _spawn_ready, running_worker
+from tests.workerproc import FAST, PrivateRedis, WorkerProcess, _spawn_ready, publish_runs, running_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -226,21 +224,6 @@ def _launch_waiting(schedule: Schedule, seconds: str) -> ScheduledRun:
         )
 
 
-def _publish(broker_url: str, items: list[ScheduledRun]) -> None:
-    publisher = Celery("publisher", broker=broker_url)
-    try:
-        for item in items:
-            publisher.send_task(
-                RUN_TASK_NAME,
-                kwargs={"run_id": item.run_id, "scheduled_run_id": item.pk, "job_key": "sleep"},
-                task_id=item.task_id,
-                queue="jobs.sleep",
-                routing_key="jobs.sleep",
-            )
-    finally:
-        publisher.close()
-
-
 def _supervised_worker(tmp_path: Path, name: str, env: dict[str, str], concurrency: int) -> WorkerProcess:
     """`manage.py run_worker`, as operators start it: its supervisor starts Celery again after kombu's
     "Unrecoverable error" on a Redis that goes away mid-acknowledgement (worker/supervisor.py), which a
@@ -276,7 +259,7 @@ def test_redis_restored_from_idle_snapshot__no_third_run_starts_until_one_of_two
         with ProcSampler(tag) as procs:
             # One short capped run, so the semaphore's keys exist, then a snapshot with nothing running.
             warm = _launch_waiting(schedule, "0.1")
-            _publish(broker, [warm])
+            publish_runs(broker, [warm])
             wait_for(lambda: _statuses([warm]) == {warm.run_id: "succeeded"}, timeout=60, what="warm-up run")
             wait_for(lambda: not procs.now(), timeout=10, what="nothing executing")
             assert not Run.objects.filter(status="running").exists()
@@ -285,7 +268,7 @@ def test_redis_restored_from_idle_snapshot__no_third_run_starts_until_one_of_two
             shutil.copy(dump, snapshot)
 
             items = [_launch_waiting(schedule, "12") for _ in range(3)]
-            _publish(broker, items)
+            publish_runs(broker, items)
             ids = {item.run_id for item in items}
 
             def two_running() -> set[int] | None:
