@@ -9,6 +9,8 @@ from django.db.models import Q
 class Trigger(models.TextChoices):
     MANUAL = "manual", "manual"
     SCHEDULE = "schedule", "schedule"
+    # A past slot created on request (POST /api/schedules/{id}/backfill); unique per slot like SCHEDULE.
+    BACKFILL = "backfill", "backfill"
 
 
 class Task3Scope(models.TextChoices):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.db import models
 from django.db.models import Q
-from django.db.models.functions import Greatest
+from django.db.models.functions import Greatest, Now
 
 from orchestrator.models import Directive, Job, Run, Task3Scope, Trigger
 
@@ -52,6 +52,34 @@ class Schedule(models.Model):
     next_run_at = models.DateTimeField(null=True, blank=True)
     claimed_by = models.CharField(max_length=255, blank=True, default="")
     claimed_until = models.DateTimeField(null=True, blank=True)
+    # Timing beyond the incumbents (DESIGN: jitter, bounds, limited runs, catch-up window).
+    # Each slot's dispatch is delayed by a deterministic offset in [0, jitter_seconds) from (id, slot).
+    jitter_seconds = models.PositiveIntegerField(default=0, db_default=0)
+    # No slot before start_at or after end_at (aware datetimes; both optional).
+    start_at = models.DateTimeField(null=True, blank=True)
+    end_at = models.DateTimeField(null=True, blank=True)
+    # After this many scheduled runs (manual runs do not count) the schedule disables itself.
+    max_runs = models.PositiveIntegerField(null=True, blank=True)
+    # Scheduled (and backfilled) runs created so far: a counter, so retention pruning never revives
+    # a completed schedule. runs_remaining = max_runs - scheduled_run_count.
+    scheduled_run_count = models.PositiveIntegerField(default=0, db_default=0)
+    # How late a slot may still run after downtime before misfire_policy treats it as missed
+    # (null: the default grace, interval + 30 s).
+    catchup_window_seconds = models.PositiveIntegerField(null=True, blank=True)
+    # Why and by whom it was paused (POST /disable {"note": ...}); cleared by enable.
+    paused_note = models.CharField(max_length=500, blank=True, default="", db_default="")
+    paused_at = models.DateTimeField(null=True, blank=True)
+    paused_by = models.CharField(max_length=150, blank=True, default="", db_default="")
+    # Declared in a schedules file (manage.py sync_schedules): the API and admin refuse to edit the
+    # declared fields.
+    managed = models.BooleanField(default=False, db_default=False)
+    # Retention: keep at least the last N runs, whatever HISTORY_KEEP_DAYS says.
+    history_keep = models.PositiveIntegerField(default=100, db_default=100)
+    # Alerts: after this many consecutive failures (0 = off); when a run has been running longer than
+    # alert_after_seconds (null = off); a per-schedule webhook instead of ALERT_WEBHOOK_URLS.
+    alert_after_failures = models.PositiveIntegerField(default=1, db_default=1)
+    alert_after_seconds = models.PositiveIntegerField(null=True, blank=True)
+    alert_webhook_url = models.URLField(max_length=500, blank=True, default="", db_default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -105,10 +133,17 @@ class ScheduledRunStatus(models.TextChoices):
     SUCCEEDED = "succeeded", "succeeded"
     FAILED = "failed", "failed"
     SKIPPED = "skipped", "skipped"
+    # Queued when its schedule was deleted: it never starts.
+    CANCELLED = "cancelled", "cancelled"
 
 
 SCHEDULED_RUN_TERMINAL = frozenset(
-    {ScheduledRunStatus.SUCCEEDED, ScheduledRunStatus.FAILED, ScheduledRunStatus.SKIPPED}
+    {
+        ScheduledRunStatus.SUCCEEDED,
+        ScheduledRunStatus.FAILED,
+        ScheduledRunStatus.SKIPPED,
+        ScheduledRunStatus.CANCELLED,
+    }
 )
 SCHEDULED_RUN_UNFINISHED = frozenset(
     {ScheduledRunStatus.QUEUED, ScheduledRunStatus.THROTTLED, ScheduledRunStatus.RUNNING}
@@ -141,7 +176,7 @@ class ScheduledRun(models.Model):
         constraints = [
             models.UniqueConstraint(
                 fields=["schedule", "scheduled_for"],
-                condition=Q(trigger="schedule"),
+                condition=Q(trigger__in=["schedule", "backfill"]),
                 name="scheduledrun_unique_slot",
             ),
         ]
@@ -163,3 +198,70 @@ class ScheduledRun(models.Model):
 
     def __str__(self) -> str:
         return f"{self.schedule_id}@{self.scheduled_for.isoformat()} ({self.status})"
+
+
+class ChangeSource(models.TextChoices):
+    API = "api", "api"
+    ADMIN = "admin", "admin"
+    SYNC = "sync", "sync"
+
+
+class ScheduleChange(models.Model):
+    """One write to a schedule: who, when, how, and each changed field's old and new value.
+
+    `schedule` is kept as a plain id (not a foreign key) so the record of a delete outlives the schedule.
+    """
+
+    schedule_id = models.BigIntegerField(db_index=True)
+    schedule_name = models.CharField(max_length=200)
+    # create | update | enable | disable | delete | sync
+    action = models.CharField(max_length=16)
+    source = models.CharField(max_length=16, choices=ChangeSource.choices)
+    actor = models.CharField(max_length=150, blank=True, default="")
+    at = models.DateTimeField(db_default=Now())
+    # {"field": {"old": ..., "new": ...}, ...}
+    changes = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["schedule_id", "-at"], name="schedulechange_history_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.schedule_name} {self.action} by {self.actor or '?'} ({self.source})"
+
+
+class AlertKind(models.TextChoices):
+    # A slot did not start within its grace (dead-man).
+    MISSED = "missed", "missed"
+    # alert_after_failures consecutive failures.
+    FAILING = "failing", "failing"
+    # A run has been running longer than alert_after_seconds.
+    OVERDUE = "overdue", "overdue"
+
+
+class Alert(models.Model):
+    """An alert opens once per condition and resolves when the condition clears."""
+
+    schedule = models.ForeignKey(Schedule, on_delete=models.CASCADE, related_name="alerts")
+    kind = models.CharField(max_length=16, choices=AlertKind.choices)
+    opened_at = models.DateTimeField(db_default=Now())
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    # Counts, ids and times only: never LLM text or a secret.
+    details = models.JSONField(default=dict, blank=True)
+    # Notification bookkeeping (which transitions were delivered), so several schedulers never send twice.
+    notified_open_at = models.DateTimeField(null=True, blank=True)
+    notified_resolved_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-opened_at", "-id"]
+        constraints = [
+            # At most one open alert per (schedule, kind): an alert opens once.
+            models.UniqueConstraint(
+                fields=["schedule", "kind"],
+                condition=Q(resolved_at__isnull=True),
+                name="alert_one_open_per_kind",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.schedule_id} {self.kind} ({'open' if self.resolved_at is None else 'resolved'})"
