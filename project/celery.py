@@ -33,9 +33,6 @@ app.conf.update(
     task_reject_on_worker_lost=False,
     # A failed or timed-out run is finished in the database; its message must not come back.
     task_acks_on_failure_or_timeout=True,
-    # Redis redelivers unacked messages after the visibility timeout; it must exceed the longest hard
-    # time limit (Job.timeout_seconds + grace) or a still-running run's message comes back mid-run.
-    broker_transport_options={"visibility_timeout": BROKER_VISIBILITY_TIMEOUT},
     # A Redis blip must not cancel runs in progress; their outcome is written to PostgreSQL anyway.
     worker_cancel_long_running_tasks_on_connection_loss=False,
     # Keep retrying the broker at startup (containers start in any order).
@@ -59,5 +56,32 @@ app.conf.update(
     result_serializer="json",
     accept_content=["json"],
 )
+
+
+def broker_is_redis(url: str | None = None) -> bool:
+    """Whether the broker (`url`, default the app's) goes through kombu's Redis transport.
+
+    Only a Redis broker has a visibility timeout and can lose its data on a restart without anybody
+    noticing; any other broker (RabbitMQ: `amqp://`) is used through Celery's public API alone. Asked
+    of kombu (the transport's `driver_type`), so every Redis URL form counts (`rediss://`,
+    `sentinel://`, `redis+socket://`). Builds no connection.
+    """
+    from kombu import Connection
+
+    with Connection(url or app.conf.broker_url) as conn:
+        return conn.transport.driver_type == "redis"
+
+
+@app.on_after_configure.connect
+def _redis_transport_options(sender: Celery, source, **kwargs) -> None:
+    # Redis redelivers unacked messages after the visibility timeout; it must exceed the longest hard
+    # time limit (Job.timeout_seconds + grace) or a still-running run's message comes back mid-run.
+    # RabbitMQ has no such option (its consumer_timeout is the server's: docs/OPERATIONS.md).
+    if broker_is_redis(source.broker_url):
+        source.broker_transport_options = {
+            "visibility_timeout": BROKER_VISIBILITY_TIMEOUT,
+            **(source.broker_transport_options or {}),
+        }
+
 
 app.autodiscover_tasks()

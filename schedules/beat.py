@@ -30,7 +30,8 @@ DEFAULT_CLAIM_TTL = 120.0
 DEFAULT_BATCH_SIZE = 500
 # A never-published run is left this long to its own on-commit publish before the sweep takes it.
 DEFAULT_PUBLISH_GRACE = 10.0
-# A run published this long ago and still queued has its message looked for in the broker.
+# A run published this long ago and still queued is published again (the wait doubles with the run's
+# age: schedules/publishing.py); the worker's start gate drops the copies of a started run.
 DEFAULT_REPUBLISH_AFTER = 300.0
 MAX_BACKOFF = 30.0
 # A schedule is due but nothing could be claimed (its row is locked by another session, which SKIP
@@ -263,6 +264,7 @@ class DatabaseScheduler(Scheduler):
         """Claim, dispatch, sweep; return the seconds to sleep before the next pass."""
         from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
 
+        from monitoring.scheduler import after_pass as monitoring_after_pass
         from schedules.claiming import claim_due, seconds_until_due
         from schedules.dispatch import dispatch_claimed
         from schedules.publishing import sweep_outbox
@@ -324,6 +326,8 @@ class DatabaseScheduler(Scheduler):
             except DatabaseError:
                 logger.exception("outbox sweep failed")
             self._reap_if_due()
+            # Metrics counters and alert evaluation (rate limited); never raises.
+            monitoring_after_pass(claimant=self.claimant, claimed=len(claims), interval=self.interval)
             if len(claims) >= self.batch_size:
                 return 0.0  # more may be due right now
             until_due = seconds_until_due()

@@ -5,20 +5,17 @@ always with the run's own task id, so a re-publish (the outbox sweep) is recogni
 the worker's conditional `queued -> running` transition absorbs the duplicate.
 
 `published_at` is the outbox's clock: NULL means "not known to be in the broker". The sweep hands such
-rows over again; rows published long ago and still `queued` are re-published only when their message is
-no longer waiting in the broker (a Redis restart dropped it), so a slow backlog is not doubled.
+rows over again, and re-publishes rows published long ago whose start gate is still closed, with a
+back-off per run so a message waiting in a long queue gets a few copies, not one per sweep. It never
+looks inside the broker, so any Celery broker works (Redis, RabbitMQ).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import urlparse
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -123,23 +120,32 @@ def publish_on_commit(messages: list[RunMessage]) -> None:
 
 # --- Outbox sweep ----------------------------------------------------------------------------------
 
-# The sweep holds no row lock while it talks to Redis (issue 15.4: it used to hold FOR UPDATE on up to
-# 1,000 rows while it read whole queues and the `unacked` hash). It reads candidates with plain SELECTs,
-# inspects the broker for the stale ones, then *takes* the rows to publish with one conditional UPDATE
-# each kind (TAKE_*): a row is taken only if it is still `queued` and its published_at is still what was
-# read, so two sweepers never both take a row and a run started meanwhile is left alone; rows another
-# session holds locked are skipped, never waited on. It then publishes what it took.
-# NULL published_at means "never reached the broker": publish. An old published_at on a still-queued
-# run means "published long ago": publish only if the broker no longer holds the message.
-# Both conditions are range scans of the partial index scheduledrun_outbox_idx (status = 'queued').
+# The sweep decides from the run's own state, never from the broker's insides (issue 15.8: it used to
+# parse kombu's Redis layout, a private format that breaks on an upgrade and does not exist on
+# RabbitMQ). A row is handed to the broker again when its start gate is still closed (Run and
+# ScheduledRun `queued`: no worker started it, none parked it as throttled) and either
+# - it never reached the broker: published_at NULL and created more than `grace` ago (its own
+#   on-commit publish had its chance), or
+# - it was last published long ago. The message may be lost (a broker restart without persistence, a
+#   purged queue, a worker that died holding it) or merely waiting in a long queue behind others: the
+#   sweep cannot tell, and need not, since the start gate runs a run at most once however many copies
+#   are delivered. "Long ago" backs off per run so the copies stay few: at least `republish_after`
+#   seconds, and at least as long as the run had already waited when it was last published
+#   (published_at - created_at). The re-publishes of a run fall at ages R, 2R, 4R, 8R... (R =
+#   republish_after): a message that waits T seconds gets at most about log2(T / R) + 1 copies, and a
+#   lost one is sent again before its age doubles.
+# Every time is the database's (now(), created_at, published_at as stamped with now()).
+# Both conditions are range scans of the partial index scheduledrun_outbox_idx (status = 'queued');
+# the back-off is a filter on the rows that range finds.
 SWEEP_SCHEDULED_SQL = """
 SELECT sr.id, sr.run_id, r.task_id, j.key, j.queue, sr.published_at
   FROM schedules_scheduledrun sr
   JOIN orchestrator_run r ON r.id = sr.run_id
   JOIN orchestrator_job j ON j.id = r.job_id
- WHERE sr.status = 'queued' AND sr.run_id IS NOT NULL
+ WHERE sr.status = 'queued' AND sr.run_id IS NOT NULL AND r.status = 'queued'
    AND ((sr.published_at IS NULL AND sr.created_at < now() - make_interval(secs => %(grace)s))
-        OR sr.published_at < now() - make_interval(secs => %(republish_after)s))
+        OR (sr.published_at < now() - make_interval(secs => %(republish_after)s)
+            AND sr.published_at + (sr.published_at - sr.created_at) < now()))
  ORDER BY sr.id
  LIMIT %(limit)s
 """
@@ -151,7 +157,8 @@ SELECT r.id, r.task_id, j.key, j.queue, r.published_at
   JOIN orchestrator_job j ON j.id = r.job_id
  WHERE r.status = 'queued'
    AND ((r.published_at IS NULL AND r.created_at < now() - make_interval(secs => %(grace)s))
-        OR r.published_at < now() - make_interval(secs => %(republish_after)s))
+        OR (r.published_at < now() - make_interval(secs => %(republish_after)s)
+            AND r.published_at + (r.published_at - r.created_at) < now()))
    AND NOT EXISTS (SELECT 1 FROM schedules_scheduledrun sr WHERE sr.run_id = r.id)
    -- A run waiting for a slot (parked in Redis, its message acknowledged) is not a lost message: the
    -- worker's release wakes it, and worker/reaper.py re-publishes one nothing will wake.
@@ -160,30 +167,38 @@ SELECT r.id, r.task_id, j.key, j.queue, r.published_at
  LIMIT %(limit)s
 """
 
-# The take stamps `%(stamp)s` = now() minus `hold` seconds: for a row to publish, a provisional stamp
-# that makes it stale again `grace` seconds later, so an instance killed between the take and the
-# publish leaves it to a later sweep's broker check (republished if the message is not there, not
-# doubled if it did get out); for a row whose message is still waiting, now(). After a publish the
-# stamp becomes now() (stamp_published); after a failed one it goes back to what was read.
-TAKE_SCHEDULED_SQL = """
+# The sweep holds no row lock while it talks to the broker (issue 15.4). It reads candidates with plain
+# SELECTs, *takes* them with one conditional UPDATE per table (a row is taken only if it is still
+# `queued` and its published_at is still what was read, so two sweepers never both take a row and a
+# run started meanwhile is left alone; rows another session holds locked are skipped, never waited
+# on), then publishes what it took and stamps now().
+# The take's stamp is provisional: the one instant whose back-off (above) ends `grace` seconds from
+# now, so an instance killed between the take and the publish leaves the row to a sweep `grace`
+# seconds later, not to the next doubling. Solving p + max(R, p - created_at) = now() + grace for p:
+# p = LEAST(now() + grace - R, created_at + (now() + grace - created_at) / 2).
+_PROVISIONAL_STAMP = """LEAST(
+       now() + make_interval(secs => %(grace)s - %(republish_after)s),
+       {t}.created_at + (now() + make_interval(secs => %(grace)s) - {t}.created_at) / 2)"""
+
+TAKE_SCHEDULED_SQL = f"""
 UPDATE schedules_scheduledrun AS sr
-   SET published_at = now() - make_interval(secs => v.hold)
-  FROM unnest(%(ids)s::bigint[], %(previous)s::timestamptz[], %(hold)s::float8[]) AS v(id, previous, hold)
+   SET published_at = {_PROVISIONAL_STAMP.format(t="sr")}
+  FROM unnest(%(ids)s::bigint[], %(previous)s::timestamptz[]) AS v(id, previous)
  WHERE sr.id = v.id
    AND sr.id = ANY(ARRAY(SELECT id FROM schedules_scheduledrun WHERE id = ANY(%(ids)s)
                           FOR UPDATE SKIP LOCKED))
    AND sr.status = 'queued' AND sr.published_at IS NOT DISTINCT FROM v.previous
-RETURNING sr.id, v.previous, sr.published_at
+RETURNING sr.id, sr.published_at
 """
 
-TAKE_MANUAL_SQL = """
+TAKE_MANUAL_SQL = f"""
 UPDATE orchestrator_run AS r
-   SET published_at = now() - make_interval(secs => v.hold)
-  FROM unnest(%(ids)s::bigint[], %(previous)s::timestamptz[], %(hold)s::float8[]) AS v(id, previous, hold)
+   SET published_at = {_PROVISIONAL_STAMP.format(t="r")}
+  FROM unnest(%(ids)s::bigint[], %(previous)s::timestamptz[]) AS v(id, previous)
  WHERE r.id = v.id
    AND r.id = ANY(ARRAY(SELECT id FROM orchestrator_run WHERE id = ANY(%(ids)s) FOR UPDATE SKIP LOCKED))
    AND r.status = 'queued' AND r.published_at IS NOT DISTINCT FROM v.previous
-RETURNING r.id, v.previous, r.published_at
+RETURNING r.id, r.published_at
 """
 
 # A failed publish gives the rows back as they were read, unless someone stamped them since.
@@ -197,8 +212,8 @@ UPDATE {table} AS t SET published_at = v.previous
 
 @dataclass
 class SweepResult:
-    published: int = 0
-    still_waiting: int = 0
+    published: int = 0  # handed to the broker by this sweep (first publishes and re-publishes)
+    republished: int = 0  # of which had been published before: presumed lost, or still waiting
     failed: int = 0
 
 
@@ -220,16 +235,48 @@ class _Candidate:
 def sweep_outbox(
     *, grace: float, republish_after: float, limit: int = 1000, include_manual: bool = True
 ) -> SweepResult:
-    """Re-publish queued runs whose message never reached the broker, or that the broker lost.
+    """Publish queued runs whose message never reached the broker, or was published long ago.
 
     `grace`: seconds a never-published row is left to its own on-commit publish (another process's).
-    `republish_after`: seconds after a publish before a still-queued run's message is looked for.
+    `republish_after`: the shortest wait after a publish before a run still not started is published
+    again; the wait doubles with the run's age (see SWEEP_SCHEDULED_SQL). Any Celery broker: nothing
+    is read from the broker, and the worker's start gate drops the copies of a run already started.
     `include_manual`: also look at runs with no scheduled run (/api/runs/). That query walks every
     queued run (no index on orchestrator_run fits it), so the loop runs it less often than each tick.
-    No row lock is held while the broker is read or written.
+    No row lock is held while the broker is written.
     """
     result = SweepResult()
     params = {"grace": float(grace), "republish_after": float(republish_after), "limit": int(limit)}
+    picked = _sweep_candidates(params, include_manual=include_manual)
+    if not picked:
+        return result
+    # Take the rows (no wait on any lock); only what this sweep took is published.
+    taken = _take(picked, params)
+    to_send = [c for c in picked if c.key in taken]
+    if not to_send:
+        return result
+    messages = [c.message for c in to_send]
+    try:
+        send_messages(messages)
+    except Exception as exc:
+        result.failed = len(messages)
+        logger.warning(
+            "outbox sweep publish failed; broker unreachable",
+            extra={"count": result.failed, "error": type(exc).__name__},
+        )
+        _untake([(c, taken[c.key]) for c in to_send])
+        return result
+    stamp_published(messages)
+    result.published = len(messages)
+    result.republished = sum(1 for c in to_send if c.previous is not None)
+    logger.info(
+        "outbox swept",
+        extra={"published": result.published - result.republished, "republished": result.republished},
+    )
+    return result
+
+
+def _sweep_candidates(params: dict, *, include_manual: bool) -> list[_Candidate]:
     with connection.cursor() as cursor:
         cursor.execute(SWEEP_SCHEDULED_SQL, params)
         picked = [
@@ -242,72 +289,27 @@ def sweep_outbox(
                 _Candidate(_message(tid, rid, None, key, queue), prev)
                 for rid, tid, key, queue, prev in cursor.fetchall()
             ]
-    if not picked:
-        return result
-
-    to_send = [c for c in picked if c.previous is None]
-    stale = [c for c in picked if c.previous is not None]
-    waiting: list[_Candidate] = []
-    if stale:
-        try:
-            in_broker = task_ids_in_broker({c.message.queue for c in stale}, delivered_within=republish_after)
-        except Exception as exc:
-            # Unknown broker state: look again after another republish_after.
-            logger.warning(
-                "outbox sweep could not inspect the broker",
-                extra={"count": len(stale), "error": type(exc).__name__},
-            )
-            in_broker = {c.message.task_id for c in stale}
-        for candidate in stale:
-            (waiting if candidate.message.task_id in in_broker else to_send).append(candidate)
-
-    # Take the rows (no wait on any lock); only what this sweep took is published or stamped.
-    hold = float(republish_after) - float(grace)
-    taken = _take([(c, hold) for c in to_send] + [(c, 0.0) for c in waiting])
-    to_send = [c for c in to_send if c.key in taken]
-    waiting = [c for c in waiting if c.key in taken]
-    result.still_waiting = len(waiting)
-    if waiting:
-        stamp_published(c.message for c in waiting)  # looked for again after republish_after
-    if to_send:
-        messages = [c.message for c in to_send]
-        try:
-            send_messages(messages)
-        except Exception as exc:
-            result.failed = len(messages)
-            logger.warning(
-                "outbox sweep publish failed; broker unreachable",
-                extra={"count": result.failed, "error": type(exc).__name__},
-            )
-            _untake([(c, taken[c.key]) for c in to_send])
-        else:
-            stamp_published(messages)
-            result.published = len(messages)
-    if result.published or result.still_waiting:
-        logger.info(
-            "outbox swept",
-            extra={"republished": result.published, "still_waiting": result.still_waiting},
-        )
-    return result
+    return picked
 
 
-def _take(rows: list[tuple[_Candidate, float]]) -> dict[tuple[bool, int], datetime]:
+def _take(candidates: list[_Candidate], params: dict) -> dict[tuple[bool, int], datetime]:
     """Stamp the candidates still as read, one statement per table; the taken ones' stamps by key."""
     taken: dict[tuple[bool, int], datetime] = {}
     with connection.cursor() as cursor:
         for scheduled, sql in ((True, TAKE_SCHEDULED_SQL), (False, TAKE_MANUAL_SQL)):
-            part = [(c, hold) for c, hold in rows if c.scheduled is scheduled]
+            part = [c for c in candidates if c.scheduled is scheduled]
             if not part:
                 continue
             cursor.execute(
                 sql,
                 {
-                    "ids": [c.key[1] for c, _ in part],
-                    "previous": [c.previous for c, _ in part],
-                    "hold": [hold for _, hold in part],
+                    "ids": [c.key[1] for c in part],
+                    "previous": [c.previous for c in part],
+                    "grace": params["grace"],
+                    "republish_after": params["republish_after"],
                 },
             )
-            for row_id, _previous, stamp in cursor.fetchall():
+            for row_id, stamp in cursor.fetchall():
                 taken[(scheduled, row_id)] = stamp
     return taken
 
@@ -335,66 +337,3 @@ def _message(task_id: str, run_id: int, scheduled_run_id: int | None, key: str, 
         job_key=key,
         queue=queue or f"jobs.{key}",
     )
-
-
-# kombu's Redis transport keeps a queue's messages in a list named after the queue (one per priority
-# step) and messages delivered to a worker but not yet acknowledged in the `unacked` hash.
-_KOMBU_PRIORITY_SEP = "\x06\x16"
-_KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
-_TASK_ID = re.compile(rb'"id":\s*"([^"]+)"')
-
-
-def task_ids_in_broker(queues: Iterable[str], *, delivered_within: float | None = None) -> set[str]:
-    """Task ids of run messages still waiting in the broker (queued or delivered but unacknowledged).
-
-    `delivered_within`: count an unacknowledged message only if it was delivered to a worker less than
-    this many seconds ago. The sweep only asks about runs still `queued`, which a live worker starts (or
-    marks throttled) as soon as it takes the message; one delivered long ago and never started went with
-    a worker that died holding it, and Redis would give it back only after the visibility timeout (an
-    hour). Re-publishing it is harmless: the start gate runs it once (found by scripts/soak.py).
-    """
-    import redis
-
-    broker_url = settings.CELERY_BROKER_URL
-    if urlparse(broker_url).scheme not in {"redis", "rediss"}:
-        # Another broker: we cannot look inside it, so assume the messages are still there.
-        raise RuntimeError("broker inspection is only implemented for Redis")
-    client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
-    found: set[str] = set()
-    try:
-        keys = [
-            queue if step == 0 else f"{queue}{_KOMBU_PRIORITY_SEP}{step}"
-            for queue in queues
-            for step in _KOMBU_PRIORITY_STEPS
-        ]
-        for key in keys:
-            start = 0
-            while True:
-                chunk = client.lrange(key, start, start + 999)
-                if not chunk:
-                    break
-                for raw in chunk:
-                    found.update(_task_ids_of(raw))
-                start += len(chunk)
-        unacked = client.hgetall("unacked")
-        if delivered_within is not None and unacked:
-            # kombu scores each delivery tag with the delivering worker's time.time().
-            delivered = dict(client.zrange("unacked_index", 0, -1, withscores=True))
-            oldest = time.time() - delivered_within
-            unacked = {tag: raw for tag, raw in unacked.items() if delivered.get(tag, oldest + 1) >= oldest}
-        for raw in unacked.values():
-            found.update(_task_ids_of(raw))
-    finally:
-        client.close()
-    return found
-
-
-def _task_ids_of(raw: bytes) -> set[str]:
-    try:
-        payload = json.loads(raw)
-        if isinstance(payload, list):  # unacked entries are [message, exchange, routing_key]
-            payload = payload[0]
-        task_id = payload.get("headers", {}).get("id")
-        return {task_id} if task_id else set()
-    except Exception:
-        return {m.decode() for m in _TASK_ID.findall(raw)}

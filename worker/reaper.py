@@ -39,6 +39,8 @@ REPUBLISH_BATCH = 500
 
 
 def _broker_client() -> redis.Redis | None:
+    """The broker's Redis, or None for any other broker (RabbitMQ keeps its queues across restarts;
+    a message it does lose is the outbox sweep's, schedules/publishing.py)."""
     from project.celery import app
 
     url = app.conf.broker_url or ""
@@ -201,8 +203,10 @@ def _warn_if_visibility_too_short() -> None:
     from django.db.models import Max
 
     from orchestrator.models import Job
-    from project.celery import BROKER_VISIBILITY_TIMEOUT
+    from project.celery import BROKER_VISIBILITY_TIMEOUT, broker_is_redis
 
+    if not broker_is_redis():
+        return  # only kombu's Redis transport redelivers on a visibility timeout
     longest = Job.objects.aggregate(longest=Max("timeout_seconds"))["longest"] or 0
     hard = longest + settings.WORKER_HARD_LIMIT_GRACE_SECONDS
     if hard >= BROKER_VISIBILITY_TIMEOUT:

@@ -8,10 +8,12 @@ Redis once the fault is over; the scheduler process must survive both.
 from __future__ import annotations
 
 import json
-import re
+import math
 from datetime import timedelta
 
 import pytest
+from django.db.models import F
+from django.db.models.functions import Now
 
 from schedules.models import Schedule, ScheduledRun
 from tests.scheduler_support import (
@@ -26,7 +28,17 @@ from tests.support import process_env, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
-FAST = ("--interval", "1", "--claim-ttl", "5", "--publish-grace", "1", "--republish-after", "3")
+REPUBLISH_AFTER = 3.0
+FAST = (
+    "--interval",
+    "1",
+    "--claim-ttl",
+    "5",
+    "--publish-grace",
+    "1",
+    "--republish-after",
+    str(REPUBLISH_AFTER),
+)
 
 
 def _ids(client, queue: str = "jobs.sleep") -> list[str]:
@@ -82,15 +94,14 @@ def test_redis_stopped_then_started__slots_stay_queued_and_are_published_once(tm
         client = redis.client()
         expected = set(ScheduledRun.objects.values_list("task_id", flat=True))
         wait_for(lambda: set(_ids(client)) >= expected, timeout=90, what="every message back in Redis")
-        # One more round of the sweep's broker check must not add a second copy of anything.
-        rechecks = len(re.findall(r"still_waiting=[1-9]", procs.full_logs()))
-        wait_for(
-            lambda: len(re.findall(r"still_waiting=[1-9]", procs.full_logs())) > rechecks,
-            timeout=60,
-            what="broker re-check",
-        )
+        # The sweep never looks inside the broker (issue 15.8): a run still queued is sent again on a
+        # back-off that doubles with its age, so the copies stay logarithmic in the wait (the start
+        # gate runs each once). Publishes by age A: the first, then ages >= R, 2R, 4R...
         ids = _ids(client)
-        assert sorted(ids) == sorted(expected)  # each exactly once
+        ages = dict(ScheduledRun.objects.annotate(age=Now() - F("created_at")).values_list("task_id", "age"))
+        for task_id in expected:
+            bound = 2 + math.log2(max(ages[task_id].total_seconds(), REPUBLISH_AFTER) / REPUBLISH_AFTER)
+            assert 1 <= ids.count(task_id) <= bound, (task_id, ids.count(task_id), ages[task_id])
         assert proc.poll() is None, procs.logs()
     finally:
         procs.stop_all()

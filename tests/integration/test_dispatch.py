@@ -439,8 +439,20 @@ def test_sweep__publishes_a_committed_run_whose_publish_never_happened(redis_cli
     assert sweep_outbox(grace=60, republish_after=300).published == 0  # once
 
 
+def _age(sr, *, created: str, published: str) -> None:
+    """Move a scheduled run's created_at and published_at into the past (database clock)."""
+    sql(
+        "UPDATE schedules_scheduledrun SET created_at = now() - %s::interval,"
+        " published_at = now() - %s::interval WHERE id = %s",
+        [created, published, sr.pk],
+    )
+
+
 @pytest.mark.django_db(transaction=True)
-def test_sweep__republishes_a_lost_message_with_the_same_task_id_but_not_one_still_waiting(redis_client):
+def test_sweep__republishes_a_run_published_long_ago_whose_start_gate_is_closed_backing_off(redis_client):
+    """No look inside the broker: published long ago and still `queued` is enough (issue 15.8); the
+    wait before the next copy doubles with the run's age, so a message waiting in a long queue gets a
+    few copies, not one per sweep."""
     from schedules.dispatch import message_for
     from schedules.publishing import publish_messages, sweep_outbox
 
@@ -448,58 +460,85 @@ def test_sweep__republishes_a_lost_message_with_the_same_task_id_but_not_one_sti
     run = Run.objects.create(job=s.job, trigger="schedule", task_id="t-lost", custom_directive_text="0.1")
     sr = ScheduledRun.objects.create(schedule=s, run=run, scheduled_for=db_now(), task_id="t-lost")
     publish_messages([message_for(s.job, run, sr)])
-    sql(
-        "UPDATE schedules_scheduledrun SET published_at = now() - interval '10 minutes' WHERE id = %s",
-        [sr.pk],
-    )
+    redis_client.delete("jobs.sleep")  # the message is lost (a purge, a broker restart)
 
-    # Still waiting in the broker (a slow backlog): not doubled, just looked at again later.
+    _age(sr, created="4 minutes", published="4 minutes")
+    assert sweep_outbox(grace=60, republish_after=300).published == 0  # not long ago yet
+
+    # Published at age 0, now 10 minutes old: sent again, same task id.
+    _age(sr, created="10 minutes", published="10 minutes")
     result = sweep_outbox(grace=60, republish_after=300)
-    assert (result.published, result.still_waiting) == (0, 1)
+    assert (result.published, result.republished) == (1, 1)
     assert _queued_ids(redis_client) == ["t-lost"]
+    assert sweep_outbox(grace=60, republish_after=300).published == 0  # once
 
-    # Redis restarted and dropped it: published again, same task id.
-    redis_client.flushdb()
-    sql(
-        "UPDATE schedules_scheduledrun SET published_at = now() - interval '10 minutes' WHERE id = %s",
-        [sr.pk],
-    )
+    # Last published at age 10 minutes: the next copy waits 10 minutes, not republish_after (5).
+    _age(sr, created="16 minutes", published="6 minutes")
+    assert sweep_outbox(grace=60, republish_after=300).published == 0
+    _age(sr, created="21 minutes", published="11 minutes")
     assert sweep_outbox(grace=60, republish_after=300).published == 1
-    assert _queued_ids(redis_client) == ["t-lost"]
+    assert _queued_ids(redis_client) == ["t-lost", "t-lost"]
 
 
 @pytest.mark.django_db(transaction=True)
-def test_sweep__republishes_a_queued_run_whose_message_went_with_a_dead_worker(redis_client):
-    """Delivered to a worker (kombu's `unacked` hash) long ago and never started: that worker is gone."""
-    import time
+def test_sweep__never_republishes_a_run_whose_start_gate_opened(redis_client):
+    """A run a worker started (or parked as throttled) is not a lost message, however old."""
+    from schedules.publishing import sweep_outbox
+    from schedules.runstate import run_mark_throttled, run_start
 
-    from schedules.dispatch import message_for
-    from schedules.publishing import publish_messages, sweep_outbox
+    s = make_schedule("started")
+    runs = []
+    for name in ("t-started", "t-throttled", "t-manual-throttled"):
+        run = Run.objects.create(job=s.job, trigger="schedule", task_id=name, custom_directive_text="0.1")
+        runs.append(run)
+    started = ScheduledRun.objects.create(
+        schedule=s, run=runs[0], scheduled_for=db_now(), task_id="t-started"
+    )
+    throttled = ScheduledRun.objects.create(
+        schedule=s, run=runs[1], scheduled_for=db_now() - timedelta(minutes=10), task_id="t-throttled"
+    )
+    assert run_start(runs[0].pk, started.pk, worker="w:1", lease_seq=None) == 1
+    run_mark_throttled(runs[1].pk, throttled.pk, "waiting: cap")
+    run_mark_throttled(runs[2].pk, None, "waiting: cap")
+    for sr in (started, throttled):
+        _age(sr, created="1 hour", published="1 hour")
+    sql(
+        "UPDATE orchestrator_run SET created_at = now() - interval '1 hour',"
+        " published_at = now() - interval '1 hour'"
+    )
 
-    s = make_schedule("held")
-    run = Run.objects.create(job=s.job, trigger="schedule", task_id="t-held", custom_directive_text="0.1")
-    sr = ScheduledRun.objects.create(schedule=s, run=run, scheduled_for=db_now(), task_id="t-held")
-    publish_messages([message_for(s.job, run, sr)])
-    # What kombu does on delivery: off the queue, into `unacked`, scored with the delivery time.
-    raw = redis_client.rpop("jobs.sleep")
-    redis_client.hset("unacked", "tag-1", json.dumps([json.loads(raw), "", "jobs.sleep"]))
-    redis_client.zadd("unacked_index", {"tag-1": time.time() - 5})
+    assert sweep_outbox(grace=60, republish_after=300).published == 0
+    assert _queued_ids(redis_client) == []
 
-    def age_publish() -> None:
+
+@pytest.mark.django_db(transaction=True)
+def test_sweep__a_sweeper_killed_between_its_take_and_the_publish_leaves_the_row_due_after_grace(
+    redis_client,
+):
+    """The take's provisional stamp: due again `grace` seconds later, not after the next doubling."""
+    from schedules import publishing
+
+    s = make_schedule("killed-sweeper")
+    run = Run.objects.create(job=s.job, trigger="schedule", task_id="t-killed", custom_directive_text="0.1")
+    sr = ScheduledRun.objects.create(schedule=s, run=run, scheduled_for=db_now(), task_id="t-killed")
+    params = {"grace": 60.0, "republish_after": 300.0, "limit": 1000}
+    for created in ("2 minutes", "3 hours"):  # both branches of the provisional stamp
         sql(
-            "UPDATE schedules_scheduledrun SET published_at = now() - interval '10 minutes' WHERE id = %s",
+            "UPDATE schedules_scheduledrun SET created_at = now() - %s::interval, published_at = NULL"
+            " WHERE id = %s",
+            [created, sr.pk],
+        )
+        picked = publishing._sweep_candidates(params, include_manual=False)
+        assert len(publishing._take(picked, params)) == 1  # ... and the sweeper dies here
+        assert publishing.sweep_outbox(**params).published == 0
+        # 61 seconds later (both stamps moved back rather than the clock forward):
+        sql(
+            "UPDATE schedules_scheduledrun SET created_at = created_at - interval '61 seconds',"
+            " published_at = published_at - interval '61 seconds' WHERE id = %s",
             [sr.pk],
         )
-
-    age_publish()
-    # Delivered 5 s ago: a live worker is about to start it; not doubled.
-    assert (sweep_outbox(grace=60, republish_after=300).published, _queued_ids(redis_client)) == (0, [])
-
-    # Delivered 20 minutes ago and still `queued`: published again, same task id.
-    redis_client.zadd("unacked_index", {"tag-1": time.time() - 1200})
-    age_publish()
-    assert sweep_outbox(grace=60, republish_after=300).published == 1
-    assert _queued_ids(redis_client) == ["t-held"]
+        assert publishing.sweep_outbox(**params).published == 1
+    assert _queued_ids(redis_client) == ["t-killed", "t-killed"]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -644,25 +683,22 @@ def _stale_published_run(name: str, task_id: str):
     run = Run.objects.create(job=s.job, trigger="schedule", task_id=task_id, custom_directive_text="0.1")
     sr = ScheduledRun.objects.create(schedule=s, run=run, scheduled_for=db_now(), task_id=task_id)
     publish_messages([message_for(s.job, run, sr)])
-    sql(
-        "UPDATE schedules_scheduledrun SET published_at = now() - interval '10 minutes' WHERE id = %s",
-        [sr.pk],
-    )
+    _age(sr, created="10 minutes", published="10 minutes")
     return sr
 
 
 @pytest.mark.django_db(transaction=True)
-def test_sweep__holds_no_row_lock_while_it_reads_the_broker(redis_client, monkeypatch):
+def test_sweep__holds_no_row_lock_while_it_publishes(redis_client, monkeypatch):
     import psycopg2
 
     from schedules import publishing
 
     sr = _stale_published_run("sweep-no-lock", "t-nolock")
-    redis_client.flushdb()  # the message is lost: the sweep looks in the broker, then republishes
+    redis_client.flushdb()  # the message is lost: the sweep republishes it
     seen: dict = {}
-    real = publishing.task_ids_in_broker
+    real = publishing.send_messages
 
-    def inspect_while_another_session_locks(*args, **kwargs):
+    def publish_while_another_session_locks(*args, **kwargs):
         other = _other_session()
         try:
             with other.cursor() as cursor:
@@ -677,7 +713,7 @@ def test_sweep__holds_no_row_lock_while_it_reads_the_broker(redis_client, monkey
             other.close()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(publishing, "task_ids_in_broker", inspect_while_another_session_locks)
+    monkeypatch.setattr(publishing, "send_messages", publish_while_another_session_locks)
     assert publishing.sweep_outbox(grace=60, republish_after=300).published == 1
     assert seen == {"lockable": True}
     assert _queued_ids(redis_client) == ["t-nolock"]
@@ -689,13 +725,14 @@ def test_sweep__a_row_another_sweeper_took_meanwhile_is_not_published_again(redi
 
     sr = _stale_published_run("sweep-raced", "t-raced")
     redis_client.flushdb()
-    real = publishing.task_ids_in_broker
+    real = publishing._sweep_candidates
 
     def another_sweeper_publishes_first(*args, **kwargs):
+        picked = real(*args, **kwargs)
         sql("UPDATE schedules_scheduledrun SET published_at = now() WHERE id = %s", [sr.pk])
-        return real(*args, **kwargs)
+        return picked
 
-    monkeypatch.setattr(publishing, "task_ids_in_broker", another_sweeper_publishes_first)
+    monkeypatch.setattr(publishing, "_sweep_candidates", another_sweeper_publishes_first)
     assert publishing.sweep_outbox(grace=60, republish_after=300).published == 0
     assert _queued_ids(redis_client) == []
 

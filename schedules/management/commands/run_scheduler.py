@@ -43,7 +43,7 @@ class Command(BaseCommand):
             "--republish-after",
             type=float,
             default=DEFAULT_REPUBLISH_AFTER,
-            help="outbox: seconds before a published, still-queued run is looked for in the broker",
+            help="outbox: shortest wait (s) before a run published but not started is published again",
         )
 
     def handle(self, *args, **options) -> None:
