@@ -427,16 +427,10 @@ class DatabaseScheduler(Scheduler):
 
     def shutdown(self) -> None:
         """Release anything still claimed (nothing, normally) and close the listener."""
-        from django.db import connection
+        from schedules.claiming import release_all
 
         try:
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "UPDATE schedules_schedule SET claimed_by = '', claimed_until = NULL"
-                    " WHERE claimed_by = %s RETURNING id",
-                    [self.claimant],
-                )
-                released = cursor.rowcount
+            released = release_all(claimant=self.claimant)
             if released:
                 logger.info("claims released", extra={"claimant": self.claimant, "count": released})
         except Exception as exc:

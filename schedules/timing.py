@@ -11,11 +11,21 @@ field is `*` or a step:
 * A local time that occurs twice (the fall-back fold): a fixed-hour cron fires once, on the first
   occurrence; a wildcard-hour cron fires at both, since both are real instants.
 
-croniter walks naive wall-clock times; this module maps each to the instants above.
+croniter walks naive wall-clock times; this module maps each to the instants above. The same rules
+hold for croniter's richer syntax, which is accepted as it is: `L` (last day of the month, or `L5` the
+last Friday), `#` (`1#2`, the second Monday), `H` (a minute or hour hashed from the schedule's name, as
+Jenkins does) and the aliases `@hourly` ... `@yearly`, which are expanded to their five fields first.
+
+Beyond the grid (issue 16): `jitter_seconds` delays each slot's dispatch by a deterministic offset in
+[0, jitter) hashed from (schedule name, slot), so every scheduler instance computes the same time and a
+run stays keyed on its slot; `start_at`/`end_at` bound the slots. `next_run_at` holds the *dispatch* time
+of the next slot (so the due query needs no change); `slot_of` recovers the slot from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +46,41 @@ class ScheduleSpec:
     interval_minutes: int | None = None
     cron_expr: str = ""
     timezone: str = "UTC"
+    jitter_seconds: int = 0
+    start_at: datetime | None = None  # no slot before it
+    end_at: datetime | None = None  # no slot after it
+    # What `H` fields and the jitter hash: the schedule's name (unique, and known before it is saved,
+    # so a preview shows the very times the saved schedule keeps).
+    key: str = ""
+
+
+# The aliases croniter documents, as the five fields they stand for.
+CRON_ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+# Interval schedules with jitter keep their slots on a grid (from start_at, else the Unix epoch) so a
+# slot can be told from its jittered dispatch time; see `slot_of`.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def expand_cron(expr: str) -> str:
+    """The five-field form of `expr` (an alias expanded, spacing canonical)."""
+    expr = " ".join(expr.split())
+    return CRON_ALIASES.get(expr.lower(), expr)
+
+
+def _walls(expr: str, start: datetime, key: str) -> croniter:
+    """croniter over naive wall times; `H` fields hash `key` (croniter refuses them without one)."""
+    if "h" in expr.lower():
+        return croniter(expr, start, hash_id=key.encode() or b"-")
+    return croniter(expr, start)
 
 
 @lru_cache(maxsize=512)
@@ -45,7 +90,8 @@ def _zone(name: str) -> ZoneInfo:
 
 @lru_cache(maxsize=4096)
 def _hour_is_wildcard(expr: str) -> bool:
-    hour_field = expr.split()[1]
+    # `H` alone is one hashed hour (fixed); `H/2` is a step.
+    hour_field = expand_cron(expr).split()[1]
     return "*" in hour_field or "/" in hour_field
 
 
@@ -91,18 +137,19 @@ def _steady(instant: datetime, zone: ZoneInfo) -> bool:
     return _offset(instant - _SHIFT_BOUND, zone) == offset == _offset(instant + _SHIFT_BOUND, zone)
 
 
-def _next_cron(expr: str, zone: ZoneInfo, after: datetime) -> datetime:
+def _next_cron(expr: str, zone: ZoneInfo, after: datetime, key: str = "") -> datetime:
+    expr = expand_cron(expr)
     wildcard_hour = _hour_is_wildcard(expr)
     local = after.astimezone(zone).replace(tzinfo=None)
     # Fast path: away from any transition, the next wall time is the next instant.
     if _steady(after, zone):
-        wall = croniter(expr, local).get_next(datetime)
+        wall = _walls(expr, local, key).get_next(datetime)
         candidate = wall.replace(tzinfo=zone).astimezone(UTC)
         if candidate > after and _steady(candidate, zone):
             return candidate
     # Near a transition, wall order and instant order can differ (a fold's second copy comes after
     # later wall times): collect the instants of every wall time in a window, then take the least.
-    walls = croniter(expr, local - _SHIFT_BOUND)
+    walls = _walls(expr, local - _SHIFT_BOUND, key)
     best: datetime | None = None
     horizon: datetime | None = None
     while True:
@@ -121,7 +168,7 @@ def next_slot(spec: ScheduleSpec, *, after: datetime) -> datetime:
         raise ValueError("next_slot needs an aware datetime")
     if spec.schedule_type == "interval":
         return (after + timedelta(minutes=spec.interval_minutes)).astimezone(UTC)
-    return _next_cron(spec.cron_expr, _zone(spec.timezone), after.astimezone(UTC))
+    return _next_cron(spec.cron_expr, _zone(spec.timezone), after.astimezone(UTC), spec.key)
 
 
 def upcoming(spec: ScheduleSpec, *, after: datetime, n: int = 5) -> list[datetime]:
@@ -140,22 +187,128 @@ def spec_of(schedule) -> ScheduleSpec:
         interval_minutes=schedule.interval_minutes,
         cron_expr=schedule.cron_expr or "",
         timezone=schedule.timezone or "UTC",
+        jitter_seconds=getattr(schedule, "jitter_seconds", 0) or 0,
+        start_at=getattr(schedule, "start_at", None),
+        end_at=getattr(schedule, "end_at", None),
+        key=getattr(schedule, "name", "") or "",
     )
 
 
-def first_slot(spec: ScheduleSpec, *, now: datetime) -> datetime:
-    """The first slot of a schedule created or enabled at `now`: one interval ahead, or the next cron time."""
-    return next_slot(spec, after=now)
+def _on_grid(spec: ScheduleSpec) -> bool:
+    """Interval slots lie on a fixed grid (from start_at, else the epoch) rather than one interval from
+    when the schedule was saved: with start_at (slots are start_at + k * interval), and with jitter (a
+    slot must be recoverable from its dispatch time)."""
+    return spec.schedule_type == "interval" and (spec.start_at is not None or spec.jitter_seconds > 0)
 
 
-def _prev_cron(expr: str, zone: ZoneInfo, at: datetime) -> datetime:
+def _grid_floor(spec: ScheduleSpec, at: datetime) -> datetime:
+    """The latest grid slot at or before `at` (interval schedules on a grid)."""
+    anchor = spec.start_at or _EPOCH
+    step = timedelta(minutes=spec.interval_minutes)
+    return (anchor + step * ((at - anchor) // step)).astimezone(UTC)
+
+
+def first_slot(spec: ScheduleSpec, *, now: datetime) -> datetime | None:
+    """The first slot of a schedule created or enabled at `now`: one interval ahead (or the next grid
+    point), or the next cron time; never before `start_at`. None when it would lie after `end_at`."""
+    if _on_grid(spec):
+        anchor = spec.start_at or _EPOCH
+        slot = (
+            anchor.astimezone(UTC)
+            if anchor > now
+            else _grid_floor(spec, now) + timedelta(minutes=spec.interval_minutes)
+        )
+    elif spec.start_at is not None and spec.start_at > now:
+        slot = next_slot(spec, after=spec.start_at - _TICK)
+    else:
+        slot = next_slot(spec, after=now)
+    return slot if within_bounds(spec, slot) else None
+
+
+def within_bounds(spec: ScheduleSpec, slot: datetime) -> bool:
+    """No slot before start_at or after end_at."""
+    return (spec.start_at is None or slot >= spec.start_at) and (spec.end_at is None or slot <= spec.end_at)
+
+
+# --- Jitter: a slot's dispatch time ---------------------------------------------------------------------
+
+
+def jitter_offset(spec: ScheduleSpec, slot: datetime) -> timedelta:
+    """The deterministic delay in [0, jitter_seconds) of `slot`: a hash of (schedule name, slot), so
+    every scheduler instance, the API's `upcoming` and a preview all compute the same time. Whole
+    seconds, like the slots."""
+    if spec.jitter_seconds <= 0:
+        return timedelta(0)
+    material = f"{spec.key}|{slot.astimezone(UTC).isoformat()}".encode()
+    digest = hashlib.blake2b(material, digest_size=8).digest()
+    return timedelta(seconds=int.from_bytes(digest, "big") % spec.jitter_seconds)
+
+
+def dispatch_at(spec: ScheduleSpec, slot: datetime) -> datetime:
+    """When `slot` is dispatched: the slot plus its jitter offset."""
+    return slot + jitter_offset(spec, slot)
+
+
+def slot_of(spec: ScheduleSpec, next_run_at: datetime) -> datetime:
+    """The slot whose dispatch time is `next_run_at` (the inverse of `dispatch_at`).
+
+    Jitter is validated to be at most the shortest gap between slots, so the slot is the latest grid
+    slot at or before the dispatch time; the offset check confirms it. A `next_run_at` set off the grid
+    by hand (or with a stale offset, after a rename) maps to the first grid slot at or after it, whose
+    own dispatch time the scheduler then waits for. Without jitter a slot is its dispatch time.
+    """
+    if spec.jitter_seconds <= 0:
+        return next_run_at
+    if spec.schedule_type == "interval":
+        anchor = spec.start_at or _EPOCH
+        candidate = _grid_floor(spec, next_run_at) if next_run_at >= anchor else None
+    else:
+        candidate = prev_slot(spec, at_or_before=next_run_at)
+    if candidate is not None and dispatch_at(spec, candidate) == next_run_at:
+        return candidate
+    if spec.schedule_type == "interval":
+        return first_slot(dataclasses.replace(spec, end_at=None), now=next_run_at - _TICK)
+    return next_slot(spec, after=next_run_at - _TICK)
+
+
+def next_dispatch(spec: ScheduleSpec, slot: datetime) -> datetime | None:
+    """The dispatch time of `slot`, or None when the slot lies past `end_at` (the schedule has ended)."""
+    return dispatch_at(spec, slot) if within_bounds(spec, slot) else None
+
+
+def run_times(
+    spec: ScheduleSpec, *, next_run_at: datetime | None, n: int, runs_left: int | None = None
+) -> list[datetime]:
+    """The next `n` dispatch times (jitter applied) from `next_run_at`, within the bounds and at most
+    `runs_left` of them (max_runs): what `upcoming` and a preview show."""
+    if next_run_at is None:
+        return []
+    limit = n if runs_left is None else max(0, min(n, runs_left))
+    times: list[datetime] = []
+    slot = slot_of(spec, next_run_at)
+    while len(times) < limit and within_bounds(spec, slot):
+        times.append(dispatch_at(spec, slot))
+        slot = next_slot(spec, after=slot)
+    return times
+
+
+def shortest_gap(spec: ScheduleSpec, *, after: datetime, n: int = 100) -> timedelta:
+    """The shortest gap between the next `n` slots after `after` (the most jitter a schedule takes)."""
+    if spec.schedule_type == "interval":
+        return timedelta(minutes=spec.interval_minutes)
+    slots = upcoming(spec, after=after, n=n)
+    return min(b - a for a, b in itertools.pairwise(slots))
+
+
+def _prev_cron(expr: str, zone: ZoneInfo, at: datetime, key: str = "") -> datetime:
     """The latest slot at or before `at` (UTC): the mirror image of `_next_cron`, same DST rules."""
+    expr = expand_cron(expr)
     wildcard_hour = _hour_is_wildcard(expr)
     local = at.astimezone(zone).replace(tzinfo=None)
     # Fast path: away from any transition, the latest wall time at or before the local time is the
     # latest instant (croniter's get_prev is strict, hence the microsecond).
     if _steady(at, zone):
-        walls = croniter(expr, local + timedelta(microseconds=1))
+        walls = _walls(expr, local + timedelta(microseconds=1), key)
         wall = walls.get_prev(datetime)
         candidate = wall.replace(tzinfo=zone).astimezone(UTC)
         if candidate <= at and _steady(candidate, zone):
@@ -163,7 +316,7 @@ def _prev_cron(expr: str, zone: ZoneInfo, at: datetime) -> datetime:
     # Near a transition: walk wall times back from beyond the shift bound, map each to its instants
     # (none, one or two) and keep the greatest at or before `at`; walls more than the bound below the
     # best one cannot beat it.
-    walls = croniter(expr, local + _SHIFT_BOUND)
+    walls = _walls(expr, local + _SHIFT_BOUND, key)
     best: datetime | None = None
     horizon: datetime | None = None
     while True:
@@ -184,7 +337,7 @@ def prev_slot(spec: ScheduleSpec, *, at_or_before: datetime) -> datetime:
         raise ValueError("prev_slot needs an aware datetime")
     if spec.schedule_type != "cron":
         raise ValueError("prev_slot is for cron schedules")
-    return _prev_cron(spec.cron_expr, _zone(spec.timezone), at_or_before.astimezone(UTC))
+    return _prev_cron(spec.cron_expr, _zone(spec.timezone), at_or_before.astimezone(UTC), spec.key)
 
 
 def _slots_back(spec: ScheduleSpec, *, first: datetime, now: datetime) -> Iterator[datetime]:
@@ -275,19 +428,52 @@ def validate_timezone(name: str) -> None:
         raise ValueError(f"unknown timezone {name!r}") from exc
 
 
+# Each cron field and what it takes, for messages that say which field is wrong.
+_CRON_FIELDS = (
+    ("minute", "0-59, or H"),
+    ("hour", "0-23, or H"),
+    ("day-of-month", "1-31, or L for the last day"),
+    ("month", "1-12 or JAN-DEC"),
+    ("day-of-week", "0-7 or SUN-SAT (0 and 7 are Sunday), n#k for the k-th, Ln for the last"),
+)
+
+
+def _parse_error(expr: str) -> str | None:
+    """croniter's complaint about `expr` (five fields), or None when it parses."""
+    try:
+        _walls(expr, datetime(2000, 1, 1), "validate")  # noqa: DTZ001 - naive on purpose
+    except Exception as exc:  # croniter raises assorted errors on odd input; all mean "invalid"
+        return str(exc) or type(exc).__name__
+    return None
+
+
 def validate_cron_expr(expr: str) -> None:
-    """Raise ValueError unless `expr` is a valid 5-field cron expression."""
-    message = f"invalid cron expression {expr!r}: expected 5 fields like '0 2 * * *'"
-    if not isinstance(expr, str) or len(expr.split()) != 5:
-        raise ValueError(message)
+    """Raise ValueError unless `expr` is a valid 5-field cron expression or alias; the message says
+    which field is wrong and why (`61 * * * *`: the minute field is out of range)."""
+    shape = "expected 5 fields (minute hour day-of-month month day-of-week) like '0 2 * * *', or @daily"
+    if not isinstance(expr, str) or not expr.strip():
+        raise ValueError(f"invalid cron expression {expr!r}: {shape}")
+    expanded = expand_cron(expr)
+    if expanded.startswith("@"):
+        aliases = ", ".join(sorted(CRON_ALIASES))
+        raise ValueError(f"invalid cron expression {expr!r}: unknown alias; use one of {aliases}")
+    fields = expanded.split()
+    if len(fields) != 5:
+        raise ValueError(f"invalid cron expression {expr!r}: {shape}; got {len(fields)} fields")
+    for index, (name, takes) in enumerate(_CRON_FIELDS):
+        probe = ["*"] * 5
+        probe[index] = fields[index]
+        problem = _parse_error(" ".join(probe))
+        if problem is not None:
+            what = "out of range" if "out of range" in problem or "Invalid" in problem else "not valid"
+            raise ValueError(
+                f"invalid cron expression {expr!r}: the {name} field {fields[index]!r} is {what}"
+                f" (it takes {takes})"
+            )
+    if (problem := _parse_error(expanded)) is not None:
+        raise ValueError(f"invalid cron expression {expr!r}: {problem}")
     try:
-        valid = croniter.is_valid(expr)
-    except Exception:  # croniter raises assorted errors on odd input; all mean "invalid"
-        valid = False
-    if not valid:
-        raise ValueError(message)
-    try:
-        croniter(expr, datetime(2000, 1, 1)).get_next(datetime)  # noqa: DTZ001 - naive on purpose
+        _walls(expanded, datetime(2000, 1, 1), "validate").get_next(datetime)  # noqa: DTZ001
     except Exception as exc:  # e.g. "0 0 31 2 *" never fires
         raise ValueError(f"cron expression {expr!r} never fires") from exc
 
@@ -308,7 +494,7 @@ def describe(spec: ScheduleSpec) -> str:
     months = ["", "January", "February", "March", "April", "May", "June", "July", "August", "September",
               "October", "November", "December"]  # fmt: skip
     fallback = f"cron {spec.cron_expr} ({spec.timezone})"
-    fields = spec.cron_expr.split()
+    fields = expand_cron(spec.cron_expr).split()
     if len(fields) != 5:
         return fallback
     minute, hour, dom, month, dow = fields
@@ -339,7 +525,17 @@ def describe(spec: ScheduleSpec) -> str:
     if dom != "*" and dow != "*":
         return fallback
     parts = [when]
-    if dow != "*":
+    ordinals = {"1": "first", "2": "second", "3": "third", "4": "fourth", "5": "fifth"}
+    if dow != "*" and "#" in dow:
+        weekday, _, nth = dow.partition("#")
+        if day_name(weekday) is None or nth not in ordinals:
+            return fallback
+        parts.append(f"on the {ordinals[nth]} {day_name(weekday)} of the month")
+    elif dow != "*" and dow[:1].upper() == "L":
+        if day_name(dow[1:]) is None:
+            return fallback
+        parts.append(f"on the last {day_name(dow[1:])} of the month")
+    elif dow != "*":
         if "-" in dow and len(dow.split("-")) == 2:
             first, last = (day_name(d) for d in dow.split("-"))
             if first is None or last is None:
@@ -350,7 +546,9 @@ def describe(spec: ScheduleSpec) -> str:
             if None in names:
                 return fallback
             parts.append("only on " + ", ".join(names))  # type: ignore[arg-type]
-    if dom != "*":
+    if dom.upper() == "L":
+        parts.append("on the last day of the month")
+    elif dom != "*":
         if number(dom, 31) is None:
             return fallback
         parts.append(f"on day {int(dom)} of the month")
