@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.db import connection, transaction
+from django.http import Http404
 from django.utils import timezone
 
 from orchestrator.models import Directive, Job, Run, Trigger
@@ -421,7 +422,11 @@ def _committed_messages(batch: _Batch, result: DispatchResult) -> list[RunMessag
                         queue=job.queue or f"jobs.{job.key}",
                     )
                 )
-                log_lines.append(("slot dispatched", {"schedule_id": s.id, "slot": slot, "run_id": run.pk}))
+                # Every run field (project/logging.py), so the run can be followed from here to its worker.
+                run_fields = {"scheduled_run_id": batch.inserted[key], "job": job.key, "task_id": run.task_id}
+                log_lines.append(
+                    ("slot dispatched", {"schedule_id": s.id, "slot": slot, "run_id": run.pk, **run_fields})
+                )
             else:
                 result.skipped += 1
                 log_lines.append(
@@ -487,9 +492,20 @@ def launch_run(
     )
 
 
+# A run-now holds its schedule's key while it inserts, so a delete waits for it (and cancels the run)
+# instead of the run-now failing at commit on the foreign key to a schedule deleted meanwhile.
+_HOLD_SCHEDULE_SQL = "SELECT 1 FROM schedules_schedule WHERE id = %s FOR KEY SHARE"
+
+
 @transaction.atomic
 def run_now(schedule: Schedule) -> ScheduledRun:
-    """Launch the schedule's job now, outside its slots. Works on a disabled schedule; caps still apply."""
+    """Launch the schedule's job now, outside its slots. Works on a disabled schedule; caps still apply.
+
+    Raises Http404 when the schedule was deleted meanwhile (the API's answer for a deleted schedule)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_HOLD_SCHEDULE_SQL, [schedule.pk])
+        if cursor.fetchone() is None:
+            raise Http404(f"schedule {schedule.pk} was deleted")
     run = launch_run(
         job=schedule.job,
         directive=schedule.directive,
@@ -506,6 +522,16 @@ def run_now(schedule: Schedule) -> ScheduledRun:
         task_id=run.task_id,
     )
     publish_on_commit([message_for(schedule.job, run, scheduled_run)])
+    logger.info(
+        "run now",
+        extra={
+            "run_id": run.pk,
+            "scheduled_run_id": scheduled_run.pk,
+            "schedule_id": schedule.pk,
+            "job": schedule.job.key,
+            "task_id": run.task_id,
+        },
+    )
     return scheduled_run
 
 

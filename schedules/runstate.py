@@ -6,7 +6,8 @@ the caller's transaction (or its own when there is none), so the database decide
 
 - throttle: `queued` stays `queued` on the Run (its mirror goes `throttled`), once per wait;
 - start: `queued` -> `running` with `attempt = attempt + 1`; a second delivery of the same message finds
-  zero rows and does nothing (at most once, DESIGN 6.4);
+  zero rows and does nothing (at most once, DESIGN 6.4), and so does the message of a cancelled run;
+- cancel: `queued` -> `cancelled` (its schedule was deleted), never a run that started;
 - every later write (heartbeat, finish, reap) is fenced by `status = running` and the run's `attempt`
   (or, for the worker's parent, which never learns the attempt, by `worker`: node name + pool pid), so a
   stale worker can never overwrite a newer outcome, and an outcome is written once;
@@ -150,6 +151,39 @@ def run_finish(
             )
             scheduled.update(status=status, finished_at=Now(), error_summary=error_summary)
     return bool(ended)
+
+
+# queued -> cancelled: only a run that has not started (waiting for a slot included); one that started
+# meanwhile is left to finish. The mirror follows whether it is `queued` or `throttled`.
+_CANCEL_SQL = """
+UPDATE orchestrator_run
+   SET status = 'cancelled', finished_at = now(), error_summary = %(reason)s
+ WHERE id = ANY(%(ids)s) AND status = 'queued'
+RETURNING id
+"""
+
+
+def run_cancel(run_ids: list[int], reason: str) -> list[int]:
+    """End runs that have not started as `cancelled` (Run and ScheduledRun); return the ids cancelled.
+
+    The start gate (`run_start`) takes only a `queued` run, so a cancelled run's message, delivered
+    later or already waiting in the broker, is dropped by the worker; a run already running is not
+    touched and finishes as usual.
+    """
+    if not run_ids:
+        return []
+    reason = reason[:ERROR_SUMMARY_MAX]
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(_CANCEL_SQL, {"ids": list(run_ids), "reason": reason})
+            cancelled = [row[0] for row in cursor.fetchall()]
+        if cancelled:
+            ScheduledRun.objects.filter(run_id__in=cancelled, status__in=_WAITING).update(
+                status=ScheduledRunStatus.CANCELLED, finished_at=Now(), error_summary=reason
+            )
+    for run_id in cancelled:
+        logger.info("run cancelled", extra={"run_id": run_id, "reason": reason})
+    return cancelled
 
 
 def running_lease_floor() -> int:

@@ -16,9 +16,16 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from orchestrator.models import Directive, Job, Run, Task3Scope
-from schedules import timing
+from schedules import runstate, timing
 from schedules.dispatch import SchedulerError, launch_manual_run
-from schedules.models import MisfirePolicy, OverlapPolicy, Schedule, ScheduleType
+from schedules.models import (
+    MisfirePolicy,
+    OverlapPolicy,
+    Schedule,
+    ScheduledRun,
+    ScheduledRunStatus,
+    ScheduleType,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +242,9 @@ def _now(now: datetime | None) -> datetime:
     return (now or timezone.now()).replace(microsecond=0)
 
 
+# A scheduled run in these states has not started; deleting its schedule cancels it.
+WAITING_STATUSES = (ScheduledRunStatus.QUEUED, ScheduledRunStatus.THROTTLED)
+
 # --- Services -----------------------------------------------------------------------------------------
 
 
@@ -318,11 +328,26 @@ def disable_schedule(schedule: Schedule | int) -> Schedule:
     return update_schedule(schedule, {"enabled": False})
 
 
+@transaction.atomic
 def delete_schedule(schedule: Schedule) -> None:
-    """Delete the schedule and its ScheduledRuns (cascade); the orchestrator's Runs stay."""
-    schedule_id = schedule.pk
-    schedule.delete()
-    logger.info("schedule deleted", extra={"schedule_id": schedule_id})
+    """Delete the schedule and its ScheduledRuns (cascade); the orchestrator's Runs stay.
+
+    Its runs that have not started end `cancelled` on their Run (they never start: the worker's start
+    gate takes only queued runs); a running one finishes and keeps its outcome on its Run.
+    """
+    # Lock the row first: a dispatch holds it while it inserts the slot's runs, so the delete waits for
+    # that commit and then sees (and cancels) what it made. Without the lock the delete could read the
+    # scheduled runs before the dispatch committed one more, and fail at commit on the foreign key.
+    locked = Schedule.objects.select_for_update().filter(pk=schedule.pk).first()
+    if locked is None:
+        return  # deleted meanwhile: the outcome the caller asked for
+    waiting = ScheduledRun.objects.filter(
+        schedule_id=locked.pk, status__in=WAITING_STATUSES, run_id__isnull=False
+    ).values_list("run_id", flat=True)
+    cancelled = runstate.run_cancel(list(waiting), f"cancelled: schedule {locked.name!r} was deleted")
+    schedule_id = locked.pk
+    locked.delete()
+    logger.info("schedule deleted", extra={"schedule_id": schedule_id, "runs_cancelled": len(cancelled)})
 
 
 def launch_run_manually(
