@@ -107,6 +107,22 @@ DATABASES["default"]["CONN_MAX_AGE"] = env_int("DB_CONN_MAX_AGE", 60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", 5)
 
+# --- Behind PgBouncer (docs/OPERATIONS.md "Behind PgBouncer") ----------------------------------------
+# DB_TRANSACTION_POOLING=1: the database URL goes through a transaction pool (PgBouncer
+# pool_mode=transaction), where a server connection is lent per transaction. Then no server-side
+# cursors (Django's `.iterator()` would DECLARE a cursor that outlives the transaction), and the
+# scheduler's and workers' lock/statement timeouts go with each statement as SET LOCAL
+# (project/dbsession.py) instead of a session setting, which would land on a shared server connection.
+# psycopg2 binds parameters client-side: no prepared statements to lose between transactions.
+DB_TRANSACTION_POOLING = env_bool("DB_TRANSACTION_POOLING", False)
+if DB_TRANSACTION_POOLING:
+    DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
+# The scheduler's LISTEN for schedule changes needs one session that stays its own, which a
+# transaction pool cannot give: a direct postgres:// URL to the same database (default: the main
+# database settings). Without one behind a transaction pool, or when a probe NOTIFY does not come
+# back, the scheduler says so once and sleeps its --interval instead (schedules/beat.py WakeListener).
+SCHEDULER_LISTEN_DATABASE_URL = env_str("SCHEDULER_LISTEN_DATABASE_URL", "")
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 LANGUAGE_CODE = "en-us"

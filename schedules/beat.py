@@ -46,19 +46,69 @@ _TIMEOUT_SQLSTATES = {"55P03", "57014"}
 MANUAL_SWEEP_EVERY = 10.0
 
 
+# The wake listener's probe: a NOTIFY sent through the main database connection must reach the
+# listening connection within this long (seconds), or LISTEN is taken as not working here (a transaction
+# pool between them drops it).
+LISTEN_PROBE_TIMEOUT = 5.0
+# After LISTEN was found not to work, look again this rarely (seconds), without another warning.
+LISTEN_RETRY_SECONDS = 300.0
+
+
 def default_claimant() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class ListenUnavailable(Exception):
+    """LISTEN/NOTIFY cannot wake this scheduler through the connection it has."""
+
+
+def listen_connection_params() -> dict:
+    """psycopg2 parameters of the LISTEN connection: SCHEDULER_LISTEN_DATABASE_URL, else the main
+    database's. Raises ListenUnavailable behind a transaction pool with no direct URL: a LISTEN there
+    would sit on a server connection PgBouncer lends to other clients, and hear nothing."""
+    from django.conf import settings
+    from django.db import connection
+
+    from project.env import database_from_url
+
+    url = settings.SCHEDULER_LISTEN_DATABASE_URL
+    if url:
+        db = database_from_url(url)
+        params = {
+            "dbname": db["NAME"],
+            "user": db["USER"],
+            "password": db["PASSWORD"],
+            "host": db["HOST"],
+            "port": db["PORT"],
+            **db["OPTIONS"],
+        }
+        params = {key: value for key, value in params.items() if value not in ("", None)}
+    elif settings.DB_TRANSACTION_POOLING:
+        raise ListenUnavailable("DB_TRANSACTION_POOLING is set and SCHEDULER_LISTEN_DATABASE_URL is not")
+    else:
+        params = connection.get_connection_params()
+        params.pop("cursor_factory", None)
+        params.pop("context", None)
+    params.setdefault("connect_timeout", 5)
+    return params
 
 
 class WakeListener:
     """A dedicated autocommit connection LISTENing on the wake channel, plus a self-pipe for signals.
 
     Any failure (PostgreSQL down) just drops the connection: waiting degrades to a plain timed sleep
-    and the next wait reconnects.
+    and the next wait reconnects. Each new connection is probed: a NOTIFY sent through the main
+    database connection (the path the schedule trigger's NOTIFYs take) must come back on it. When it
+    does not (PgBouncer in transaction mode, or SCHEDULER_LISTEN_DATABASE_URL pointing at one), the
+    scheduler logs one warning and sleeps its --interval (the loop still wakes for the earliest due
+    schedule; only a change made meanwhile waits up to the interval), looking again every
+    LISTEN_RETRY_SECONDS.
     """
 
     def __init__(self) -> None:
         self._conn = None
+        self._warned = False
+        self._retry_at = 0.0
         self._pipe_r, self._pipe_w = os.pipe()
         os.set_blocking(self._pipe_r, False)
         os.set_blocking(self._pipe_w, False)
@@ -72,24 +122,58 @@ class WakeListener:
 
     def _connect(self):
         import psycopg2
+
+        conn = psycopg2.connect(**listen_connection_params())
+        try:
+            conn.autocommit = True
+            self._probe(conn)
+            with conn.cursor() as cursor:
+                cursor.execute(f"LISTEN {WAKE_CHANNEL}")  # last: what pg_stat_activity shows it waiting on
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _probe(self, conn) -> None:
+        """NOTIFY a channel of our own through the main connection; raise ListenUnavailable unless it
+        reaches `conn` within LISTEN_PROBE_TIMEOUT."""
         from django.db import connection
 
-        params = connection.get_connection_params()
-        params.pop("cursor_factory", None)
-        params.pop("context", None)
-        params.setdefault("connect_timeout", 5)
-        conn = psycopg2.connect(**params)
-        conn.autocommit = True
+        probe = f"{WAKE_CHANNEL}_probe_{os.getpid()}"
         with conn.cursor() as cursor:
-            cursor.execute(f"LISTEN {WAKE_CHANNEL}")
-        return conn
+            cursor.execute(f"LISTEN {probe}")
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, '')", [probe])
+        deadline = time.monotonic() + LISTEN_PROBE_TIMEOUT
+        while True:
+            conn.poll()
+            if any(n.channel == probe for n in conn.notifies):
+                conn.notifies.clear()
+                with conn.cursor() as cursor:
+                    cursor.execute(f"UNLISTEN {probe}")
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ListenUnavailable("a NOTIFY through the main connection never reached the listener")
+            select.select([conn], [], [], remaining)
 
     def wait(self, seconds: float) -> str:
         """Wait up to `seconds`; return "notify", "interrupt" or "timeout"."""
         deadline = time.monotonic() + max(0.0, seconds)
-        if self._conn is None:
+        if self._conn is None and time.monotonic() >= self._retry_at:
             try:
                 self._conn = self._connect()
+            except ListenUnavailable as exc:
+                self._conn = None
+                self._retry_at = time.monotonic() + LISTEN_RETRY_SECONDS
+                if not self._warned:
+                    self._warned = True
+                    logger.warning(
+                        "LISTEN/NOTIFY does not work through this database connection: schedule changes"
+                        " will not wake this scheduler, it polls every --interval instead; set"
+                        " SCHEDULER_LISTEN_DATABASE_URL to a direct PostgreSQL connection (not PgBouncer)",
+                        extra={"reason": str(exc)},
+                    )
             except Exception as exc:
                 logger.warning("wake listener unavailable", extra={"error": type(exc).__name__})
                 self._conn = None

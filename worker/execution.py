@@ -32,6 +32,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, connectio
 
 from orchestrator.models import Job, Run, RunStatus
 from orchestrator.services import OrchestratorService, TaskFence
+from project.dbsession import set_connection_lock_timeout
 from schedules import runleases, runstate
 from schedules.dispatch import message_for
 from schedules.models import OverlapPolicy, Schedule, ScheduledRun
@@ -618,10 +619,10 @@ class ParentWriter:
         deadline = time.monotonic() + float(settings.WORKER_PARENT_WRITE_RETRY_SECONDS)
         while True:
             try:
-                with connection.cursor() as cursor:
-                    # This thread's own connection. Wait a little for a lock, then retry later: one row
-                    # lock must not hold up the writes queued behind it.
-                    cursor.execute("SET lock_timeout = '2s'")
+                # This thread's own connection. Wait a little for a lock, then retry later: one row
+                # lock must not hold up the writes queued behind it. (Not a bare session SET: behind
+                # PgBouncer it would stay on a server connection other clients then borrow.)
+                set_connection_lock_timeout(connection, 2000)
                 job()
                 return
             except Exception as exc:
