@@ -86,6 +86,7 @@ def _status(scheduled_run_id: int) -> str:
     return ScheduledRun.objects.get(pk=scheduled_run_id).status
 
 
+@pytest.mark.slow
 def test_rabbitmq__scheduled_and_run_now_succeed_and_a_lost_message_runs_once(
     amqp_url, tmp_path, redis_client
 ):
