@@ -7,18 +7,27 @@ here exist to turn a bad request into a 400 that names the field instead of an I
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.db.models.functions import Now
 from django.utils import timezone
 
-from orchestrator.models import Directive, Job, Run, Task3Scope
+from orchestrator.models import Directive, Job, Run, Task3Scope, Trigger
+from orchestrator.services import OrchestratorService
+from schedules import changes as change_log
 from schedules import runstate, timing
 from schedules.dispatch import SchedulerError, launch_manual_run
 from schedules.models import (
+    SCHEDULED_RUN_UNFINISHED,
+    ChangeSource,
     MisfirePolicy,
     OverlapPolicy,
     Schedule,
@@ -26,6 +35,7 @@ from schedules.models import (
     ScheduledRunStatus,
     ScheduleType,
 )
+from schedules.publishing import publish_on_commit
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +55,31 @@ SCHEDULE_FIELDS = (
     "max_per_job",
     "misfire_policy",
     "overlap_policy",
+    "jitter_seconds",
+    "start_at",
+    "end_at",
+    "max_runs",
+    "catchup_window_seconds",
 )
-TIMING_FIELDS = frozenset({"schedule_type", "interval_minutes", "cron_expr", "timezone"})
+TIMING_FIELDS = frozenset(
+    {"schedule_type", "interval_minutes", "cron_expr", "timezone", "jitter_seconds", "start_at", "end_at"}
+)
+# A managed schedule (declared in a schedules file, manage.py sync_schedules) takes changes of these
+# from the file only: every field the file declares, which is every client field but `enabled` (a field
+# the file leaves out is declared as its default). The API and admin may still enable and disable it.
+MANAGED_FIELDS = tuple(field for field in SCHEDULE_FIELDS if field != "enabled")
+
+# Jitter spreads a slot over at most a day (and never past the next slot: see schedule_errors).
+MAX_JITTER_SECONDS = 24 * 3600
+# A catch-up window longer than this is a unit mistake (it would run slots weeks late).
+MAX_CATCHUP_WINDOW_SECONDS = 30 * 24 * 3600
+# Backfill: slots one call may create (issue 16.6).
+MAX_BACKFILL_SLOTS = 1000
+# The longest pause note (the column's size).
+PAUSE_NOTE_MAX = 500
+# Preview: how many run times, by default and at most.
+PREVIEW_COUNT = 10
+MAX_PREVIEW_COUNT = 100
 
 # One year: longer intervals are almost certainly a unit mistake, and `upcoming` must stay within
 # datetime's range.
@@ -75,6 +108,10 @@ class ScheduleInvalid(SchedulerError):
     def __init__(self, errors: Mapping[str, list[str]]) -> None:
         super().__init__("; ".join(f"{field}: {' '.join(msgs)}" for field, msgs in errors.items()))
         self.errors = {field: list(msgs) for field, msgs in errors.items()}
+
+
+class ScheduleManaged(ScheduleInvalid):
+    """An edit of a field a schedules file declares (409: the file, not the API, owns it)."""
 
 
 # --- Validation ---------------------------------------------------------------------------------------
@@ -107,12 +144,18 @@ def _choice_error(value: Any, choices: type) -> list[str] | None:
 
 
 def schedule_errors(
-    values: Mapping[str, Any], *, changed: Iterable[str], pk: int | None = None, now: datetime | None = None
+    values: Mapping[str, Any],
+    *,
+    changed: Iterable[str],
+    pk: int | None = None,
+    now: datetime | None = None,
+    run_count: int = 0,
 ) -> dict[str, list[str]]:
     """Every rule a schedule's full state must satisfy, as {"field": [messages]}; empty when valid.
 
     `values` holds every field of SCHEDULE_FIELDS (the row after the change); `changed` names the ones
     the caller is setting, so a schedule whose job was disabled later can still be edited or disabled.
+    `run_count` is the schedule's scheduled_run_count (max_runs).
     """
     changed = set(changed)
     errors: dict[str, list[str]] = {}
@@ -145,6 +188,36 @@ def schedule_errors(
         if cap is not None and cap < 1:
             errors[field] = ["Must be a positive integer (at least 1), or null for no cap."]
 
+    errors.update(limit_errors(values, run_count=run_count, enabling="enabled" in changed))
+    errors.update(timing_errors(values, now=now))
+    return errors
+
+
+def limit_errors(
+    values: Mapping[str, Any], *, run_count: int = 0, enabling: bool = False
+) -> dict[str, list[str]]:
+    """max_runs and the catch-up window. A schedule that completed its max_runs is not enabled again
+    unless max_runs is raised or cleared: it would only disable itself again."""
+    errors: dict[str, list[str]] = {}
+    max_runs = values.get("max_runs")
+    if max_runs is not None and max_runs < 1:
+        errors["max_runs"] = ["Must be at least 1, or null for no limit."]
+    elif max_runs is not None and values.get("enabled") and enabling and run_count >= max_runs:
+        errors["max_runs"] = [
+            f"The schedule completed {run_count} of {max_runs} runs; raise or clear max_runs to enable it."
+        ]
+    window = values.get("catchup_window_seconds")
+    if window is not None and not 0 <= window <= MAX_CATCHUP_WINDOW_SECONDS:
+        errors["catchup_window_seconds"] = [
+            f"Must be between 0 and {MAX_CATCHUP_WINDOW_SECONDS} seconds (30 days), or null for the default."
+        ]
+    return errors
+
+
+def timing_errors(values: Mapping[str, Any], *, now: datetime | None = None) -> dict[str, list[str]]:
+    """The rules of the timing fields alone (type, interval or cron, timezone, jitter, bounds): what
+    create and a preview share."""
+    errors: dict[str, list[str]] = {}
     timezone_name = values.get("timezone") or ""
     try:
         timing.validate_timezone(timezone_name)
@@ -178,13 +251,31 @@ def schedule_errors(
     else:
         errors["schedule_type"] = _choice_error(schedule_type, ScheduleType) or ["Invalid schedule type."]
 
+    start_at, end_at = values.get("start_at"), values.get("end_at")
+    for field, value in (("start_at", start_at), ("end_at", end_at)):
+        if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
+            errors[field] = ["Must be an aware date-time with a UTC offset, e.g. 2026-01-01T00:00:00Z."]
+    if "start_at" not in errors and "end_at" not in errors and start_at and end_at and end_at <= start_at:
+        errors["end_at"] = ["Must be after start_at."]
+    jitter = values.get("jitter_seconds") or 0
+    if jitter < 0 or jitter > MAX_JITTER_SECONDS:
+        errors["jitter_seconds"] = [f"Must be between 0 and {MAX_JITTER_SECONDS} seconds (24 hours)."]
+
     # A syntactically valid cron can still never fire (`0 0 30 2 *`); find out now, not in the scheduler.
     if not errors.keys() & TIMING_FIELDS:
+        unbounded = dataclasses.replace(timing.spec_of(_Values(values)), start_at=None, end_at=None)
         try:
-            timing.upcoming(timing.spec_of(_Values(values)), after=now or timezone.now(), n=5)
+            gap = timing.shortest_gap(unbounded, after=now or timezone.now())
         except Exception:
             field = "cron_expr" if schedule_type == ScheduleType.CRON else "interval_minutes"
             errors[field] = ["This schedule has no upcoming run times."]
+        else:
+            # At most the shortest gap between slots, so a slot can be told from its dispatch time and
+            # runs keep their order.
+            if jitter > gap.total_seconds():
+                errors["jitter_seconds"] = [
+                    f"Must be at most the shortest gap between runs ({int(gap.total_seconds())} seconds)."
+                ]
     return errors
 
 
@@ -231,10 +322,31 @@ def _save(schedule: Schedule, **kwargs: Any) -> None:
         raise ScheduleInvalid({field: [message]}) from exc
 
 
-def _first_slot(schedule: Schedule, now: datetime) -> datetime:
+def _first_slot(schedule: Schedule, now: datetime) -> datetime | None:
+    """`next_run_at` of a schedule created, re-timed or enabled at `now`: the dispatch time (jitter
+    applied) of its first slot, or None when no slot is left before end_at."""
     # last_run_at is a high-water mark: the new first slot must lie after it even if a clock is behind.
     after = max(now, schedule.last_run_at) if schedule.last_run_at else now
-    return timing.first_slot(timing.spec_of(schedule), now=after)
+    spec = timing.spec_of(schedule)
+    slot = timing.first_slot(spec, now=after)
+    return None if slot is None else timing.next_dispatch(spec, slot)
+
+
+def _timing_changed(current: Schedule, changed: set[str]) -> bool:
+    """The name is what jitter and `H` hash, so renaming such a schedule moves its times too."""
+    if changed & TIMING_FIELDS:
+        return True
+    hashed = current.jitter_seconds > 0 or "h" in (current.cron_expr or "").lower()
+    return "name" in changed and hashed
+
+
+def _managed_errors(current: Schedule, changed: set[str], source: str) -> dict[str, list[str]]:
+    if not current.managed or source == ChangeSource.SYNC:
+        return {}
+    return {
+        field: [f"Schedule {current.name!r} is managed by sync_schedules: change {field} in its file."]
+        for field in sorted(changed & set(MANAGED_FIELDS))
+    }
 
 
 def _now(now: datetime | None) -> datetime:
@@ -249,13 +361,16 @@ WAITING_STATUSES = (ScheduledRunStatus.QUEUED, ScheduledRunStatus.THROTTLED)
 
 
 @transaction.atomic
-def create_schedule(*, now: datetime | None = None, **fields: Any) -> Schedule:
+def create_schedule(
+    *, now: datetime | None = None, source: str = ChangeSource.API, actor: str = "", managed: bool = False,
+    **fields: Any,
+) -> Schedule:  # fmt: skip
     """Validate and insert a schedule; `next_run_at` is its first slot after now (enabled or not)."""
     unknown = set(fields) - set(SCHEDULE_FIELDS)
     if unknown:
         raise TypeError(f"unknown schedule fields: {sorted(unknown)}")
     now = _now(now)
-    schedule = Schedule(**fields)
+    schedule = Schedule(**fields, managed=managed)
     values = {field: getattr(schedule, field) for field in SCHEDULE_FIELDS}
     _normalise(values)
     errors = schedule_errors(values, changed=fields.keys(), now=now)
@@ -265,6 +380,10 @@ def create_schedule(*, now: datetime | None = None, **fields: Any) -> Schedule:
         setattr(schedule, field, value)
     schedule.next_run_at = _first_slot(schedule, now)
     _save(schedule)
+    after = change_log.snapshot(schedule, (*SCHEDULE_FIELDS, "managed"))
+    change_log.record(
+        schedule, action="create", source=source, actor=actor, changes=change_log.diff({}, after)
+    )
     logger.info(
         "schedule created",
         extra={"schedule_id": schedule.pk, "job": schedule.job.key, "next_run_at": schedule.next_run_at},
@@ -274,10 +393,22 @@ def create_schedule(*, now: datetime | None = None, **fields: Any) -> Schedule:
 
 @transaction.atomic
 def update_schedule(
-    schedule: Schedule | int, changes: Mapping[str, Any], *, now: datetime | None = None
+    schedule: Schedule | int,
+    changes: Mapping[str, Any],
+    *,
+    now: datetime | None = None,
+    source: str = ChangeSource.API,
+    actor: str = "",
+    action: str = "update",
+    extra: Mapping[str, Any] | None = None,
 ) -> Schedule:
     """Apply `changes` to the schedule's current row; recompute `next_run_at` when the timing changes or
-    the schedule is re-enabled. Claims and `last_run_at` are the scheduler's and stay as they are."""
+    the schedule is re-enabled. Claims and `last_run_at` are the scheduler's and stay as they are.
+
+    A managed schedule refuses changes of its declared fields unless they come from sync_schedules
+    (ScheduleManaged, a 409). `extra` sets system fields besides (the pause record, `managed`); every
+    change is recorded in the schedule's history with `source` and `actor`.
+    """
     unknown = set(changes) - set(SCHEDULE_FIELDS)
     if unknown:
         raise TypeError(f"unknown schedule fields: {sorted(unknown)}")
@@ -297,19 +428,32 @@ def update_schedule(
     values.update(changes)
     _normalise(values)
     changed = {field for field in changes if values[field] != getattr(current, field)}
-    errors = schedule_errors(values, changed=changed, pk=current.pk, now=now)
+    if managed_errors := _managed_errors(current, changed, source):
+        raise ScheduleManaged(managed_errors)
+    errors = schedule_errors(
+        values, changed=changed, pk=current.pk, now=now, run_count=current.scheduled_run_count
+    )
     if errors:
         raise ScheduleInvalid(errors)
-    if not changed:
+    extra = {field: value for field, value in (extra or {}).items() if getattr(current, field) != value}
+    if not changed and not extra:
         return current
+    fields = (*SCHEDULE_FIELDS, "managed", *change_log.PAUSE_FIELDS)
+    before = change_log.snapshot(current, fields)
     was_enabled = current.enabled
     for field in changed:
         setattr(current, field, values[field])
-    update_fields = set(changed)
-    if changed & TIMING_FIELDS or (current.enabled and not was_enabled):
+    for field, value in extra.items():
+        setattr(current, field, value)
+    update_fields = set(changed) | set(extra)
+    if _timing_changed(current, changed) or (current.enabled and not was_enabled):
         current.next_run_at = _first_slot(current, now)
         update_fields.add("next_run_at")
     _save(current, update_fields=sorted(update_fields | {"updated_at"}))
+    after = change_log.snapshot(current, fields)
+    change_log.record(
+        current, action=action, source=source, actor=actor, changes=change_log.diff(before, after)
+    )
     logger.info(
         "schedule updated",
         extra={"schedule_id": current.pk, "fields": sorted(changed), "next_run_at": current.next_run_at},
@@ -317,15 +461,42 @@ def update_schedule(
     return current
 
 
-def enable_schedule(schedule: Schedule | int, *, now: datetime | None = None) -> Schedule:
-    """Enable; `next_run_at` is computed from now, so slots missed while disabled are not run.
-    Enabling an enabled schedule changes nothing (its anchor stays)."""
-    return update_schedule(schedule, {"enabled": True}, now=now)
+def enable_schedule(
+    schedule: Schedule | int, *, now: datetime | None = None, source: str = ChangeSource.API, actor: str = ""
+) -> Schedule:
+    """Enable; `next_run_at` is computed from now, so slots missed while disabled are not run, and the
+    pause note goes. Enabling an enabled schedule changes nothing (its anchor stays)."""
+    return update_schedule(
+        schedule,
+        {"enabled": True},
+        now=now,
+        source=source,
+        actor=actor,
+        action="enable",
+        extra={"paused_note": "", "paused_at": None, "paused_by": ""},
+    )
 
 
-def disable_schedule(schedule: Schedule | int) -> Schedule:
-    """Disable: the row, its history and its `next_run_at` stay; the due query skips disabled rows."""
-    return update_schedule(schedule, {"enabled": False})
+def disable_schedule(
+    schedule: Schedule | int, *, note: str = "", source: str = ChangeSource.API, actor: str = ""
+) -> Schedule:
+    """Disable, recording why and by whom (`paused_note`, `paused_by`, `paused_at`) until enable clears
+    them: the row, its history and its `next_run_at` stay; the due query skips disabled rows.
+    Disabling a disabled schedule with a new note updates the note."""
+    if len(note) > PAUSE_NOTE_MAX:
+        raise ScheduleInvalid({"note": [f"Ensure this field has no more than {PAUSE_NOTE_MAX} characters."]})
+    pk = schedule.pk if isinstance(schedule, Schedule) else schedule
+    current = Schedule.objects.only("enabled", "paused_note").get(pk=pk)
+    if not current.enabled and note == current.paused_note:
+        return update_schedule(pk, {}, source=source, actor=actor)
+    return update_schedule(
+        pk,
+        {"enabled": False},
+        source=source,
+        actor=actor,
+        action="disable",
+        extra={"paused_note": note, "paused_at": _now(None), "paused_by": actor},
+    )
 
 
 @transaction.atomic
@@ -366,3 +537,210 @@ def launch_run_manually(
     )
     logger.info("manual run launched", extra={"run_id": run.pk, "job": job.key})
     return run
+
+
+# --- Preview and backfill -----------------------------------------------------------------------------
+
+# What a preview takes: the timing fields, and the name (what jitter and `H` hash) and max_runs.
+PREVIEW_FIELDS = (
+    "name",
+    "schedule_type",
+    "interval_minutes",
+    "cron_expr",
+    "timezone",
+    "jitter_seconds",
+    "start_at",
+    "end_at",
+    "max_runs",
+)
+
+
+@dataclass(frozen=True)
+class Preview:
+    times: list[datetime]  # dispatch times, jitter applied, within the bounds and max_runs
+    description: str
+
+
+def describe_schedule(spec: timing.ScheduleSpec) -> str:
+    """timing.describe plus jitter and bounds: 'every 10 minutes, jitter up to 120 s, until ...'."""
+    parts = [timing.describe(spec)]
+    if spec.jitter_seconds:
+        parts.append(f"each run delayed by up to {spec.jitter_seconds} s of jitter")
+    if spec.start_at is not None:
+        parts.append(f"from {spec.start_at.isoformat()}")
+    if spec.end_at is not None:
+        parts.append(f"until {spec.end_at.isoformat()}")
+    return ", ".join(parts)
+
+
+def preview_schedule(*, count: int = PREVIEW_COUNT, now: datetime | None = None, **fields: Any) -> Preview:
+    """The next `count` run times of a schedule with these timing fields, as saving it would give;
+    the same 400s as create for them. Nothing is written."""
+    unknown = set(fields) - set(PREVIEW_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown preview fields: {sorted(unknown)}")
+    values: dict[str, Any] = {"name": "", "cron_expr": "", "timezone": "UTC", "jitter_seconds": 0, **fields}
+    _normalise(values)
+    errors = timing_errors(values, now=now)
+    errors.update(limit_errors({"max_runs": values.get("max_runs")}))
+    if not 1 <= count <= MAX_PREVIEW_COUNT:
+        errors["count"] = [f"Must be between 1 and {MAX_PREVIEW_COUNT}."]
+    if errors:
+        raise ScheduleInvalid(errors)
+    spec = timing.spec_of(_Values(values))
+    slot = timing.first_slot(spec, now=_now(now))
+    first = None if slot is None else timing.next_dispatch(spec, slot)
+    times = timing.run_times(spec, next_run_at=first, n=count, runs_left=values.get("max_runs"))
+    return Preview(times=times, description=describe_schedule(spec))
+
+
+@dataclass(frozen=True)
+class BackfillResult:
+    created: int  # runs created (queued)
+    skipped: int  # slots that already had a run (scheduled or backfilled): left alone
+    overlap_skipped: int  # slots recorded `skipped` by the overlap policy
+    slots: int  # slots in [start, end)
+
+
+def _backfill_errors(start: Any, end: Any, now: datetime) -> dict[str, list[str]]:
+    errors: dict[str, list[str]] = {}
+    for field, value in (("start", start), ("end", end)):
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            errors[field] = ["Must be an aware date-time with a UTC offset, e.g. 2026-01-01T00:00:00Z."]
+    if errors:
+        return errors
+    if end <= start:
+        errors["end"] = ["Must be after start."]
+    elif end > now:
+        errors["end"] = ["Backfill is for past slots: end must not be in the future."]
+    return errors
+
+
+@transaction.atomic
+def backfill_schedule(
+    schedule: Schedule | int, *, start: datetime, end: datetime, now: datetime | None = None
+) -> BackfillResult:
+    """Create a run (trigger `backfill`) for each slot in [start, end) that has none yet, at most
+    MAX_BACKFILL_SLOTS per call, under the schedule's overlap policy and max_runs; the runs are
+    published on commit like any other and meet the caps at the worker. Idempotent: the unique slot
+    (`scheduledrun_unique_slot`, shared with scheduled runs) makes a second identical call create none.
+    """
+    from schedules import dispatch, slots
+
+    now = _now(now)
+    if errors := _backfill_errors(start, end, now):
+        raise ScheduleInvalid(errors)
+    pk = schedule.pk if isinstance(schedule, Schedule) else schedule
+    # The row lock serialises backfills of one schedule with each other and with its dispatch.
+    current = Schedule.objects.select_for_update().select_related("job", "directive").get(pk=pk)
+    spec = timing.spec_of(current)
+    anchor = current.last_run_at or (
+        timing.slot_of(spec, current.next_run_at) if current.next_run_at else None
+    )
+    wanted = timing.slots_between(spec, start=start, end=end, anchor=anchor, limit=MAX_BACKFILL_SLOTS + 1)
+    if len(wanted) > MAX_BACKFILL_SLOTS:
+        raise ScheduleInvalid(
+            {
+                "end": [
+                    f"[start, end) holds more than {MAX_BACKFILL_SLOTS} slots;"
+                    f" backfill at most {MAX_BACKFILL_SLOTS} per call."
+                ]
+            }
+        )
+    if not current.job.enabled:
+        raise ScheduleInvalid({"job": [f"Job {current.job.key!r} is disabled."]})
+    existing = set(
+        ScheduledRun.objects.filter(
+            schedule=current, trigger__in=[Trigger.SCHEDULE, Trigger.BACKFILL], scheduled_for__in=wanted
+        ).values_list("scheduled_for", flat=True)
+    )
+    new = [slot for slot in wanted if slot not in existing]
+    unfinished = 0
+    if current.overlap_policy != OverlapPolicy.ALLOW:
+        unfinished = ScheduledRun.objects.filter(
+            schedule=current, status__in=SCHEDULED_RUN_UNFINISHED
+        ).count()
+    decisions = slots.decide_overlap(
+        new, overlap_policy=current.overlap_policy, unfinished=unfinished, job_enabled=True
+    )
+    runs_wanted = sum(1 for decision in decisions if decision.dispatch)
+    if current.max_runs is not None and current.scheduled_run_count + runs_wanted > current.max_runs:
+        left = max(0, current.max_runs - current.scheduled_run_count)
+        raise ScheduleInvalid(
+            {"max_runs": [f"The backfill needs {runs_wanted} runs; max_runs leaves {left}."]}
+        )
+    created, overlap_skipped = _backfill_insert(current, decisions, dispatch)
+    _count_backfilled_runs(current, created)
+    logger.info(
+        "schedule backfilled",
+        extra={
+            "schedule_id": current.pk,
+            "created": created,
+            "skipped": len(existing),
+            "overlap_skipped": overlap_skipped,
+        },
+    )
+    return BackfillResult(
+        created=created, skipped=len(existing), overlap_skipped=overlap_skipped, slots=len(wanted)
+    )
+
+
+def _backfill_insert(current: Schedule, decisions: list, dispatch: Any) -> tuple[int, int]:
+    """Insert the backfill's runs and scheduled runs; publish the created ones on commit."""
+    runs = OrchestratorService.launch_many(
+        [
+            {
+                "job": current.job,
+                "directive": current.directive,
+                "custom_directive_text": current.custom_directive_text,
+                "trigger": Trigger.BACKFILL,
+                "task3_scope": current.task3_scope,
+                "task_id": str(uuid.uuid4()),
+            }
+            for decision in decisions
+            if decision.dispatch
+        ]
+    )
+    run_iter = iter(runs)
+    run_for = {}
+    columns: dict[str, list] = {
+        k: [] for k in ("schedule_ids", "run_ids", "slots", "statuses", "task_ids", "reasons")
+    }
+    for decision in decisions:
+        run = next(run_iter) if decision.dispatch else None
+        columns["schedule_ids"].append(current.pk)
+        columns["run_ids"].append(run.pk if run else None)
+        columns["slots"].append(decision.slot)
+        columns["statuses"].append(ScheduledRunStatus.QUEUED if run else ScheduledRunStatus.SKIPPED)
+        columns["task_ids"].append(run.task_id if run else "")
+        columns["reasons"].append(decision.reason)
+        if run is not None:
+            run_for[decision.slot] = run
+    inserted = dispatch.insert_slots(columns, trigger=Trigger.BACKFILL)
+    # A slot the scheduler dispatched meanwhile is already there: drop the run made for it.
+    orphans = [run.pk for slot, run in run_for.items() if (current.pk, slot) not in inserted]
+    if orphans:
+        Run.objects.filter(pk__in=orphans).delete()
+    messages = [
+        dispatch.message_for(current.job, run, ScheduledRun(pk=inserted[(current.pk, slot)]))
+        for slot, run in run_for.items()
+        if (current.pk, slot) in inserted
+    ]
+    publish_on_commit(messages)
+    skipped = sum(
+        1 for decision in decisions if not decision.dispatch and (current.pk, decision.slot) in inserted
+    )
+    return len(messages), skipped
+
+
+def _count_backfilled_runs(current: Schedule, created: int) -> None:
+    """Backfilled runs count toward max_runs; reaching it disables the schedule as a dispatch does."""
+    if not created:
+        return
+    count = current.scheduled_run_count + created
+    fields: dict[str, Any] = {"scheduled_run_count": F("scheduled_run_count") + created}
+    if current.max_runs is not None and count >= current.max_runs and current.enabled:
+        fields.update(
+            enabled=False, paused_note=f"completed {count} runs", paused_at=Now(), paused_by="backfill"
+        )
+    Schedule.objects.filter(pk=current.pk).update(**fields)

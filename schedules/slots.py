@@ -95,7 +95,7 @@ def _due_slots(
     return missed, on_time, after
 
 
-def _decide(
+def decide_overlap(
     to_run: list[datetime], *, overlap_policy: str, unfinished: int, job_enabled: bool
 ) -> list[SlotDecision]:
     """The overlap policy over the slots to run, in order, counting the runs this plan adds."""
@@ -187,7 +187,7 @@ def plan_slots(
             decisions.append(SlotDecision(slot=missed[-1], dispatch=False, reason=MISSED_REASON))
     else:  # run_once
         to_run = on_time or missed[-1:]
-    decisions += _decide(
+    decisions += decide_overlap(
         to_run, overlap_policy=overlap_policy, unfinished=unfinished, job_enabled=job_enabled
     )
 

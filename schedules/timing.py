@@ -292,6 +292,36 @@ def run_times(
     return times
 
 
+def slots_between(
+    spec: ScheduleSpec, *, start: datetime, end: datetime, anchor: datetime | None, limit: int
+) -> list[datetime]:
+    """The slots in [start, end) within the bounds, ascending, at most `limit` of them (a backfill).
+
+    Interval slots continue the schedule's chain through `anchor` (a slot of it: its last or next
+    one) in both directions; on a grid (start_at or jitter) they are the grid's.
+    """
+    # Clip to the bounds first, so a range far outside them costs nothing.
+    if spec.start_at is not None:
+        start = max(start, spec.start_at)
+    if spec.end_at is not None:
+        end = min(end, spec.end_at + _TICK)
+    if spec.schedule_type == "interval":
+        step = timedelta(minutes=spec.interval_minutes)
+        if _on_grid(spec) or anchor is None:
+            anchor = spec.start_at or _EPOCH
+        slot = anchor + step * -((anchor - start) // step)  # the first chain slot at or after start
+    else:
+        slot = next_slot(spec, after=start - _TICK)
+    slots: list[datetime] = []
+    while slot < end and len(slots) < limit:
+        if within_bounds(spec, slot):
+            slots.append(slot.astimezone(UTC))
+        elif spec.end_at is not None and slot > spec.end_at:
+            break
+        slot = next_slot(spec, after=slot)
+    return slots
+
+
 def shortest_gap(spec: ScheduleSpec, *, after: datetime, n: int = 100) -> timedelta:
     """The shortest gap between the next `n` slots after `after` (the most jitter a schedule takes)."""
     if spec.schedule_type == "interval":

@@ -9,8 +9,8 @@ from rest_framework import serializers
 from orchestrator.api.serializers import DirectiveRefField, job_key_field
 from project.api import StrictFieldsMixin
 from schedules import timing
-from schedules.models import Schedule, ScheduledRun
-from schedules.services import MAX_DIRECTIVE_TEXT
+from schedules.models import Schedule, ScheduleChange, ScheduledRun
+from schedules.services import MAX_DIRECTIVE_TEXT, MAX_PREVIEW_COUNT, PAUSE_NOTE_MAX, PREVIEW_COUNT
 
 UPCOMING_COUNT = 5
 
@@ -54,6 +54,8 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
         required=False, allow_blank=True, max_length=MAX_DIRECTIVE_TEXT, trim_whitespace=False
     )
     upcoming = serializers.SerializerMethodField()
+    runs_remaining = serializers.SerializerMethodField()
+    next_run_note = serializers.SerializerMethodField()
 
     class Meta:
         model = Schedule
@@ -75,8 +77,20 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "max_per_job",
             "misfire_policy",
             "overlap_policy",
+            "jitter_seconds",
+            "start_at",
+            "end_at",
+            "max_runs",
+            "runs_remaining",
+            "scheduled_run_count",
+            "catchup_window_seconds",
+            "paused_note",
+            "paused_at",
+            "paused_by",
+            "managed",
             "last_run_at",
             "next_run_at",
+            "next_run_note",
             "upcoming",
             "claimed_by",
             "claimed_until",
@@ -86,6 +100,11 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
         read_only_fields = [
             "id",
             "job",
+            "scheduled_run_count",
+            "paused_note",
+            "paused_at",
+            "paused_by",
+            "managed",
             "last_run_at",
             "next_run_at",
             "claimed_by",
@@ -100,18 +119,95 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
 
     @extend_schema_field(serializers.ListField(child=serializers.DateTimeField()))
     def get_upcoming(self, schedule: Schedule) -> list[str]:
-        """The next run times: next_run_at and the slots after it."""
+        """The next run times: next_run_at and the runs after it, jitter applied, within end_at and the
+        runs max_runs leaves."""
         spec = timing.spec_of(schedule)
         try:
-            if schedule.next_run_at is not None:
-                times = [
-                    schedule.next_run_at,
-                    *timing.upcoming(spec, after=schedule.next_run_at, n=UPCOMING_COUNT - 1),
-                ]
-            else:
-                times = timing.upcoming(spec, after=timezone.now(), n=UPCOMING_COUNT)
+            first = schedule.next_run_at
+            if first is None and not _ended(schedule):
+                slot = timing.first_slot(spec, now=timezone.now())
+                first = None if slot is None else timing.next_dispatch(spec, slot)
+            times = timing.run_times(
+                spec, next_run_at=first, n=UPCOMING_COUNT, runs_left=self.get_runs_remaining(schedule)
+            )
         except Exception:
             # A row written around the API (a shell, an old release) must not make the listing fail.
             return []
         field = serializers.DateTimeField()
         return [field.to_representation(t) for t in times]
+
+    def get_runs_remaining(self, schedule: Schedule) -> int | None:
+        """max_runs minus the scheduled and backfilled runs so far (manual runs do not count)."""
+        if schedule.max_runs is None:
+            return None
+        return max(0, schedule.max_runs - schedule.scheduled_run_count)
+
+    def get_next_run_note(self, schedule: Schedule) -> str | None:
+        """Why there is no next run, when there is none: past end_at, max_runs completed, disabled."""
+        if schedule.pk is None:
+            return None
+        if _ended(schedule):
+            return f"ended: no slot left before end_at ({schedule.end_at.isoformat()})"
+        if schedule.max_runs is not None and schedule.scheduled_run_count >= schedule.max_runs:
+            return f"completed: {schedule.scheduled_run_count} of max_runs {schedule.max_runs} runs"
+        if not schedule.enabled:
+            return "disabled" + (f": {schedule.paused_note}" if schedule.paused_note else "")
+        return None
+
+
+def _ended(schedule: Schedule) -> bool:
+    """Past end_at: no slot is left (the scheduler or a save set next_run_at to null)."""
+    return schedule.end_at is not None and schedule.next_run_at is None
+
+
+class DisableSerializer(serializers.Serializer):
+    """POST /api/schedules/{id}/disable: an optional note on why, shown until enable clears it.
+
+    Not strict about other keys: disable took no body before notes existed, and clients that send one
+    (a schedule's own fields, say) must keep working.
+    """
+
+    note = serializers.CharField(required=False, allow_blank=True, max_length=PAUSE_NOTE_MAX, default="")
+
+
+class PreviewSerializer(StrictFieldsMixin, serializers.Serializer):
+    """POST /api/schedules/preview: a schedule's timing fields (the rules are create's)."""
+
+    name = serializers.CharField(required=False, allow_blank=True, max_length=200)
+    schedule_type = serializers.CharField()
+    interval_minutes = serializers.IntegerField(required=False, allow_null=True)
+    cron_expr = serializers.CharField(required=False, allow_blank=True, max_length=200)
+    timezone = serializers.CharField(required=False, max_length=64)
+    jitter_seconds = serializers.IntegerField(required=False, min_value=0)
+    start_at = serializers.DateTimeField(required=False, allow_null=True)
+    end_at = serializers.DateTimeField(required=False, allow_null=True)
+    max_runs = serializers.IntegerField(required=False, allow_null=True)
+    count = serializers.IntegerField(
+        required=False, default=PREVIEW_COUNT, min_value=1, max_value=MAX_PREVIEW_COUNT
+    )
+
+
+class PreviewResultSerializer(serializers.Serializer):
+    times = serializers.ListField(child=serializers.DateTimeField())
+    description = serializers.CharField()
+
+
+class BackfillSerializer(StrictFieldsMixin, serializers.Serializer):
+    """POST /api/schedules/{id}/backfill: the slots in [start, end)."""
+
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+
+
+class BackfillResultSerializer(serializers.Serializer):
+    created = serializers.IntegerField(help_text="Runs created (trigger backfill).")
+    skipped = serializers.IntegerField(help_text="Slots that already had a run: left alone.")
+    overlap_skipped = serializers.IntegerField(help_text="Slots recorded skipped by the overlap policy.")
+    slots = serializers.IntegerField(help_text="Slots in [start, end).")
+
+
+class ScheduleChangeSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ScheduleChange
+        fields = ["id", "schedule_id", "schedule_name", "action", "source", "actor", "at", "changes"]
+        read_only_fields = fields

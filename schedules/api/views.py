@@ -5,19 +5,30 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from django.db import transaction
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import APIException, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from orchestrator.api.serializers import RunLaunchSerializer, RunSerializer
 from orchestrator.api.views import RunViewSet
 from project.api import ApiViewMixin
+from schedules import changes as change_log
 from schedules import dispatch, services
-from schedules.api.serializers import ScheduledRunSerializer, ScheduleSerializer
-from schedules.models import Schedule, ScheduledRunStatus
+from schedules.api.serializers import (
+    BackfillResultSerializer,
+    BackfillSerializer,
+    DisableSerializer,
+    PreviewResultSerializer,
+    PreviewSerializer,
+    ScheduleChangeSerializer,
+    ScheduledRunSerializer,
+    ScheduleSerializer,
+)
+from schedules.models import ChangeSource, Schedule, ScheduledRunStatus
 
 T = TypeVar("T")
 
@@ -25,12 +36,26 @@ T = TypeVar("T")
 _API_FIELD_NAMES = {"job": "job_key"}
 
 
+class Conflict(APIException):
+    """409: the request is well formed but the schedule's state refuses it (a managed field)."""
+
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "conflict"
+
+
 def call_service(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a service function, turning its ScheduleInvalid into DRF's 400 shape."""
+    """Run a service function, turning its ScheduleInvalid into DRF's 400 shape (409 for an edit of a
+    field a schedules file declares)."""
     try:
         return func(*args, **kwargs)
+    except services.ScheduleManaged as exc:
+        raise Conflict({_API_FIELD_NAMES.get(k, k): v for k, v in exc.errors.items()}) from exc
     except services.ScheduleInvalid as exc:
         raise ValidationError({_API_FIELD_NAMES.get(k, k): v for k, v in exc.errors.items()}) from exc
+
+
+def _actor(request: Request) -> str:
+    return getattr(request.user, "username", "") or ""
 
 
 class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
@@ -40,15 +65,31 @@ class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
     lookup_value_regex = "[0-9]+"
 
     def perform_create(self, serializer: ScheduleSerializer) -> None:
-        serializer.instance = call_service(services.create_schedule, **serializer.validated_data)
+        serializer.instance = call_service(
+            services.create_schedule,
+            source=ChangeSource.API,
+            actor=_actor(self.request),
+            **serializer.validated_data,
+        )
 
     def perform_update(self, serializer: ScheduleSerializer) -> None:
         serializer.instance = call_service(
-            services.update_schedule, serializer.instance, serializer.validated_data
+            services.update_schedule,
+            serializer.instance,
+            serializer.validated_data,
+            source=ChangeSource.API,
+            actor=_actor(self.request),
         )
 
     def perform_destroy(self, instance: Schedule) -> None:
-        services.delete_schedule(instance)
+        if instance.managed:
+            raise Conflict(
+                {"managed": [f"Schedule {instance.name!r} is managed by sync_schedules: remove it from its"
+                             " file and run sync_schedules --prune."]}
+            )  # fmt: skip
+        with transaction.atomic():
+            change_log.record_delete(instance, source=ChangeSource.API, actor=_actor(self.request))
+            services.delete_schedule(instance)
 
     @extend_schema(request=None, responses={202: ScheduledRunSerializer})
     @action(detail=True, methods=["post"], url_path="run-now")
@@ -63,14 +104,53 @@ class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
     @action(detail=True, methods=["post"])
     def enable(self, request: Request, pk: str | None = None) -> Response:
         """Enable; next_run_at is computed from now, so slots missed while disabled are not run."""
-        schedule = call_service(services.enable_schedule, self.get_object())
+        schedule = call_service(
+            services.enable_schedule, self.get_object(), source=ChangeSource.API, actor=_actor(request)
+        )
         return Response(self.get_serializer(schedule).data)
 
-    @extend_schema(request=None, responses={200: ScheduleSerializer})
+    @extend_schema(request=DisableSerializer, responses={200: ScheduleSerializer})
     @action(detail=True, methods=["post"])
     def disable(self, request: Request, pk: str | None = None) -> Response:
-        schedule = call_service(services.disable_schedule, self.get_object())
+        """Disable, with an optional `note` (why); `paused_note`, `paused_at`, `paused_by` are shown until
+        enable clears them."""
+        body = DisableSerializer(data=request.data or {})
+        body.is_valid(raise_exception=True)
+        schedule = call_service(
+            services.disable_schedule,
+            self.get_object(),
+            note=body.validated_data["note"],
+            source=ChangeSource.API,
+            actor=_actor(request),
+        )
         return Response(self.get_serializer(schedule).data)
+
+    @extend_schema(request=PreviewSerializer, responses={200: PreviewResultSerializer})
+    @action(detail=False, methods=["post"])
+    def preview(self, request: Request) -> Response:
+        """The next `count` (default 10, at most 100) run times of the timing fields given, and a
+        description; the same 400s as create. Nothing is written."""
+        body = PreviewSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        result = call_service(services.preview_schedule, **body.validated_data)
+        return Response(PreviewResultSerializer(result).data)
+
+    @extend_schema(request=BackfillSerializer, responses={200: BackfillResultSerializer})
+    @action(detail=True, methods=["post"])
+    def backfill(self, request: Request, pk: str | None = None) -> Response:
+        """A run (trigger `backfill`) for each slot in [start, end) that has none yet (at most 1,000);
+        a second identical call creates none."""
+        body = BackfillSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        result = call_service(services.backfill_schedule, self.get_object(), **body.validated_data)
+        return Response(BackfillResultSerializer(result).data)
+
+    @extend_schema(request=None, responses={200: ScheduleChangeSerializer(many=True)})
+    @action(detail=True, methods=["get"])
+    def changes(self, request: Request, pk: str | None = None) -> Response:
+        """Every write to the schedule (who, when, how, each field's old and new value), newest first."""
+        page = self.paginate_queryset(change_log.history(self.get_object().pk))
+        return self.get_paginated_response(ScheduleChangeSerializer(page, many=True).data)
 
     @extend_schema(
         request=None,

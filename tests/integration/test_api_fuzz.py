@@ -70,6 +70,9 @@ BUSINESS_RULES = {
     "POST /api/directives/",
     "PATCH /api/directives/{id}/",
     "POST /api/runs/",
+    # Timing rules (zones, cron syntax, bounds) and backfill ranges are business rules too.
+    "POST /api/schedules/preview/",
+    "POST /api/schedules/{id}/backfill/",
 }
 
 # Ids of the rows the `existing_rows` fixture created, by path parameter name; read while generating.

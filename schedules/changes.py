@@ -1,0 +1,90 @@
+"""Change history: a `ScheduleChange` row for every write to a schedule (issue 16.10).
+
+Services call `record` inside the transaction that makes the change, so a change and its record commit
+or roll back together. Values are stored as JSON: the job and directive by key, datetimes in ISO 8601;
+a long custom directive text is stored as its length and digest (instructions, not a payload to copy
+into every record).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from schedules.models import ChangeSource, Schedule, ScheduleChange
+
+# Besides the client's fields, the pause record is part of what enable/disable change.
+PAUSE_FIELDS = ("paused_note", "paused_at", "paused_by")
+# Custom directive texts longer than this are recorded by length and digest.
+TEXT_KEPT = 200
+
+
+def json_value(field: str, value: Any) -> Any:
+    """A field's value as history stores it."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if field in ("job", "directive"):
+        return getattr(value, "key", str(value))
+    text = str(value)
+    if field == "custom_directive_text" and len(text) > TEXT_KEPT:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return f"<{len(text)} characters, sha256 {digest}>"
+    return text
+
+
+def snapshot(schedule: Schedule, fields: Iterable[str]) -> dict[str, Any]:
+    """The JSON form of `fields` of `schedule`."""
+    return {field: json_value(field, getattr(schedule, field)) for field in fields}
+
+
+def diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{"field": {"old": ..., "new": ...}} for each field whose JSON value changed."""
+    return {
+        field: {"old": before.get(field), "new": after[field]}
+        for field in after
+        if before.get(field) != after[field]
+    }
+
+
+def record(
+    schedule: Schedule,
+    *,
+    action: str,
+    source: str,
+    actor: str = "",
+    changes: Mapping[str, Mapping[str, Any]],
+) -> ScheduleChange:
+    """Write one history row. `source` is api | admin | sync; `actor` the user (or file) behind it."""
+    if source not in ChangeSource.values:
+        raise ValueError(f"unknown change source {source!r}")
+    return ScheduleChange.objects.create(
+        schedule_id=schedule.pk,
+        schedule_name=schedule.name,
+        action=action,
+        source=source,
+        actor=(actor or "")[:150],
+        changes=dict(changes),
+    )
+
+
+def history(schedule_id: int):
+    """A schedule's changes, newest first (also after the schedule is deleted)."""
+    return ScheduleChange.objects.filter(schedule_id=schedule_id).order_by("-at", "-id")
+
+
+def record_delete(schedule: Schedule, *, source: str, actor: str = "") -> ScheduleChange:
+    """The record of a delete: every field's last value (the row is about to go)."""
+    from schedules.services import SCHEDULE_FIELDS
+
+    before = snapshot(schedule, (*SCHEDULE_FIELDS, "managed"))
+    return record(
+        schedule,
+        action="delete",
+        source=source,
+        actor=actor,
+        changes={field: {"old": value, "new": None} for field, value in before.items()},
+    )
