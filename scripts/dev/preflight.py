@@ -106,6 +106,23 @@ def check_redis(url: str, name: str) -> str | None:
     return None
 
 
+def check_broker(url: str) -> str | None:
+    """A Redis broker is pinged like REDIS_URL; any other (RabbitMQ: amqp://) must accept a connection."""
+    parsed = urlparse(url)
+    if parsed.scheme in {"redis", "rediss", "unix"}:
+        return check_redis(url, "CELERY_BROKER_URL")
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 5672
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        return (
+            f"  The Celery broker is not reachable at {host}:{port} (CELERY_BROKER_URL): {exc}\n"
+            "    RabbitMQ on this kind of machine: `rabbitmq-server -detached`; elsewhere\n"
+            "    `sudo systemctl start rabbitmq-server`. Or point CELERY_BROKER_URL at a running broker."
+        )
+    return None
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(1)
@@ -191,7 +208,7 @@ def main() -> int:
     broker_url = env_str("CELERY_BROKER_URL", redis_url)
     problems = [p for p in (check_postgres(db), check_redis(redis_url, "REDIS_URL")) if p]
     if broker_url != redis_url:
-        problems += [p for p in (check_redis(broker_url, "CELERY_BROKER_URL"),) if p]
+        problems += [p for p in (check_broker(broker_url),) if p]
     if problems:
         print("[run] cannot start: a service this system needs is not reachable.", file=sys.stderr)
         for problem in problems:

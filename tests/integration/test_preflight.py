@@ -145,3 +145,13 @@ def test_preflight__creates_the_database_migrates_and_keeps_one_admin_token(base
         with admin.cursor() as cur:
             cur.execute(drop)
         admin.close()
+
+
+@pytest.mark.django_db
+def test_preflight__a_rabbitmq_broker_is_checked_by_its_port_not_as_redis(base_env):
+    """CELERY_BROKER_URL=amqp://... (issue 15.8): named when down, never pinged as a Redis."""
+    env = {**base_env, "CELERY_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}//"}
+    result = run_preflight(env, "--check-only")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "The Celery broker is not reachable" in result.stderr
+    assert "Redis is not reachable" not in result.stderr
