@@ -23,7 +23,6 @@ from datetime import datetime, timedelta
 
 from django.db import connection, transaction
 from django.http import Http404
-from django.utils import timezone
 
 from orchestrator.models import Directive, Job, Run, Trigger
 from orchestrator.services import OrchestratorService
@@ -490,7 +489,9 @@ def launch_run(
 
 # A run-now holds its schedule's key while it inserts, so a delete waits for it (and cancels the run)
 # instead of the run-now failing at commit on the foreign key to a schedule deleted meanwhile.
-_HOLD_SCHEDULE_SQL = "SELECT 1 FROM schedules_schedule WHERE id = %s FOR KEY SHARE"
+# Its now() is the run-now's slot (the database clock, as every slot is): it orders the run among the
+# waiters for a cap (worker/semaphore.py) with the scheduled ones.
+_HOLD_SCHEDULE_SQL = "SELECT now() FROM schedules_schedule WHERE id = %s FOR KEY SHARE"
 
 
 @transaction.atomic
@@ -500,8 +501,9 @@ def run_now(schedule: Schedule) -> ScheduledRun:
     Raises Http404 when the schedule was deleted meanwhile (the API's answer for a deleted schedule)."""
     with connection.cursor() as cursor:
         cursor.execute(_HOLD_SCHEDULE_SQL, [schedule.pk])
-        if cursor.fetchone() is None:
-            raise Http404(f"schedule {schedule.pk} was deleted")
+        held = cursor.fetchone()
+    if held is None:
+        raise Http404(f"schedule {schedule.pk} was deleted")
     run = launch_run(
         job=schedule.job,
         directive=schedule.directive,
@@ -513,7 +515,7 @@ def run_now(schedule: Schedule) -> ScheduledRun:
         schedule=schedule,
         run=run,
         trigger=Trigger.MANUAL,
-        scheduled_for=timezone.now(),
+        scheduled_for=held[0],
         status=ScheduledRunStatus.QUEUED,
         task_id=run.task_id,
     )

@@ -164,7 +164,8 @@ class ScheduledRun(models.Model):
     task_id = models.CharField(max_length=255, blank=True, default="")
     worker = models.CharField(max_length=255, blank=True, default="")
     heartbeat_at = models.DateTimeField(null=True, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
+    # The database's clock (the outbox sweep compares it with now()), whoever inserts the row.
+    created_at = models.DateTimeField(db_default=Now())
     # When the run message was last handed to the broker (the outbox sweep's clock).
     published_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

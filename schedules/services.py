@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -350,8 +350,15 @@ def _managed_errors(current: Schedule, changed: set[str], source: str) -> dict[s
 
 
 def _now(now: datetime | None) -> datetime:
+    """`now`, or the database's clock: the scheduler decides what is due by PostgreSQL's now(), so a
+    web host whose clock is off must not anchor a new or re-enabled schedule early or late (one query;
+    callers read it once per operation and pass it on)."""
+    if now is None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT now()")
+            (now,) = cursor.fetchone()
     # Whole seconds: an interval anchored at 04:47:13 reads better than at 04:47:13.482913.
-    return (now or timezone.now()).replace(microsecond=0)
+    return now.replace(microsecond=0)
 
 
 # A scheduled run in these states has not started; deleting its schedule cancels it.
