@@ -20,7 +20,7 @@ from django.db import connection
 from orchestrator.models import Job, Run
 from project.celery import broker_is_redis
 from schedules.models import ScheduledRun
-from tests.scheduler_support import Processes, db_now, make_schedule, sleep_job, sql
+from tests.scheduler_support import PYTHON, REPO, Processes, db_now, make_schedule, sleep_job, sql
 from tests.support import process_env, wait_for
 from tests.webproc import api_token, start_web
 from tests.workerproc import start_run_worker
@@ -196,3 +196,28 @@ def test_visibility_warning__is_given_for_a_redis_broker(caplog):
     with caplog.at_level(logging.WARNING):
         _warn_if_visibility_too_short()
     assert "BROKER_VISIBILITY_TIMEOUT is not longer than the longest hard time limit" in caplog.text
+
+
+_OPTIONS_SCRIPT = """
+import django
+django.setup()
+from project.celery import app
+print(sorted(app.conf.broker_transport_options or {}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("broker", "options"),
+    [("amqp://guest:guest@127.0.0.1:5672//", "[]"), ("redis://127.0.0.1:6379/15", "['visibility_timeout']")],
+)
+def test_transport_options__the_visibility_timeout_is_set_for_a_redis_broker_only(broker, options):
+    out = subprocess.run(
+        [PYTHON, "-c", _OPTIONS_SCRIPT],
+        cwd=REPO,
+        env=process_env(CELERY_BROKER_URL=broker),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == options
