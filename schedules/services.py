@@ -12,10 +12,10 @@ import logging
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -350,15 +350,8 @@ def _managed_errors(current: Schedule, changed: set[str], source: str) -> dict[s
 
 
 def _now(now: datetime | None) -> datetime:
-    """`now`, or the database's clock: the scheduler decides what is due by PostgreSQL's now(), so a
-    web host whose clock is off must not anchor a new or re-enabled schedule early or late (one query;
-    callers read it once per operation and pass it on)."""
-    if now is None:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT now()")
-            (now,) = cursor.fetchone()
     # Whole seconds: an interval anchored at 04:47:13 reads better than at 04:47:13.482913.
-    return now.replace(microsecond=0)
+    return (now or timezone.now()).replace(microsecond=0)
 
 
 # A scheduled run in these states has not started; deleting its schedule cancels it.
@@ -618,7 +611,7 @@ def _backfill_errors(start: Any, end: Any, now: datetime) -> dict[str, list[str]
         return errors
     if end <= start:
         errors["end"] = ["Must be after start."]
-    elif end > now:
+    elif end > now + timedelta(seconds=1):  # `now` is whole seconds
         errors["end"] = ["Backfill is for past slots: end must not be in the future."]
     return errors
 
@@ -639,7 +632,7 @@ def backfill_schedule(
         raise ScheduleInvalid(errors)
     pk = schedule.pk if isinstance(schedule, Schedule) else schedule
     # The row lock serialises backfills of one schedule with each other and with its dispatch.
-    current = Schedule.objects.select_for_update().select_related("job", "directive").get(pk=pk)
+    current = Schedule.objects.select_for_update(of=("self",)).select_related("job", "directive").get(pk=pk)
     spec = timing.spec_of(current)
     anchor = current.last_run_at or (
         timing.slot_of(spec, current.next_run_at) if current.next_run_at else None
@@ -682,8 +675,8 @@ def backfill_schedule(
         "schedule backfilled",
         extra={
             "schedule_id": current.pk,
-            "created": created,
-            "skipped": len(existing),
+            "runs_created": created,
+            "slots_skipped": len(existing),
             "overlap_skipped": overlap_skipped,
         },
     )
