@@ -132,8 +132,8 @@ def publish_on_commit(messages: list[RunMessage]) -> None:
 #   are delivered. "Long ago" backs off per run so the copies stay few: at least `republish_after`
 #   seconds, and at least as long as the run had already waited when it was last published
 #   (published_at - created_at). The re-publishes of a run fall at ages R, 2R, 4R, 8R... (R =
-#   republish_after): a message that waits T seconds gets at most about log2(T / R) + 1 copies, and a
-#   lost one is sent again before its age doubles.
+#   republish_after): a message that waits T seconds gets floor(log2(T / R)) + 1 copies besides its
+#   first publish (9 in a day with R = 300 s), and a lost one is sent again before its age doubles.
 # Every time is the database's (now(), created_at, published_at as stamped with now()).
 # Both conditions are range scans of the partial index scheduledrun_outbox_idx (status = 'queued');
 # the back-off is a filter on the rows that range finds.
