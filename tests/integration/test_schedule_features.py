@@ -357,3 +357,113 @@ def test_backfill__a_slot_backfilled_first_is_not_dispatched_again_by_the_schedu
     claim(s)
     assert dispatch_slot(s.pk, claimant=ME, grace=GRACE).dispatched == 0
     assert ScheduledRun.objects.filter(schedule=s).count() == 1
+
+
+# --- schedules as code: manage.py sync_schedules ------------------------------------------------------
+
+SCHEDULES_TOML = """
+[[schedules]]
+name = "nightly-triage"
+job_key = "log_triage"
+schedule_type = "cron"
+cron_expr = "@daily"
+timezone = "Europe/London"
+jitter_seconds = 600
+end_at = 2030-01-01T00:00:00Z
+
+[[schedules]]
+name = "every-ten"
+job_key = "log_triage"
+schedule_type = "interval"
+interval_minutes = 10
+max_runs = 50
+"""
+
+
+def sync_file(tmp_path, text: str, *args: str, name: str = "schedules.toml") -> str:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    path = tmp_path / name
+    path.write_text(text)
+    out = StringIO()
+    call_command("sync_schedules", str(path), *args, stdout=out)
+    return out.getvalue()
+
+
+def test_sync__creates_managed_schedules_and_a_second_run_changes_nothing(tmp_path, api):
+    out = sync_file(tmp_path, SCHEDULES_TOML)
+    assert "create nightly-triage" in out
+    assert "create every-ten" in out
+    nightly = Schedule.objects.get(name="nightly-triage")
+    assert (nightly.managed, nightly.cron_expr, nightly.jitter_seconds, nightly.enabled) == (
+        True,
+        "@daily",
+        600,
+        True,
+    )
+    assert set(ScheduleChange.objects.values_list("source", "action")) == {("sync", "create")}
+
+    changes = ScheduleChange.objects.count()
+    assert "nothing to change (2 schedule(s) already as declared)" in sync_file(tmp_path, SCHEDULES_TOML)
+    assert ScheduleChange.objects.count() == changes
+
+    response = api.patch(f"/api/schedules/{nightly.pk}", {"jitter_seconds": 5}, format="json")
+    assert response.status_code == 409
+    assert "jitter_seconds" in response.json()
+
+
+def test_sync__dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    out = sync_file(tmp_path, SCHEDULES_TOML, "--dry-run")
+    assert "would create nightly-triage" in out
+    assert "dry run: nothing written" in out
+    assert not Schedule.objects.exists()
+    assert not ScheduleChange.objects.exists()
+
+
+def test_sync__updates_disables_and_prunes_only_managed_schedules(tmp_path):
+    sync_file(tmp_path, SCHEDULES_TOML)
+    make_schedule("hand-made")  # not managed: --prune leaves it alone
+    edited = SCHEDULES_TOML.replace('name = "nightly-triage"', 'name = "nightly-triage"\nenabled = false')
+    edited = edited[: edited.index('\n[[schedules]]\nname = "every-ten"')]
+
+    out = sync_file(tmp_path, edited, "--prune")
+
+    assert "update nightly-triage: enabled: True -> False" in out
+    assert "delete every-ten" in out
+    assert not Schedule.objects.get(name="nightly-triage").enabled
+    assert set(Schedule.objects.values_list("name", flat=True)) == {"nightly-triage", "hand-made"}
+    assert ScheduleChange.objects.filter(action="delete", source="sync", schedule_name="every-ten").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (SCHEDULES_TOML.replace("interval_minutes = 10", "interval_minutes = 0"), "interval_minutes"),
+        (SCHEDULES_TOML.replace('cron_expr = "@daily"', 'cron_expr = "61 * * * *"'), "minute"),
+        (SCHEDULES_TOML.replace("max_runs = 50", "max_rums = 50"), "unknown field 'max_rums'"),
+        (SCHEDULES_TOML.replace('name = "every-ten"', 'name = "nightly-triage"'), "declared twice"),
+        (SCHEDULES_TOML + "\n[oops", "not valid TOML"),
+    ],
+)
+def test_sync__a_bad_file_changes_nothing_and_says_what_is_wrong(tmp_path, text, words):
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="nothing changed") as caught:
+        sync_file(tmp_path, text)
+    assert words in str(caught.value)
+    assert not Schedule.objects.exists()
+
+
+def test_sync__reads_yaml_too(tmp_path):
+    pytest.importorskip("yaml", reason="YAML schedules files need PyYAML")
+    text = (
+        "schedules:\n"
+        "  - name: yaml-one\n    job_key: log_triage\n    schedule_type: interval\n    interval_minutes: 30\n"
+        "    start_at: '2030-01-01T00:00:00Z'\n"
+    )
+    assert "create yaml-one" in sync_file(tmp_path, text, name="schedules.yaml")
+    schedule = Schedule.objects.get(name="yaml-one")
+    assert schedule.managed
+    assert schedule.next_run_at == parse_datetime("2030-01-01T00:00:00Z")  # an interval starts at start_at
