@@ -228,6 +228,7 @@ from django.db import OperationalError, connection, transaction
 from project.dbsession import apply_scheduler_timeouts
 
 apply_scheduler_timeouts()
+print("no server-side cursors", connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"))
 with connection.cursor() as cursor:
     cursor.execute("SHOW lock_timeout")
     print("lock_timeout", cursor.fetchone()[0])
@@ -262,6 +263,7 @@ def test_pgbouncer__the_schedulers_timeouts_hold_per_transaction_and_never_leak(
         )
         assert out.returncode == 0, out.stderr[-3000:]
         lines = out.stdout.splitlines()
+        assert "no server-side cursors True" in lines  # .iterator() would DECLARE past the transaction
         assert "lock_timeout 300ms" in lines
         assert "statement_timeout 20s" in lines
         assert "update stopped 55P03" in lines  # lock_not_available: it did not wait for the lock
