@@ -6,30 +6,50 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
+from schedules import changes as change_log
 from schedules import dispatch, services, timing
-from schedules.models import Schedule, ScheduledRun
+from schedules.models import ChangeSource, Schedule, ScheduledRun
 
 RECENT_RUNS_SHOWN = 10
+RECENT_CHANGES_SHOWN = 20
 
 
 class ScheduleAdminForm(forms.ModelForm):
+    # Optional in the form (blank means none), as in the API.
+    jitter_seconds = forms.IntegerField(
+        required=False,
+        min_value=0,
+        initial=0,
+        help_text="Delay each run by up to this many seconds (0: none).",
+    )
+
     class Meta:
         model = Schedule
         fields = list(services.SCHEDULE_FIELDS)
+
+    def clean_jitter_seconds(self) -> int:
+        return self.cleaned_data.get("jitter_seconds") or 0
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
         if self.errors:
             # Field-level problems first: the cross-field rules would only repeat them.
             return cleaned
-        values = {field: cleaned.get(field) for field in services.SCHEDULE_FIELDS}
+        # Fields shown read-only (a managed schedule's declared ones) are not in the form: keep the row's.
+        values = {
+            field: cleaned[field] if field in self.fields else getattr(self.instance, field)
+            for field in services.SCHEDULE_FIELDS
+        }
         changed = self.changed_data if self.instance.pk else services.SCHEDULE_FIELDS
-        errors = services.schedule_errors(values, changed=changed, pk=self.instance.pk)
+        errors = services.schedule_errors(
+            values, changed=changed, pk=self.instance.pk, run_count=self.instance.scheduled_run_count or 0
+        )
         for field, messages_ in errors.items():
             self.add_error(field if field in self.fields else None, messages_)
         return cleaned
@@ -38,8 +58,17 @@ class ScheduleAdminForm(forms.ModelForm):
 @admin.register(Schedule)
 class ScheduleAdmin(admin.ModelAdmin):
     form = ScheduleAdminForm
-    list_display = ["name", "job", "schedule_type", "timing", "next_run_at", "last_run_at", "enabled"]
-    list_filter = ["enabled", "schedule_type", "job"]
+    list_display = [
+        "name",
+        "job",
+        "schedule_type",
+        "timing",
+        "next_run_at",
+        "last_run_at",
+        "enabled",
+        "managed",
+    ]
+    list_filter = ["enabled", "managed", "schedule_type", "job"]
     list_select_related = ["job"]
     search_fields = ["name"]
     actions = ["run_now", "enable", "disable"]
@@ -47,15 +76,22 @@ class ScheduleAdmin(admin.ModelAdmin):
         "timing",
         "next_run_at",
         "upcoming",
+        "runs_remaining",
+        "scheduled_run_count",
+        "paused_note",
+        "paused_at",
+        "paused_by",
+        "managed",
         "last_run_at",
         "claimed_by",
         "claimed_until",
         "created_at",
         "updated_at",
         "recent_runs",
+        "change_history",
     ]
     fieldsets = [
-        (None, {"fields": ["name", "job", "enabled"]}),
+        (None, {"fields": ["name", "job", "enabled", "managed"]}),
         ("Instructions", {"fields": ["directive", "custom_directive_text", "task3_scope"]}),
         (
             "Timing",
@@ -65,13 +101,31 @@ class ScheduleAdmin(admin.ModelAdmin):
                     "interval_minutes",
                     "cron_expr",
                     "timezone",
+                    "jitter_seconds",
+                    "start_at",
+                    "end_at",
                     "timing",
                     "next_run_at",
                     "upcoming",
                 ]
             },
         ),
-        ("Policies and caps", {"fields": ["misfire_policy", "overlap_policy", "max_global", "max_per_job"]}),
+        (
+            "Policies, caps and limits",
+            {
+                "fields": [
+                    "misfire_policy",
+                    "catchup_window_seconds",
+                    "overlap_policy",
+                    "max_global",
+                    "max_per_job",
+                    "max_runs",
+                    "runs_remaining",
+                    "scheduled_run_count",
+                ]
+            },
+        ),
+        ("Pause", {"fields": ["paused_note", "paused_at", "paused_by"]}),
         (
             "Scheduler state",
             {
@@ -85,7 +139,55 @@ class ScheduleAdmin(admin.ModelAdmin):
                 ]
             },
         ),
+        ("Change history", {"fields": ["change_history"]}),
     ]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Schedule | None = None) -> list[str]:
+        # A managed schedule's declared fields belong to its schedules file (sync_schedules).
+        fields = list(super().get_readonly_fields(request, obj))
+        if obj is not None and obj.managed:
+            fields += [field for field in services.MANAGED_FIELDS if field not in fields]
+        return fields
+
+    def has_delete_permission(self, request: HttpRequest, obj: Schedule | None = None) -> bool:
+        if obj is not None and obj.managed:
+            return False  # remove it from its file and run sync_schedules --prune
+        return super().has_delete_permission(request, obj)
+
+    @admin.display(description="runs remaining")
+    def runs_remaining(self, schedule: Schedule) -> str:
+        if schedule.max_runs is None:
+            return "-"
+        return str(max(0, schedule.max_runs - schedule.scheduled_run_count))
+
+    @admin.display(description="changes (newest first)")
+    def change_history(self, schedule: Schedule) -> str:
+        if schedule.pk is None:
+            return "-"
+        rows = list(change_log.history(schedule.pk)[:RECENT_CHANGES_SHOWN])
+        if not rows:
+            return "-"
+        body = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    change.at.strftime("%Y-%m-%d %H:%M:%S"),
+                    change.action,
+                    change.source,
+                    change.actor or "-",
+                    "; ".join(
+                        f"{f}: {c.get('old')!r} -> {c.get('new')!r}" for f, c in change.changes.items()
+                    ),
+                )
+                for change in rows
+            ),
+        )
+        return format_html(
+            "<table><tr><th>at (UTC)</th><th>action</th><th>source</th><th>by</th><th>fields</th></tr>"
+            "{}</table>",
+            body,
+        )
 
     @admin.display(description="timing")
     def timing(self, schedule: Schedule) -> str:
@@ -93,18 +195,18 @@ class ScheduleAdmin(admin.ModelAdmin):
             return "-"
         return timing.describe(timing.spec_of(schedule))
 
-    @admin.display(description="next 5 runs (UTC)")
+    @admin.display(description="next 5 runs (UTC, jitter applied)")
     def upcoming(self, schedule: Schedule) -> str:
         if schedule.next_run_at is None:
-            return "-"
+            return "-" if schedule.end_at is None else "- (ended: no slot left before end_at)"
+        runs_left = None if schedule.max_runs is None else schedule.max_runs - schedule.scheduled_run_count
         try:
-            times = [
-                schedule.next_run_at,
-                *timing.upcoming(timing.spec_of(schedule), after=schedule.next_run_at, n=4),
-            ]
+            times = timing.run_times(
+                timing.spec_of(schedule), next_run_at=schedule.next_run_at, n=5, runs_left=runs_left
+            )
         except Exception:
             return "-"
-        return ", ".join(t.strftime("%Y-%m-%d %H:%M") for t in times)
+        return ", ".join(t.strftime("%Y-%m-%d %H:%M:%S") for t in times) or "-"
 
     @admin.display(description="recent runs")
     def recent_runs(self, schedule: Schedule) -> str:
@@ -146,16 +248,33 @@ class ScheduleAdmin(admin.ModelAdmin):
             for field in services.SCHEDULE_FIELDS
             if field in form.cleaned_data
         }
+        actor = request.user.get_username()
         if change:
-            saved = services.update_schedule(obj.pk, {f: fields[f] for f in form.changed_data if f in fields})
+            saved = services.update_schedule(
+                obj.pk,
+                {f: fields[f] for f in form.changed_data if f in fields},
+                source=ChangeSource.ADMIN,
+                actor=actor,
+            )
         else:
-            saved = services.create_schedule(**fields)
+            saved = services.create_schedule(source=ChangeSource.ADMIN, actor=actor, **fields)
         for field in Schedule._meta.concrete_fields:
             setattr(obj, field.attname, getattr(saved, field.attname))
         obj._state.adding = False
 
     def delete_model(self, request: HttpRequest, obj: Schedule) -> None:
-        services.delete_schedule(obj)
+        with transaction.atomic():
+            change_log.record_delete(obj, source=ChangeSource.ADMIN, actor=request.user.get_username())
+            services.delete_schedule(obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
+        managed = [schedule.name for schedule in queryset if schedule.managed]
+        if managed:
+            self.message_user(
+                request, f"Not deleted (managed by sync_schedules): {', '.join(managed)}.", messages.WARNING
+            )
+        for schedule in queryset.filter(managed=False):
+            self.delete_model(request, schedule)
 
     @admin.action(description="Run selected schedules now")
     def run_now(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
@@ -166,13 +285,18 @@ class ScheduleAdmin(admin.ModelAdmin):
     @admin.action(description="Enable selected schedules (next run computed from now)")
     def enable(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
         for schedule in queryset:
-            services.enable_schedule(schedule)
+            try:
+                services.enable_schedule(
+                    schedule, source=ChangeSource.ADMIN, actor=request.user.get_username()
+                )
+            except services.ScheduleInvalid as exc:
+                self.message_user(request, f"{schedule.name}: {exc}", messages.ERROR)
         self.message_user(request, f"Enabled {queryset.count()} schedule(s).", messages.SUCCESS)
 
     @admin.action(description="Disable selected schedules")
     def disable(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
         for schedule in queryset:
-            services.disable_schedule(schedule)
+            services.disable_schedule(schedule, source=ChangeSource.ADMIN, actor=request.user.get_username())
         self.message_user(request, f"Disabled {queryset.count()} schedule(s).", messages.SUCCESS)
 
 

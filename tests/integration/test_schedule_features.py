@@ -467,3 +467,55 @@ def test_sync__reads_yaml_too(tmp_path):
     schedule = Schedule.objects.get(name="yaml-one")
     assert schedule.managed
     assert schedule.next_run_at == parse_datetime("2030-01-01T00:00:00Z")  # an interval starts at start_at
+
+
+# --- the admin -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def staff(django_user_model):
+    from django.test import Client
+
+    user = django_user_model.objects.create_superuser(
+        username="root", password="pw-root-123", email="r@x.test"
+    )
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_admin__shows_the_new_fields_and_the_change_history(staff, api):
+    created = create(api, jitter_seconds=30, max_runs=4)
+    api.post(f"/api/schedules/{created['id']}/disable", {"note": "holiday freeze"}, format="json")
+    page = staff.get(f"/admin/schedules/schedule/{created['id']}/change/").content.decode().lower()
+    for text in (
+        "jitter_seconds",
+        "catchup_window_seconds",
+        "holiday freeze",
+        "runs remaining",
+        "changes (newest first)",
+    ):
+        assert text in page
+    history = page[page.index("changes (newest first)") :]
+    assert history.index("<td>disable</td>") < history.index("<td>create</td>")  # newest first
+
+
+def test_admin__a_managed_schedules_declared_fields_are_read_only_and_saves_are_recorded(staff, api):
+    created = create(api)
+    Schedule.objects.filter(pk=created["id"]).update(managed=True)
+    url = f"/admin/schedules/schedule/{created['id']}/change/"
+    form = staff.get(url).context["adminform"].form
+    assert "interval_minutes" not in form.fields  # shown read-only
+    assert "enabled" in form.fields
+
+    response = staff.post(url, {"enabled": "", "interval_minutes": "1", "_save": "Save"})
+    assert response.status_code == 302, response.content[-2000:]
+    schedule = Schedule.objects.get(pk=created["id"])
+    assert (schedule.enabled, schedule.interval_minutes) == (False, 10)
+    latest = ScheduleChange.objects.filter(schedule_id=schedule.pk).first()
+    assert (latest.source, latest.actor, latest.changes["enabled"]) == (
+        "admin",
+        "root",
+        {"old": True, "new": False},
+    )
+    assert staff.get(f"/admin/schedules/schedule/{created['id']}/delete/").status_code == 403
