@@ -177,6 +177,11 @@ SCHEDULER_MAX_GLOBAL = env_int("SCHEDULER_MAX_GLOBAL", 10)
 SCHEDULER_LOCK_TIMEOUT_MS = env_int("SCHEDULER_LOCK_TIMEOUT_MS", 5000)
 SCHEDULER_STATEMENT_TIMEOUT_MS = env_int("SCHEDULER_STATEMENT_TIMEOUT_MS", 30000)
 
+# Retention (schedules/retention.py): finished history older than this many days is pruned by the
+# schedulers (ScheduledRun, Run, Finding, TaskResult), each schedule keeping at least its newest
+# `history_keep` runs; 0 keeps everything. Slot dedup does not depend on history (last_run_at).
+HISTORY_KEEP_DAYS = float(env_str("HISTORY_KEEP_DAYS", "30"))
+
 # --- Workers (worker/) -----------------------------------------------------------------------------
 # Lease TTL of a running run's semaphore slots and liveness key; its heartbeat renews them every quarter
 # lease. A run whose lease expired is reaped as "worker lost", so a dead worker's slot frees within it.

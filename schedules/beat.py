@@ -351,6 +351,7 @@ class DatabaseScheduler(Scheduler):
         from schedules.claiming import claim_due, seconds_until_due
         from schedules.dispatch import dispatch_claimed
         from schedules.publishing import sweep_outbox
+        from schedules.retention import prune_history_if_due
 
         close_old_connections()
         claimed_ids: list[int] = []
@@ -409,6 +410,8 @@ class DatabaseScheduler(Scheduler):
             except DatabaseError:
                 logger.exception("outbox sweep failed")
             self._reap_if_due()
+            # Retention: old history, in bounded slices (rate limited); never raises.
+            prune_history_if_due()
             if len(claims) >= self.batch_size:
                 return 0.0  # more may be due right now
             until_due = seconds_until_due()
