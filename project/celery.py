@@ -22,10 +22,24 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 BROKER_VISIBILITY_TIMEOUT = env_int("BROKER_VISIBILITY_TIMEOUT", 4 * 3600)
 
 
+# Messages each pool process may hold reserved in the worker's parent beyond the one it executes. With 1
+# (Celery's cautious value for long tasks), a pool process that finishes a run sits idle while the parent
+# acknowledges, asks the broker for the next message and hands it over: about half of a short run's
+# time (py-spy, docs/BENCHMARKS.md). A few reserved messages keep it busy. What reserving costs: a run
+# reserved by a busy worker waits for that worker while another may be idle, for at most one run's
+# length per reserved message; a worker that dies with reservations leaves them to the broker's
+# redelivery and the outbox sweep (never run twice: the start gate). Set it to 1 for long runs spread
+# over many workers.
+WORKER_PREFETCH_MULTIPLIER = env_int("WORKER_PREFETCH_MULTIPLIER", 4)
+# Celery's Django fix-up closes the database connection before and after every task unless this is set
+# (celery/fixups/django.py): a new PostgreSQL backend per run, the pool process's largest single cost.
+# Django's CONN_MAX_AGE and health checks (project/settings.py) retire connections instead; the fix-up
+# still closes them every 2 x this many tasks.
+DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000)
+
 app.conf.update(
-    # One message per pool process at a time: a long run must not sit on prefetched messages that an
-    # idle worker could start, and throttled retries stay spread over the workers.
-    worker_prefetch_multiplier=1,
+    CELERY_DB_REUSE_MAX=DB_REUSE_MAX,
+    worker_prefetch_multiplier=WORKER_PREFETCH_MULTIPLIER,
     # Acknowledge after the run ends: if a whole worker dies mid-run or before starting, the message
     # is redelivered rather than lost; at-most-once is the database's start gate, not the ack.
     task_acks_late=True,

@@ -15,8 +15,9 @@ from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery import Task
 from celery.exceptions import Ignore
+from celery.signals import task_prerun
 from celery.worker.request import Request
-from django.db import connection
+from django.db import close_old_connections, connection
 
 from project.celery import app
 from worker import execution, reaper  # noqa: F401  (reaper connects the worker's signal handlers)
@@ -67,6 +68,17 @@ class RunTask(Task):
     acks_late = True
     reject_on_worker_lost = False
     track_started = False  # see project/celery.py
+
+
+@task_prerun.connect
+def _fresh_enough_connection(sender=None, **_kwargs) -> None:
+    """Before a run, retire this process's connection if it broke or outlived CONN_MAX_AGE.
+
+    Connections are kept across tasks (CELERY_DB_REUSE_MAX, project/celery.py) instead of a new backend
+    per run; this is what Django does at the start of each web request, health check included.
+    """
+    if sender is not None and sender.name == RUN_TASK_NAME:
+        close_old_connections()
 
 
 @app.task(bind=True, base=RunTask, name=RUN_TASK_NAME, max_retries=None)
