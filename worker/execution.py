@@ -32,6 +32,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, connectio
 
 from orchestrator.models import Job, Run, RunStatus
 from orchestrator.services import OrchestratorService, TaskFence
+from orchestrator.taskprocs import processes_of_run
 from project.dbsession import set_connection_lock_timeout
 from schedules import runleases, runstate
 from schedules.dispatch import message_for
@@ -638,8 +639,43 @@ class ParentWriter:
 parent_writer = ParentWriter()
 
 
+# How long the parent's writer waits for a killed pool process and its task processes to be gone before
+# it frees their slots anyway (the template kills the task groups when its pool process dies).
+PARENT_KILL_WAIT_SECONDS = 5.0
+
+
+def _wait_gone(pool_pid: int | None, run_id: int, *, timeout: float = PARENT_KILL_WAIT_SECONDS) -> bool:
+    """Wait until the pool process and every process of the run are gone from /proc (True), or timeout.
+
+    Celery calls the hard-limit callback before it kills the pool process, and a dead pool process's
+    task processes outlive it by a few ms: the slot is freed only after both (DESIGN 6.5).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        pool_alive = pool_pid is not None and _alive(pool_pid)
+        if not pool_alive and not processes_of_run(run_id):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def run_end_from_parent(
-    *, run_id: int, worker: str, reason: str, task_id: str = "", overrule: bool = False
+    *,
+    run_id: int,
+    worker: str,
+    reason: str,
+    task_id: str = "",
+    overrule: bool = False,
+    pool_pid: int | None = None,
 ) -> None:
     """End the run a pool process was executing when it died or hit the hard time limit.
 
@@ -675,6 +711,8 @@ def run_end_from_parent(
             caps = caps_for_run(run_id)
         except Run.DoesNotExist:
             caps = []
+        if not _wait_gone(pool_pid, run_id):
+            logger.warning("run's processes still alive; slot freed anyway", extra={"run_id": run_id})
         release_and_wake(caps, owner=lease_owner(run_id, worker), run_id=run_id)
         if ended:
             logger.warning("run ended by the worker's parent", extra={"run_id": run_id, "reason": reason})

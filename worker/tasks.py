@@ -36,9 +36,11 @@ class RunRequest(Request):
     """
 
     def on_timeout(self, soft, timeout):
-        super().on_timeout(soft, timeout)
         if not soft:
+            # First, before Celery logs the limit and the pool process is killed: the failure replaces
+            # whatever outcome the process had recorded, so no reaper can write that one meanwhile.
             self._end_run(f"timed out after {timeout:g}s (hard time limit; process killed)", overrule=True)
+        super().on_timeout(soft, timeout)
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         exc = exc_info.exception
@@ -55,7 +57,12 @@ class RunRequest(Request):
         worker = execution.worker_identity(self.hostname, self.worker_pid)
         try:
             execution.run_end_from_parent(
-                run_id=int(run_id), worker=worker, reason=reason, task_id=self.id, overrule=overrule
+                run_id=int(run_id),
+                worker=worker,
+                reason=reason,
+                task_id=self.id,
+                overrule=overrule,
+                pool_pid=self.worker_pid,
             )
         except Exception:
             # The reaper ends it within a lease TTL anyway.

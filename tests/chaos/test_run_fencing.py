@@ -127,8 +127,12 @@ def test_run_ended_behind_its_back__its_task_processes_are_killed(redis_client, 
     assert (run.status, run.error_summary) == ("cancelled", "cancelled by test")  # not overwritten
 
 
-def test_finish_blocked_on_a_row_lock__hard_time_limit_kills_the_pool_process(redis_client, tmp_path):
+def test_finish_blocked_on_a_row_lock__hard_time_limit_kills_the_pool_process(
+    redis_client, tmp_path, settings
+):
     """Job.timeout_seconds is Celery's soft limit and + grace its hard limit, applied per message."""
+    # The limits travel in the message, computed by the publisher (this process): the worker's grace.
+    settings.WORKER_HARD_LIMIT_GRACE_SECONDS = float(FAST["WORKER_HARD_LIMIT_GRACE_SECONDS"])
     Job.objects.filter(key="sleep").update(timeout_seconds=2)
     schedule = _schedule("sleep", "1", max_per_job=1, overlap_policy="allow")
     params = connection.get_connection_params()
