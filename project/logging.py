@@ -1,10 +1,79 @@
-"""A log formatter that prints the message followed by the record's structured `extra` fields."""
+"""Log formatting: a readable line (default) or one JSON object per line (LOG_FORMAT=json), and the
+run context that puts `run_id`, `scheduled_run_id`, `schedule_id`, `job` and `task_id` on every line
+about a run, so one run can be followed across web, scheduler and worker logs.
+
+The context is a contextvar: bound where a run is handled (the worker's task, via Celery's task
+signals, monitoring/logcontext.py; `bind_run` calls in dispatch and the worker), it reaches every log
+call below, including libraries', without each call site repeating the fields.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import json
 import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+RUN_FIELDS = ("run_id", "scheduled_run_id", "schedule_id", "job", "task_id")
+
+_run_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "cb_run_context", default=None
+)
+
+
+def bind_run(**fields: Any) -> None:
+    """Add run fields to the current context (None values are ignored; a new run_id starts afresh)."""
+    fields = {key: value for key, value in fields.items() if key in RUN_FIELDS and value not in (None, "")}
+    current = _run_context.get() or {}
+    if "run_id" in fields and current.get("run_id") not in (None, fields["run_id"]):
+        current = {}
+    _run_context.set({**current, **fields})
+
+
+def clear_run() -> None:
+    _run_context.set(None)
+
+
+@contextlib.contextmanager
+def run_context(**fields: Any) -> Iterator[None]:
+    """The fields on every log line inside the block; the previous context comes back after it."""
+    token = _run_context.set(None)
+    try:
+        bind_run(**fields)
+        yield
+    finally:
+        _run_context.reset(token)
+
+
+def current_run() -> dict[str, Any]:
+    return dict(_run_context.get() or {})
+
+
+class RunContextFilter(logging.Filter):
+    """Put the bound run's fields on the record (an explicit `extra` wins); a line that names a run in
+    its `extra` but has no context gets the other run fields as null, so every line about a run has all
+    five keys."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = _run_context.get()
+        if context:
+            for key, value in context.items():
+                if not hasattr(record, key):
+                    setattr(record, key, value)
+        if any(hasattr(record, key) for key in ("run_id", "scheduled_run_id")):
+            for key in RUN_FIELDS:
+                if not hasattr(record, key):
+                    setattr(record, key, None)
+        return True
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {key: value for key, value in vars(record).items() if key not in _STANDARD}
 
 
 class StructuredFormatter(logging.Formatter):
@@ -15,7 +84,28 @@ class StructuredFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        fields = {key: value for key, value in vars(record).items() if key not in _STANDARD}
+        fields = {key: value for key, value in _fields(record).items() if value is not None}
         if fields:
             line += " " + " ".join(f"{key}={value}" for key, value in sorted(fields.items()))
         return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ms), level, logger, message, every `extra` field, and the
+    exception's traceback as one string. Values JSON cannot hold are written as their str()."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        body: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "process": record.process,
+        }
+        for key, value in _fields(record).items():
+            body.setdefault(key, value)
+        if record.exc_info:
+            body["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            body["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(body, default=str, ensure_ascii=False)

@@ -68,6 +68,7 @@ INSTALLED_APPS = [
     "orchestrator",
     "schedules",
     "worker",
+    "monitoring",
 ]
 
 MIDDLEWARE = [
@@ -140,7 +141,8 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Authenticated, and users in the `viewers` group read only (every write is a 403).
+    "DEFAULT_PERMISSION_CLASSES": ["monitoring.permissions.IsAuthenticatedViewerReadOnly"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -213,15 +215,49 @@ LLM_ALLOWED_HOSTS = env_list("LLM_ALLOWED_HOSTS", [])
 
 FLOWER_BASIC_AUTH = env_str("FLOWER_BASIC_AUTH", "")
 
+# --- Observability (monitoring/, issue 17) ---------------------------------------------------------
+# GET /metrics: "user:password" for Prometheus' basic_auth (API tokens and sessions work too). Unset, the
+# endpoint is open only with DEBUG on; otherwise it needs credentials.
+METRICS_BASIC_AUTH = env_str("METRICS_BASIC_AUTH", "")
+# Scrapes are served from an exposition built at most this many seconds ago (rebuilt in the background;
+# monitoring/metrics.py says why). 0: build it on every scrape.
+METRICS_MAX_AGE_SECONDS = float(env_str("METRICS_MAX_AGE_SECONDS", "10"))
+# Where alert notifications go (comma-separated webhook URLs; Slack-compatible JSON). A schedule's
+# alert_webhook_url replaces them for that schedule. Empty: alerts are recorded, not sent.
+ALERT_WEBHOOK_URLS = env_list("ALERT_WEBHOOK_URLS", [])
+# How often a scheduler evaluates alerts (seconds; every instance may, the SQL makes that safe).
+ALERT_EVALUATE_EVERY_SECONDS = float(env_str("ALERT_EVALUATE_EVERY_SECONDS", "15"))
+# A slot that has not started this long after it was due opens a `missed` alert (a schedule's
+# catchup_window_seconds replaces it; its jitter_seconds is added).
+ALERT_MISSED_GRACE_SECONDS = float(env_str("ALERT_MISSED_GRACE_SECONDS", "300"))
+# Webhook delivery: per-request timeout, and the backoff between attempts of one notification.
+ALERT_WEBHOOK_TIMEOUT_SECONDS = float(env_str("ALERT_WEBHOOK_TIMEOUT_SECONDS", "5"))
+ALERT_RETRY_BASE_SECONDS = float(env_str("ALERT_RETRY_BASE_SECONDS", "5"))
+ALERT_RETRY_MAX_SECONDS = float(env_str("ALERT_RETRY_MAX_SECONDS", "300"))
+# Flower, for links from the dashboard and the admin to a run's task.
+FLOWER_URL = env_str("FLOWER_URL", "http://127.0.0.1:5555").rstrip("/")
+# `text` (default): one readable line with key=value fields; `json`: one JSON object per line.
+LOG_FORMAT = env_str("LOG_FORMAT", "text")
+LOGIN_URL = "/admin/login/"
+
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
         "structured": {"()": "project.logging.StructuredFormatter"},
+        "json": {"()": "project.logging.JsonFormatter"},
+    },
+    "filters": {
+        # Adds run_id, scheduled_run_id, schedule_id, job, task_id to every line about a run.
+        "run_context": {"()": "project.logging.RunContextFilter"},
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "structured"},
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_FORMAT == "json" else "structured",
+            "filters": ["run_context"],
+        },
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {

@@ -1,10 +1,12 @@
-"""URL map: the REST API under /api/ (each path with or without its trailing slash), the admin."""
+"""URL map: the REST API under /api/ (each path with or without its trailing slash), the admin, /metrics
+and the dashboard."""
 
 from django.contrib import admin
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.permissions import AllowAny
 
+from monitoring.api import AlertListView, MetricsView
 from project.api import HealthView
 
 handler404 = "project.api.not_found"
@@ -18,5 +20,9 @@ urlpatterns = [
     re_path(r"^api/docs/?$", SpectacularSwaggerView.as_view(url_name="schema", **_public), name="docs"),
     path("api/", include("schedules.api.urls")),
     path("api/", include("orchestrator.api.urls")),
+    # Observability (monitoring/): alerts, Prometheus metrics, the dashboard.
+    re_path(r"^api/alerts/?$", AlertListView.as_view(), name="alert-list"),
+    re_path(r"^metrics/?$", MetricsView.as_view(), name="metrics"),
+    path("dashboard/", include("monitoring.urls")),
 ]
 urlpatterns += [path("", include("orchestrator.api.findings"))]  # GET /api/runs/{id}/findings

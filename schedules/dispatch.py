@@ -421,7 +421,11 @@ def _committed_messages(batch: _Batch, result: DispatchResult) -> list[RunMessag
                         queue=job.queue or f"jobs.{job.key}",
                     )
                 )
-                log_lines.append(("slot dispatched", {"schedule_id": s.id, "slot": slot, "run_id": run.pk}))
+                # Every run field (project/logging.py), so the run can be followed from here to its worker.
+                run_fields = {"scheduled_run_id": batch.inserted[key], "job": job.key, "task_id": run.task_id}
+                log_lines.append(
+                    ("slot dispatched", {"schedule_id": s.id, "slot": slot, "run_id": run.pk, **run_fields})
+                )
             else:
                 result.skipped += 1
                 log_lines.append(
@@ -520,6 +524,16 @@ def run_now(schedule: Schedule) -> ScheduledRun:
         task_id=run.task_id,
     )
     publish_on_commit([message_for(schedule.job, run, scheduled_run)])
+    logger.info(
+        "run now",
+        extra={
+            "run_id": run.pk,
+            "scheduled_run_id": scheduled_run.pk,
+            "schedule_id": schedule.pk,
+            "job": schedule.job.key,
+            "task_id": run.task_id,
+        },
+    )
     return scheduled_run
 
 

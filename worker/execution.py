@@ -34,6 +34,7 @@ from orchestrator.models import Job, Run, RunStatus
 from orchestrator.services import OrchestratorService, TaskFence
 from orchestrator.taskprocs import processes_of_run
 from project.dbsession import set_connection_lock_timeout
+from project.logging import bind_run
 from schedules import runleases, runstate
 from schedules.dispatch import message_for
 from schedules.models import OverlapPolicy, Schedule, ScheduledRun
@@ -416,6 +417,8 @@ def run_execute(
         scheduled = ScheduledRun.objects.select_related("schedule").filter(pk=scheduled_run_id).first()
         if scheduled is None:
             scheduled_run_id = None
+    # Every log line of this delivery names its run, job, task and schedule (project/logging.py).
+    bind_run(run_id=run_id, job=job_key, task_id=task_id, schedule_id=scheduled and scheduled.schedule_id)
     caps = caps_for(run.job, scheduled.schedule if scheduled is not None else None)
     if run.status != RunStatus.QUEUED:
         logger.info("run already taken; message dropped", extra={"run_id": run_id, "status": run.status})

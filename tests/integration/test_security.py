@@ -103,8 +103,13 @@ def endpoints() -> Iterator[Endpoint]:
 
 
 def api_endpoints() -> list[Endpoint]:
-    """Everything but the admin, which has its own login (section 2 below)."""
-    return [endpoint for endpoint in endpoints() if "admin" not in endpoint.namespaces]
+    """Everything but the admin and the dashboard, which have their own (session) login: section 2
+    below, and tests/integration/test_viewers.py."""
+    return [
+        endpoint
+        for endpoint in endpoints()
+        if "admin" not in endpoint.namespaces and "dashboard" not in endpoint.namespaces
+    ]
 
 
 def protected_endpoints() -> list[Endpoint]:

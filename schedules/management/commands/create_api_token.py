@@ -1,4 +1,5 @@
-"""`manage.py create_api_token USER`: print a DRF token for USER, creating the user if needed."""
+"""`manage.py create_api_token USER [--staff] [--viewer] [--rotate]`: print a DRF token for USER, creating the
+user if needed; `--viewer` puts the user in the read-only `viewers` group."""
 
 from __future__ import annotations
 
@@ -22,13 +23,20 @@ class Command(BaseCommand):
             help="Mark the user as staff (for the admin, also set a password: changepassword USER).",
         )
         parser.add_argument(
+            "--viewer",
+            action="store_true",
+            help="Put the user in the `viewers` group: read the API, dashboard and /metrics; write nothing.",
+        )
+        parser.add_argument(
             "--rotate",
             action="store_true",
             help="Replace the user's existing token (the old one stops working).",
         )
 
     @transaction.atomic
-    def handle(self, *args, username: str, staff: bool, rotate: bool, **options) -> None:
+    def handle(
+        self, *args, username: str, staff: bool, rotate: bool, viewer: bool = False, **options
+    ) -> None:
         user_model = get_user_model()
         user, created = user_model.objects.get_or_create(**{user_model.USERNAME_FIELD: username})
         if created:
@@ -37,6 +45,12 @@ class Command(BaseCommand):
         if staff and not user.is_staff:
             user.is_staff = True
         user.save()
+        if viewer:
+            from django.contrib.auth.models import Group
+
+            from monitoring.permissions import VIEWERS_GROUP
+
+            user.groups.add(Group.objects.get_or_create(name=VIEWERS_GROUP)[0])
         if rotate:
             Token.objects.filter(user=user).delete()
         token, _ = Token.objects.get_or_create(user=user)

@@ -1,0 +1,352 @@
+"""Alerts: evaluated by the scheduler's housekeeping, one row per (schedule, kind) while it holds,
+notified to webhooks once per transition however many schedulers run.
+
+Kinds (schedules.models.AlertKind):
+- `missed` (dead-man): an enabled schedule's slot did not start within its grace: it was never
+  dispatched, it was recorded as missed (scheduler down, misfire_policy skip), or its run is still
+  waiting for a worker. Grace: `catchup_window_seconds`, else ALERT_MISSED_GRACE_SECONDS (plus jitter).
+- `failing`: the schedule's last `alert_after_failures` finished runs all failed (0 = off).
+- `overdue`: a run has been running longer than `alert_after_seconds` (null = off).
+
+Several schedulers may evaluate at once; the database decides. Opening is an INSERT that the partial
+unique constraint `alert_one_open_per_kind` turns into a no-op for an alert already open; resolving
+is an UPDATE ... WHERE resolved_at IS NULL. A notification is claimed by a conditional UPDATE of
+`notified_open_at` / `notified_resolved_at` (NULL -> now()): one instance wins each transition and
+sends it, from a background thread with retries and backoff, so a slow webhook never delays dispatch.
+A delivery that fails every attempt gives its claim back, and a later evaluation sends it again.
+
+Alert rows and notifications hold counts, ids, names and times: never LLM text, error messages or
+URLs (a webhook URL's path is often its secret; logs name only its host).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import urlparse
+
+from django.conf import settings
+from django.db import connection, transaction
+
+logger = logging.getLogger(__name__)
+
+MISSED, FAILING, OVERDUE = "missed", "failing", "overdue"
+
+# --- conditions: (schedule_id, details) of every schedule for which the kind holds now -------------
+
+MISSED_SQL = """
+SELECT s.id, jsonb_build_object(
+         'slot', coalesce(l.scheduled_for, s.next_run_at),
+         'grace_seconds', coalesce(s.catchup_window_seconds, %(grace)s) + s.jitter_seconds,
+         'reason', CASE WHEN s.next_run_at < now() - g.grace THEN 'not dispatched'
+                        WHEN l.status = 'skipped' THEN 'recorded as missed'
+                        ELSE 'not started' END,
+         'scheduled_run_id', l.id)
+  FROM schedules_schedule s
+ CROSS JOIN LATERAL (SELECT make_interval(secs => coalesce(s.catchup_window_seconds, %(grace)s)
+                                                 + s.jitter_seconds) AS grace) g
+  LEFT JOIN LATERAL (SELECT id, status, scheduled_for, error_summary FROM schedules_scheduledrun
+                      WHERE schedule_id = s.id AND trigger = 'schedule'
+                      ORDER BY scheduled_for DESC LIMIT 1) l ON true
+ WHERE s.enabled
+   AND (s.next_run_at < now() - g.grace
+        OR (l.status = 'skipped' AND l.error_summary LIKE 'missed%%')
+        OR (l.status IN ('queued', 'throttled') AND l.scheduled_for < now() - g.grace))
+"""
+
+FAILING_SQL = """
+SELECT s.id, jsonb_build_object(
+         'consecutive_failures', f.n, 'threshold', s.alert_after_failures,
+         'last_run_id', f.last_run_id, 'last_finished_at', f.last_at)
+  FROM schedules_schedule s
+ CROSS JOIN LATERAL (
+       SELECT count(*) AS n, count(*) FILTER (WHERE status = 'failed') AS failed,
+              (array_agg(run_id ORDER BY scheduled_for DESC, id DESC))[1] AS last_run_id,
+              max(finished_at) AS last_at
+         FROM (SELECT id, status, run_id, scheduled_for, finished_at FROM schedules_scheduledrun
+                WHERE schedule_id = s.id AND status IN ('succeeded', 'failed')
+                ORDER BY scheduled_for DESC, id DESC LIMIT s.alert_after_failures) AS last) f
+ WHERE s.alert_after_failures > 0 AND f.n = s.alert_after_failures AND f.failed = f.n
+"""
+
+OVERDUE_SQL = """
+SELECT s.id, jsonb_build_object(
+         'run_id', min(sr.run_id), 'scheduled_run_id', min(sr.id),
+         'running_seconds', max(extract(epoch FROM now() - sr.started_at))::int,
+         'threshold_seconds', s.alert_after_seconds)
+  FROM schedules_schedule s
+  JOIN schedules_scheduledrun sr ON sr.schedule_id = s.id AND sr.status = 'running'
+ WHERE s.alert_after_seconds IS NOT NULL
+   AND sr.started_at < now() - make_interval(secs => s.alert_after_seconds)
+ GROUP BY s.id
+"""
+
+CONDITIONS = {MISSED: MISSED_SQL, FAILING: FAILING_SQL, OVERDUE: OVERDUE_SQL}
+
+OPEN_SQL = """
+INSERT INTO schedules_alert (schedule_id, kind, opened_at, details)
+SELECT v.schedule_id, %(kind)s, now(), v.details
+  FROM unnest(%(ids)s::bigint[], %(details)s::jsonb[]) AS v(schedule_id, details)
+ON CONFLICT (schedule_id, kind) WHERE resolved_at IS NULL DO NOTHING
+RETURNING id
+"""
+
+RESOLVE_SQL = """
+UPDATE schedules_alert SET resolved_at = now()
+ WHERE kind = %(kind)s AND resolved_at IS NULL AND NOT (schedule_id = ANY(%(ids)s::bigint[]))
+RETURNING id
+"""
+
+# Claims: one instance per transition. Open notifications first; a resolve waits for its open's.
+CLAIM_SQL = {
+    "open": """
+UPDATE schedules_alert SET notified_open_at = now()
+ WHERE id IN (SELECT id FROM schedules_alert WHERE notified_open_at IS NULL
+               ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED)
+RETURNING id, notified_open_at
+""",
+    "resolved": """
+UPDATE schedules_alert SET notified_resolved_at = now()
+ WHERE id IN (SELECT id FROM schedules_alert
+               WHERE resolved_at IS NOT NULL AND notified_resolved_at IS NULL AND notified_open_at IS NOT NULL
+               ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED)
+RETURNING id, notified_resolved_at
+""",
+}
+UNCLAIM_SQL = {
+    "open": "UPDATE schedules_alert SET notified_open_at = NULL WHERE id = %s AND notified_open_at = %s",
+    "resolved": "UPDATE schedules_alert SET notified_resolved_at = NULL"
+    " WHERE id = %s AND notified_resolved_at = %s",
+}
+
+
+@dataclass
+class Evaluation:
+    opened: int = 0
+    resolved: int = 0
+    claimed: int = 0
+
+
+def evaluate(*, grace: float | None = None) -> Evaluation:
+    """Open and resolve every kind, then claim the notifications due and hand them to the sender."""
+    grace = float(settings.ALERT_MISSED_GRACE_SECONDS if grace is None else grace)
+    result = Evaluation()
+    with transaction.atomic(), connection.cursor() as cursor:
+        for kind, sql in CONDITIONS.items():
+            cursor.execute(sql, {"grace": grace})
+            holding = cursor.fetchall()
+            ids = [row[0] for row in holding]
+            if holding:
+                cursor.execute(
+                    OPEN_SQL, {"kind": kind, "ids": ids, "details": [_json_text(row[1]) for row in holding]}
+                )
+                result.opened += cursor.rowcount
+            cursor.execute(RESOLVE_SQL, {"kind": kind, "ids": ids})
+            result.resolved += cursor.rowcount
+    if result.opened or result.resolved:
+        logger.info("alerts evaluated", extra={"opened": result.opened, "resolved": result.resolved})
+    result.claimed = claim_notifications()
+    return result
+
+
+def _json_text(value) -> str:
+    # Django's cursor hands jsonb back as text (its JSONField decodes it); psycopg2's own, as objects.
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def claim_notifications() -> int:
+    """Claim every unsent transition (conditional UPDATE: each goes to exactly one instance) and queue
+    it for delivery."""
+    claimed = 0
+    for transition in ("open", "resolved"):
+        with connection.cursor() as cursor:
+            cursor.execute(CLAIM_SQL[transition])
+            rows = cursor.fetchall()
+        for alert_id, stamp in rows:
+            sender().submit(Notification(alert_id=alert_id, transition=transition, stamp=stamp))
+        claimed += len(rows)
+    return claimed
+
+
+# --- rate limit: the scheduler calls evaluate_if_due() on every pass --------------------------------
+
+_next_evaluation = 0.0
+
+
+def evaluate_if_due() -> Evaluation | None:
+    """Evaluate at most every ALERT_EVALUATE_EVERY_SECONDS in this process; never raises (a failure
+    is logged and retried next period: alerts must not break dispatch)."""
+    global _next_evaluation
+    now = time.monotonic()
+    if now < _next_evaluation:
+        return None
+    _next_evaluation = now + float(settings.ALERT_EVALUATE_EVERY_SECONDS)
+    try:
+        return evaluate()
+    except Exception as exc:
+        logger.warning("alert evaluation failed", extra={"error": type(exc).__name__})
+        return None
+
+
+# --- delivery -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Notification:
+    alert_id: int
+    transition: str  # open | resolved
+    stamp: datetime  # our claim (notified_*_at as we set it)
+
+
+def payload_for(alert, transition: str) -> dict:
+    """Slack-compatible JSON (`text`), plus the same facts as fields for other receivers."""
+    schedule = alert.schedule
+    verb = "OPEN" if transition == "open" else "RESOLVED"
+    what = {
+        MISSED: "a slot did not start within its grace",
+        FAILING: f"{alert.details.get('consecutive_failures', '?')} consecutive failed runs",
+        OVERDUE: f"a run has been running {alert.details.get('running_seconds', '?')}s",
+    }.get(alert.kind, alert.kind)
+    text = f"[{verb}] {alert.kind} alert on schedule {schedule.name!r} (job {schedule.job.key}): {what}"
+    if transition == "resolved":
+        text = f"[{verb}] {alert.kind} alert on schedule {schedule.name!r} (job {schedule.job.key}) cleared"
+    return {
+        "text": text,
+        "event": f"alert.{transition}",
+        "alert": {
+            "id": alert.pk,
+            "kind": alert.kind,
+            "schedule_id": schedule.pk,
+            "schedule": schedule.name,
+            "job": schedule.job.key,
+            "opened_at": alert.opened_at.isoformat(),
+            "resolved_at": alert.resolved_at.isoformat() if alert.resolved_at else None,
+            "details": alert.details,
+        },
+    }
+
+
+def targets_for(schedule) -> list[str]:
+    return [schedule.alert_webhook_url] if schedule.alert_webhook_url else list(settings.ALERT_WEBHOOK_URLS)
+
+
+def post_json(url: str, body: dict) -> None:
+    """POST one notification; raise on a transport error or a non-2xx answer."""
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(
+        url,
+        data=data,
+        method="POST",
+        headers={"Content-Type": "application/json", "User-Agent": "cyber-brain"},
+    )
+    with urllib.request.urlopen(request, timeout=settings.ALERT_WEBHOOK_TIMEOUT_SECONDS) as response:
+        if not 200 <= response.status < 300:
+            raise urllib.error.HTTPError(url, response.status, "not 2xx", response.headers, None)
+
+
+def _host(url: str) -> str:
+    # Only the host: a webhook URL's path or query is usually its secret (Slack, Discord, Teams).
+    return urlparse(url).hostname or "?"
+
+
+class Sender:
+    """One background thread per process delivering claimed notifications, each with retries."""
+
+    attempts = 5
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Notification] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, notification: Notification) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="alert-sender", daemon=True)
+                self._thread.start()
+        self._queue.put(notification)
+
+    def drain(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _loop(self) -> None:
+        while True:
+            notification = self._queue.get()
+            try:
+                self.deliver(notification)
+            except Exception as exc:
+                logger.warning("alert notification failed", extra={"error": type(exc).__name__})
+                self.give_back(notification)
+            finally:
+                connection.close()  # this thread's own connection
+                self._queue.task_done()
+
+    def deliver(self, notification: Notification) -> None:
+        from schedules.models import Alert
+
+        alert = Alert.objects.select_related("schedule", "schedule__job").get(pk=notification.alert_id)
+        body = payload_for(alert, notification.transition)
+        pending = targets_for(alert.schedule)
+        delay = float(settings.ALERT_RETRY_BASE_SECONDS)
+        for attempt in range(1, self.attempts + 1):
+            failed = []
+            for url in pending:
+                try:
+                    post_json(url, body)
+                except Exception as exc:
+                    failed.append(url)
+                    logger.warning(
+                        "alert webhook failed",
+                        extra={
+                            "alert_id": alert.pk,
+                            "host": _host(url),
+                            "attempt": attempt,
+                            "error": type(exc).__name__,
+                        },
+                    )
+            pending = failed
+            if not pending:
+                logger.info(
+                    "alert notified",
+                    extra={"alert_id": alert.pk, "kind": alert.kind, "transition": notification.transition},
+                )
+                return
+            if attempt < self.attempts:
+                time.sleep(delay)
+                delay = min(delay * 2, float(settings.ALERT_RETRY_MAX_SECONDS))
+        self.give_back(notification)
+        logger.warning("alert notification given up for now", extra={"alert_id": alert.pk})
+
+    @staticmethod
+    def give_back(notification: Notification) -> None:
+        """Undo our claim (only ours: the stamp we set), so a later evaluation here or elsewhere tries
+        again."""
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    UNCLAIM_SQL[notification.transition], [notification.alert_id, notification.stamp]
+                )
+        except Exception as exc:
+            logger.warning("alert claim not given back", extra={"error": type(exc).__name__})
+
+
+_sender: Sender | None = None
+
+
+def sender() -> Sender:
+    global _sender
+    if _sender is None:
+        _sender = Sender()
+    return _sender

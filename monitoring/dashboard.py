@@ -1,0 +1,337 @@
+"""/dashboard/: every schedule at a glance, a schedule's history and timeline, a run's tasks.
+
+Server-rendered (Django templates) with a little vanilla JS that polls `state.json` and redraws the
+parts that change (state, run strips, history rows), so a run-now is seen to succeed without a reload.
+Staff log in with the admin's session; users in `viewers` may look but not press. The buttons call
+the same services as the API (schedules.services, schedules.dispatch.run_now).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import wraps
+
+from django.conf import settings
+from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db.models import Count, Q
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, render
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_POST
+
+from monitoring.permissions import is_viewer
+from orchestrator.models import Run
+from schedules import services, timing
+from schedules.dispatch import run_now as dispatch_run_now
+from schedules.models import (
+    Alert,
+    ChangeSource,
+    Schedule,
+    ScheduleChange,
+    ScheduledRun,
+    ScheduledRunStatus,
+)
+
+STRIP_LENGTH = 20
+PAGE_SIZE = 50
+
+
+def _may_look(user) -> bool:
+    return user.is_active and (user.is_staff or user.is_superuser or is_viewer(user))
+
+
+def _may_press(user) -> bool:
+    return user.is_active and (user.is_staff or user.is_superuser) and not is_viewer(user)
+
+
+def dashboard_view(view):
+    """Session login (the admin's page), then staff or viewer; anyone else is a 403."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args, **kwargs):
+        if not request.user.is_authenticated:
+            return redirect_to_login(request.get_full_path(), settings.LOGIN_URL)
+        if not _may_look(request.user):
+            raise PermissionDenied("The dashboard is for staff and viewers.")
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+def action_view(view):
+    """A button: POST only (CSRF checked by the middleware), staff only (viewers get a 403)."""
+
+    @wraps(view)
+    @require_POST
+    def wrapper(request: HttpRequest, *args, **kwargs):
+        if not _may_press(request.user):
+            return JsonResponse({"detail": "Read-only access: you cannot change anything."}, status=403)
+        return view(request, *args, **kwargs)
+
+    return dashboard_view(wrapper)
+
+
+# --- reading --------------------------------------------------------------------------------------------
+
+
+def _strips(schedule_ids: list[int]) -> dict[int, list[dict]]:
+    """The last STRIP_LENGTH runs of each schedule, oldest first (one indexed query per schedule)."""
+    strips: dict[int, list[dict]] = {}
+    for sid in schedule_ids:
+        rows = ScheduledRun.objects.filter(schedule_id=sid).order_by("-scheduled_for", "-id")[:STRIP_LENGTH]
+        strips[sid] = [_run_cell(row) for row in reversed(list(rows))]
+    return strips
+
+
+def _run_cell(row: ScheduledRun) -> dict:
+    return {
+        "id": row.pk,
+        "run_id": row.run_id,
+        "status": row.status,
+        "trigger": row.trigger,
+        "scheduled_for": row.scheduled_for.isoformat(),
+        "started_at": row.started_at.isoformat() if row.started_at else None,
+        "finished_at": row.finished_at.isoformat() if row.finished_at else None,
+    }
+
+
+def _open_alerts(schedule_ids: list[int]) -> dict[int, list[str]]:
+    alerts: dict[int, list[str]] = {}
+    for sid, kind in Alert.objects.filter(schedule_id__in=schedule_ids, resolved_at__isnull=True).values_list(
+        "schedule_id", "kind"
+    ):
+        alerts.setdefault(sid, []).append(kind)
+    return alerts
+
+
+def _schedule_state(schedule: Schedule, alerts: list[str]) -> dict:
+    if alerts:
+        state = "alerting"
+    elif schedule.enabled:
+        state = "enabled"
+    else:
+        state = "paused"
+    return {
+        "id": schedule.pk,
+        "name": schedule.name,
+        "state": state,
+        "enabled": schedule.enabled,
+        "paused_note": schedule.paused_note,
+        "paused_by": schedule.paused_by,
+        "alerts": sorted(alerts),
+        "next_run_at": schedule.next_run_at.isoformat()
+        if schedule.next_run_at and schedule.enabled
+        else None,
+    }
+
+
+def _upcoming(schedule: Schedule, n: int = 3) -> list:
+    if not schedule.enabled or schedule.next_run_at is None:
+        return []
+    try:
+        return timing.upcoming(
+            timing.spec_of(schedule), after=schedule.next_run_at - timedelta(seconds=1), n=n
+        )
+    except Exception:
+        return [schedule.next_run_at]
+
+
+def _page(request: HttpRequest):
+    schedules = Schedule.objects.select_related("job").order_by("name")
+    query = request.GET.get("q", "").strip()
+    if query:
+        schedules = schedules.filter(Q(name__icontains=query) | Q(job__key__icontains=query))
+    return Paginator(schedules, PAGE_SIZE).get_page(request.GET.get("page"))
+
+
+@require_GET
+@dashboard_view
+def index(request: HttpRequest) -> HttpResponse:
+    page = _page(request)
+    schedules = list(page.object_list)
+    ids = [s.pk for s in schedules]
+    strips, alerts = _strips(ids), _open_alerts(ids)
+    rows = [
+        {
+            "schedule": s,
+            "state": _schedule_state(s, alerts.get(s.pk, [])),
+            "timing": timing.describe(timing.spec_of(s)),
+            "upcoming": _upcoming(s),
+            "strip": strips.get(s.pk, []),
+        }
+        for s in schedules
+    ]
+    counts = Alert.objects.filter(resolved_at__isnull=True).aggregate(n=Count("id"))
+    return render(
+        request,
+        "monitoring/index.html",
+        {
+            "rows": rows,
+            "page": page,
+            "query": request.GET.get("q", ""),
+            "open_alerts": counts["n"],
+            "may_press": _may_press(request.user),
+            "flower_url": settings.FLOWER_URL,
+        },
+    )
+
+
+@require_GET
+@dashboard_view
+def state(request: HttpRequest) -> JsonResponse:
+    """What the page's poll redraws: `?ids=1,2,3` (the schedules on screen)."""
+    raw = request.GET.get("ids", "")
+    try:
+        ids = [int(part) for part in raw.split(",") if part][:PAGE_SIZE]
+    except ValueError:
+        return JsonResponse({"ids": ["Comma-separated schedule ids."]}, status=400)
+    schedules = Schedule.objects.filter(pk__in=ids)
+    strips, alerts = _strips(ids), _open_alerts(ids)
+    return JsonResponse(
+        {
+            "now": timezone.now().isoformat(),
+            "schedules": [
+                {**_schedule_state(s, alerts.get(s.pk, [])), "strip": strips.get(s.pk, [])} for s in schedules
+            ],
+        }
+    )
+
+
+def _timeline(schedule: Schedule, now) -> list[dict]:
+    """The last 24 hours of runs as bars: left and width in percent of the day."""
+    start = now - timedelta(hours=24)
+    day = 24 * 3600.0
+    bars = []
+    rows = ScheduledRun.objects.filter(schedule=schedule, scheduled_for__gte=start).order_by("scheduled_for")[
+        :500
+    ]
+    for row in rows:
+        begin = row.started_at or row.scheduled_for
+        end = row.finished_at or (now if row.status == ScheduledRunStatus.RUNNING else begin)
+        left = max(0.0, (begin - start).total_seconds() / day * 100)
+        width = max(0.3, (end - begin).total_seconds() / day * 100)
+        bars.append({"left": round(left, 3), "width": round(min(width, 100 - left), 3), "row": row})
+    return bars
+
+
+@require_GET
+@dashboard_view
+def schedule_page(request: HttpRequest, pk: int) -> HttpResponse:
+    schedule = get_object_or_404(Schedule.objects.select_related("job"), pk=pk)
+    status = request.GET.get("status", "")
+    history = ScheduledRun.objects.filter(schedule=schedule).order_by("-scheduled_for", "-id")
+    if status:
+        if status not in ScheduledRunStatus.values:
+            raise Http404("unknown status")
+        history = history.filter(status=status)
+    page = Paginator(history, PAGE_SIZE).get_page(request.GET.get("page"))
+    now = timezone.now()
+    alerts = list(Alert.objects.filter(schedule=schedule, resolved_at__isnull=True))
+    return render(
+        request,
+        "monitoring/schedule.html",
+        {
+            "schedule": schedule,
+            "state": _schedule_state(schedule, [a.kind for a in alerts]),
+            "timing": timing.describe(timing.spec_of(schedule)),
+            "upcoming": _upcoming(schedule, 5),
+            "page": page,
+            "status": status,
+            "statuses": ScheduledRunStatus.values,
+            "timeline": _timeline(schedule, now),
+            "alerts": alerts,
+            "changes": ScheduleChange.objects.filter(schedule_id=schedule.pk)[:50],
+            "may_press": _may_press(request.user),
+            "flower_url": settings.FLOWER_URL,
+            "strip": _strips([schedule.pk])[schedule.pk],
+        },
+    )
+
+
+def _task_order(job_key: str) -> list[str]:
+    """The job's tasks in the order they run (stats come back from jsonb with its own key order)."""
+    from orchestrator.jobs.registry import UnknownJob, get_job_spec
+
+    try:
+        return [task.name for task in get_job_spec(job_key).tasks]
+    except UnknownJob:
+        return []
+
+
+def _task_rows(stats: dict, order: list[str]) -> list[dict]:
+    rows = []
+    for name, task in (stats.get("tasks") or {}).items():
+        if not isinstance(task, dict):
+            continue
+        counters = {k: v for k, v in task.items() if k not in ("outcome", "seconds", "pid", "error")}
+        rows.append(
+            {
+                "name": name,
+                "outcome": task.get("outcome", ""),
+                "seconds": task.get("seconds"),
+                "counters": counters,
+            }
+        )
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(rows, key=lambda row: rank.get(row["name"], len(rank)))
+
+
+@require_GET
+@dashboard_view
+def run_page(request: HttpRequest, pk: int) -> HttpResponse:
+    run = get_object_or_404(Run.objects.select_related("job"), pk=pk)
+    scheduled = ScheduledRun.objects.select_related("schedule").filter(run=run).order_by("-id").first()
+    stats = run.stats if isinstance(run.stats, dict) else {}
+    return render(
+        request,
+        "monitoring/run.html",
+        {
+            "run": run,
+            "scheduled": scheduled,
+            "tasks": _task_rows(stats, _task_order(run.job.key)),
+            "llm": stats.get("llm") if isinstance(stats.get("llm"), dict) else {},
+            "flower_url": settings.FLOWER_URL,
+            "may_press": _may_press(request.user),
+        },
+    )
+
+
+# --- the buttons ----------------------------------------------------------------------------------------
+
+
+def _schedule_or_404(pk: int) -> Schedule:
+    return get_object_or_404(Schedule, pk=pk)
+
+
+@action_view
+def run_now(request: HttpRequest, pk: int) -> JsonResponse:
+    scheduled = dispatch_run_now(_schedule_or_404(pk))
+    return JsonResponse({"scheduled_run": _run_cell(scheduled)}, status=202)
+
+
+@action_view
+def enable(request: HttpRequest, pk: int) -> JsonResponse:
+    try:
+        schedule = services.enable_schedule(
+            _schedule_or_404(pk), source=ChangeSource.ADMIN, actor=request.user.get_username()
+        )
+    except services.ScheduleInvalid as exc:
+        return JsonResponse(exc.errors, status=400)
+    return JsonResponse(_schedule_state(schedule, []))
+
+
+@action_view
+def disable(request: HttpRequest, pk: int) -> JsonResponse:
+    """Disable with an optional note (`paused_note`), recorded with who paused it, as the API does."""
+    try:
+        schedule = services.disable_schedule(
+            _schedule_or_404(pk),
+            note=request.POST.get("note", "").strip(),
+            source=ChangeSource.ADMIN,
+            actor=request.user.get_username(),
+        )
+    except services.ScheduleInvalid as exc:
+        return JsonResponse(exc.errors, status=400)
+    return JsonResponse(_schedule_state(schedule, []))

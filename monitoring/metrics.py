@@ -1,0 +1,325 @@
+"""Prometheus metrics, computed at scrape time from PostgreSQL and Redis (GET /metrics).
+
+Why at scrape time, and not prometheus-client's multiprocess mode: the facts live in the database
+already (every run's status, timings and trigger; every slot skipped and why; each schedule's next run),
+written by whichever of many scheduler, worker and web processes did the work. Counting them where they
+are is correct whatever number of processes run, restart or die (multiprocess mode loses a killed
+process's counts unless its files are swept correctly, and needs a shared directory on one host), and it
+costs the run path nothing. The few facts only a scheduler process knows (its ticks and claims, that it
+is alive) it records in Redis (record_scheduler_pass), read here as well.
+
+Counters derived from history (`cb_runs_total`, `cb_slots_skipped_total`, the histograms) go down when
+retention prunes old rows: Prometheus reads a decrease as a counter reset, so rate() stays right.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import redis
+from django.conf import settings
+from django.db import connection
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+logger = logging.getLogger(__name__)
+
+# Redis keys the scheduler writes (monitoring.scheduler.on_pass).
+SCHEDULER_COUNTERS_KEY = "cb:metrics:scheduler"  # hash: ticks, claimed
+SCHEDULER_INSTANCES_KEY = "cb:metrics:scheduler-instances"  # zset: claimant -> unix seconds it is alive until
+# The semaphore's holder sets (worker/semaphore.py, Cap.key): members scored by lease expiry in ms.
+_LEASES_KEY = "cb:sem:{scope}:leases"
+
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+# The reason label of a skipped slot, from the reason text schedules/dispatch.py records.
+SKIP_REASONS_SQL = """
+CASE WHEN error_summary LIKE 'missed%%' THEN 'missed'
+     WHEN error_summary LIKE '%%(overlap_policy skip)' THEN 'overlap_skip'
+     WHEN error_summary LIKE '%%(overlap_policy buffer_one)' THEN 'overlap_buffer'
+     WHEN error_summary = 'job disabled' THEN 'job_disabled'
+     ELSE 'other' END
+"""
+
+RUNS_TOTAL_SQL = """
+SELECT j.key, r.trigger, r.status, count(*)
+  FROM orchestrator_run r JOIN orchestrator_job j ON j.id = r.job_id
+ GROUP BY 1, 2, 3
+"""
+
+# Every job, 0 when none waits: a gauge that disappears reads as "no data", not "none waiting".
+WAITING_SQL = """
+SELECT j.key, count(r.id)
+  FROM orchestrator_job j
+  LEFT JOIN orchestrator_run r
+    ON r.job_id = j.id AND r.status = 'queued' AND r.error_summary LIKE 'waiting:%%'
+ GROUP BY 1
+"""
+SKIP_REASONS = ("missed", "overlap_skip", "overlap_buffer", "job_disabled", "other")
+
+SKIPPED_SQL = f"""
+SELECT {SKIP_REASONS_SQL} AS reason, count(*)
+  FROM schedules_scheduledrun WHERE status = 'skipped' GROUP BY 1
+"""
+
+
+def _histogram_sql(value: str, table: str, where: str, buckets: tuple[float, ...], group: str) -> str:
+    """One pass over the rows: the count at or under each bucket bound, the total and the sum."""
+    filters = ", ".join(f"count(*) FILTER (WHERE v <= {float(b)!r})" for b in buckets)
+    outer, inner, group_by = ("g, ", f"{group} AS g, ", "GROUP BY 1") if group else ("", "", "")
+    return (
+        f"SELECT {outer}{filters}, count(*), coalesce(sum(v), 0) FROM ("
+        f"SELECT {inner}{value} AS v FROM {table} WHERE {where}) AS t {group_by}"
+    )
+
+
+DURATION_SQL = _histogram_sql(
+    "extract(epoch FROM r.finished_at - r.started_at)",
+    "orchestrator_run r JOIN orchestrator_job j ON j.id = r.job_id",
+    "r.started_at IS NOT NULL AND r.finished_at IS NOT NULL",
+    DURATION_BUCKETS,
+    "j.key",
+)
+# Slot to hand-over: scheduled slots only (a run-now has no slot to be late for).
+DISPATCH_LAG_SQL = _histogram_sql(
+    "greatest(0, extract(epoch FROM published_at - scheduled_for))",
+    "schedules_scheduledrun",
+    "trigger = 'schedule' AND published_at IS NOT NULL AND run_id IS NOT NULL",
+    LAG_BUCKETS,
+    "",
+)
+# Hand-over to start (for a run that waited for a slot, from its last wake-up).
+START_LAG_SQL = _histogram_sql(
+    "greatest(0, extract(epoch FROM started_at - published_at))",
+    "schedules_scheduledrun",
+    "started_at IS NOT NULL AND published_at IS NOT NULL",
+    LAG_BUCKETS,
+    "",
+)
+
+# Per-schedule series, rendered in exposition format by PostgreSQL itself: at 100,000 schedules,
+# building 200,000 samples as Python objects would cost most of the scrape budget on its own.
+_LABEL = "replace(replace(replace(s.name, E'\\\\', E'\\\\\\\\'), '\"', E'\\\\\"'), E'\\n', E'\\\\n')"
+PER_SCHEDULE_SQL = f"""
+SELECT coalesce(string_agg(
+         'cb_schedule_next_run_timestamp_seconds{{schedule="' || {_LABEL} || '"}} '
+         || extract(epoch FROM s.next_run_at)::numeric(20, 3)::text, E'\\n'
+         ORDER BY s.id) FILTER (WHERE s.enabled AND s.next_run_at IS NOT NULL), ''),
+       coalesce(string_agg(
+         'cb_schedule_last_success_timestamp_seconds{{schedule="' || {_LABEL} || '"}} '
+         || extract(epoch FROM l.at)::numeric(20, 3)::text, E'\\n'
+         ORDER BY s.id) FILTER (WHERE l.at IS NOT NULL), '')
+  FROM schedules_schedule s
+  LEFT JOIN (SELECT schedule_id, max(finished_at) AS at FROM schedules_scheduledrun
+              WHERE status = 'succeeded' GROUP BY schedule_id) AS l ON l.schedule_id = s.id
+"""
+PER_SCHEDULE_HEADER = {
+    "cb_schedule_next_run_timestamp_seconds": "When the schedule's next slot is due (enabled schedules).",
+    "cb_schedule_last_success_timestamp_seconds": "When the schedule's last successful run finished.",
+}
+
+
+def _rows(sql: str) -> list[tuple]:
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        return cursor.fetchall()
+
+
+def _histogram(row: tuple, buckets: tuple[float, ...]) -> tuple[list[tuple[str, int]], float]:
+    """(bucket bound, cumulative count) pairs and the sum, from a row of _histogram_sql."""
+    counts, total, summed = row[: len(buckets)], row[len(buckets)], row[len(buckets) + 1]
+    pairs = [(repr(float(b)), int(c)) for b, c in zip(buckets, counts, strict=True)] + [("+Inf", int(total))]
+    return pairs, float(summed)
+
+
+class DatabaseCollector:
+    """Every aggregate series, read from PostgreSQL and Redis when Prometheus scrapes."""
+
+    def collect(self) -> Iterator:
+        yield from self._runs()
+        yield from self._lags()
+        yield from self._scheduler()
+
+    def describe(self) -> list:
+        return []  # computed at scrape time; nothing to register ahead
+
+    def _runs(self) -> Iterator:
+        runs = CounterMetricFamily(
+            "cb_runs", "Runs by job, trigger and status.", labels=["job", "trigger", "status"]
+        )
+        for job, trigger, status, count in _rows(RUNS_TOTAL_SQL):
+            runs.add_metric([job, trigger, status], count)
+        yield runs
+        duration = HistogramMetricFamily(
+            "cb_run_duration_seconds", "Run duration, start to finish (finished runs).", labels=["job"]
+        )
+        for row in _rows(DURATION_SQL):
+            pairs, summed = _histogram(row[1:], DURATION_BUCKETS)
+            duration.add_metric([row[0]], pairs, summed)
+        yield duration
+        waiting = GaugeMetricFamily(
+            "cb_runs_waiting", "Runs waiting for a concurrency slot now.", labels=["job"]
+        )
+        for job, count in _rows(WAITING_SQL):
+            waiting.add_metric([job], count)
+        yield waiting
+        skipped = CounterMetricFamily(
+            "cb_slots_skipped", "Slots recorded as skipped, by reason.", labels=["reason"]
+        )
+        counted = dict(_rows(SKIPPED_SQL))
+        for reason in SKIP_REASONS:
+            skipped.add_metric([reason], counted.get(reason, 0))
+        yield skipped
+
+    def _lags(self) -> Iterator:
+        for name, doc, sql in (
+            (
+                "cb_dispatch_lag_seconds",
+                "Slot time to hand-over to the broker (scheduled runs).",
+                DISPATCH_LAG_SQL,
+            ),
+            ("cb_start_lag_seconds", "Hand-over to the broker to the run's start.", START_LAG_SQL),
+        ):
+            family = HistogramMetricFamily(name, doc)
+            pairs, summed = _histogram(_rows(sql)[0], LAG_BUCKETS)
+            family.add_metric([], pairs, summed)
+            yield family
+
+    def _scheduler(self) -> Iterator:
+        from orchestrator.models import Job
+
+        client = redis_client()
+        jobs = list(Job.objects.values_list("key", "max_concurrency"))
+        scopes = ["global"] + [f"job:{key}" for key, _ in jobs]
+        with client.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.hgetall(SCHEDULER_COUNTERS_KEY)
+            results = pipe.execute()
+        (seconds, micros), counters = results
+        now_ms = seconds * 1000 + micros // 1000
+        with client.pipeline(transaction=False) as pipe:
+            pipe.zcount(SCHEDULER_INSTANCES_KEY, seconds, "+inf")
+            for scope in scopes:
+                pipe.zcount(_LEASES_KEY.format(scope=scope), f"({now_ms}", "+inf")
+            instances, *in_use = pipe.execute()
+        counters = {k.decode(): int(v) for k, v in counters.items()}
+        yield CounterMetricFamily(
+            "cb_scheduler_ticks", "Scheduler passes, all instances.", value=counters.get("ticks", 0)
+        )
+        yield CounterMetricFamily(
+            "cb_scheduler_claims",
+            "Schedules claimed by scheduler passes, all instances.",
+            value=counters.get("claimed", 0),
+        )
+        yield GaugeMetricFamily(
+            "cb_scheduler_instances", "Scheduler instances that completed a pass recently.", value=instances
+        )
+        used = GaugeMetricFamily("cb_cap_in_use", "Concurrency slots held now (live leases).", labels=["cap"])
+        for scope, count in zip(scopes, in_use, strict=True):
+            used.add_metric([scope], count)
+        yield used
+        limit = GaugeMetricFamily("cb_cap_limit", "Configured concurrency limits.", labels=["cap"])
+        if settings.SCHEDULER_MAX_GLOBAL:
+            limit.add_metric(["global"], settings.SCHEDULER_MAX_GLOBAL)
+        for key, max_concurrency in jobs:
+            if max_concurrency:
+                limit.add_metric([f"job:{key}"], max_concurrency)
+        yield limit
+
+
+_redis: redis.Redis | None = None
+
+
+def redis_client() -> redis.Redis:
+    global _redis
+    if _redis is None:
+        _redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+    return _redis
+
+
+def render() -> bytes:
+    """The whole exposition: the aggregate families, then the per-schedule ones from PostgreSQL."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DatabaseCollector())
+    parts = [generate_latest(registry)]
+    next_runs, last_successes = _rows(PER_SCHEDULE_SQL)[0]
+    for (name, doc), body in zip(PER_SCHEDULE_HEADER.items(), (next_runs, last_successes), strict=True):
+        parts.append(f"# HELP {name} {doc}\n# TYPE {name} gauge\n".encode())
+        if body:
+            parts.append(body.encode() + b"\n")
+    return b"".join(parts)
+
+
+# --- serving: the exposition is built at most every METRICS_MAX_AGE_SECONDS -----------------------------
+
+# At 100,000 schedules and their history, building the exposition reads every run row and renders
+# ~200,000 per-schedule samples: about a second of database time (docs/BENCHMARKS.md). A scrape must
+# not wait for that, so scrapes are served from the last build, kept in Redis (one copy for every web
+# process), and a scrape that finds it older than METRICS_MAX_AGE_SECONDS starts a rebuild in the
+# background; a Redis lock makes it one rebuild at a time across processes. Values are thus at most
+# one max-age plus one build old. METRICS_MAX_AGE_SECONDS=0 builds on every scrape (small installs, tests).
+EXPOSITION_KEY = "cb:metrics:exposition"  # hash: built_at (unix s), body
+REFRESH_LOCK_KEY = "cb:metrics:refresh-lock"
+REFRESH_LOCK_SECONDS = 120
+
+
+def exposition() -> bytes:
+    """What GET /metrics answers, gzip-compressed: a fresh build, or the cached one (rebuilt in the
+    background when older than METRICS_MAX_AGE_SECONDS). Compressed once per build, not per scrape:
+    at 100,000 schedules the text is ~15 MB and ~1 MB gzipped, which is what Redis and the wire carry."""
+    max_age = float(settings.METRICS_MAX_AGE_SECONDS)
+    if max_age <= 0:
+        return gzip.compress(render(), compresslevel=1)
+    client = redis_client()
+    built_at, body = client.hmget(EXPOSITION_KEY, ["built_at", "body"])
+    if body is None:
+        # First scrape (or Redis emptied): build now.
+        return rebuild(client) or gzip.compress(render(), compresslevel=1)
+    if time.time() - float(built_at) > max_age:
+        threading.Thread(target=_rebuild_in_background, name="metrics-rebuild", daemon=True).start()
+    return body
+
+
+def rebuild(client: redis.Redis) -> bytes | None:
+    """Build, compress and store the exposition, unless another process is building it (then None)."""
+    if not client.set(REFRESH_LOCK_KEY, os.getpid(), nx=True, ex=REFRESH_LOCK_SECONDS):
+        return None
+    try:
+        body = gzip.compress(render(), compresslevel=1)
+        ttl = int(max(600, 10 * float(settings.METRICS_MAX_AGE_SECONDS)))
+        with client.pipeline() as pipe:
+            pipe.hset(EXPOSITION_KEY, mapping={"built_at": time.time(), "body": body})
+            pipe.expire(EXPOSITION_KEY, ttl)
+            pipe.execute()
+        return body
+    finally:
+        client.delete(REFRESH_LOCK_KEY)
+
+
+def _rebuild_in_background() -> None:
+    try:
+        rebuild(redis_client())
+    except Exception as exc:
+        logger.warning("metrics rebuild failed", extra={"error": type(exc).__name__})
+    finally:
+        connection.close()  # this thread's own connection
+
+
+def record_scheduler_pass(*, claimant: str, claimed: int, alive_for: float) -> None:
+    """Called by each scheduler pass: count it, and mark the instance alive for `alive_for` seconds."""
+    client = redis_client()
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hincrby(SCHEDULER_COUNTERS_KEY, "ticks", 1)
+        if claimed:
+            pipe.hincrby(SCHEDULER_COUNTERS_KEY, "claimed", claimed)
+        pipe.zadd(SCHEDULER_INSTANCES_KEY, {claimant: time.time() + alive_for})
+        # Instances gone for a day drop out, so the set stays the size of the fleet.
+        pipe.zremrangebyscore(SCHEDULER_INSTANCES_KEY, "-inf", time.time() - 86400)
+        pipe.execute()

@@ -1,0 +1,103 @@
+"""The dashboard in a real browser (issue 17.3): headless Chromium (Debian's `chromium`) driven by
+Playwright, against a live server and a real worker. Log in, press run-now and see the run succeed
+without a reload, disable with a note and see the note. Saves a screenshot of each page
+(docs/screenshots/ when SAVE_SCREENSHOTS=1, else the test's tmp dir)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from orchestrator.models import Job
+from schedules import services
+from schedules.models import Schedule, ScheduledRun
+from tests.workerproc import start_run_worker
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs the Debian package chromium"),
+]
+sync_api = pytest.importorskip("playwright.sync_api", reason="needs the PyPI package playwright")
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+
+
+@pytest.fixture
+def browser_page(monkeypatch):
+    # Playwright's sync API runs an event loop in this thread; Django would then refuse the test's own
+    # ORM calls as "async context" (Django's documented switch for exactly this case).
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 720})
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def shot(page, name: str, tmp_path: Path) -> None:
+    folder = SCREENSHOTS if os.environ.get("SAVE_SCREENSHOTS") == "1" else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / f"{name}.png"))
+
+
+def test_run_now_succeeds_live_and_disable_shows_the_note(
+    live_server, browser_page, django_user_model, redis_client, tmp_path
+):
+    django_user_model.objects.create_user("ops", password="pw-ops-12345", is_staff=True)
+    job = Job.objects.get(key="sleep")
+    schedule = services.create_schedule(
+        name="nightly-triage",
+        job=job,
+        schedule_type="cron",
+        cron_expr="0 2 * * *",
+        custom_directive_text="0.2",
+    )
+    services.create_schedule(
+        name="every-ten", job=job, schedule_type="interval", interval_minutes=10, custom_directive_text="0.1"
+    )
+    worker = start_run_worker(tmp_path=tmp_path)
+    page = browser_page
+    try:
+        page.goto(f"{live_server.url}/dashboard/")
+        assert "/admin/login/" in page.url, "the dashboard needs a login"
+        page.fill("input[name=username]", "ops")
+        page.fill("input[name=password]", "pw-ops-12345")
+        page.click("input[type=submit]")
+        page.wait_for_url(f"{live_server.url}/dashboard/")
+        row = page.locator(f"tr[data-schedule='{schedule.pk}']")
+        assert "At 02:00 AM" in row.inner_text()
+
+        row.locator("button[data-kind=run-now]").click()
+        # The poll redraws the strip: the new run appears and turns succeeded, no reload.
+        row.locator(".cell[data-status=succeeded]").wait_for(timeout=90_000)
+        assert ScheduledRun.objects.get(schedule=schedule).status == "succeeded"
+        shot(page, "dashboard", tmp_path)
+
+        page.once("dialog", lambda dialog: dialog.accept("paused for the log rotation change"))
+        row.locator("button[data-kind=disable]").click()
+        row.locator("[data-note]").wait_for()
+        assert row.locator("[data-note]").inner_text() == "paused for the log rotation change"
+        schedule.refresh_from_db()
+        assert not schedule.enabled
+        assert schedule.paused_note == "paused for the log rotation change"
+        assert schedule.paused_by == "ops"
+
+        page.click(f"a[href='/dashboard/schedules/{schedule.pk}/']")
+        page.locator(".timeline .bar").first.wait_for()
+        assert "paused for the log rotation change" in page.inner_text("table.facts")
+        shot(page, "schedule", tmp_path)
+        page.locator("table.history a").first.click()
+        page.wait_for_url("**/dashboard/runs/*/")
+        assert "succeeded" in page.inner_text("table.facts")
+        assert page.locator("a[href*='/task/']").count() == 1, "links to the run's task in Flower"
+        shot(page, "run", tmp_path)
+    finally:
+        worker.stop()
+    assert Schedule.objects.count() == 2
