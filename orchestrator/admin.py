@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
 
 from orchestrator import models
 from orchestrator.api.serializers import JobSerializer
@@ -60,7 +63,18 @@ class DirectiveAdmin(admin.ModelAdmin):
 class RunAdmin(admin.ModelAdmin):
     """Runs are written by launches and workers: view only."""
 
-    list_display = ["id", "job", "trigger", "status", "created_at", "started_at", "finished_at", "llm_calls"]
+    list_display = [
+        "id",
+        "job",
+        "trigger",
+        "status",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "llm_calls",
+        "flower",
+    ]
+    readonly_fields = ["flower", "dashboard"]
     list_filter = ["status", "trigger", "job"]
     list_select_related = ["job"]
     search_fields = ["task_id", "error_summary"]
@@ -71,6 +85,19 @@ class RunAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: models.Run | None = None) -> bool:
         return False
+
+    @admin.display(description="Flower")
+    def flower(self, run: models.Run) -> str:
+        """The run's Celery task in Flower (FLOWER_URL), named there after its job and schedule."""
+        if not run.task_id:
+            return "-"
+        return format_html('<a href="{}/task/{}">task</a>', settings.FLOWER_URL, run.task_id)
+
+    @admin.display(description="dashboard")
+    def dashboard(self, run: models.Run) -> str:
+        if run.pk is None:
+            return "-"
+        return format_html('<a href="{}">tasks and timings</a>', reverse("dashboard:run", args=[run.pk]))
 
 
 def _register_view_only(model: type) -> None:
