@@ -30,14 +30,7 @@ from django.conf import settings
 from django.db import connections
 from django.db.backends.signals import connection_created
 
-_OURS = re.compile(r"-c\s*(lock_timeout|statement_timeout|tcp_keepalives_\w+|tcp_user_timeout)=\S+\s*")
-# A peer silent this long is gone (issue 18): a scheduler or worker host cut off or frozen mid-transaction
-# sends no reset, and the server would keep its session and row locks for 15 min (reply unacknowledged)
-# to 2 h (keepalive), locking its schedules away from every other scheduler (SKIP LOCKED).
-_DEAD_PEER = (
-    "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
-    " -c tcp_user_timeout=30000"
-)
+_OURS = re.compile(r"-c\s*(lock_timeout|statement_timeout)=\S+\s*")
 
 
 def apply_session_timeouts(
@@ -57,7 +50,6 @@ def apply_session_timeouts(
     options = settings_dict.setdefault("OPTIONS", {})
     kept = _OURS.sub("", options.get("options", "")).strip()
     ours = f"-c lock_timeout={int(lock_timeout_ms)} -c statement_timeout={int(statement_timeout_ms)}"
-    ours += f" {_DEAD_PEER}"
     options["options"] = f"{kept} {ours}".strip()
     connections[alias].close()
 

@@ -118,6 +118,16 @@ DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", 5)
 DB_TRANSACTION_POOLING = env_bool("DB_TRANSACTION_POOLING", False)
 if DB_TRANSACTION_POOLING:
     DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
+else:
+    # Every process's sessions (web, scheduler, workers): a client host cut off or frozen mid-transaction
+    # sends no reset, so PostgreSQL would keep its session and row locks for 15 min (its reply
+    # unacknowledged) to 2 h (keepalive), and every scheduler skips a schedule's row so held (SKIP
+    # LOCKED). A peer silent for ~30 s is dropped instead (issue 18). PgBouncer refuses `options`.
+    _options = DATABASES["default"]["OPTIONS"]
+    _options["options"] = (
+        f"{_options.get('options', '')} -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5"
+        " -c tcp_keepalives_count=3 -c tcp_user_timeout=30000"
+    ).strip()
 # The scheduler's LISTEN for schedule changes needs one session that stays its own, which a
 # transaction pool cannot give: a direct postgres:// URL to the same database (default: the main
 # database settings). Without one behind a transaction pool, or when a probe NOTIFY does not come

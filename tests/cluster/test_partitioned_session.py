@@ -23,7 +23,9 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,9 @@ import pytest
 from tests.scheduler_support import REPO
 
 pytestmark = [pytest.mark.slow]
+
+
+DATABASE = "cb_soak"  # scripts/cluster.py's database (soak.DATABASE) on its own server
 
 
 def _requirements() -> str | None:
@@ -62,81 +67,119 @@ def _wait(condition, timeout: float, what: str):
 
 CREATE_SCHEDULE = """
 from datetime import timedelta
-from django.db.models.functions import Now
 from django.utils import timezone
 from orchestrator.models import Job
 from schedules.models import Schedule
 s = Schedule.objects.create(
     name="cut-mid-transaction", job=Job.objects.get(key="sleep"), custom_directive_text="0.1",
     schedule_type="interval", interval_minutes=10, misfire_policy="run_all", overlap_policy="allow",
-    next_run_at=timezone.now() + timedelta(seconds=2),
+    next_run_at=timezone.now() + timedelta(seconds=%d),
 )
 print(s.pk)
 """
 
 
-@pytest.mark.skipif(_requirements() is not None, reason=_requirements() or "")
-def test_scheduler_cut_off_inside_its_dispatch_transaction__another_dispatches_the_slot():
+@pytest.fixture
+def cluster():
+    """The db host (PostgreSQL, Redis, migrated) and three empty node hosts of scripts/cluster.py."""
+    if _requirements() is not None:
+        pytest.skip(_requirements())
     cluster_script = _cluster_module()
     workdir = Path(tempfile.mkdtemp(prefix=f"cbc-cluster-{os.getpid()}-"))
     os.chmod(workdir, 0o755)
-    cluster = cluster_script.Cluster(cluster_script.Config(), workdir, log=print)
-    blocker = None
+    hosts = cluster_script.Cluster(cluster_script.Config(), workdir, log=print)
     try:
-        cluster.net.build()
-        cluster.start_db_host()
-        n1 = cluster.net.addr["n1"]
-        schedule_id = int(cluster.manage("n1", "shell", "-c", CREATE_SCHEDULE).split()[-1])
-        # The run INSERT of the dispatch transaction waits behind this lock, after the row lock.
-        blocker = cluster.pg.connect(cluster_script.DATABASE)
-        blocker.autocommit = False
+        hosts.net.build()
+        hosts.start_db_host()
+        yield hosts
+    finally:
+        hosts.teardown()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def run_inserts_blocked(cluster):
+    """A SHARE lock on orchestrator_run: a transaction that inserts a run waits there, holding what it
+    locked before. Yields the session; its commit lets the waiting INSERTs complete."""
+    blocker = cluster.pg.connect(DATABASE)
+    blocker.autocommit = False
+    try:
         blocker.cursor().execute("LOCK TABLE orchestrator_run IN SHARE MODE")
+        yield blocker
+    finally:
+        blocker.close()
+
+
+def session_of(cluster, host: str, where: str) -> list[tuple]:
+    return cluster.sql(
+        f"""SELECT round(extract(epoch FROM now() - state_change)) FROM pg_stat_activity
+             WHERE host(client_addr) = %s AND {where}""",
+        [cluster.net.addr[host]],
+    )
+
+
+def cut_off_while_waiting(cluster, blocker, host: str) -> None:
+    """Cut `host` from PostgreSQL while its session waits on the lock, then let the lock go: the
+    server's reply goes unacknowledged and the session sits in its open transaction."""
+    _wait(
+        lambda: session_of(
+            cluster, host, """wait_event_type = 'Lock' AND query LIKE 'INSERT INTO "orchestrator_run"%%'"""
+        ),
+        120,
+        f"{host}'s session to wait inside its transaction",
+    )
+    cluster.net.partition(host, "cut_db")
+    blocker.commit()
+    _wait(
+        lambda: session_of(cluster, host, "state LIKE 'idle in transaction%%'"),
+        30,
+        f"{host}'s session to sit in its open transaction",
+    )
+
+
+def assert_dispatched_by_another(cluster, schedule_id: int, host: str) -> None:
+    """A scheduler on n2 must dispatch the schedule's slot: the cut-off session must have been dropped."""
+    cluster.start_scheduler("n2")
+
+    def dispatched():
+        return cluster.sql(
+            "SELECT 1 FROM schedules_scheduledrun WHERE schedule_id = %s AND trigger = 'schedule'",
+            [schedule_id],
+        )
+
+    deadline = time.monotonic() + 75
+    while time.monotonic() < deadline and not dispatched():
+        time.sleep(1)
+    held = session_of(cluster, host, "state LIKE 'idle in transaction%%'")
+    assert dispatched(), (
+        f"the slot was never dispatched: {host}'s cut-off session still holds the schedule's row"
+        f" ({held[0][0] if held else '?'} s idle in transaction)"
+    )
+    assert not held, "the cut-off session still exists"
+
+
+def test_scheduler_cut_off_inside_its_dispatch_transaction__another_dispatches_the_slot(cluster):
+    schedule_id = int(cluster.manage("n1", "shell", "-c", CREATE_SCHEDULE % 2).split()[-1])
+    with run_inserts_blocked(cluster) as blocker:
+        # The dispatch transaction locks the schedule's row (FOR UPDATE), then inserts the run.
         cluster.env["SCHEDULER_LOCK_TIMEOUT_MS"] = "120000"
         cluster.start_scheduler("n1")
-        _wait(
-            lambda: cluster.sql(
-                """SELECT 1 FROM pg_stat_activity WHERE host(client_addr) = %s AND wait_event_type = 'Lock'
-                      AND query LIKE 'INSERT INTO "orchestrator_run"%%'""",
-                [n1],
-            ),
-            120,
-            "n1's scheduler to wait inside its dispatch transaction",
-        )
-        cluster.net.partition("n1", "cut_db")
-        blocker.commit()  # the INSERT completes; its reply can no longer reach n1
-        _wait(
-            lambda: cluster.sql(
-                """SELECT 1 FROM pg_stat_activity WHERE host(client_addr) = %s
-                      AND state LIKE 'idle in transaction%%'""",
-                [n1],
-            ),
-            30,
-            "n1's session to sit in its open transaction",
-        )
-        cluster.env.pop("SCHEDULER_LOCK_TIMEOUT_MS")
-        cluster.start_scheduler("n2")
+        cut_off_while_waiting(cluster, blocker, "n1")
+    cluster.env.pop("SCHEDULER_LOCK_TIMEOUT_MS")
+    assert_dispatched_by_another(cluster, schedule_id, "n1")
 
-        def dispatched():
-            return cluster.sql(
-                "SELECT 1 FROM schedules_scheduledrun WHERE schedule_id = %s AND trigger = 'schedule'",
-                [schedule_id],
-            )
 
-        deadline = time.monotonic() + 75
-        while time.monotonic() < deadline and not dispatched():
-            time.sleep(1)
-        held = cluster.sql(
-            """SELECT round(extract(epoch FROM now() - state_change)) FROM pg_stat_activity
-                WHERE host(client_addr) = %s AND state LIKE 'idle in transaction%%'""",
-            [n1],
+def test_web_cut_off_inside_a_run_now__the_schedulers_dispatch_the_schedule(cluster):
+    """The web's run-now holds its schedule's key (FOR KEY SHARE, schedules/dispatch.py) while it inserts
+    the run; the schedulers lock due rows FOR UPDATE SKIP LOCKED, which skips a row so held."""
+    schedule_id = int(cluster.manage("n1", "shell", "-c", CREATE_SCHEDULE % 3600).split()[-1])
+    cluster.start_node("n1", scheduler=False)  # the web (and a worker) on n1
+    _wait(lambda: cluster.api("GET", "/api/health/")[0] == 200, 120, "the web to answer")
+    with run_inserts_blocked(cluster) as blocker:
+        request = threading.Thread(
+            target=cluster.api, args=("POST", f"/api/schedules/{schedule_id}/run-now"), daemon=True
         )
-        assert dispatched(), (
-            f"the slot was never dispatched: n1's cut-off session still holds the schedule's row"
-            f" ({held[0][0] if held else '?'} s idle in transaction)"
-        )
-        assert not held, "the cut-off session still exists"
-    finally:
-        if blocker is not None:
-            blocker.close()
-        cluster.teardown()
-        shutil.rmtree(workdir, ignore_errors=True)
+        request.start()
+        cut_off_while_waiting(cluster, blocker, "n1")
+    cluster.sql("UPDATE schedules_schedule SET next_run_at = now() WHERE id = %s", [schedule_id])
+    assert_dispatched_by_another(cluster, schedule_id, "n1")
