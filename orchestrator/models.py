@@ -19,6 +19,15 @@ class Task3Scope(models.TextChoices):
     ALL = "all", "all"
 
 
+# A job's run messages go to `jobs.<key>` unless `Job.queue` names another queue (DESIGN 4); the one
+# definition of that name (publishing, routing and the job sync all use it).
+QUEUE_PREFIX = "jobs."
+
+
+def default_queue(job_key: str) -> str:
+    return f"{QUEUE_PREFIX}{job_key}"
+
+
 class Job(models.Model):
     """A kind of work. Rows are synced from the code registry at migrate time; settings are editable."""
 
@@ -46,7 +55,7 @@ class Job(models.Model):
 
     def save(self, *args, **kwargs) -> None:
         if not self.queue:
-            self.queue = f"jobs.{self.key}"
+            self.queue = default_queue(self.key)
         super().save(*args, **kwargs)
 
 

@@ -33,10 +33,6 @@ class OrchestratorError(Exception):
     """Base for the orchestrator's domain errors."""
 
 
-class JobDisabled(OrchestratorError):
-    pass
-
-
 class TaskFailed(OrchestratorError):
     """A task raised, crashed or overran. `str(exc)` is the run's `error_summary` (under 500 chars)."""
 

@@ -44,10 +44,6 @@ class SchedulerError(Exception):
     """Base for the scheduler's domain errors."""
 
 
-class ClaimLost(SchedulerError):
-    pass
-
-
 # --- The scheduler's dispatch ----------------------------------------------------------------------
 
 UNFINISHED_SQL = """
@@ -149,25 +145,6 @@ def dispatch_claimed(
                 total.lost += lost
             queue = deque(sid for sid in queue if sid in kept)
             renewed_at = time.monotonic()
-    return total
-
-
-def dispatch_slot(
-    schedule_id: int,
-    *,
-    claimant: str,
-    grace: timedelta,
-    taken_over_at: datetime | None = None,
-    ttl: float = 0.0,
-) -> DispatchResult:
-    """Dispatch one claimed schedule's due slots (all of them), publishing after each commit."""
-    total = DispatchResult()
-    pending = [schedule_id]
-    window = handover_window(taken_over_at, ttl=ttl)
-    handovers = {schedule_id: window} if window is not None else {}
-    while pending:
-        result, pending = _dispatch_batch(pending, claimant=claimant, grace=grace, handovers=handovers)
-        total.add(result)
     return total
 
 
@@ -413,12 +390,12 @@ def _committed_messages(batch: _Batch, result: DispatchResult) -> list[RunMessag
                 run = batch.run_for[key]
                 result.dispatched += 1
                 messages.append(
-                    RunMessage(
-                        task_id=run.task_id,
+                    RunMessage.build(
                         run_id=run.pk,
-                        scheduled_run_id=batch.inserted[key],
+                        task_id=run.task_id,
                         job_key=job.key,
-                        queue=job.queue or f"jobs.{job.key}",
+                        job_queue=job.queue,
+                        scheduled_run_id=batch.inserted[key],
                     )
                 )
                 # Every run field (project/logging.py), so the run can be followed from here to its worker.
@@ -463,12 +440,13 @@ def _publish(messages: list[RunMessage], result: DispatchResult) -> None:
 
 
 def message_for(job: Job, run: Run, scheduled_run: ScheduledRun | None) -> RunMessage:
-    return RunMessage(
-        task_id=run.task_id,
+    """The run's message (RunMessage.build), from the model instances."""
+    return RunMessage.build(
         run_id=run.pk,
-        scheduled_run_id=scheduled_run.pk if scheduled_run is not None else None,
+        task_id=run.task_id,
         job_key=job.key,
-        queue=job.queue or f"jobs.{job.key}",
+        job_queue=job.queue,
+        scheduled_run_id=scheduled_run.pk if scheduled_run is not None else None,
     )
 
 

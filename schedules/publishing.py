@@ -33,11 +33,34 @@ PUBLISH_BATCH_SIZE = 1000
 
 @dataclass(frozen=True)
 class RunMessage:
+    """What a worker needs to find and start a run; made by `RunMessage.build` (also when read back)."""
+
     task_id: str
     run_id: int
     scheduled_run_id: int | None
     job_key: str
     queue: str
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        run_id: int,
+        task_id: str,
+        job_key: str,
+        job_queue: str = "",
+        scheduled_run_id: int | None = None,
+    ) -> RunMessage:
+        """The one place a run message is made: to the job's own queue, or its default `jobs.<key>`."""
+        from orchestrator.models import default_queue
+
+        return cls(
+            task_id=task_id,
+            run_id=run_id,
+            scheduled_run_id=scheduled_run_id,
+            job_key=job_key,
+            queue=job_queue or default_queue(job_key),
+        )
 
 
 def send_messages(messages: list[RunMessage]) -> None:
@@ -296,13 +319,16 @@ def _sweep_candidates(params: dict, *, include_manual: bool) -> list[_Candidate]
     with connection.cursor() as cursor:
         cursor.execute(SWEEP_SCHEDULED_SQL, params)
         picked = [
-            _Candidate(_message(tid, rid, sid, key, queue), prev)
+            _Candidate(
+                RunMessage.build(run_id=rid, task_id=tid, job_key=key, job_queue=queue, scheduled_run_id=sid),
+                prev,
+            )
             for sid, rid, tid, key, queue, prev in cursor.fetchall()
         ]
         if include_manual:
             cursor.execute(SWEEP_MANUAL_SQL, params)
             picked += [
-                _Candidate(_message(tid, rid, None, key, queue), prev)
+                _Candidate(RunMessage.build(run_id=rid, task_id=tid, job_key=key, job_queue=queue), prev)
                 for rid, tid, key, queue, prev in cursor.fetchall()
             ]
     return picked
@@ -343,13 +369,3 @@ def _untake(rows: list[tuple[_Candidate, datetime]]) -> None:
                         "stamp": [stamp for _, stamp in part],
                     },
                 )
-
-
-def _message(task_id: str, run_id: int, scheduled_run_id: int | None, key: str, queue: str) -> RunMessage:
-    return RunMessage(
-        task_id=task_id,
-        run_id=run_id,
-        scheduled_run_id=scheduled_run_id,
-        job_key=key,
-        queue=queue or f"jobs.{key}",
-    )

@@ -71,12 +71,12 @@ def republish_waiting_runs(run_ids: list[int] | None = None) -> int:
         ).values_list("run_id", "id")
     )
     messages = [
-        RunMessage(
+        RunMessage.build(
             task_id=run.task_id,
             run_id=run.pk,
             scheduled_run_id=scheduled.get(run.pk),
             job_key=run.job.key,
-            queue=run.job.queue or f"jobs.{run.job.key}",
+            job_queue=run.job.queue,
         )
         for run in runs
     ]

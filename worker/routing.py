@@ -11,8 +11,8 @@ from typing import Any
 
 from kombu import Queue
 
-RUN_TASK_NAME = "worker.execute_run"  # the same name schedules.publishing publishes under
-QUEUE_PREFIX = "jobs."
+from orchestrator.models import default_queue
+from schedules.publishing import RUN_TASK_NAME  # the task name is the publisher's contract
 
 
 class UnknownJobs(ValueError):
@@ -22,7 +22,7 @@ class UnknownJobs(ValueError):
 
 
 def queue_name(job_key: str) -> str:
-    return f"{QUEUE_PREFIX}{job_key}"
+    return default_queue(job_key)
 
 
 def route_run(name: str, args: Any, kwargs: Any, options: dict, task: Any = None, **kw: Any) -> dict | None:

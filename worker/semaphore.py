@@ -275,10 +275,6 @@ return 1
 """
 
 
-class SemaphoreError(Exception):
-    """Base for semaphore errors (Redis errors pass through as redis.RedisError)."""
-
-
 @dataclass(frozen=True)
 class Cap:
     """One concurrency cap: a scope (`global` or `job:<key>`), its limit, and words for humans."""

@@ -121,6 +121,8 @@ def get_job_spec(key: str) -> JobSpec:
 
 def sync_jobs(job_model: Any, using: str = "default") -> int:
     """Create a `Job` row for every registered job that lacks one; return how many were created."""
+    from orchestrator.models import default_queue
+
     created = 0
     for spec in all_job_specs():
         _, was_created = job_model.objects.using(using).get_or_create(
@@ -128,7 +130,7 @@ def sync_jobs(job_model: Any, using: str = "default") -> int:
             defaults={
                 "name": spec.name,
                 "description": spec.description,
-                "queue": f"jobs.{spec.key}",
+                "queue": default_queue(spec.key),
                 "timeout_seconds": spec.timeout_seconds,
                 "max_concurrency": spec.max_concurrency,
             },

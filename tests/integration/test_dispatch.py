@@ -12,13 +12,14 @@ import pytest
 
 from orchestrator.models import Run
 from schedules import timing
-from schedules.dispatch import dispatch_claimed, dispatch_slot
+from schedules.dispatch import dispatch_claimed
 from schedules.models import ScheduledRun
 from schedules.slots import MISSED_REASON, OVERLAP_BUFFER_REASON, OVERLAP_SKIP_REASON
 from tests.scheduler_support import db_now, make_schedule, sql
 
 GRACE = timedelta(seconds=60)
 ME = "me:1"
+TTL = 60.0  # the claims these tests take (the real path renews them past a third of it)
 
 
 def claim(schedule, claimant: str = ME, seconds: int = 60) -> None:
@@ -49,7 +50,7 @@ def test_dispatch__creates_one_queued_run_and_advances_from_the_slot():
     s = make_schedule("one", next_run_at=slot, interval_minutes=10)
     claim(s)
 
-    result = dispatch_slot(s.pk, claimant=ME, grace=GRACE)
+    result = dispatch_claimed([s.pk], claimant=ME, grace=GRACE, ttl=TTL)
 
     assert result.dispatched == 1
     (sr,) = ScheduledRun.objects.filter(schedule=s)
@@ -67,11 +68,11 @@ def test_dispatch__creates_one_queued_run_and_advances_from_the_slot():
 def test_dispatch__does_nothing_when_the_claim_is_not_ours_any_more():
     s = make_schedule("taken")
     claim(s, claimant="other:9")
-    assert dispatch_slot(s.pk, claimant=ME, grace=GRACE).dispatched == 0
+    assert dispatch_claimed([s.pk], claimant=ME, grace=GRACE, ttl=TTL).dispatched == 0
 
     claim(s, claimant=ME)
     sql("UPDATE schedules_schedule SET claimed_until = now() - interval '1 second' WHERE id = %s", [s.pk])
-    assert dispatch_slot(s.pk, claimant=ME, grace=GRACE).dispatched == 0
+    assert dispatch_claimed([s.pk], claimant=ME, grace=GRACE, ttl=TTL).dispatched == 0
     assert not ScheduledRun.objects.filter(schedule=s).exists()
 
 
@@ -83,7 +84,7 @@ def test_dispatch__an_existing_slot_is_never_inserted_twice():
     runs_before = Run.objects.count()
     claim(s)
 
-    result = dispatch_slot(s.pk, claimant=ME, grace=GRACE)
+    result = dispatch_claimed([s.pk], claimant=ME, grace=GRACE, ttl=TTL)
 
     assert result.dispatched == 0
     assert ScheduledRun.objects.filter(schedule=s, scheduled_for=slot).count() == 1
@@ -103,7 +104,7 @@ def test_dispatch__misfire_policy_after_downtime(policy, expected_queued, expect
     s = make_schedule(f"down-{policy}", next_run_at=first, misfire_policy=policy)
     claim(s)
 
-    dispatch_slot(s.pk, claimant=ME, grace=GRACE)
+    dispatch_claimed([s.pk], claimant=ME, grace=GRACE, ttl=TTL)
 
     latest = first + timedelta(minutes=30)
     assert len(slots_of(s, "queued")) == expected_queued
@@ -124,7 +125,7 @@ def test_dispatch__run_all_catches_up_at_most_100_slots():
     s = make_schedule("catch-up", next_run_at=first, interval_minutes=1, misfire_policy="run_all")
     claim(s)
 
-    dispatch_slot(s.pk, claimant=ME, grace=GRACE)
+    dispatch_claimed([s.pk], claimant=ME, grace=GRACE, ttl=TTL)
 
     slots = slots_of(s, "queued")
     assert len(slots) == 100
@@ -153,7 +154,7 @@ def test_dispatch__overlap_policy_with_unfinished_runs(policy, unfinished, dispa
         )
     claim(s)
 
-    dispatch_slot(s.pk, claimant=ME, grace=GRACE)
+    dispatch_claimed([s.pk], claimant=ME, grace=GRACE, ttl=TTL)
 
     sr = ScheduledRun.objects.get(schedule=s, trigger="schedule", scheduled_for=slot)
     assert (sr.status == "queued") is dispatched
@@ -188,7 +189,7 @@ def test_dispatch__enable_computes_from_now_so_slots_missed_while_disabled_do_no
     assert s.enabled
     assert s.next_run_at > now
     claim(s)
-    assert dispatch_slot(s.pk, claimant=ME, grace=GRACE).dispatched == 0
+    assert dispatch_claimed([s.pk], claimant=ME, grace=GRACE, ttl=TTL).dispatched == 0
     assert not ScheduledRun.objects.filter(schedule=s).exists()
 
 

@@ -13,7 +13,7 @@ from django.utils.dateparse import parse_datetime
 
 from orchestrator.models import Run
 from schedules import timing
-from schedules.dispatch import dispatch_slot
+from schedules.dispatch import dispatch_claimed
 from schedules.models import Schedule, ScheduleChange, ScheduledRun
 from schedules.slots import MISSED_REASON, OVERLAP_SKIP_REASON
 from tests.scheduler_support import db_now, make_schedule, sql
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.django_db
 
 GRACE = timedelta(seconds=60)
 ME = "me:1"
+TTL = 60.0  # the claims these tests take (the real path renews them past a third of it)
 
 BODY = {
     "name": "features",
@@ -223,7 +224,8 @@ def test_dispatch__a_jittered_slot_is_keyed_on_the_slot_and_next_run_at_is_the_n
     s.save(update_fields=["next_run_at"])
     claim(s)
 
-    assert dispatch_slot(s.pk, claimant=ME, grace=GRACE).dispatched == 1  # run_once: the latest due
+    # run_once: the latest due
+    assert dispatch_claimed([s.pk], claimant=ME, grace=GRACE, ttl=TTL).dispatched == 1
 
     (run,) = ScheduledRun.objects.filter(schedule=s)
     s.refresh_from_db()
@@ -241,7 +243,7 @@ def test_dispatch__max_runs_disables_the_schedule_with_a_note_and_scheduled_runs
     api.post(f"/api/schedules/{s.pk}/run-now")  # manual runs do not count
     claim(s)
 
-    assert dispatch_slot(s.pk, claimant=ME, grace=GRACE).dispatched == 3  # 4 due, max_runs 3
+    assert dispatch_claimed([s.pk], claimant=ME, grace=GRACE, ttl=TTL).dispatched == 3  # 4 due, max_runs 3
 
     s.refresh_from_db()
     assert (s.enabled, s.scheduled_run_count, s.paused_note) == (False, 3, "completed 3 runs")
@@ -265,7 +267,7 @@ def test_dispatch__past_end_at_nothing_runs_and_next_run_at_becomes_null():
     )
     claim(s)
 
-    dispatch_slot(s.pk, claimant=ME, grace=GRACE)
+    dispatch_claimed([s.pk], claimant=ME, grace=GRACE, ttl=TTL)
 
     assert sorted(ScheduledRun.objects.filter(schedule=s).values_list("scheduled_for", flat=True)) == [
         first,
@@ -287,7 +289,7 @@ def test_dispatch__the_catchup_window_decides_how_late_a_slot_may_still_run(wind
         catchup_window_seconds=window,
     )
     claim(s)
-    dispatch_slot(s.pk, claimant=ME, grace=GRACE)
+    dispatch_claimed([s.pk], claimant=ME, grace=GRACE, ttl=TTL)
     (run,) = ScheduledRun.objects.filter(schedule=s)
     assert (run.status, run.error_summary) == (status, reason)
 
@@ -355,7 +357,7 @@ def test_backfill__a_slot_backfilled_first_is_not_dispatched_again_by_the_schedu
     body = {"start": (s.next_run_at - timedelta(seconds=1)).isoformat(), "end": now.isoformat()}
     assert api.post(f"/api/schedules/{s.pk}/backfill", body, format="json").json()["created"] == 1
     claim(s)
-    assert dispatch_slot(s.pk, claimant=ME, grace=GRACE).dispatched == 0
+    assert dispatch_claimed([s.pk], claimant=ME, grace=GRACE, ttl=TTL).dispatched == 0
     assert ScheduledRun.objects.filter(schedule=s).count() == 1
 
 
