@@ -500,6 +500,13 @@ def validate_cron_expr(expr: str) -> None:
                 f"invalid cron expression {expr!r}: the {name} field {fields[index]!r} is {what}"
                 f" (it takes {takes})"
             )
+    dom, dow = fields[2], fields[4]
+    if dom != "*" and ("#" in dow or "l" in dow.lower()):
+        # croniter finds no date for these (it cannot OR a day of the month with an nth weekday).
+        raise ValueError(
+            f"invalid cron expression {expr!r}: a day-of-month ({dom!r}) cannot be combined with # or L in"
+            f" the day-of-week field ({dow!r}); use '*' for one of them"
+        )
     if (problem := _parse_error(expanded)) is not None:
         raise ValueError(f"invalid cron expression {expr!r}: {problem}")
     try:

@@ -213,3 +213,106 @@ def test_plan__a_minute_cron_a_month_behind_decides_only_the_latest_slots():
         == run_all.next_run_at
         == now.replace(second=0) + timedelta(minutes=1)
     )
+
+
+# --- issue 16: jitter, bounds, max_runs, catch-up window --------------------------------------------
+
+JITTERED = timing.ScheduleSpec(schedule_type="interval", interval_minutes=10, jitter_seconds=300, key="j")
+
+
+def jittered_slot(minutes: int) -> datetime:
+    """A slot of JITTERED's grid (the epoch grid: whole ten minutes)."""
+    return T0 + timedelta(minutes=minutes)
+
+
+def plan_j(**kw):
+    args = {
+        "last_run_at": None,
+        "misfire_policy": "run_once",
+        "overlap_policy": "allow",
+        "unfinished": 0,
+        "grace": GRACE,
+    }
+    args.update(kw)
+    return plan_slots(JITTERED, **args)
+
+
+def test_jitter__a_slot_runs_at_its_dispatch_time_keyed_on_the_slot_and_next_is_the_next_dispatch_time():
+    slot = jittered_slot(0)
+    due = timing.dispatch_at(JITTERED, slot)
+    assert slot <= due < slot + timedelta(seconds=300)
+    p = plan_j(next_run_at=due, now=due)
+    assert [(d.slot, d.dispatch) for d in p.decisions] == [(slot, True)]
+    assert p.next_run_at == timing.dispatch_at(JITTERED, slot + timedelta(minutes=10))
+
+
+def test_jitter__a_passed_slot_whose_dispatch_time_has_not_come_is_not_due():
+    # Twenty minutes behind: slots 0 and 10 have passed; slot 20's dispatch time may not have.
+    slots = [jittered_slot(m) for m in (0, 10, 20)]
+    now = slots[2] + timedelta(seconds=1)
+    p = plan_j(next_run_at=timing.dispatch_at(JITTERED, slots[0]), now=now, misfire_policy="run_all")
+    assert timing.dispatch_at(JITTERED, slots[2]) > now  # slot 20's offset is 163 s with key "j"
+    assert [d.slot for d in p.decisions] == slots[:2]
+    assert p.next_run_at == timing.dispatch_at(JITTERED, slots[2])
+
+
+def test_jitter__lateness_counts_from_the_end_of_the_jitter_window():
+    # Dispatched 4 min after its dispatch time with a 60 s grace: late, but within slot + jitter + grace.
+    slot = jittered_slot(0)
+    now = slot + timedelta(seconds=300 + 59)
+    p = plan_j(next_run_at=timing.dispatch_at(JITTERED, slot), now=now, misfire_policy="skip")
+    assert [(d.slot, d.dispatch) for d in p.decisions] == [(slot, True)]
+    p = plan_j(
+        next_run_at=timing.dispatch_at(JITTERED, slot), now=now + timedelta(seconds=2), misfire_policy="skip"
+    )
+    assert [(d.slot, d.dispatch, d.reason) for d in p.decisions] == [(slot, False, MISSED_REASON)]
+
+
+def test_jitter__a_next_run_at_set_off_the_grid_waits_for_the_next_grid_slots_dispatch_time():
+    off = jittered_slot(3)
+    p = plan_j(next_run_at=off, now=off)
+    assert p.decisions == []
+    assert p.next_run_at == timing.dispatch_at(JITTERED, jittered_slot(10))
+
+
+def test_end_at__no_slot_after_it_and_then_no_next_run():
+    end = T0 + timedelta(minutes=15)
+    spec = timing.ScheduleSpec(schedule_type="interval", interval_minutes=10, end_at=end)
+    p = plan_slots(
+        spec, next_run_at=T0, last_run_at=None, now=T0 + timedelta(minutes=35), misfire_policy="run_all",
+        overlap_policy="allow", unfinished=0, grace=GRACE,
+    )  # fmt: skip
+    assert [d.slot for d in p.decisions] == [T0, T0 + timedelta(minutes=10)]
+    assert p.next_run_at is None
+    ended = plan_slots(
+        spec, next_run_at=T0 + timedelta(minutes=20), last_run_at=T0 + timedelta(minutes=10),
+        now=T0 + timedelta(minutes=35), misfire_policy="run_once", overlap_policy="allow", unfinished=0,
+        grace=GRACE,
+    )  # fmt: skip
+    assert (ended.decisions, ended.next_run_at) == ([], None)
+
+
+@pytest.mark.parametrize(("runs_left", "expected"), [(1, 1), (2, 2), (5, 4)])
+def test_runs_left__the_plan_ends_at_the_last_run_max_runs_allows(runs_left, expected):
+    p = plan(misfire_policy="run_all", runs_left=runs_left)
+    assert p.dispatched == expected
+    assert p.completed == (runs_left <= 4)
+    assert p.next_run_at == p.last_slot + timedelta(minutes=10)
+
+
+def test_runs_left__skipped_slots_do_not_count_as_runs():
+    p = plan(misfire_policy="run_all", runs_left=1, overlap_policy="skip", unfinished=1)
+    assert [d.dispatch for d in p.decisions] == [False, False, False, False]
+    assert not p.completed
+
+
+def test_runs_left__none_left_decides_nothing():
+    p = plan(runs_left=0)
+    assert (p.decisions, p.completed) == ([], True)
+
+
+def test_catchup_window__a_longer_grace_runs_what_the_default_would_record_missed():
+    default = plan(misfire_policy="skip")
+    assert [d.dispatch for d in default.decisions] == [False]
+    wide = plan(misfire_policy="skip", grace=timedelta(hours=1))
+    assert [d.dispatch for d in wide.decisions] == [True, True, True, True]

@@ -1,14 +1,18 @@
 """Slot math against DESIGN.md 6.3, by example and by property.
 
 The properties compare `next_slot` with a brute-force oracle that walks every UTC minute and decides
-from first principles whether the schedule fires there. The two share nothing but the cron fields.
+from first principles whether the schedule fires there. The two share nothing but the cron fields: the
+oracle reads `L`, `#`, the aliases and the day-field rule itself (the plain numbers and ranges of each
+field come from croniter's parser).
 """
 
 from __future__ import annotations
 
+import calendar
 import itertools
 from collections import deque
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -19,9 +23,14 @@ from hypothesis import strategies as st
 from schedules.timing import (
     ScheduleSpec,
     describe,
+    dispatch_at,
+    first_slot,
+    jitter_offset,
     missed_slots,
     next_slot,
     prev_slot,
+    run_times,
+    slot_of,
     split_due,
     upcoming,
     validate_cron_expr,
@@ -159,31 +168,82 @@ def test_describe__reads_as_english():
 # --- The oracle ----------------------------------------------------------------------------------
 
 
-def _field_values(expr: str) -> list[set[int] | None]:
-    fields, _ = croniter.expand(expr)
-    return [
-        None if values == ["*"] else {int(v) % 7 if i == 4 else int(v) for v in values}
-        for i, values in enumerate(fields)
-    ]
+# The aliases, as cron(8) and croniter's documentation define them.
+ORACLE_ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
 
 
-def _wall_matches(fields: list[set[int] | None], wall: datetime) -> bool:
-    minute, hour, dom, month, dow = fields
-    return (
-        (minute is None or wall.minute in minute)
-        and (hour is None or wall.hour in hour)
-        and (dom is None or wall.day in dom)
-        and (month is None or wall.month in month)
-        and (dow is None or (wall.isoweekday() % 7) in dow)
+@lru_cache(maxsize=1024)
+def _plain_values(field: str, position: int) -> frozenset[int] | None:
+    """A field of plain numbers, ranges and steps, through croniter's parser in that position alone."""
+    if field == "*":
+        return None
+    probe = ["*"] * 5
+    probe[position] = field
+    values = croniter.expand(" ".join(probe))[0][position]
+    return frozenset(int(v) % 7 if position == 4 else int(v) for v in values)
+
+
+def _day_of_month_matches(field: str, wall: datetime) -> bool:
+    last_day = calendar.monthrange(wall.year, wall.month)[1]
+    for token in field.split(","):
+        if token.upper() == "L":
+            if wall.day == last_day:
+                return True
+        elif wall.day in _plain_values(token, 2):
+            return True
+    return False
+
+
+def _day_of_week_matches(field: str, wall: datetime) -> bool:
+    weekday = wall.isoweekday() % 7  # Sunday 0
+    last_day = calendar.monthrange(wall.year, wall.month)[1]
+    for token in field.split(","):
+        if "#" in token:  # n#k: the k-th weekday n of the month
+            day, nth = token.split("#")
+            if weekday == int(day) % 7 and (wall.day - 1) // 7 + 1 == int(nth):
+                return True
+        elif token[:1].upper() == "L":  # Ln: the last weekday n of the month
+            if weekday == int(token[1:]) % 7 and wall.day + 7 > last_day:
+                return True
+        elif weekday in _plain_values(token, 4):
+            return True
+    return False
+
+
+def _wall_matches(expr: str, wall: datetime) -> bool:
+    minute, hour, dom, month, dow = expr.split()
+    minutes, hours, months = _plain_values(minute, 0), _plain_values(hour, 1), _plain_values(month, 3)
+    if not (
+        (minutes is None or wall.minute in minutes)
+        and (hours is None or wall.hour in hours)
+        and (months is None or wall.month in months)
+    ):
+        return False
+    # cron(5): when both day fields are restricted, a day matching either one fires.
+    if dom != "*" and dow != "*":
+        return _day_of_month_matches(dom, wall) or _day_of_week_matches(dow, wall)
+    return (dom == "*" or _day_of_month_matches(dom, wall)) and (
+        dow == "*" or _day_of_week_matches(dow, wall)
     )
 
 
 def oracle_next(spec: ScheduleSpec, after: datetime, horizon: timedelta = timedelta(days=8)) -> datetime:
     """Walk every UTC minute after `after` and return the first at which the schedule fires."""
     zone = ZoneInfo(spec.timezone)
-    fields = _field_values(spec.cron_expr)
-    hour_field = spec.cron_expr.split()[1]
-    wildcard_hour = "*" in hour_field or "/" in hour_field
+    expr = ORACLE_ALIASES.get(spec.cron_expr, spec.cron_expr)
+    hour_field = expr.split()[1]
+    # DESIGN 6.3, in its words: "a cron whose hour field is `*` or a step fires at every real instant,
+    # in both copies of a repeated hour"; any other hour field is fixed.
+    wildcard_hour = hour_field == "*" or "/" in hour_field
+    fields = expr
     instant = after.replace(second=0, microsecond=0) + timedelta(minutes=1)
     end = after + horizon
     while instant <= end:
@@ -383,3 +443,182 @@ def test_split_due__a_minute_cron_a_month_behind_gives_the_latest_slot_without_t
     assert split.on_time == [utc(2026, 4, 5, 11, 59, 30) + timedelta(seconds=30)]
     assert split.latest_missed == utc(2026, 4, 5, 11, 59)
     assert split.following == utc(2026, 4, 5, 12, 1)
+
+
+# --- Richer cron: L, #, aliases, H (issue 16.7) -------------------------------------------------------
+
+DOM_RICH = st.sampled_from(["*", "L", "1", "15,L"])
+# 0#2 is the second Sunday (US spring-forward day), 0#1 the first (US fall-back), L0 the last Sunday
+# (the EU and UK change day), 1#2 the second Monday, L5 the last Friday.
+DOW_RICH = st.sampled_from(["*", "0#2", "0#1", "L0", "1#2", "L5", "1-5"])
+# Something rich in each; a day-of-month with # or L in the day of week is refused (croniter cannot do
+# it: see test_validate_cron_expr__says_which_field_is_wrong), so both restricted means dom with 1-5.
+RICH_CRONS = st.builds(
+    lambda m, h, dom, dow: f"{m} {h} {dom} * {dow}", MINUTES, HOURS, DOM_RICH, DOW_RICH
+).filter(
+    lambda e: (
+        (e.split()[2] != "*" or e.split()[4] not in ("*", "1-5"))
+        and (e.split()[2] == "*" or e.split()[4] in ("*", "1-5"))
+    )
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    point=st.sampled_from(TRANSITION_POINTS),
+    offset_minutes=st.integers(min_value=-26 * 60, max_value=6 * 60),
+    expr=RICH_CRONS,
+)
+def test_next_slot__l_and_hash_match_the_oracle_around_every_transition(point, offset_minutes, expr):
+    zone, transition = point
+    spec = cron(expr, zone)
+    after = transition + timedelta(minutes=offset_minutes)
+    assert next_slot(spec, after=after) == oracle_next(spec, after, horizon=timedelta(days=40))
+
+
+@pytest.mark.parametrize("alias", sorted(ORACLE_ALIASES))
+@pytest.mark.parametrize("zone", ["America/New_York", "Europe/London", "Australia/Lord_Howe"])
+def test_aliases__fire_as_their_five_fields_across_a_year_of_transitions(alias, zone):
+    after = utc(2026, 1, 1)
+    n = {"@hourly": 24 * 14, "@daily": 400, "@midnight": 40, "@weekly": 60}.get(alias, 14)
+    assert upcoming(cron(alias, zone), after=after, n=n) == upcoming(
+        cron(ORACLE_ALIASES[alias], zone), after=after, n=n
+    )
+
+
+@pytest.mark.parametrize(
+    ("expr", "zone", "after", "expected"),
+    [
+        # 02:30 on the second Sunday of March 2026 does not exist in New York: the transition, 03:00 EDT.
+        ("30 2 * * 0#2", "America/New_York", utc(2026, 3, 1), utc(2026, 3, 8, 7, 0)),
+        # 01:30 on the first Sunday of November happens twice: a fixed hour fires on the first one.
+        ("30 1 * * 0#1", "America/New_York", utc(2026, 10, 20), utc(2026, 11, 1, 5, 30)),
+        # 01:30 on the last Sunday of March does not exist in London: 02:00 BST = 01:00Z.
+        ("30 1 * * L0", "Europe/London", utc(2026, 3, 20), utc(2026, 3, 29, 1, 0)),
+        ("0 9 L * *", "UTC", utc(2026, 2, 1), utc(2026, 2, 28, 9, 0)),
+        ("0 9 L * *", "UTC", utc(2028, 2, 1), utc(2028, 2, 29, 9, 0)),
+        ("0 9 * * 1#2", "UTC", utc(2026, 1, 1), utc(2026, 1, 12, 9, 0)),
+    ],
+)
+def test_l_and_hash__examples(expr, zone, after, expected):
+    assert next_slot(cron(expr, zone), after=after) == expected
+
+
+def test_h__hashes_the_schedules_name_stably_and_two_names_spread():
+    a = ScheduleSpec("cron", None, "H H * * *", "UTC", key="nightly-a")
+    assert upcoming(a, after=utc(2026, 1, 1), n=3) == upcoming(a, after=utc(2026, 1, 1), n=3)
+    firsts = {
+        upcoming(ScheduleSpec("cron", None, "H H * * *", "UTC", key=f"s{i}"), after=utc(2026, 1, 1), n=1)[0]
+        for i in range(20)
+    }
+    assert len(firsts) > 10
+    validate_cron_expr("H(0-29)/10 H * * *")
+
+
+@pytest.mark.parametrize(
+    ("expr", "words"),
+    [
+        ("61 * * * *", "the minute field '61' is out of range"),
+        ("* 24 * * *", "the hour field '24' is out of range"),
+        ("0 0 32 * *", "the day-of-month field '32' is out of range"),
+        ("0 0 * 13 *", "the month field '13' is out of range"),
+        ("0 0 * * 1#6", "the day-of-week field '1#6'"),
+        ("* * * *", "expected 5 fields"),
+        ("@sometimes", "unknown alias"),
+        ("0 0 1 * 0#2", "cannot be combined with # or L"),
+    ],
+)
+def test_validate_cron_expr__says_which_field_is_wrong(expr, words):
+    with pytest.raises(ValueError, match="cron expression") as caught:
+        validate_cron_expr(expr)
+    assert words in str(caught.value)
+
+
+# --- Jitter and bounds (issue 16.1, 16.2) -------------------------------------------------------------
+
+SLOTS = st.datetimes(
+    min_value=datetime(2020, 1, 1), max_value=datetime(2035, 1, 1), timezones=st.just(UTC)
+).map(lambda d: d.replace(second=0, microsecond=0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(slot=SLOTS, jitter=st.integers(1, 3600), name=st.text(min_size=1, max_size=20))
+def test_jitter_offset__deterministic_whole_seconds_in_range(slot, jitter, name):
+    spec = ScheduleSpec("interval", 60, jitter_seconds=jitter, key=name)
+    offset = jitter_offset(spec, slot)
+    assert offset == jitter_offset(ScheduleSpec("interval", 60, jitter_seconds=jitter, key=name), slot)
+    assert timedelta(0) <= offset < timedelta(seconds=jitter)
+    assert offset.microseconds == 0
+
+
+def test_jitter_offset__spreads_over_the_window():
+    spec = ScheduleSpec("interval", 10, jitter_seconds=600, key="spread")
+    offsets = [
+        jitter_offset(spec, utc(2026, 1, 1) + timedelta(minutes=10 * i)).total_seconds() for i in range(1000)
+    ]
+    buckets = {int(o // 60) for o in offsets}
+    assert buckets == set(range(10))
+    assert 250 < sum(offsets) / len(offsets) < 350
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    point=st.sampled_from(TRANSITION_POINTS),
+    offset_minutes=st.integers(min_value=-26 * 60, max_value=6 * 60),
+    expr=CRONS,
+    fraction=st.floats(min_value=0.01, max_value=1.0),
+)
+def test_slot_of__recovers_the_slot_from_its_dispatch_time_around_every_transition(
+    point, offset_minutes, expr, fraction
+):
+    zone, transition = point
+    base = cron(expr, zone)
+    after = transition + timedelta(minutes=offset_minutes)
+    gap = min(b - a for a, b in itertools.pairwise(upcoming(base, after=after - timedelta(days=2), n=200)))
+    jitter = max(1, int(gap.total_seconds() * fraction))
+    spec = ScheduleSpec("cron", None, expr, zone, jitter_seconds=jitter, key="recover")
+    for slot in upcoming(spec, after=after, n=5):
+        assert slot_of(spec, dispatch_at(spec, slot)) == slot
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    slot_index=st.integers(-10_000, 10_000), minutes=st.integers(1, 1440), jitter_part=st.floats(0.01, 1.0)
+)
+def test_slot_of__interval_grid_round_trips(slot_index, minutes, jitter_part):
+    jitter = max(1, int(minutes * 60 * jitter_part))
+    spec = ScheduleSpec("interval", minutes, jitter_seconds=jitter, key="grid")
+    slot = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(minutes=minutes) * (
+        28_000_000 // minutes + slot_index
+    )
+    assert slot_of(spec, dispatch_at(spec, slot)) == slot
+
+
+def test_bounds__interval_starts_at_start_at_and_stops_at_end_at():
+    start, end = utc(2030, 1, 1, 8), utc(2030, 1, 1, 9)
+    spec = ScheduleSpec("interval", 25, start_at=start, end_at=end)
+    first = first_slot(spec, now=utc(2026, 1, 1))
+    assert first == start
+    assert run_times(spec, next_run_at=first, n=10) == [
+        start,
+        start + timedelta(minutes=25),
+        start + timedelta(minutes=50),
+    ]
+    # Enabled later, it stays on start_at's grid.
+    assert first_slot(spec, now=start + timedelta(minutes=30)) == start + timedelta(minutes=50)
+    assert first_slot(spec, now=end) is None
+
+
+def test_bounds__cron_first_slot_at_or_after_start_at_and_max_runs_caps_the_times():
+    spec = ScheduleSpec("cron", None, "0 * * * *", "UTC", start_at=utc(2030, 1, 1, 8, 30))
+    first = first_slot(spec, now=utc(2026, 1, 1))
+    assert first == utc(2030, 1, 1, 9)
+    assert len(run_times(spec, next_run_at=first, n=10, runs_left=3)) == 3
+
+
+def test_run_times__are_the_slots_plus_their_offsets_within_end_at():
+    spec = ScheduleSpec("interval", 10, jitter_seconds=120, end_at=utc(2026, 1, 1, 1, 0), key="r")
+    first = first_slot(spec, now=utc(2026, 1, 1, 0, 5))
+    times = run_times(spec, next_run_at=first, n=100)
+    slots = [utc(2026, 1, 1, 0, 10) + timedelta(minutes=10 * i) for i in range(6)]
+    assert times == [dispatch_at(spec, slot) for slot in slots]
