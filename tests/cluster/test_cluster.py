@@ -1,7 +1,7 @@
 """Several hosts for real (issue 18), the CI form: scripts/cluster.py for a short seeded run, then its checks.
 
 A `db` namespace runs PostgreSQL and Redis; three `node` namespaces each run a scheduler and a worker (the
-web on n1), joined by veth pairs to a bridge. For 2 minutes a seeded driver cuts nodes from PostgreSQL,
+web on n1), joined by veth pairs to a bridge. For 90 seconds a seeded driver cuts nodes from PostgreSQL,
 from Redis, from both, isolates them, slows their links, skews their clocks (libfaketime) and crashes them
 (SIGKILL of every process in the namespace), at most two nodes at a time, while run-now bursts come through
 the web API. The script's own verdict is the assertion: no duplicate or lost slot, every run ended, none
@@ -44,7 +44,7 @@ def _requirements() -> str | None:
 def test_cluster_ci_form__partitions_skew_and_crashes_lose_no_slot_and_break_no_cap(tmp_path):
     report_path = tmp_path / "cluster.json"
     done = subprocess.run(
-        [PYTHON, "scripts/cluster.py", "--minutes", "2", "--seed", "3", "--report", str(report_path)],
+        [PYTHON, "scripts/cluster.py", "--minutes", "1.5", "--seed", "3", "--report", str(report_path)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -71,7 +71,7 @@ from django.utils import timezone
 from orchestrator.models import Job
 from schedules.models import Schedule
 s = Schedule.objects.create(
-    name="cut-mid-transaction", job=Job.objects.get(key="sleep"), custom_directive_text="0.1",
+    name="cut-mid-transaction-%s", job=Job.objects.get(key="sleep"), custom_directive_text="0.1",
     schedule_type="interval", interval_minutes=10, misfire_policy="run_all", overlap_policy="allow",
     next_run_at=timezone.now() + timedelta(seconds=%d),
 )
@@ -79,8 +79,8 @@ print(s.pk)
 """
 
 
-@pytest.fixture
-def cluster():
+@pytest.fixture(scope="module")
+def hosts():
     """The db host (PostgreSQL, Redis, migrated) and three empty node hosts of scripts/cluster.py."""
     if _requirements() is not None:
         pytest.skip(_requirements())
@@ -95,6 +95,16 @@ def cluster():
     finally:
         hosts.teardown()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(hosts):
+    """The hosts with no process on the nodes and no fault in place, for each test."""
+    yield hosts
+    for name in [n for n in hosts.procs if n != "redis"]:
+        hosts.procs.pop(name).kill()
+    for host in ("n1", "n2", "n3"):
+        hosts.net.heal(host)
 
 
 @contextmanager
@@ -139,7 +149,8 @@ def cut_off_while_waiting(cluster, blocker, host: str) -> None:
 
 def assert_dispatched_by_another(cluster, schedule_id: int, host: str) -> None:
     """A scheduler on n2 must dispatch the schedule's slot: the cut-off session must have been dropped."""
-    cluster.start_scheduler("n2")
+    if "scheduler-n2" not in cluster.procs:
+        cluster.start_scheduler("n2")
 
     def dispatched():
         return cluster.sql(
@@ -159,7 +170,7 @@ def assert_dispatched_by_another(cluster, schedule_id: int, host: str) -> None:
 
 
 def test_scheduler_cut_off_inside_its_dispatch_transaction__another_dispatches_the_slot(cluster):
-    schedule_id = int(cluster.manage("n1", "shell", "-c", CREATE_SCHEDULE % 2).split()[-1])
+    schedule_id = int(cluster.manage("n1", "shell", "-c", CREATE_SCHEDULE % ("scheduler", 2)).split()[-1])
     with run_inserts_blocked(cluster) as blocker:
         # The dispatch transaction locks the schedule's row (FOR UPDATE), then inserts the run.
         cluster.env["SCHEDULER_LOCK_TIMEOUT_MS"] = "120000"
@@ -172,8 +183,9 @@ def test_scheduler_cut_off_inside_its_dispatch_transaction__another_dispatches_t
 def test_web_cut_off_inside_a_run_now__the_schedulers_dispatch_the_schedule(cluster):
     """The web's run-now holds its schedule's key (FOR KEY SHARE, schedules/dispatch.py) while it inserts
     the run; the schedulers lock due rows FOR UPDATE SKIP LOCKED, which skips a row so held."""
-    schedule_id = int(cluster.manage("n1", "shell", "-c", CREATE_SCHEDULE % 3600).split()[-1])
+    schedule_id = int(cluster.manage("n1", "shell", "-c", CREATE_SCHEDULE % ("web", 3600)).split()[-1])
     cluster.start_node("n1", scheduler=False)  # the web (and a worker) on n1
+    cluster.start_scheduler("n2")  # the schedule is due in an hour: nothing to dispatch yet
     _wait(lambda: cluster.api("GET", "/api/health/")[0] == 200, 120, "the web to answer")
     with run_inserts_blocked(cluster) as blocker:
         request = threading.Thread(
