@@ -573,9 +573,11 @@ def describe_schedule(spec: timing.ScheduleSpec) -> str:
     return ", ".join(parts)
 
 
-def preview_schedule(*, count: int = PREVIEW_COUNT, now: datetime | None = None, **fields: Any) -> Preview:
-    """The next `count` run times of a schedule with these timing fields, as saving it would give;
-    the same 400s as create for them. Nothing is written."""
+def preview_schedule(
+    *, count: int = PREVIEW_COUNT, after: datetime | None = None, now: datetime | None = None, **fields: Any
+) -> Preview:
+    """The next `count` run times of a schedule with these timing fields, as saving it would give
+    (saved at `after`, default now); the same 400s as create for them. Nothing is written."""
     unknown = set(fields) - set(PREVIEW_FIELDS)
     if unknown:
         raise TypeError(f"unknown preview fields: {sorted(unknown)}")
@@ -588,7 +590,7 @@ def preview_schedule(*, count: int = PREVIEW_COUNT, now: datetime | None = None,
     if errors:
         raise ScheduleInvalid(errors)
     spec = timing.spec_of(_Values(values))
-    slot = timing.first_slot(spec, now=_now(now))
+    slot = timing.first_slot(spec, now=after.replace(microsecond=0) if after is not None else _now(now))
     first = None if slot is None else timing.next_dispatch(spec, slot)
     times = timing.run_times(spec, next_run_at=first, n=count, runs_left=values.get("max_runs"))
     return Preview(times=times, description=describe_schedule(spec))

@@ -182,6 +182,9 @@ class PreviewSerializer(StrictFieldsMixin, serializers.Serializer):
     start_at = serializers.DateTimeField(required=False, allow_null=True)
     end_at = serializers.DateTimeField(required=False, allow_null=True)
     max_runs = serializers.IntegerField(required=False, allow_null=True)
+    after = serializers.DateTimeField(
+        required=False, help_text="Preview as if the schedule were saved at this instant (default: now)."
+    )
     count = serializers.IntegerField(
         required=False, default=PREVIEW_COUNT, min_value=1, max_value=MAX_PREVIEW_COUNT
     )
