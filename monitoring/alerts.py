@@ -41,7 +41,21 @@ MISSED, FAILING, OVERDUE = "missed", "failing", "overdue"
 
 # --- conditions: (schedule_id, details) of every schedule for which the kind holds now -------------
 
+# Each condition first narrows the schedules to candidates through indexed sets (the due index, the
+# status index, the unfinished-runs index), then looks at each candidate's latest rows: at 100,000
+# schedules a look at every schedule's latest run would cost seconds per evaluation.
 MISSED_SQL = """
+WITH candidates AS (
+    SELECT id FROM schedules_schedule
+     WHERE enabled AND next_run_at < now() - make_interval(
+             secs => coalesce(catchup_window_seconds, %(grace)s) + jitter_seconds)
+    UNION
+    SELECT schedule_id FROM schedules_scheduledrun
+     WHERE status = 'skipped' AND trigger = 'schedule' AND error_summary LIKE 'missed%%'
+    UNION
+    SELECT schedule_id FROM schedules_scheduledrun
+     WHERE status IN ('queued', 'throttled') AND trigger = 'schedule'
+)
 SELECT s.id, jsonb_build_object(
          'slot', coalesce(l.scheduled_for, s.next_run_at),
          'grace_seconds', coalesce(s.catchup_window_seconds, %(grace)s) + s.jitter_seconds,
@@ -49,7 +63,8 @@ SELECT s.id, jsonb_build_object(
                         WHEN l.status = 'skipped' THEN 'recorded as missed'
                         ELSE 'not started' END,
          'scheduled_run_id', l.id)
-  FROM schedules_schedule s
+  FROM candidates c
+  JOIN schedules_schedule s ON s.id = c.id
  CROSS JOIN LATERAL (SELECT make_interval(secs => coalesce(s.catchup_window_seconds, %(grace)s)
                                                  + s.jitter_seconds) AS grace) g
   LEFT JOIN LATERAL (SELECT id, status, scheduled_for, error_summary FROM schedules_scheduledrun
@@ -61,6 +76,7 @@ SELECT s.id, jsonb_build_object(
         OR (l.status IN ('queued', 'throttled') AND l.scheduled_for < now() - g.grace))
 """
 
+# Only a schedule with a failed run in its history can be failing.
 FAILING_SQL = """
 SELECT s.id, jsonb_build_object(
          'consecutive_failures', f.n, 'threshold', s.alert_after_failures,
@@ -73,7 +89,9 @@ SELECT s.id, jsonb_build_object(
          FROM (SELECT id, status, run_id, scheduled_for, finished_at FROM schedules_scheduledrun
                 WHERE schedule_id = s.id AND status IN ('succeeded', 'failed')
                 ORDER BY scheduled_for DESC, id DESC LIMIT s.alert_after_failures) AS last) f
- WHERE s.alert_after_failures > 0 AND f.n = s.alert_after_failures AND f.failed = f.n
+ WHERE s.alert_after_failures > 0
+   AND s.id IN (SELECT schedule_id FROM schedules_scheduledrun WHERE status = 'failed')
+   AND f.n = s.alert_after_failures AND f.failed = f.n
 """
 
 OVERDUE_SQL = """
@@ -187,12 +205,30 @@ def evaluate_if_due() -> Evaluation | None:
     now = time.monotonic()
     if now < _next_evaluation:
         return None
-    _next_evaluation = now + float(settings.ALERT_EVALUATE_EVERY_SECONDS)
+    period = float(settings.ALERT_EVALUATE_EVERY_SECONDS)
+    _next_evaluation = now + period
+    if not _turn_is_ours(period):
+        return None
     try:
         return evaluate()
     except Exception as exc:
         logger.warning("alert evaluation failed", extra={"error": type(exc).__name__})
         return None
+
+
+EVALUATION_TURN_KEY = "cb:alerts:evaluated"
+
+
+def _turn_is_ours(period: float) -> bool:
+    """One evaluation per period across all schedulers (each costs a scan of the schedules): the first
+    to set the Redis key takes the turn. Only a saving: with Redis away every instance evaluates, and
+    the conditional SQL keeps that correct."""
+    from monitoring.metrics import redis_client
+
+    try:
+        return bool(redis_client().set(EVALUATION_TURN_KEY, "1", nx=True, px=max(1, int(period * 1000))))
+    except Exception:
+        return True
 
 
 # --- delivery -----------------------------------------------------------------------------------------

@@ -48,9 +48,21 @@ CASE WHEN error_summary LIKE 'missed%%' THEN 'missed'
      ELSE 'other' END
 """
 
-RUNS_TOTAL_SQL = """
-SELECT j.key, r.trigger, r.status, count(*)
-  FROM orchestrator_run r JOIN orchestrator_job j ON j.id = r.job_id
+
+def _bucket_counts(column: str, buckets: tuple[float, ...]) -> str:
+    """The count at or under each bucket bound, the count and the sum of `column` (NULL: not counted),
+    as one SELECT list, so several histograms come from one pass over a table. `column` is computed
+    once per row in a subquery: repeating the expression in each FILTER costs more than the scan."""
+    filters = ", ".join(f"count(*) FILTER (WHERE {column} <= {float(b)!r})" for b in buckets)
+    return f"{filters}, count({column}), coalesce(sum({column}), 0)"
+
+
+# One pass over the runs: counts by (job, trigger, status) and, in the same rows, the duration buckets
+# (summed per job in Python). History tables are read once each per build.
+RUNS_SQL = f"""
+SELECT key, trigger, status, count(*), {_bucket_counts("d", DURATION_BUCKETS)}
+  FROM (SELECT j.key, r.trigger, r.status, extract(epoch FROM r.finished_at - r.started_at) AS d
+          FROM orchestrator_run r JOIN orchestrator_job j ON j.id = r.job_id) AS t
  GROUP BY 1, 2, 3
 """
 
@@ -70,39 +82,17 @@ SELECT {SKIP_REASONS_SQL} AS reason, count(*)
 """
 
 
-def _histogram_sql(value: str, table: str, where: str, buckets: tuple[float, ...], group: str) -> str:
-    """One pass over the rows: the count at or under each bucket bound, the total and the sum."""
-    filters = ", ".join(f"count(*) FILTER (WHERE v <= {float(b)!r})" for b in buckets)
-    outer, inner, group_by = ("g, ", f"{group} AS g, ", "GROUP BY 1") if group else ("", "", "")
-    return (
-        f"SELECT {outer}{filters}, count(*), coalesce(sum(v), 0) FROM ("
-        f"SELECT {inner}{value} AS v FROM {table} WHERE {where}) AS t {group_by}"
-    )
-
-
-DURATION_SQL = _histogram_sql(
-    "extract(epoch FROM r.finished_at - r.started_at)",
-    "orchestrator_run r JOIN orchestrator_job j ON j.id = r.job_id",
-    "r.started_at IS NOT NULL AND r.finished_at IS NOT NULL",
-    DURATION_BUCKETS,
-    "j.key",
-)
-# Slot to hand-over: scheduled slots only (a run-now has no slot to be late for).
-DISPATCH_LAG_SQL = _histogram_sql(
-    "greatest(0, extract(epoch FROM published_at - scheduled_for))",
-    "schedules_scheduledrun",
-    "trigger = 'schedule' AND published_at IS NOT NULL AND run_id IS NOT NULL",
-    LAG_BUCKETS,
-    "",
-)
-# Hand-over to start (for a run that waited for a slot, from its last wake-up).
-START_LAG_SQL = _histogram_sql(
-    "greatest(0, extract(epoch FROM started_at - published_at))",
-    "schedules_scheduledrun",
-    "started_at IS NOT NULL AND published_at IS NOT NULL",
-    LAG_BUCKETS,
-    "",
-)
+# One pass over the scheduled runs: slot to hand-over (scheduled slots only: a run-now has no slot to be
+# late for), and hand-over to start (for a run that waited for a slot, from its last wake-up).
+LAGS_SQL = f"""
+SELECT {_bucket_counts("dispatch", LAG_BUCKETS)}, {_bucket_counts("start", LAG_BUCKETS)}
+  FROM (SELECT CASE WHEN trigger = 'schedule' AND run_id IS NOT NULL AND published_at IS NOT NULL
+                    THEN greatest(0, extract(epoch FROM published_at - scheduled_for)) END AS dispatch,
+               -- greatest() ignores NULLs: a run not started (or never published) has no start lag.
+               CASE WHEN started_at IS NOT NULL AND published_at IS NOT NULL
+                    THEN greatest(0, extract(epoch FROM started_at - published_at)) END AS start
+          FROM schedules_scheduledrun) AS t
+"""
 
 # Per-schedule series, rendered in exposition format by PostgreSQL itself: at 100,000 schedules,
 # building 200,000 samples as Python objects would cost most of the scrape budget on its own.
@@ -133,7 +123,7 @@ def _rows(sql: str) -> list[tuple]:
 
 
 def _histogram(row: tuple, buckets: tuple[float, ...]) -> tuple[list[tuple[str, int]], float]:
-    """(bucket bound, cumulative count) pairs and the sum, from a row of _histogram_sql."""
+    """(bucket bound, cumulative count) pairs and the sum, from the columns of _bucket_counts."""
     counts, total, summed = row[: len(buckets)], row[len(buckets)], row[len(buckets) + 1]
     pairs = [(repr(float(b)), int(c)) for b, c in zip(buckets, counts, strict=True)] + [("+Inf", int(total))]
     return pairs, float(summed)
@@ -154,15 +144,20 @@ class DatabaseCollector:
         runs = CounterMetricFamily(
             "cb_runs", "Runs by job, trigger and status.", labels=["job", "trigger", "status"]
         )
-        for job, trigger, status, count in _rows(RUNS_TOTAL_SQL):
+        per_job: dict[str, list[float]] = {}
+        for job, trigger, status, count, *histogram in _rows(RUNS_SQL):
             runs.add_metric([job, trigger, status], count)
+            totals = per_job.setdefault(job, [0.0] * len(histogram))
+            for i, value in enumerate(histogram):
+                totals[i] += float(value)
         yield runs
         duration = HistogramMetricFamily(
             "cb_run_duration_seconds", "Run duration, start to finish (finished runs).", labels=["job"]
         )
-        for row in _rows(DURATION_SQL):
-            pairs, summed = _histogram(row[1:], DURATION_BUCKETS)
-            duration.add_metric([row[0]], pairs, summed)
+        for job, totals in sorted(per_job.items()):
+            if totals[len(DURATION_BUCKETS)]:  # jobs with a finished run
+                pairs, summed = _histogram(totals, DURATION_BUCKETS)
+                duration.add_metric([job], pairs, summed)
         yield duration
         waiting = GaugeMetricFamily(
             "cb_runs_waiting", "Runs waiting for a concurrency slot now.", labels=["job"]
@@ -179,16 +174,16 @@ class DatabaseCollector:
         yield skipped
 
     def _lags(self) -> Iterator:
-        for name, doc, sql in (
+        row = _rows(LAGS_SQL)[0]
+        width = len(LAG_BUCKETS) + 2
+        for index, (name, doc) in enumerate(
             (
-                "cb_dispatch_lag_seconds",
-                "Slot time to hand-over to the broker (scheduled runs).",
-                DISPATCH_LAG_SQL,
-            ),
-            ("cb_start_lag_seconds", "Hand-over to the broker to the run's start.", START_LAG_SQL),
+                ("cb_dispatch_lag_seconds", "Slot time to hand-over to the broker (scheduled runs)."),
+                ("cb_start_lag_seconds", "Hand-over to the broker to the run's start."),
+            )
         ):
             family = HistogramMetricFamily(name, doc)
-            pairs, summed = _histogram(_rows(sql)[0], LAG_BUCKETS)
+            pairs, summed = _histogram(row[index * width : (index + 1) * width], LAG_BUCKETS)
             family.add_metric([], pairs, summed)
             yield family
 

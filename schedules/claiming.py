@@ -117,11 +117,9 @@ UPDATE schedules_schedule AS s
        claimed_by = CASE WHEN v.keep THEN s.claimed_by ELSE '' END,
        claimed_until = CASE WHEN v.keep THEN s.claimed_until END,
        updated_at = now()
-  FROM (SELECT u.*, (t.max_runs IS NOT NULL AND u.runs > 0
-                     AND t.scheduled_run_count + u.runs >= t.max_runs) AS completes
-          FROM unnest(%(ids)s::bigint[], %(last)s::timestamptz[], %(next)s::timestamptz[],
-                      %(keep)s::boolean[], %(runs)s::int[]) AS u(id, last_run_at, next_run_at, keep, runs)
-          JOIN schedules_schedule t ON t.id = u.id) AS v
+  FROM unnest(%(ids)s::bigint[], %(last)s::timestamptz[], %(next)s::timestamptz[], %(keep)s::boolean[],
+              %(runs)s::int[], %(completes)s::boolean[])
+       AS v(id, last_run_at, next_run_at, keep, runs, completes)
  WHERE s.id = v.id AND s.claimed_by = %(claimant)s
 """
 
@@ -195,12 +193,22 @@ def advance_and_release(
     next_run_at: list[datetime | None],
     keep: list[bool],
     runs: list[int],
+    completes: list[bool],
 ) -> None:
-    """ADVANCE_SQL for the locked rows of one dispatch transaction (parallel lists, one entry a row)."""
+    """ADVANCE_SQL for the locked rows of one dispatch transaction (parallel lists, one entry a row):
+    `runs` counted into scheduled_run_count, `completes` (max_runs reached) disables the row."""
     with connection.cursor() as cursor:
         cursor.execute(
             ADVANCE_SQL,
-            {"ids": ids, "last": last, "next": next_run_at, "keep": keep, "runs": runs, "claimant": claimant},
+            {
+                "ids": ids,
+                "last": last,
+                "next": next_run_at,
+                "keep": keep,
+                "runs": runs,
+                "completes": completes,
+                "claimant": claimant,
+            },
         )
 
 

@@ -372,6 +372,8 @@ def _write_slots(batch: _Batch, columns: dict[str, list]) -> None:
         next_run_at=[plan.next_run_at for _, plan in batch.planned],
         keep=[s.id in keep for s, _ in batch.planned],
         runs=[runs[s.id] for s, _ in batch.planned],
+        # The row is locked, so runs_left (read with the lock) is exact: reaching max_runs disables it.
+        completes=[s.runs_left is not None and 0 < s.runs_left <= runs[s.id] for s, _ in batch.planned],
     )
 
 

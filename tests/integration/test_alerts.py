@@ -194,3 +194,38 @@ def test_alerts_api_lists_and_filters(api):
         assert response.status_code == 400, query
         assert field in response.json(), query
     assert api.post("/api/alerts/", {}, format="json").status_code == 405
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_evaluations_open_one_alert_and_claim_each_transition_once(settings):
+    """The database's guarantee, without the Redis turn: evaluations racing on two connections."""
+    from django.db import connection
+
+    from monitoring import alerts
+
+    settings.ALERT_WEBHOOK_URLS = []  # delivered to nobody; only the claims are counted
+    schedules = [
+        make_schedule(f"race-{i}", misfire_policy="skip", next_run_at=db_now() - timedelta(hours=2))
+        for i in range(40)
+    ]
+    results: list[alerts.Evaluation] = []
+    barrier = threading.Barrier(4)
+
+    def evaluate() -> None:
+        try:
+            barrier.wait()
+            results.append(alerts.evaluate(grace=60))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=evaluate) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == 4
+    assert Alert.objects.filter(kind="missed").count() == len(schedules)
+    assert sum(r.opened for r in results) == len(schedules)
+    assert sum(r.claimed for r in results) == len(schedules), "each open claimed by exactly one"
+    assert alerts.sender().drain(30)
+    assert not Alert.objects.filter(notified_open_at__isnull=True).exists()
