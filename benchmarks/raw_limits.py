@@ -172,8 +172,9 @@ def _wait(predicate, timeout: float) -> None:
 
 def worker_figures(runs: int, latency_samples: int, redis_url: str) -> list[dict]:
     from orchestrator.models import Job, Run
-    from schedules.dispatch import launch_manual_run, run_now
+    from schedules.dispatch import run_now
     from schedules.models import Schedule, ScheduledRun
+    from schedules.services import launch_run_manually
 
     redis.Redis.from_url(redis_url).flushdb()
     job = Job.objects.get(key="sleep")
@@ -186,7 +187,7 @@ def worker_figures(runs: int, latency_samples: int, redis_url: str) -> list[dict
     worker = _start_worker(redis_url)
     try:
         # Warm: the worker is up once a first run has finished.
-        warm = launch_manual_run(job=job, custom_directive_text="0", task3_scope="allowlist")
+        warm = launch_run_manually(job=job, custom_directive_text="0", task3_scope="allowlist")
         _wait(lambda: Run.objects.get(pk=warm.pk).status == "succeeded", 180)
 
         latencies = []
@@ -200,7 +201,7 @@ def worker_figures(runs: int, latency_samples: int, redis_url: str) -> list[dict
 
         start = time.perf_counter()
         ids = [
-            launch_manual_run(job=job, custom_directive_text="0", task3_scope="allowlist").pk
+            launch_run_manually(job=job, custom_directive_text="0", task3_scope="allowlist").pk
             for _ in range(runs)
         ]
         _wait(lambda: Run.objects.filter(pk__in=ids, status__in=["succeeded", "failed"]).count() == runs, 900)

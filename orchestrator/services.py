@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,9 +53,10 @@ class OrchestratorService:
         custom_directive_text: str = "",
         trigger: str = Trigger.MANUAL,
         task3_scope: str = Task3Scope.ALLOWLIST,
-        task_id: str = "",
+        task_id: str | None = None,
     ) -> Run:
-        """Create a queued `Run`. The caller publishes its message after commit.
+        """Create a queued `Run`, the one launch path of every run (the scheduler's batch: `launch_many`).
+        The caller publishes its message after commit, under `task_id` (a new one unless given).
 
         Directive and custom text are exclusive; the database constraint holds it too.
         """
@@ -67,7 +69,7 @@ class OrchestratorService:
             trigger=trigger,
             task3_scope=task3_scope,
             status=RunStatus.QUEUED,
-            task_id=task_id,
+            task_id=task_id if task_id is not None else str(uuid.uuid4()),
         )
 
     @staticmethod

@@ -452,25 +452,6 @@ def message_for(job: Job, run: Run, scheduled_run: ScheduledRun | None) -> RunMe
     )
 
 
-def launch_run(
-    *,
-    job: Job,
-    directive=None,
-    custom_directive_text: str = "",
-    trigger: str = Trigger.MANUAL,
-    task3_scope: str,
-) -> Run:
-    """Create a `Run` with its Celery task id through the orchestrator (the one launch path)."""
-    return OrchestratorService.launch(
-        job=job,
-        directive=directive,
-        custom_directive_text=custom_directive_text,
-        trigger=trigger,
-        task3_scope=task3_scope,
-        task_id=str(uuid.uuid4()),
-    )
-
-
 # A run-now holds its schedule's key while it inserts, so a delete waits for it (and cancels the run)
 # instead of the run-now failing at commit on the foreign key to a schedule deleted meanwhile.
 # Its now() is the run-now's slot (the database clock, as every slot is): it orders the run among the
@@ -488,7 +469,7 @@ def run_now(schedule: Schedule) -> ScheduledRun:
         held = cursor.fetchone()
     if held is None:
         raise Http404(f"schedule {schedule.pk} was deleted")
-    run = launch_run(
+    run = OrchestratorService.launch(
         job=schedule.job,
         directive=schedule.directive,
         custom_directive_text=schedule.custom_directive_text,
@@ -515,17 +496,3 @@ def run_now(schedule: Schedule) -> ScheduledRun:
         },
     )
     return scheduled_run
-
-
-@transaction.atomic
-def launch_manual_run(*, job: Job, directive=None, custom_directive_text: str = "", task3_scope: str) -> Run:
-    """POST /api/runs/: a manual launch with no schedule."""
-    run = launch_run(
-        job=job,
-        directive=directive,
-        custom_directive_text=custom_directive_text,
-        trigger=Trigger.MANUAL,
-        task3_scope=task3_scope,
-    )
-    publish_on_commit([message_for(job, run, None)])
-    return run

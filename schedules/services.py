@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -24,7 +24,7 @@ from orchestrator.models import Directive, Job, Run, Task3Scope, Trigger
 from orchestrator.services import OrchestratorService
 from schedules import changes as change_log
 from schedules import runstate, timing
-from schedules.dispatch import SchedulerError, launch_manual_run
+from schedules.dispatch import SchedulerError, message_for
 from schedules.models import (
     SCHEDULED_RUN_UNFINISHED,
     ChangeSource,
@@ -350,8 +350,15 @@ def _managed_errors(current: Schedule, changed: set[str], source: str) -> dict[s
 
 
 def _now(now: datetime | None) -> datetime:
+    """`now`, or the database's clock: the scheduler decides what is due by PostgreSQL's now(), so a
+    web host whose clock is off must not anchor a new or re-enabled schedule early or late (one query;
+    callers read it once per operation and pass it on)."""
+    if now is None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT now()")
+            (now,) = cursor.fetchone()
     # Whole seconds: an interval anchored at 04:47:13 reads better than at 04:47:13.482913.
-    return (now or timezone.now()).replace(microsecond=0)
+    return now.replace(microsecond=0)
 
 
 # A scheduled run in these states has not started; deleting its schedule cancels it.
@@ -521,10 +528,12 @@ def delete_schedule(schedule: Schedule) -> None:
     logger.info("schedule deleted", extra={"schedule_id": schedule_id, "runs_cancelled": len(cancelled)})
 
 
+@transaction.atomic
 def launch_run_manually(
     *, job: Job, directive: Directive | None = None, custom_directive_text: str = "", task3_scope: str
 ) -> Run:
-    """POST /api/runs/: validate, then launch through the same path the scheduler takes."""
+    """POST /api/runs/: validate, create the run through the orchestrator (the path every run takes)
+    and publish its message once the transaction commits."""
     errors = launch_errors(
         job=job, directive=directive, custom_directive_text=custom_directive_text, check_job_enabled=True
     )
@@ -532,9 +541,14 @@ def launch_run_manually(
         errors["task3_scope"] = problem
     if errors:
         raise ScheduleInvalid(errors)
-    run = launch_manual_run(
-        job=job, directive=directive, custom_directive_text=custom_directive_text, task3_scope=task3_scope
+    run = OrchestratorService.launch(
+        job=job,
+        directive=directive,
+        custom_directive_text=custom_directive_text,
+        trigger=Trigger.MANUAL,
+        task3_scope=task3_scope,
     )
+    publish_on_commit([message_for(job, run, None)])
     logger.info("manual run launched", extra={"run_id": run.pk, "job": job.key})
     return run
 

@@ -93,7 +93,7 @@ def test_delete__racing_a_dispatch_answers_204_and_the_new_runs_never_start(
         try:
             wait_for(
                 lambda: _waiting_on_locks('INSERT INTO "orchestrator_run"%'),
-                timeout=60,
+                timeout=120,
                 what="the scheduler's dispatch waiting on the table lock",
             )
         except AssertionError:

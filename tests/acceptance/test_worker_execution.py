@@ -8,7 +8,9 @@ from django.utils import timezone
 from django_celery_results.models import TaskResult
 
 from orchestrator.models import Job, Run
-from schedules.dispatch import launch_manual_run, launch_run, message_for
+from orchestrator.services import OrchestratorService
+from schedules import services
+from schedules.dispatch import message_for
 from schedules.models import Schedule, ScheduledRun
 from schedules.publishing import publish_messages
 from tests.support import wait_for
@@ -44,7 +46,7 @@ def _schedule(text: str, **fields) -> Schedule:
 def _unpublished_scheduled_run(schedule: Schedule) -> ScheduledRun:
     """A scheduled run whose message the test publishes itself (to deliver it more than once)."""
     with transaction.atomic():
-        run = launch_run(
+        run = OrchestratorService.launch(
             job=schedule.job,
             custom_directive_text=schedule.custom_directive_text,
             trigger="schedule",
@@ -90,7 +92,7 @@ def test_same_message_delivered_twice__executes_once(worker):
 
 
 def test_manual_run__succeeds_and_mirrors_a_small_result(worker):
-    run = launch_manual_run(
+    run = services.launch_run_manually(
         job=Job.objects.get(key="sleep"), custom_directive_text="0.1", task3_scope="allowlist"
     )
     run = wait_for(lambda: _finished(run.pk), timeout=90, what="manual run finished")

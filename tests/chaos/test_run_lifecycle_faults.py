@@ -27,8 +27,9 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from orchestrator.models import RUN_TERMINAL, Run
+from orchestrator.services import OrchestratorService
 from orchestrator.taskprocs import TaskGroup, live_task_groups
-from schedules.dispatch import launch_run, run_now
+from schedules.dispatch import run_now
 from schedules.models import Schedule, ScheduledRun
 from tests.scheduler_support import sleep_job
 from tests.support import wait_for
@@ -218,7 +219,9 @@ def test_postgres_unreachable_for_2_5_leases__live_runs_keep_their_slots_and_suc
 def _launch_waiting(schedule: Schedule, seconds: str) -> ScheduledRun:
     """A run and its ScheduledRun, as run_now makes them, without publishing (the broker is private)."""
     with transaction.atomic():
-        run = launch_run(job=schedule.job, custom_directive_text=seconds, task3_scope="allowlist")
+        run = OrchestratorService.launch(
+            job=schedule.job, custom_directive_text=seconds, task3_scope="allowlist"
+        )
         return ScheduledRun.objects.create(
             schedule=schedule, run=run, trigger="manual", scheduled_for=timezone.now(), task_id=run.task_id
         )

@@ -12,7 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from orchestrator.models import Job, Run
-from schedules.dispatch import launch_run
+from orchestrator.services import OrchestratorService
 from schedules.models import Schedule, ScheduledRun
 from tests.support import wait_for
 from tests.workerproc import PrivateRedis, RunningSampler, free_port, publish_runs, start_run_worker
@@ -41,7 +41,7 @@ def _waiting_runs(schedule: Schedule, n: int) -> list[ScheduledRun]:
     items = []
     for _ in range(n):
         with transaction.atomic():
-            run = launch_run(
+            run = OrchestratorService.launch(
                 job=schedule.job,
                 custom_directive_text=schedule.custom_directive_text,
                 task3_scope="allowlist",

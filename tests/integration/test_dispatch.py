@@ -358,11 +358,12 @@ def test_sweep__publishes_a_manual_api_run_whose_publish_failed(redis_client):
 
 @pytest.mark.django_db(transaction=True)
 def test_run_now_and_manual_launch__still_publish_after_commit(redis_client):
-    from schedules.dispatch import launch_manual_run, run_now
+    from schedules.dispatch import run_now
+    from schedules.services import launch_run_manually
 
     s = make_schedule("manual", enabled=False)
     sr = run_now(s)
-    run = launch_manual_run(job=s.job, custom_directive_text="0.2", task3_scope="allowlist")
+    run = launch_run_manually(job=s.job, custom_directive_text="0.2", task3_scope="allowlist")
     assert sorted(_queued_ids(redis_client)) == sorted([sr.task_id, run.task_id])
 
 

@@ -11,7 +11,8 @@ import pytest
 from django.test import Client
 from django.urls import reverse
 
-from schedules.dispatch import launch_manual_run, run_now
+from schedules import services
+from schedules.dispatch import run_now
 from schedules.models import ScheduledRun
 from tests.scheduler_support import db_now, make_schedule, sleep_job
 
@@ -26,7 +27,9 @@ def headers_by_task(redis_client) -> dict[str, dict]:
 def test_a_run_message_is_named_after_its_job_schedule_and_run(redis_client):
     schedule = make_schedule("nightly-triage", next_run_at=db_now() + timedelta(hours=1))
     scheduled = run_now(schedule)
-    manual = launch_manual_run(job=sleep_job(), custom_directive_text="0.1", task3_scope="allowlist")
+    manual = services.launch_run_manually(
+        job=sleep_job(), custom_directive_text="0.1", task3_scope="allowlist"
+    )
 
     headers = headers_by_task(redis_client)
     named = headers[scheduled.task_id]

@@ -8,8 +8,8 @@ from django.db import connection
 from django.utils import timezone
 
 from orchestrator.models import Job, Run
+from orchestrator.services import OrchestratorService
 from schedules import runleases, runstate
-from schedules.dispatch import launch_run
 from schedules.models import Schedule, ScheduledRun
 from tests.support import wait_for
 from worker import execution, reaper
@@ -30,7 +30,7 @@ def schedule(sleep_job):
 
 
 def _scheduled_run(schedule) -> ScheduledRun:
-    run = launch_run(job=schedule.job, trigger="schedule", task3_scope="allowlist")
+    run = OrchestratorService.launch(job=schedule.job, trigger="schedule", task3_scope="allowlist")
     return ScheduledRun.objects.create(
         schedule=schedule, run=run, trigger="schedule", scheduled_for=timezone.now(), task_id=run.task_id
     )
