@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -26,17 +27,38 @@ _run_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.Contex
 )
 
 
+# The runs bound in this process, by the thread that bound them. A thread a run starts (the worker's
+# heartbeat threads) does not inherit contextvars; while exactly one run is bound in the process (a
+# prefork pool process executes one run at a time) such a thread's lines are about that run too. With
+# several (a thread pool) nothing is guessed.
+_bound_by_thread: dict[int, dict[str, Any]] = {}
+_bound_lock = threading.Lock()
+
+
 def bind_run(**fields: Any) -> None:
     """Add run fields to the current context (None values are ignored; a new run_id starts afresh)."""
     fields = {key: value for key, value in fields.items() if key in RUN_FIELDS and value not in (None, "")}
     current = _run_context.get() or {}
     if "run_id" in fields and current.get("run_id") not in (None, fields["run_id"]):
         current = {}
-    _run_context.set({**current, **fields})
+    bound = {**current, **fields}
+    _run_context.set(bound)
+    with _bound_lock:
+        _bound_by_thread[threading.get_ident()] = bound
 
 
 def clear_run() -> None:
     _run_context.set(None)
+    with _bound_lock:
+        _bound_by_thread.pop(threading.get_ident(), None)
+
+
+def _process_run() -> dict[str, Any] | None:
+    """The one run bound in this process, if exactly one is."""
+    with _bound_lock:
+        if len(_bound_by_thread) == 1:
+            return next(iter(_bound_by_thread.values()))
+    return None
 
 
 @contextlib.contextmanager
@@ -48,6 +70,12 @@ def run_context(**fields: Any) -> Iterator[None]:
         yield
     finally:
         _run_context.reset(token)
+        previous = _run_context.get()
+        with _bound_lock:
+            if previous:
+                _bound_by_thread[threading.get_ident()] = previous
+            else:
+                _bound_by_thread.pop(threading.get_ident(), None)
 
 
 def current_run() -> dict[str, Any]:
@@ -60,7 +88,7 @@ class RunContextFilter(logging.Filter):
     five keys."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        context = _run_context.get()
+        context = _run_context.get() or _process_run()
         if context:
             for key, value in context.items():
                 if not hasattr(record, key):
