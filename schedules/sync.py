@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from django.db import transaction
+from django.db import models, transaction
 from django.db.models.fields import NOT_PROVIDED
 from django.utils.dateparse import parse_datetime
 
@@ -89,6 +89,20 @@ def _default(name: str) -> Any:
     return "" if model_field.empty_strings_allowed and not model_field.null else None
 
 
+def _type_error(name: str, value: Any) -> str | None:
+    """What is wrong with the type of `value` for field `name` (the API's JSON types), or None."""
+    if name in ("job_key", "directive") or value is None:
+        return None if value is None or isinstance(value, str) else "must be a string (a key)"
+    model_field = Schedule._meta.get_field(name)
+    if isinstance(model_field, models.BooleanField):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(model_field, models.IntegerField):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
+    if isinstance(model_field, models.DateTimeField):
+        return None if isinstance(value, str | datetime) else "must be a date-time"
+    return None if isinstance(value, str) else "must be a string"
+
+
 def declared_values(entry: Mapping[str, Any]) -> dict[str, Any]:
     """Every declared field of one entry as the services take it; a field left out is its default
     (`enabled` excepted: left out, a sync leaves it as it is, so a pause through the API survives)."""
@@ -111,6 +125,9 @@ def declared_values(entry: Mapping[str, Any]) -> dict[str, Any]:
         values["directive"] = Directive.objects.filter(key=str(directive_key)).first()
         if values["directive"] is None:
             raise SyncError(f"{label}: directive {directive_key!r} names no directive")
+    for f, value in entry.items():
+        if (problem := _type_error(f, value)) is not None:
+            raise SyncError(f"{label}: {f} {problem}")
     for f in DATETIME_FIELDS:
         if isinstance(values.get(f), str):
             parsed = parse_datetime(values[f])

@@ -447,6 +447,8 @@ def test_sync__updates_disables_and_prunes_only_managed_schedules(tmp_path):
         (SCHEDULES_TOML.replace("max_runs = 50", "max_rums = 50"), "unknown field 'max_rums'"),
         (SCHEDULES_TOML.replace('name = "every-ten"', 'name = "nightly-triage"'), "declared twice"),
         (SCHEDULES_TOML + "\n[oops", "not valid TOML"),
+        (SCHEDULES_TOML.replace("interval_minutes = 10", 'interval_minutes = "ten"'), "must be an integer"),
+        (SCHEDULES_TOML.replace("max_runs = 50", "enabled = 1"), "must be true or false"),
     ],
 )
 def test_sync__a_bad_file_changes_nothing_and_says_what_is_wrong(tmp_path, text, words):
