@@ -9,6 +9,7 @@ from django.contrib import admin, messages
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
@@ -18,6 +19,17 @@ from schedules.models import ChangeSource, Schedule, ScheduledRun
 
 RECENT_RUNS_SHOWN = 10
 RECENT_CHANGES_SHOWN = 20
+
+
+class PauseNoteForm(forms.Form):
+    note = forms.CharField(
+        max_length=services.PAUSE_NOTE_MAX, required=False, help_text="Why, for the others."
+    )
+
+
+class BackfillForm(forms.Form):
+    start = forms.DateTimeField(help_text="UTC, e.g. 2026-11-30 00:00:00; the window is [start, end).")
+    end = forms.DateTimeField(help_text="UTC; not in the future. At most 1,000 slots per schedule.")
 
 
 class ScheduleAdminForm(forms.ModelForm):
@@ -71,7 +83,7 @@ class ScheduleAdmin(admin.ModelAdmin):
     list_filter = ["enabled", "managed", "schedule_type", "job"]
     list_select_related = ["job"]
     search_fields = ["name"]
-    actions = ["run_now", "enable", "disable"]
+    actions = ["run_now", "enable", "disable", "disable_with_note", "backfill"]
     readonly_fields = [
         "timing",
         "next_run_at",
@@ -293,11 +305,62 @@ class ScheduleAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{schedule.name}: {exc}", messages.ERROR)
         self.message_user(request, f"Enabled {queryset.count()} schedule(s).", messages.SUCCESS)
 
+    @admin.action(description="Disable selected schedules with a note...")
+    def disable_with_note(self, request: HttpRequest, queryset: QuerySet[Schedule]):
+        form = PauseNoteForm(request.POST if "apply" in request.POST else None)
+        if not (form.is_bound and form.is_valid()):
+            return _action_form(
+                request, queryset, form, action="disable_with_note", submit="Disable",
+                intro="Disable these schedules; the note shows until they are enabled again.",
+            )  # fmt: skip
+        for schedule in queryset:
+            services.disable_schedule(
+                schedule,
+                note=form.cleaned_data["note"],
+                source=ChangeSource.ADMIN,
+                actor=request.user.get_username(),
+            )
+        self.message_user(request, f"Disabled {queryset.count()} schedule(s).", messages.SUCCESS)
+        return None
+
+    @admin.action(description="Backfill selected schedules...")
+    def backfill(self, request: HttpRequest, queryset: QuerySet[Schedule]):
+        form = BackfillForm(request.POST if "apply" in request.POST else None)
+        if not (form.is_bound and form.is_valid()):
+            return _action_form(
+                request, queryset, form, action="backfill", submit="Backfill",
+                intro="Create a run (trigger backfill) for each slot in the window that has none yet.",
+            )  # fmt: skip
+        for schedule in queryset:
+            try:
+                result = services.backfill_schedule(
+                    schedule, start=form.cleaned_data["start"], end=form.cleaned_data["end"]
+                )
+            except services.ScheduleInvalid as exc:
+                self.message_user(request, f"{schedule.name}: {exc}", messages.ERROR)
+                continue
+            self.message_user(
+                request,
+                f"{schedule.name}: {result.created} run(s) created, {result.skipped} slot(s) already had one,"
+                f" {result.overlap_skipped} skipped by the overlap policy.",
+                messages.SUCCESS,
+            )
+        return None
+
     @admin.action(description="Disable selected schedules")
     def disable(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
         for schedule in queryset:
             services.disable_schedule(schedule, source=ChangeSource.ADMIN, actor=request.user.get_username())
         self.message_user(request, f"Disabled {queryset.count()} schedule(s).", messages.SUCCESS)
+
+
+def _action_form(request: HttpRequest, queryset: QuerySet[Schedule], form: forms.Form, **context: str):
+    """The intermediate page of an action that needs input (action_form.html posts back to the action)."""
+    return TemplateResponse(
+        request,
+        "admin/schedules/schedule/action_form.html",
+        {"queryset": queryset, "form": form, "title": context["submit"], **context},
+    )
 
 
 @admin.register(ScheduledRun)

@@ -523,3 +523,29 @@ def test_admin__a_managed_schedules_declared_fields_are_read_only_and_saves_are_
         {"old": True, "new": False},
     )
     assert staff.get(f"/admin/schedules/schedule/{created['id']}/delete/").status_code == 403
+
+
+def test_admin__disable_with_a_note_and_backfill_actions_ask_first_then_act(staff):
+    s = make_schedule("admin-actions", next_run_at=db_now() + timedelta(minutes=5))
+    changelist = "/admin/schedules/schedule/"
+    asked = staff.post(changelist, {"action": "disable_with_note", "_selected_action": [s.pk]})
+    assert asked.status_code == 200
+    assert b'name="note"' in asked.content
+    s.refresh_from_db()
+    assert s.enabled  # nothing done before the form is sent
+
+    done = staff.post(
+        changelist,
+        {"action": "disable_with_note", "_selected_action": [s.pk], "apply": "1", "note": "db upgrade"},
+    )
+    assert done.status_code == 302
+    s.refresh_from_db()
+    assert (s.enabled, s.paused_note, s.paused_by) == (False, "db upgrade", "root")
+
+    start = (s.next_run_at - timedelta(minutes=45)).strftime("%Y-%m-%d %H:%M:%S")
+    end = (s.next_run_at - timedelta(minutes=5)).strftime("%Y-%m-%d %H:%M:%S")
+    body = {"action": "backfill", "_selected_action": [s.pk], "apply": "1", "start": start, "end": end}
+    assert staff.post(changelist, body).status_code == 302
+    assert ScheduledRun.objects.filter(schedule=s, trigger="backfill").count() == 4
+    staff.post(changelist, body)
+    assert ScheduledRun.objects.filter(schedule=s, trigger="backfill").count() == 4
