@@ -84,6 +84,8 @@ def test_run_now_succeeds_live_and_disable_shows_the_note(
         row.locator("button[data-kind=disable]").click()
         row.locator("[data-note]").wait_for()
         assert row.locator("[data-note]").inner_text() == "paused for the log rotation change"
+        row.locator("button[data-kind=enable]").wait_for()  # Enable replaces Disable, no reload
+        assert not row.locator("button[data-kind=disable]").is_visible()
         schedule.refresh_from_db()
         assert not schedule.enabled
         assert schedule.paused_note == "paused for the log rotation change"

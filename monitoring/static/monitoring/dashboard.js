@@ -57,6 +57,11 @@
           var state = row.querySelector("[data-state]");
           var strip = scope.querySelector("[data-strip]");
           if (state) { drawState(state, s); }
+          // Only the button that changes something: Enable on a paused schedule, Disable on an enabled one.
+          var enable = row.querySelector("button[data-kind=enable]");
+          var disable = row.querySelector("button[data-kind=disable]");
+          if (enable) { enable.hidden = s.enabled; }
+          if (disable) { disable.hidden = !s.enabled; }
           if (strip) { drawStrip(strip, s.strip); }
         });
       })
