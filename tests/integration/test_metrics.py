@@ -148,3 +148,13 @@ def test_a_real_run_shows_in_every_series_and_in_json_logs_of_scheduler_and_work
     assert {"run started", "run succeeded"} <= messages, messages
     for record in about_run:
         assert {k: record.get(k) for k in RUN_FIELDS} == expected, record
+
+
+@pytest.mark.django_db
+@override_settings(METRICS_MAX_AGE_SECONDS=0)
+def test_schedule_names_are_escaped_in_the_labels_postgresql_renders(api, redis_client):
+    name = 'we"ird \\ name\nwith a newline'
+    make_schedule(name, next_run_at=db_now() + timedelta(hours=1))
+    found = families(scrape(api)[1])
+    labels = [s.labels["schedule"] for s in found["cb_schedule_next_run_timestamp_seconds"].samples]
+    assert name in labels
