@@ -970,6 +970,20 @@ def lag_by_node(cluster: Cluster) -> dict:
     }
 
 
+def fewest_schedulers_reaching_postgres(applied: list[dict]) -> int:
+    """The fewest nodes whose scheduler could reach PostgreSQL at any instant of the fault phase.
+
+    Faults are [at_s, at_s + seconds) rounded to 0.1 s, and the driver starts one on a node only after
+    the last ended: an end and a start less than 0.2 s apart are taken as one after the other."""
+    cut = [f for f in applied if f["kind"].partition(":")[0] in {"cut_db", "cut_both", "isolate", "crash"}]
+    edges = sorted([(f["at_s"], 1) for f in cut] + [(f["at_s"] + f["seconds"] - 0.2, -1) for f in cut])
+    down = most = 0
+    for _, step in edges:
+        down += step
+        most = max(most, down)
+    return len(NODES) - most
+
+
 def report_of(
     cluster: Cluster, driver: Driver, procs: NodeProcSampler, sampler, stuck, initial, cutoff, began
 ) -> dict:
@@ -1003,17 +1017,7 @@ def report_of(
     on_proc["max_running_per_node"] = procs.max_per_node
     # With at most `parallel` (< 3) nodes under a fault, at least one scheduler reaches PostgreSQL at
     # every instant, so every slot up to the cut-off must have its row, whatever its misfire policy.
-    unhealthy = [
-        (f["at_s"], f["at_s"] + f["seconds"])
-        for f in driver.done
-        if f["kind"].partition(":")[0] in {"cut_db", "cut_both", "isolate", "crash"}
-    ]
-    edges = sorted([(a, 1) for a, _ in unhealthy] + [(b, -1) for _, b in unhealthy])
-    down, most = 0, 0
-    for _, step in edges:
-        down += step
-        most = max(most, down)
-    slots["fewest_schedulers_reaching_postgres"] = len(NODES) - most
+    slots["fewest_schedulers_reaching_postgres"] = fewest_schedulers_reaching_postgres(driver.done)
     report = {
         "config": {
             **config.__dict__,
@@ -1062,6 +1066,8 @@ def verdict(report: dict) -> list[str]:
         (runs["scheduled_runs_without_run"], "scheduled runs without a run"),
     ]
     problems += [f"{n} {what}" for n, what in checks if n]
+    if slots["fewest_schedulers_reaching_postgres"] < 1:
+        problems.append("a moment with no scheduler reaching PostgreSQL: the lost-slot check assumes one")
     for scope, cap in caps["caps"].items():
         seen = caps["proc"]["max_running"][scope]
         if seen > cap:
