@@ -41,12 +41,24 @@ class ScheduleAdminForm(forms.ModelForm):
         help_text="Delay each run by up to this many seconds (0: none).",
     )
 
+    # Optional too (blank: the default); retention keeps at least this many of the newest runs.
+    history_keep = forms.IntegerField(
+        required=False,
+        min_value=0,
+        initial=Schedule._meta.get_field("history_keep").default,
+        help_text="Keep at least this many of its newest runs, whatever HISTORY_KEEP_DAYS says.",
+    )
+
     class Meta:
         model = Schedule
         fields = list(services.SCHEDULE_FIELDS)
 
     def clean_jitter_seconds(self) -> int:
         return self.cleaned_data.get("jitter_seconds") or 0
+
+    def clean_history_keep(self) -> int:
+        value = self.cleaned_data.get("history_keep")
+        return Schedule._meta.get_field("history_keep").default if value is None else value
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
@@ -134,6 +146,7 @@ class ScheduleAdmin(admin.ModelAdmin):
                     "max_runs",
                     "runs_remaining",
                     "scheduled_run_count",
+                    "history_keep",
                 ]
             },
         ),

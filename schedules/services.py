@@ -60,6 +60,7 @@ SCHEDULE_FIELDS = (
     "end_at",
     "max_runs",
     "catchup_window_seconds",
+    "history_keep",
 )
 TIMING_FIELDS = frozenset(
     {"schedule_type", "interval_minutes", "cron_expr", "timezone", "jitter_seconds", "start_at", "end_at"}

@@ -84,6 +84,7 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "runs_remaining",
             "scheduled_run_count",
             "catchup_window_seconds",
+            "history_keep",
             "paused_note",
             "paused_at",
             "paused_by",

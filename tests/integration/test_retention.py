@@ -207,3 +207,30 @@ def test_prune_history_if_due__a_failure_is_logged_not_raised_and_it_is_rate_lim
     monkeypatch.setattr(retention, "_next_prune", 0.0)
     assert retention.prune_history_if_due().done
     assert Run.objects.count() < runs_left  # the runs the failed pass left are pruned now
+
+
+def test_history_keep__is_a_schedule_field_of_the_api(api):
+    sleep_job()
+    created = api.post(
+        "/api/schedules/",
+        {
+            "name": "keep-7",
+            "job_key": "sleep",
+            "schedule_type": "interval",
+            "interval_minutes": 5,
+            "history_keep": 7,
+        },
+        format="json",
+    )
+    assert created.status_code == 201, created.json()
+    assert created.json()["history_keep"] == 7
+    assert api.get("/api/schedules/", format="json").json()["results"][0]["history_keep"] == 7
+    bad = api.patch(f"/api/schedules/{created.json()['id']}/", {"history_keep": -1}, format="json")
+    assert bad.status_code == 400
+    assert "history_keep" in bad.json()
+    default = api.post(
+        "/api/schedules/",
+        {"name": "keep-default", "job_key": "sleep", "schedule_type": "interval", "interval_minutes": 5},
+        format="json",
+    )
+    assert default.json()["history_keep"] == 100
