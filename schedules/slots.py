@@ -163,8 +163,10 @@ def plan_slots(
         return SlotPlan(decisions=[], next_run_at=next_run_at)
     if runs_left is not None and runs_left <= 0:
         return SlotPlan(decisions=[], next_run_at=next_run_at, completed=True)
-    first = timing.slot_of(spec, next_run_at)
-    cutoff = missed_before(now=now, grace=grace, handover=handover) - timedelta(seconds=spec.jitter_seconds)
+    first = timing.slot_of(spec, next_run_at) if spec.jitter_seconds else next_run_at
+    cutoff = missed_before(now=now, grace=grace, handover=handover)
+    if spec.jitter_seconds:
+        cutoff -= timedelta(seconds=spec.jitter_seconds)
     missed, on_time, after = _due_slots(
         spec, first=first, now=now, cutoff=cutoff, misfire_policy=misfire_policy
     )
@@ -172,9 +174,10 @@ def plan_slots(
         # High-water mark: no slot at or before the last dispatched one is ever created again.
         missed = [slot for slot in missed if slot > last_run_at]
         on_time = [slot for slot in on_time if slot > last_run_at]
-    # Bounds: nothing before start_at (a slot set by hand) and nothing after end_at.
-    missed = [slot for slot in missed if timing.within_bounds(spec, slot)]
-    on_time = [slot for slot in on_time if timing.within_bounds(spec, slot)]
+    if spec.start_at is not None or spec.end_at is not None:
+        # Bounds: nothing before start_at (a slot set by hand) and nothing after end_at.
+        missed = [slot for slot in missed if timing.within_bounds(spec, slot)]
+        on_time = [slot for slot in on_time if timing.within_bounds(spec, slot)]
     if not missed and not on_time:
         return SlotPlan(decisions=[], next_run_at=timing.next_dispatch(spec, after))
 
@@ -192,7 +195,9 @@ def plan_slots(
     )
 
     planned = len(decisions)
-    decisions, completed = _cut_at_runs_left(decisions, runs_left)
+    decisions, completed = (
+        (decisions, False) if runs_left is None else _cut_at_runs_left(decisions, runs_left)
+    )
     if max_slots is not None and len(decisions) > max_slots:
         decisions, completed = decisions[:max_slots], False
     if len(decisions) < planned:

@@ -70,15 +70,21 @@ CRON_ALIASES = {
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+@lru_cache(maxsize=4096)
 def expand_cron(expr: str) -> str:
     """The five-field form of `expr` (an alias expanded, spacing canonical)."""
     expr = " ".join(expr.split())
     return CRON_ALIASES.get(expr.lower(), expr)
 
 
+@lru_cache(maxsize=4096)
+def _hashed(expr: str) -> bool:
+    return "h" in expr.lower()
+
+
 def _walls(expr: str, start: datetime, key: str) -> croniter:
     """croniter over naive wall times; `H` fields hash `key` (croniter refuses them without one)."""
-    if "h" in expr.lower():
+    if _hashed(expr):
         return croniter(expr, start, hash_id=key.encode() or b"-")
     return croniter(expr, start)
 
@@ -227,6 +233,8 @@ def first_slot(spec: ScheduleSpec, *, now: datetime) -> datetime | None:
 
 def within_bounds(spec: ScheduleSpec, slot: datetime) -> bool:
     """No slot before start_at or after end_at."""
+    if spec.start_at is None and spec.end_at is None:
+        return True
     return (spec.start_at is None or slot >= spec.start_at) and (spec.end_at is None or slot <= spec.end_at)
 
 
@@ -246,7 +254,7 @@ def jitter_offset(spec: ScheduleSpec, slot: datetime) -> timedelta:
 
 def dispatch_at(spec: ScheduleSpec, slot: datetime) -> datetime:
     """When `slot` is dispatched: the slot plus its jitter offset."""
-    return slot + jitter_offset(spec, slot)
+    return slot + jitter_offset(spec, slot) if spec.jitter_seconds > 0 else slot
 
 
 def slot_of(spec: ScheduleSpec, next_run_at: datetime) -> datetime:
