@@ -92,7 +92,7 @@ def test_delete__racing_a_dispatch_answers_204_and_the_new_runs_never_start(
         procs.start("--interval", "1")
         try:
             wait_for(
-                lambda: _waiting_on_locks('INSERT INTO "orchestrator_run"%'),
+                lambda: _waiting_on_locks("%INSERT INTO%orchestrator_run%"),
                 timeout=120,
                 what="the scheduler's dispatch waiting on the table lock",
             )
