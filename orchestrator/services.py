@@ -193,8 +193,18 @@ _WORK_DIR_PREFIX = "cb-run-"
 _STALE_WORK_DIR_SECONDS = 24 * 3600
 
 
+# A sweep lists the whole temp directory: once per process per this many seconds, not once per run.
+_SWEEP_EVERY_SECONDS = 600.0
+_last_sweep: float | None = None
+
+
 def _sweep_stale_work_dirs() -> None:
     """Remove run work dirs a hard-killed worker left behind (they may hold copies of log lines)."""
+    global _last_sweep
+    now = time.monotonic()
+    if _last_sweep is not None and now - _last_sweep < _SWEEP_EVERY_SECONDS:
+        return
+    _last_sweep = now
     root = Path(tempfile.gettempdir())
     cutoff = time.time() - _STALE_WORK_DIR_SECONDS
     for path in root.glob(f"{_WORK_DIR_PREFIX}*"):

@@ -18,12 +18,12 @@ Times come from the database clock (`now()`).
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from django.db import OperationalError, connection, transaction
-from django.db.models import F, Max
-from django.db.models.functions import Coalesce, Now
+from django.db.models.functions import Now
 
 from orchestrator.models import Run, RunStatus
 from schedules import runleases
@@ -53,6 +53,33 @@ def run_mark_throttled(run_id: int, scheduled_run_id: int | None, reason: str) -
             )
 
 
+# The start gate in one statement (one round trip, no explicit transaction). Row locks in the order every
+# writer of both tables takes them, the Run first: `s` reads `r`, so the Run's UPDATE runs (and locks)
+# first. The Run starts only while its mirror still waits (checked in the statement's snapshot), and the
+# mirror's UPDATE checks again on the row it locks; `started_mirror` = 0 after a started Run means the
+# mirror was settled in between, by a writer that does not lock the Run first (none does today).
+_START_SQL = """
+WITH r AS (
+    UPDATE orchestrator_run
+       SET status = 'running', attempt = attempt + 1, started_at = now(), heartbeat_at = now(),
+           finished_at = NULL, worker = %(worker)s, error_summary = '', lease_seq = %(seq)s
+     WHERE id = %(run)s AND status = 'queued'
+       AND (%(attempt)s::int IS NULL OR attempt = %(attempt)s::int)
+       AND (%(sr)s::bigint IS NULL OR EXISTS (
+            SELECT 1 FROM schedules_scheduledrun
+             WHERE id = %(sr)s::bigint AND status IN ('queued', 'throttled')))
+    RETURNING attempt
+), s AS (
+    UPDATE schedules_scheduledrun
+       SET status = 'running', started_at = now(), heartbeat_at = now(), finished_at = NULL,
+           worker = %(worker)s, error_summary = ''
+     WHERE id = %(sr)s::bigint AND status IN ('queued', 'throttled') AND EXISTS (SELECT 1 FROM r)
+    RETURNING id
+)
+SELECT (SELECT attempt FROM r), (SELECT count(*) FROM s)
+"""
+
+
 def run_start(
     run_id: int,
     scheduled_run_id: int | None,
@@ -65,41 +92,24 @@ def run_start(
 
     `lease_seq` is the semaphore's grant number (worker/semaphore.py): the highest one among running
     runs tells a Redis that came back behind the database (a restore, a failover) from a current one.
-    `attempt`: the attempt the caller read with the run; the gate then also requires it unchanged, and
-    the new one is known without reading the row again.
+    `attempt`: the attempt the caller read with the run; the gate then also requires it unchanged.
+    A run whose slot was settled elsewhere (skipped, cancelled) is not started behind its back.
     """
-    fence: dict[str, Any] = {"pk": run_id, "status": RunStatus.QUEUED}
-    if attempt is not None:
-        fence["attempt"] = attempt
-    with transaction.atomic():
-        taken = Run.objects.filter(**fence).update(
-            status=RunStatus.RUNNING,
-            attempt=F("attempt") + 1,
-            started_at=Now(),
-            heartbeat_at=Now(),
-            finished_at=None,
-            worker=worker,
-            error_summary="",
-            lease_seq=lease_seq,
+    params = {"run": run_id, "sr": scheduled_run_id, "worker": worker, "seq": lease_seq, "attempt": attempt}
+    with connection.cursor() as cursor:
+        cursor.execute(_START_SQL, params)
+        started, started_mirror = cursor.fetchone()
+    if started is None:
+        return None
+    if scheduled_run_id is not None and not started_mirror:
+        # Not reachable with today's writers (see _START_SQL); should one appear, the run must not
+        # stay `running` with nobody executing it.
+        logger.warning("run started but its slot was settled meanwhile", extra={"run_id": run_id})
+        run_finish(
+            run_id, None, status=RunStatus.FAILED, error_summary="slot settled elsewhere", attempt=started
         )
-        if not taken:
-            return None
-        if scheduled_run_id is not None:
-            mirrored = ScheduledRun.objects.filter(pk=scheduled_run_id, status__in=_WAITING).update(
-                status=ScheduledRunStatus.RUNNING,
-                started_at=Now(),
-                heartbeat_at=Now(),
-                finished_at=None,
-                worker=worker,
-                error_summary="",
-            )
-            if not mirrored:
-                # The slot was settled elsewhere (skipped, cancelled): do not run it behind its back.
-                transaction.set_rollback(True)
-                return None
-        if attempt is not None:
-            return attempt + 1
-        return Run.objects.values_list("attempt", flat=True).get(pk=run_id)
+        return None
+    return started
 
 
 def run_heartbeat(run_id: int, scheduled_run_id: int | None, attempt: int) -> bool:
@@ -115,6 +125,33 @@ def run_heartbeat(run_id: int, scheduled_run_id: int | None, attempt: int) -> bo
     return bool(alive)
 
 
+# A finish in one statement: the Run (fenced by attempt and/or worker), then its mirror, found by id or,
+# for the worker's parent, which does not know it, by run.
+_FINISH_SQL = """
+WITH r AS (
+    UPDATE orchestrator_run
+       SET status = %(status)s, finished_at = now(), error_summary = %(summary)s,
+           stats = COALESCE(%(stats)s::jsonb, stats),
+           llm_calls = COALESCE(%(llm_calls)s::int, llm_calls),
+           llm_prompt_tokens = COALESCE(%(llm_prompt_tokens)s::int, llm_prompt_tokens),
+           llm_completion_tokens = COALESCE(%(llm_completion_tokens)s::int, llm_completion_tokens)
+     WHERE id = %(run)s AND status = 'running'
+       AND (%(attempt)s::int IS NULL OR attempt = %(attempt)s::int)
+       AND (%(worker)s::text IS NULL OR worker = %(worker)s::text)
+    RETURNING id
+), s AS (
+    UPDATE schedules_scheduledrun
+       SET status = %(status)s, finished_at = now(), error_summary = %(summary)s
+     WHERE {mirror} AND status = 'running' AND EXISTS (SELECT 1 FROM r)
+    RETURNING id
+)
+SELECT count(*) FROM r
+"""
+_FINISH_BY_ID_SQL = _FINISH_SQL.format(mirror="id = %(sr)s")
+_FINISH_BY_RUN_SQL = _FINISH_SQL.format(mirror="run_id = %(run)s")
+_LLM_COUNTERS = ("llm_calls", "llm_prompt_tokens", "llm_completion_tokens")
+
+
 def run_finish(
     run_id: int,
     scheduled_run_id: int | None,
@@ -128,28 +165,22 @@ def run_finish(
     """End a running run, fenced by `attempt` (or `worker`), and mirror it; False if it was not ours."""
     if attempt is None and worker is None:
         raise ValueError("a finish is fenced by attempt or by worker")
-    error_summary = (error_summary or "")[:ERROR_SUMMARY_MAX]
-    fields: dict[str, Any] = {"status": status, "finished_at": Now(), "error_summary": error_summary}
-    if stats is not None:
-        fields["stats"] = stats
-        for counter in ("llm_calls", "llm_prompt_tokens", "llm_completion_tokens"):
-            if isinstance(stats.get(counter), int):
-                fields[counter] = stats[counter]
-    fence: dict[str, Any] = {"pk": run_id, "status": RunStatus.RUNNING}
-    if attempt is not None:
-        fence["attempt"] = attempt
-    if worker is not None:
-        fence["worker"] = worker
-    with transaction.atomic():
-        ended = Run.objects.filter(**fence).update(**fields)
-        if ended:
-            scheduled = ScheduledRun.objects.filter(status=ScheduledRunStatus.RUNNING)
-            scheduled = (
-                scheduled.filter(pk=scheduled_run_id)
-                if scheduled_run_id is not None
-                else scheduled.filter(run_id=run_id)
-            )
-            scheduled.update(status=status, finished_at=Now(), error_summary=error_summary)
+    params: dict[str, Any] = {
+        "run": run_id,
+        "sr": scheduled_run_id,
+        "status": str(status),
+        "summary": (error_summary or "")[:ERROR_SUMMARY_MAX],
+        "stats": json.dumps(stats) if stats is not None else None,
+        "attempt": attempt,
+        "worker": worker,
+    }
+    for counter in _LLM_COUNTERS:
+        value = stats.get(counter) if stats is not None else None
+        params[counter] = value if isinstance(value, int) and not isinstance(value, bool) else None
+    sql = _FINISH_BY_ID_SQL if scheduled_run_id is not None else _FINISH_BY_RUN_SQL
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        (ended,) = cursor.fetchone()
     return bool(ended)
 
 
@@ -186,12 +217,19 @@ def run_cancel(run_ids: list[int], reason: str) -> list[int]:
     return cancelled
 
 
+# The highest semaphore grant among running runs (1 for a running run from before grants had numbers, 0
+# when nothing runs): a Redis whose grant counter is below it lost lease state. Also read as a column of
+# the worker's first query of a delivery (worker/execution.py), to save a round trip.
+LEASE_FLOOR_SQL = (
+    "SELECT COALESCE(MAX(COALESCE(lease_seq, 1)), 0) FROM orchestrator_run WHERE status = 'running'"
+)
+
+
 def running_lease_floor() -> int:
-    """The highest semaphore grant among running runs (1 for a running run from before grants had
-    numbers, 0 when nothing runs): a Redis whose grant counter is below it lost lease state."""
-    return Run.objects.filter(status=RunStatus.RUNNING).aggregate(
-        floor=Coalesce(Max(Coalesce("lease_seq", 1)), 0)
-    )["floor"]
+    """See LEASE_FLOOR_SQL."""
+    with connection.cursor() as cursor:
+        cursor.execute(LEASE_FLOOR_SQL)
+        return int(cursor.fetchone()[0])
 
 
 # --- outcomes kept in Redis while PostgreSQL was away ------------------------------------------------

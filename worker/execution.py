@@ -29,6 +29,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connection
+from django.db.models.expressions import RawSQL
 
 from orchestrator.models import Job, Run, RunStatus
 from orchestrator.services import OrchestratorService, TaskFence
@@ -150,21 +151,42 @@ def rebuild_leases() -> int:
     return semaphore_rebuild(holders, floor=floor)
 
 
-def semaphore_take(caps: list[Cap], *, owner: str, run_id: int, due, park: str = "") -> Grant:
+def semaphore_take(
+    caps: list[Cap], *, owner: str, run_id: int, due, park: str = "", floor: int | None = None
+) -> Grant:
     """Acquire the run's caps (parking the run's message when one is full); a Redis behind the
-    database is rebuilt first, then asked again."""
+    database is rebuilt first, then asked again. `floor`: runstate.running_lease_floor(), if the
+    caller read it already (with the run)."""
 
-    def acquire() -> Grant:
-        floor = runstate.running_lease_floor()
+    def acquire(floor: int | None) -> Grant:
+        if floor is None:
+            floor = runstate.running_lease_floor()
         return semaphore_acquire(
             caps, owner=owner, waiter=waiter_id(run_id), due=due, run_id=run_id, floor=floor, park=park
         )
 
-    grant = acquire()
+    grant = acquire(floor)
     if grant.rebuild:
         rebuild_leases()
-        grant = acquire()
+        grant = acquire(None)
     return grant
+
+
+def _load(run_id: int, scheduled_run_id: int | None) -> tuple[Run | None, ScheduledRun | None, int]:
+    """The run (with its job and directive), its scheduled run (with its schedule) and the lease floor,
+    in one query: what a delivery needs before its start gate."""
+    floor = RawSQL(runstate.LEASE_FLOOR_SQL, ())
+    if scheduled_run_id is not None:
+        scheduled = (
+            ScheduledRun.objects.select_related("schedule", "run__job", "run__directive")
+            .annotate(lease_floor=floor)
+            .filter(pk=scheduled_run_id, run_id=run_id)
+            .first()
+        )
+        if scheduled is not None:
+            return scheduled.run, scheduled, scheduled.lease_floor
+    run = Run.objects.select_related("job", "directive").annotate(lease_floor=floor).filter(pk=run_id).first()
+    return run, None, (run.lease_floor if run is not None else 0)
 
 
 def park_message(message: RunMessage) -> str:
@@ -408,15 +430,12 @@ def run_execute(
     Database errors before the start propagate (the task retries the message); from the start on,
     the run always ends here or is left, recorded, to the reapers.
     """
-    run = Run.objects.select_related("job", "directive").filter(pk=run_id).first()
+    run, scheduled, floor = _load(run_id, scheduled_run_id)
     if run is None:
         logger.warning("run message for an unknown run", extra={"run_id": run_id})
         return Outcome(status="skipped", run_id=run_id, reason="unknown run")
-    scheduled = None
-    if scheduled_run_id is not None:
-        scheduled = ScheduledRun.objects.select_related("schedule").filter(pk=scheduled_run_id).first()
-        if scheduled is None:
-            scheduled_run_id = None
+    if scheduled is None:
+        scheduled_run_id = None
     # Every log line of this delivery names its run, job, task and schedule (project/logging.py).
     bind_run(run_id=run_id, job=job_key, task_id=task_id, schedule_id=scheduled and scheduled.schedule_id)
     caps = caps_for(run.job, scheduled.schedule if scheduled is not None else None)
@@ -431,7 +450,7 @@ def run_execute(
     due = scheduled.scheduled_for if scheduled is not None else run.created_at
     park = park_message(message_for(run.job, run, scheduled))
     try:
-        grant = semaphore_take(caps, owner=owner, run_id=run_id, due=due, park=park)
+        grant = semaphore_take(caps, owner=owner, run_id=run_id, due=due, park=park, floor=floor)
     except redis.RedisError as exc:
         reason = "waiting: concurrency caps unavailable (Redis unreachable)"
         logger.warning(reason, extra={"run_id": run_id, "error": type(exc).__name__})
