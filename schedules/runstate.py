@@ -53,11 +53,10 @@ def run_mark_throttled(run_id: int, scheduled_run_id: int | None, reason: str) -
             )
 
 
-# The start gate in one statement (one round trip, no explicit transaction). Row locks in the order every
+# The start gate in one statement. Row locks in the order every
 # writer of both tables takes them, the Run first: `s` reads `r`, so the Run's UPDATE runs (and locks)
 # first. The Run starts only while its mirror still waits (checked in the statement's snapshot), and the
-# mirror's UPDATE checks again on the row it locks; `started_mirror` = 0 after a started Run means the
-# mirror was settled in between, by a writer that does not lock the Run first (none does today).
+# mirror's UPDATE checks again on the row it locks (0 rows: settled in between; the start rolls back).
 _START_SQL = """
 WITH r AS (
     UPDATE orchestrator_run
@@ -96,19 +95,15 @@ def run_start(
     A run whose slot was settled elsewhere (skipped, cancelled) is not started behind its back.
     """
     params = {"run": run_id, "sr": scheduled_run_id, "worker": worker, "seq": lease_seq, "attempt": attempt}
-    with connection.cursor() as cursor:
+    # An explicit transaction, as for the finish: a start whose process dies while it waits on a lock
+    # is rolled back, not committed for a run nobody executes.
+    with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_START_SQL, params)
         started, started_mirror = cursor.fetchone()
-    if started is None:
-        return None
-    if scheduled_run_id is not None and not started_mirror:
-        # Not reachable with today's writers (see _START_SQL); should one appear, the run must not
-        # stay `running` with nobody executing it.
-        logger.warning("run started but its slot was settled meanwhile", extra={"run_id": run_id})
-        run_finish(
-            run_id, None, status=RunStatus.FAILED, error_summary="slot settled elsewhere", attempt=started
-        )
-        return None
+        if started is not None and scheduled_run_id is not None and not started_mirror:
+            # Its slot was settled in between (see _START_SQL): the Run must not start behind its back.
+            transaction.set_rollback(True)
+            return None
     return started
 
 
@@ -178,7 +173,10 @@ def run_finish(
         value = stats.get(counter) if stats is not None else None
         params[counter] = value if isinstance(value, int) and not isinstance(value, bool) else None
     sql = _FINISH_BY_ID_SQL if scheduled_run_id is not None else _FINISH_BY_RUN_SQL
-    with connection.cursor() as cursor:
+    # In an explicit transaction, although it is one statement: a finish blocked on a row lock whose
+    # process is then killed (the hard time limit) must not commit when the lock goes; its COMMIT never
+    # comes, so PostgreSQL rolls it back, and the parent's outcome stands.
+    with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(sql, params)
         (ended,) = cursor.fetchone()
     return bool(ended)
