@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-local run up smoke bench test lint format
+.PHONY: install install-local run up smoke bench cluster test lint format
 
 $(BIN)/.installed: requirements/base.txt requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ smoke:
 bench: install
 	$(BIN)/pip install --quiet -r requirements/bench.txt
 	$(BIN)/python -m benchmarks.compare
+
+# Three hosts on network namespaces under partitions, slow links, skewed clocks and crashes for 20 minutes
+# (root: ip netns, iptables, tc); the report goes to docs/cluster-runs/ (docs/RELIABILITY.md, "Several hosts").
+cluster: install
+	$(BIN)/python scripts/cluster.py --minutes 20 --seed 1 --report docs/cluster-runs/latest.json
 
 # With PostgreSQL and Redis answering this is plain pytest; otherwise embedded ones for the run's length.
 test: install install-local
