@@ -561,7 +561,7 @@ def test_jitter_offset__spreads_over_the_window():
     assert 250 < sum(offsets) / len(offsets) < 350
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     point=st.sampled_from(TRANSITION_POINTS),
     offset_minutes=st.integers(min_value=-26 * 60, max_value=6 * 60),
