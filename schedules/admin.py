@@ -49,12 +49,31 @@ class ScheduleAdminForm(forms.ModelForm):
         help_text="Keep at least this many of its newest runs, whatever HISTORY_KEEP_DAYS says.",
     )
 
+    # Optional (blank: the default, 1); 0 turns the failing alert off.
+    alert_after_failures = forms.IntegerField(
+        required=False,
+        min_value=0,
+        initial=Schedule._meta.get_field("alert_after_failures").default,
+        help_text="Alert after this many consecutive failures (0: never).",
+    )
+
+    alert_webhook_url = forms.URLField(
+        required=False,
+        assume_scheme="https",
+        max_length=500,
+        help_text="Alerts of this schedule go here instead of ALERT_WEBHOOK_URLS (blank: those).",
+    )
+
     class Meta:
         model = Schedule
         fields = list(services.SCHEDULE_FIELDS)
 
     def clean_jitter_seconds(self) -> int:
         return self.cleaned_data.get("jitter_seconds") or 0
+
+    def clean_alert_after_failures(self) -> int:
+        value = self.cleaned_data.get("alert_after_failures")
+        return Schedule._meta.get_field("alert_after_failures").default if value is None else value
 
     def clean_history_keep(self) -> int:
         value = self.cleaned_data.get("history_keep")
@@ -150,6 +169,7 @@ class ScheduleAdmin(admin.ModelAdmin):
                 ]
             },
         ),
+        ("Alerts", {"fields": ["alert_after_failures", "alert_after_seconds", "alert_webhook_url"]}),
         ("Pause", {"fields": ["paused_note", "paused_at", "paused_by"]}),
         (
             "Scheduler state",

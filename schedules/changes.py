@@ -21,8 +21,17 @@ PAUSE_FIELDS = ("paused_note", "paused_at", "paused_by")
 TEXT_KEPT = 200
 
 
+# Secrets (a webhook URL carries its token): history says whether one is set, and a digest that tells
+# a change, never the value.
+SECRET_FIELDS = frozenset({"alert_webhook_url"})
+
+
 def json_value(field: str, value: Any) -> Any:
     """A field's value as history stores it."""
+    if field in SECRET_FIELDS:
+        if not value:
+            return ""
+        return f"<set, sha256 {hashlib.sha256(str(value).encode()).hexdigest()[:8]}>"
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, datetime):

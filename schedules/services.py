@@ -61,6 +61,9 @@ SCHEDULE_FIELDS = (
     "max_runs",
     "catchup_window_seconds",
     "history_keep",
+    "alert_after_failures",
+    "alert_after_seconds",
+    "alert_webhook_url",
 )
 TIMING_FIELDS = frozenset(
     {"schedule_type", "interval_minutes", "cron_expr", "timezone", "jitter_seconds", "start_at", "end_at"}
@@ -207,6 +210,9 @@ def limit_errors(
         errors["max_runs"] = [
             f"The schedule completed {run_count} of {max_runs} runs; raise or clear max_runs to enable it."
         ]
+    overdue = values.get("alert_after_seconds")
+    if overdue is not None and overdue < 1:
+        errors["alert_after_seconds"] = ["Must be at least 1 second, or null for no overdue alert."]
     window = values.get("catchup_window_seconds")
     if window is not None and not 0 <= window <= MAX_CATCHUP_WINDOW_SECONDS:
         errors["catchup_window_seconds"] = [

@@ -56,6 +56,7 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
     upcoming = serializers.SerializerMethodField()
     runs_remaining = serializers.SerializerMethodField()
     next_run_note = serializers.SerializerMethodField()
+    alert_webhook_set = serializers.SerializerMethodField()
 
     class Meta:
         model = Schedule
@@ -85,6 +86,10 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "scheduled_run_count",
             "catchup_window_seconds",
             "history_keep",
+            "alert_after_failures",
+            "alert_after_seconds",
+            "alert_webhook_url",
+            "alert_webhook_set",
             "paused_note",
             "paused_at",
             "paused_by",
@@ -116,6 +121,8 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
         extra_kwargs = {
             # Uniqueness is a service rule (shared with the admin, and raced-for in the database).
             "name": {"validators": []},
+            # A webhook URL carries its token: written, never read back (alert_webhook_set says if any).
+            "alert_webhook_url": {"write_only": True},
         }
 
     @extend_schema_field(serializers.ListField(child=serializers.DateTimeField()))
@@ -136,6 +143,10 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             return []
         field = serializers.DateTimeField()
         return [field.to_representation(t) for t in times]
+
+    def get_alert_webhook_set(self, schedule: Schedule) -> bool:
+        """Whether the schedule has a webhook of its own (instead of ALERT_WEBHOOK_URLS)."""
+        return bool(schedule.alert_webhook_url)
 
     def get_runs_remaining(self, schedule: Schedule) -> int | None:
         """max_runs minus the scheduled and backfilled runs so far (manual runs do not count)."""
