@@ -39,7 +39,8 @@ def test_alert_settings__set_through_the_api_the_webhook_never_read_back(api):
     response = api.patch(f"/api/schedules/{schedule.pk}/", {"alert_webhook_url": ""}, format="json")
     assert response.status_code == 200, response.data
     assert response.json()["alert_webhook_set"] is False
-    history = " ".join(str(change.changes) for change in ScheduleChange.objects.filter(schedule_id=schedule.pk))
+    changes = ScheduleChange.objects.filter(schedule_id=schedule.pk)
+    history = " ".join(str(change.changes) for change in changes)
     assert "alert_webhook_url" in history  # the change is recorded...
     assert "s3cr3t" not in history  # ...but not the secret
 
