@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +32,8 @@ from urllib.parse import urlparse
 
 from django.conf import settings
 from django.db import connection, transaction
+
+from project.background import BackgroundQueue
 
 logger = logging.getLogger(__name__)
 
@@ -292,42 +292,20 @@ def _host(url: str) -> str:
     return urlparse(url).hostname or "?"
 
 
-class Sender:
+class Sender(BackgroundQueue[Notification]):
     """One background thread per process delivering claimed notifications, each with retries."""
 
     attempts = 5
+    thread_name = "alert-sender"
 
-    def __init__(self) -> None:
-        self._queue: queue.Queue[Notification] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def submit(self, notification: Notification) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="alert-sender", daemon=True)
-                self._thread.start()
-        self._queue.put(notification)
-
-    def drain(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
-
-    def _loop(self) -> None:
-        while True:
-            notification = self._queue.get()
-            try:
-                self.deliver(notification)
-            except Exception as exc:
-                logger.warning("alert notification failed", extra={"error": type(exc).__name__})
-                self.give_back(notification)
-            finally:
-                connection.close()  # this thread's own connection
-                self._queue.task_done()
+    def handle(self, notification: Notification) -> None:
+        try:
+            self.deliver(notification)
+        except Exception as exc:
+            logger.warning("alert notification failed", extra={"error": type(exc).__name__})
+            self.give_back(notification)
+        finally:
+            connection.close()  # this thread's own connection
 
     def deliver(self, notification: Notification) -> None:
         from schedules.models import Alert

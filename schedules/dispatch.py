@@ -30,7 +30,7 @@ from schedules import claiming, timing
 from schedules.claiming import renew
 from schedules.models import OverlapPolicy, Schedule, ScheduledRun, ScheduledRunStatus
 from schedules.publishing import RunMessage, publish_on_commit, send_messages, stamp_published
-from schedules.slots import SlotPlan, plan_slots
+from schedules.slots import SlotDecision, SlotPlan, plan_slots
 
 logger = logging.getLogger(__name__)
 
@@ -321,22 +321,32 @@ def _launch_runs(batch: _Batch) -> dict[str, list]:
         for decision in plan.decisions
         if decision.dispatch
     ]
-    run_iter = iter(OrchestratorService.launch_many(launches))
+    runs = OrchestratorService.launch_many(launches)
+    pairs = [(s.id, decision) for s, plan in batch.planned for decision in plan.decisions]
+    columns, run_for = slot_columns(pairs, runs)
+    batch.run_for.update(run_for)
+    return columns
+
+
+def slot_columns(pairs: list[tuple[int, SlotDecision]], runs: list[Run]) -> tuple[dict[str, list], dict]:
+    """INSERT_SLOTS_SQL's columns for (schedule id, slot decision) pairs, the launched `runs` taken in
+    order by the decisions that dispatch; and (schedule id, slot) -> run of those."""
+    run_iter = iter(runs)
+    run_for: dict[tuple[int, datetime], Run] = {}
     columns: dict[str, list] = {
         k: [] for k in ("schedule_ids", "run_ids", "slots", "statuses", "task_ids", "reasons")
     }
-    for s, plan in batch.planned:
-        for decision in plan.decisions:
-            run = next(run_iter) if decision.dispatch else None
-            columns["schedule_ids"].append(s.id)
-            columns["run_ids"].append(run.pk if run else None)
-            columns["slots"].append(decision.slot)
-            columns["statuses"].append(ScheduledRunStatus.QUEUED if run else ScheduledRunStatus.SKIPPED)
-            columns["task_ids"].append(run.task_id if run else "")
-            columns["reasons"].append(decision.reason)
-            if run is not None:
-                batch.run_for[(s.id, decision.slot)] = run
-    return columns
+    for schedule_id, decision in pairs:
+        run = next(run_iter) if decision.dispatch else None
+        columns["schedule_ids"].append(schedule_id)
+        columns["run_ids"].append(run.pk if run else None)
+        columns["slots"].append(decision.slot)
+        columns["statuses"].append(ScheduledRunStatus.QUEUED if run else ScheduledRunStatus.SKIPPED)
+        columns["task_ids"].append(run.task_id if run else "")
+        columns["reasons"].append(decision.reason)
+        if run is not None:
+            run_for[(schedule_id, decision.slot)] = run
+    return columns, run_for
 
 
 def insert_slots(columns: dict[str, list], *, trigger: str) -> dict[tuple[int, datetime], int]:

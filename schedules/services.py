@@ -724,21 +724,8 @@ def _backfill_insert(current: Schedule, decisions: list, dispatch: Any) -> tuple
             if decision.dispatch
         ]
     )
-    run_iter = iter(runs)
-    run_for = {}
-    columns: dict[str, list] = {
-        k: [] for k in ("schedule_ids", "run_ids", "slots", "statuses", "task_ids", "reasons")
-    }
-    for decision in decisions:
-        run = next(run_iter) if decision.dispatch else None
-        columns["schedule_ids"].append(current.pk)
-        columns["run_ids"].append(run.pk if run else None)
-        columns["slots"].append(decision.slot)
-        columns["statuses"].append(ScheduledRunStatus.QUEUED if run else ScheduledRunStatus.SKIPPED)
-        columns["task_ids"].append(run.task_id if run else "")
-        columns["reasons"].append(decision.reason)
-        if run is not None:
-            run_for[decision.slot] = run
+    columns, by_key = dispatch.slot_columns([(current.pk, decision) for decision in decisions], runs)
+    run_for = {slot: run for (_, slot), run in by_key.items()}
     inserted = dispatch.insert_slots(columns, trigger=Trigger.BACKFILL)
     # A slot the scheduler dispatched meanwhile is already there: drop the run made for it.
     orphans = [run.pk for slot, run in run_for.items() if (current.pk, slot) not in inserted]

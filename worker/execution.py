@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import random
 import threading
 import time
@@ -34,6 +33,7 @@ from django.db.models.expressions import RawSQL
 from orchestrator.models import Job, Run, RunStatus
 from orchestrator.services import OrchestratorService, TaskFence
 from orchestrator.taskprocs import processes_of_run
+from project.background import BackgroundQueue
 from project.dbsession import set_connection_lock_timeout
 from project.logging import bind_run
 from schedules import runleases, runstate
@@ -599,7 +599,7 @@ def _settle(
 # --- the worker's parent process ---------------------------------------------------------------------
 
 
-class ParentWriter:
+class ParentWriter(BackgroundQueue):
     """The worker parent's writes, off its event loop: a write blocked on a row lock or a database away
     must not stall the process that hands out messages and enforces time limits.
 
@@ -607,34 +607,10 @@ class ParentWriter:
     parent never gets to write is written by a reaper.
     """
 
-    def __init__(self) -> None:
-        self._queue: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+    thread_name = "worker-parent-writer"
 
-    def submit(self, job) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="worker-parent-writer", daemon=True)
-                self._thread.start()
-        self._queue.put(job)
-
-    def drain(self, timeout: float) -> bool:
-        """Wait until every submitted job is done (tests, shutdown); True if it emptied in time."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
-
-    def _loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            try:
-                self._run(job)
-            finally:
-                self._queue.task_done()
+    def handle(self, job) -> None:
+        self._run(job)
 
     @staticmethod
     def _run(job) -> None:
