@@ -253,8 +253,9 @@ for i = 2, #KEYS do
     redis.call('SET', KEYS[i], owner, 'PX', lease_ms, 'NX')
   end
 end
-local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
-if seq < floor then
+-- Set even when nothing runs (floor 0): a missing counter means "behind" to every reader.
+local seq = redis.call('GET', KEYS[1])
+if not seq or tonumber(seq) < floor then
   redis.call('SET', KEYS[1], floor)
 end
 return added

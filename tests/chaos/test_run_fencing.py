@@ -83,7 +83,14 @@ def test_every_worker_killed__a_scheduler_alone_reaps_the_run_and_frees_its_slot
             wait_for(lambda: first.run_id in live_runs(), timeout=60, what="the run executing")
             doomed.kill()  # the whole worker: parent and pool; no worker is left to reap
             killed_at = time.monotonic()
-            wait_for(lambda: first.run_id not in live_runs(), timeout=2, what="the run's processes gone")
+            # Gone at once (the template's parent-death signal); the bound is the guarantee's: before the
+            # slot can go to another run, which is one lease at the soonest.
+            wait_for(
+                lambda: first.run_id not in live_runs(),
+                timeout=float(FAST["WORKER_LEASE_SECONDS"]),
+                interval=0.02,
+                what="the run's processes gone within a lease",
+            )
             run = wait_for(lambda: _ended(first.run_id), timeout=60, interval=0.1, what="run reaped")
             took = time.monotonic() - killed_at
         finally:

@@ -120,6 +120,15 @@ def test_renew__takes_a_lost_lease_again_only_under_the_limit(sem):
     assert semaphore_holders(job_cap()) == ["newcomer"]  # not added blindly over the limit
 
 
+def test_rebuild_with_nothing_running__redis_is_not_behind_any_more(sem):
+    """A fresh (or emptied) Redis with no run in the database: one rebuild, not one every reaper pass."""
+    sem.flushdb()
+    assert semaphore_behind(0)
+    semaphore_rebuild([], floor=0)
+    assert not semaphore_behind(0)
+    assert acquire([job_cap()], "first").acquired
+
+
 def test_acquire__admits_nobody_while_redis_is_behind_the_database(sem):
     """A restore or failover that lost leases: the grant counter is below the database's running runs."""
     first = acquire([job_cap(limit=2)], "r1")
