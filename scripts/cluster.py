@@ -57,8 +57,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta
 from pathlib import Path
@@ -651,19 +649,8 @@ class Cluster:
     # API and SQL
 
     def api(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict | list | None]:
-        request = urllib.request.Request(
-            f"http://{self.net.addr['n1']}:{WEB_PORT}{path}",
-            method=method,
-            data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"Token {self.token}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, None
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            return 0, None
+        base = f"http://{self.net.addr['n1']}:{WEB_PORT}"
+        return soak.api_request(base, self.token, method, path, body, timeout=10)
 
     def sql(self, statement: str, params: object = None) -> list[tuple]:
         conn = self.pg.connect(DATABASE)

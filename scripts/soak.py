@@ -82,6 +82,25 @@ DATABASE = "cb_soak"
 LONG_RUN_SECONDS = 75  # the two schedules whose runs outlast their interval (and the long outage)
 
 
+def api_request(
+    base: str, token: str, method: str, path: str, body: dict | None = None, *, timeout: float
+) -> tuple[int, dict | list | None]:
+    """One API call: (status, JSON body); (status, None) for an HTTP error, (0, None) when unreachable."""
+    request = urllib.request.Request(
+        f"{base}{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Token {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+    except OSError:  # URLError, refused, reset, timed out
+        return 0, None
+
+
 @dataclass
 class Config:
     duration: float = 600.0
@@ -322,19 +341,7 @@ class System:
     # the API
 
     def api(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict | list | None]:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.web_port}{path}",
-            method=method,
-            data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"Token {self.token}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, None
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return 0, None
+        return api_request(f"http://127.0.0.1:{self.web_port}", self.token, method, path, body, timeout=30)
 
     def sql(self, statement: str, params: object = None) -> list[tuple]:
         conn = self.pg.connect(DATABASE)
