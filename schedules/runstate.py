@@ -140,10 +140,33 @@ WITH r AS (
      WHERE {mirror} AND status = 'running' AND EXISTS (SELECT 1 FROM r)
     RETURNING id
 )
-SELECT count(*) FROM r
+{result}SELECT count(*) FROM r
 """
-_FINISH_BY_ID_SQL = _FINISH_SQL.format(mirror="id = %(sr)s")
-_FINISH_BY_RUN_SQL = _FINISH_SQL.format(mirror="run_id = %(run)s")
+# The pool process's finish also stores the run task's Celery result (django-celery-results' TaskResult,
+# as its backend would: worker/results.py), in the same statement and commit: no separate get-or-create
+# of four round trips and a commit after the task returns, and a TaskResult never says SUCCESS for a
+# finish that did not happen. Written only when the run was ours (`r`).
+_RESULT_CTE = """, t AS (
+    INSERT INTO django_celery_results_taskresult
+           (task_id, status, content_type, content_encoding, result, meta, traceback, task_name,
+            task_args, task_kwargs, worker, periodic_task_name, date_created, date_done)
+    SELECT %(t_task_id)s, %(t_status)s, %(t_content_type)s, %(t_content_encoding)s, %(t_result)s,
+           %(t_meta)s, NULL, %(t_task_name)s, %(t_task_args)s, %(t_task_kwargs)s, %(t_worker)s,
+           %(t_periodic_task_name)s, now(), now()
+     WHERE EXISTS (SELECT 1 FROM r)
+    ON CONFLICT (task_id) DO UPDATE
+       SET status = EXCLUDED.status, content_type = EXCLUDED.content_type,
+           content_encoding = EXCLUDED.content_encoding, result = EXCLUDED.result, meta = EXCLUDED.meta,
+           traceback = NULL, task_name = EXCLUDED.task_name, task_args = EXCLUDED.task_args,
+           task_kwargs = EXCLUDED.task_kwargs, worker = EXCLUDED.worker,
+           periodic_task_name = EXCLUDED.periodic_task_name, date_done = EXCLUDED.date_done
+    RETURNING id
+)
+"""
+_FINISH_BY_ID_SQL = _FINISH_SQL.format(mirror="id = %(sr)s", result="")
+_FINISH_BY_RUN_SQL = _FINISH_SQL.format(mirror="run_id = %(run)s", result="")
+_FINISH_BY_ID_WITH_RESULT_SQL = _FINISH_SQL.format(mirror="id = %(sr)s", result=_RESULT_CTE)
+_FINISH_BY_RUN_WITH_RESULT_SQL = _FINISH_SQL.format(mirror="run_id = %(run)s", result=_RESULT_CTE)
 _LLM_COUNTERS = ("llm_calls", "llm_prompt_tokens", "llm_completion_tokens")
 
 
@@ -156,8 +179,12 @@ def run_finish(
     stats: dict[str, Any] | None = None,
     attempt: int | None = None,
     worker: str | None = None,
+    task_result: dict[str, Any] | None = None,
 ) -> bool:
-    """End a running run, fenced by `attempt` (or `worker`), and mirror it; False if it was not ours."""
+    """End a running run, fenced by `attempt` (or `worker`), and mirror it; False if it was not ours.
+
+    `task_result`: the columns of the run task's TaskResult row (worker/results.py), stored in the same
+    statement when the run was ours."""
     if attempt is None and worker is None:
         raise ValueError("a finish is fenced by attempt or by worker")
     params: dict[str, Any] = {
@@ -172,7 +199,11 @@ def run_finish(
     for counter in _LLM_COUNTERS:
         value = stats.get(counter) if stats is not None else None
         params[counter] = value if isinstance(value, int) and not isinstance(value, bool) else None
-    sql = _FINISH_BY_ID_SQL if scheduled_run_id is not None else _FINISH_BY_RUN_SQL
+    if task_result is None:
+        sql = _FINISH_BY_ID_SQL if scheduled_run_id is not None else _FINISH_BY_RUN_SQL
+    else:
+        sql = _FINISH_BY_RUN_WITH_RESULT_SQL if scheduled_run_id is None else _FINISH_BY_ID_WITH_RESULT_SQL
+        params.update({f"t_{name}": value for name, value in task_result.items()})
     # In an explicit transaction, although it is one statement: a finish blocked on a row lock whose
     # process is then killed (the hard time limit) must not commit when the lock goes; its COMMIT never
     # comes, so PostgreSQL rolls it back, and the parent's outcome stands.

@@ -21,6 +21,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -209,10 +210,11 @@ def wake(messages: list[str]) -> int:
     return len(messages)
 
 
-def release_and_wake(caps: list[Cap], *, owner: str, run_id: int) -> None:
-    """Give a run's leases back and wake the runs parked behind the slots it freed."""
+def release_and_wake(caps: list[Cap], *, owner: str, run_id: int, settled: bool = False) -> None:
+    """Give a run's leases back and wake the runs parked behind the slots it freed; `settled`: its
+    outcome is written, and its copy in Redis goes too."""
     try:
-        released = semaphore_release(caps, owner=owner, run_id=run_id)
+        released = semaphore_release(caps, owner=owner, run_id=run_id, settled=settled)
     except redis.RedisError:
         logger.warning("lease release failed; it expires by itself", extra={"run_id": run_id})
         return
@@ -256,6 +258,8 @@ class Outcome:
     reason: str = ""
     countdown: float = 0.0
     counts: dict[str, Any] = field(default_factory=dict)
+    # Its TaskResult was written with the finish (worker/results.py): the task stores nothing more.
+    stored: bool = False
 
     def result(self) -> dict[str, Any]:
         # Small by design: counts only, never LLM text (django-celery-results stores it).
@@ -424,8 +428,12 @@ def run_execute(
     worker: str,
     task_id: str = "",
     soft_limit: float | None = None,
+    task_result: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Outcome:
     """Execute one delivery of a run message on this pool process.
+
+    `task_result` maps the delivery's result to its TaskResult row (worker/results.py), which the finish
+    then writes in the same statement (`Outcome.stored`).
 
     Database errors before the start propagate (the task retries the message); from the start on,
     the run always ends here or is left, recorded, to the reapers.
@@ -488,10 +496,13 @@ def run_execute(
     heartbeat = Heartbeat(
         run_id=run_id, scheduled_run_id=scheduled_run_id, attempt=attempt, caps=caps, owner=owner, fence=fence
     )
+    settled = False
     try:
         with heartbeat:
             status, summary, stats = _execute_started(run, fence, started, soft_limit)
-            ended = _settle(
+            counts = _counts(stats or {})
+            result = Outcome(status=str(status), run_id=run_id, reason=summary, counts=counts).result()
+            ended, settled = _settle(
                 run_id=run_id,
                 scheduled_run_id=scheduled_run_id,
                 attempt=attempt,
@@ -499,10 +510,11 @@ def run_execute(
                 status=status,
                 summary=summary,
                 stats=stats,
+                task_result=task_result(result) if task_result is not None else None,
             )
     finally:
-        release_and_wake(caps, owner=owner, run_id=run_id)
-    counts = _counts(stats or {})
+        # The outcome's copy in Redis goes with the leases once the finish was written (`settled`).
+        release_and_wake(caps, owner=owner, run_id=run_id, settled=settled)
     if ended is False:
         # Reaped, cancelled or ended by someone else meanwhile: their outcome stands.
         logger.warning("run ended but was no longer ours", extra={"run_id": run_id})
@@ -512,7 +524,9 @@ def run_execute(
         logger.info("run succeeded", extra={"run_id": run_id, "job": job_key, "seconds": seconds})
     else:
         logger.warning("run failed", extra={"run_id": run_id, "job": job_key, "error": summary})
-    return Outcome(status=str(status), run_id=run_id, reason=summary, counts=counts)
+    return Outcome(
+        status=str(status), run_id=run_id, reason=summary, counts=counts, stored=bool(ended and task_result)
+    )
 
 
 def _execute_started(
@@ -539,9 +553,11 @@ def _settle(
     status: str,
     summary: str,
     stats: dict[str, Any] | None,
-) -> bool | None:
+    task_result: dict[str, Any] | None = None,
+) -> tuple[bool | None, bool]:
     """Write the outcome: kept in Redis first, then written with retries while the heartbeat holds the
-    leases. True written, False not ours any more, None left to the reapers (the database stayed away).
+    leases. (True written, False not ours any more, None left to the reapers (the database stayed
+    away); whether the copy this call kept in Redis is settled, for the release to remove it).
     """
     try:
         recorded = runleases.outcome_record(
@@ -562,7 +578,13 @@ def _settle(
     while True:
         try:
             ended = runstate.run_finish(
-                run_id, scheduled_run_id, status=status, error_summary=summary, stats=stats, attempt=attempt
+                run_id,
+                scheduled_run_id,
+                status=status,
+                error_summary=summary,
+                stats=stats,
+                attempt=attempt,
+                task_result=task_result,
             )
             break
         except DATABASE_AWAY as exc:
@@ -572,7 +594,7 @@ def _settle(
                     "database away; outcome left in Redis for the reapers",
                     extra={"run_id": run_id, "status": status},
                 )
-                return None
+                return None, False
             logger.warning(
                 "finish write failed; retrying", extra={"run_id": run_id, "error": type(exc).__name__}
             )
@@ -583,17 +605,14 @@ def _settle(
             delay = min(delay * 2, 5.0)
         except SoftTimeLimitExceeded:
             continue
-    if recorded:
-        try:
-            runleases.outcome_clear(run_id)
-        except redis.RedisError:
-            pass  # a reaper finds the run ended and clears it
     if not ended and recorded:
         # A reaper may have written our own recorded outcome first (the database just came back).
         ended = Run.objects.filter(
             pk=run_id, attempt=attempt, status=status, error_summary=summary[:ERROR_SUMMARY_MAX]
         ).exists()
-    return ended
+    # The copy in Redis is removed by the release that follows (one round trip); if that is lost, a
+    # reaper finds the run ended and clears it.
+    return ended, recorded
 
 
 # --- the worker's parent process ---------------------------------------------------------------------

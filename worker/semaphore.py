@@ -164,9 +164,9 @@ return {renewed, #missing, 0}
 # ARGV: owner, wake ms. Removes only this owner's leases; for each cap it freed, wakes the earliest parked
 # waiter not woken already. Returns {removed, message, message, ...}.
 RELEASE_LUA = """
-local n = (#KEYS - 3) / 2
-local owner, wake_ms = ARGV[1], tonumber(ARGV[2])
-local run_key, parked, woken = KEYS[2 * n + 1], KEYS[2 * n + 2], KEYS[2 * n + 3]
+local n = (#KEYS - 4) / 2
+local owner, wake_ms, settled = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local run_key, parked, woken, outcomes = KEYS[2 * n + 1], KEYS[2 * n + 2], KEYS[2 * n + 3], KEYS[2 * n + 4]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', woken, '-inf', now)
@@ -188,6 +188,9 @@ for i = 1, n do
 end
 if redis.call('GET', run_key) == owner then
   redis.call('DEL', run_key)
+end
+if settled ~= '' then
+  redis.call('HDEL', outcomes, settled)
 end
 table.insert(out, 1, removed)
 return out
@@ -442,14 +445,17 @@ class Released:
     woken: list[str]  # parked run messages (JSON) to publish now: their run may start
 
 
-def semaphore_release(caps: list[Cap], *, owner: str, run_id: int) -> Released:
-    """Give the owner's leases back and wake the next parked waiter of each cap it freed."""
+def semaphore_release(caps: list[Cap], *, owner: str, run_id: int, settled: bool = False) -> Released:
+    """Give the owner's leases back and wake the next parked waiter of each cap it freed.
+
+    `settled`: the run's outcome is written to PostgreSQL, so its copy kept in Redis
+    (runleases.outcome_record) goes in the same round trip."""
     keys = (
         [c.key for c in caps]
         + [c.waiters_key for c in caps]
-        + [runleases.run_lease_key(run_id), PARKED_KEY, WOKEN_KEY]
+        + [runleases.run_lease_key(run_id), PARKED_KEY, WOKEN_KEY, runleases.OUTCOMES_KEY]
     )
-    result = _script("release")(keys=keys, args=[owner, wake_ms()])
+    result = _script("release")(keys=keys, args=[owner, wake_ms(), str(run_id) if settled else ""])
     return Released(removed=int(result[0]), woken=[_text(m) for m in result[1:]])
 
 

@@ -13,14 +13,14 @@ import os
 
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore
 from celery.signals import task_prerun
 from celery.worker.request import Request
-from django.db import close_old_connections, connection
+from django.db import DatabaseError, close_old_connections, connection
 
 from project.celery import app
-from worker import execution, reaper  # noqa: F401  (reaper connects the worker's signal handlers)
+from worker import execution, reaper, results  # noqa: F401  (reaper connects the worker's signal handlers)
 from worker.routing import RUN_TASK_NAME
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,10 @@ class RunTask(Task):
     acks_late = True
     reject_on_worker_lost = False
     track_started = False  # see project/celery.py
+    # A run's SUCCESS result is written by its finish statement (worker/results.py); retries and
+    # failures are still stored by Celery, and a result the finish did not write is stored below.
+    ignore_result = True
+    store_errors_even_if_ignored = True
 
 
 @task_prerun.connect
@@ -100,6 +104,7 @@ def execute_run(self, run_id: int, scheduled_run_id: int | None = None, job_key:
             worker=worker,
             task_id=self.request.id or "",
             soft_limit=soft,
+            task_result=(lambda result: results.task_result_row(self, result)) if self.request.id else None,
         )
     except execution.DATABASE_AWAY as exc:
         # Before the start (run_execute ends every run it started): the run is still queued. Try the
@@ -118,4 +123,11 @@ def execute_run(self, run_id: int, scheduled_run_id: int | None = None, job_key:
     if outcome.status == "skipped":
         # A duplicate delivery: acknowledge and store nothing, so the real run's TaskResult stands.
         raise Ignore()
-    return outcome.result()
+    result = outcome.result()
+    if not outcome.stored and self.request.id:
+        # The finish was not ours to write, or did not get written: stored as Celery would have.
+        try:
+            self.backend.store_result(self.request.id, result, states.SUCCESS, request=self.request)
+        except DatabaseError as exc:
+            logger.warning("task result not stored", extra={"run_id": run_id, "error": type(exc).__name__})
+    return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from django.db import transaction
 from django.utils import timezone
@@ -9,6 +11,7 @@ from django_celery_results.models import TaskResult
 
 from orchestrator.models import Job, Run
 from orchestrator.services import OrchestratorService
+from project.celery import app as celery_app
 from schedules import services
 from schedules.dispatch import message_for
 from schedules.models import Schedule, ScheduledRun
@@ -82,10 +85,7 @@ def test_same_message_delivered_twice__executes_once(worker):
     assert scheduled.worker == run.worker
     assert run.worker.startswith("rw@")
     # The duplicates stored nothing: the TaskResult is the real run's.
-    # Celery stores the TaskResult after the task returns, a moment after the run row is finished.
-    result = wait_for(
-        lambda: TaskResult.objects.filter(task_id=run.task_id).first(), timeout=30, what="task result stored"
-    )
+    result = TaskResult.objects.get(task_id=run.task_id)
     assert result.status == "SUCCESS"
     assert result.task_name == "worker.execute_run"
     assert '"status": "succeeded"' in result.result
@@ -100,12 +100,24 @@ def test_manual_run__succeeds_and_mirrors_a_small_result(worker):
     assert run.started_at <= run.finished_at
     assert run.worker.startswith("rw@")
     assert run.heartbeat_at is not None
-    # Celery stores the TaskResult after the task returns, a moment after the run row is finished.
-    result = wait_for(
-        lambda: TaskResult.objects.filter(task_id=run.task_id).first(), timeout=30, what="task result stored"
-    )
+    # The finish wrote the TaskResult in the same commit (worker/results.py): there as soon as the run is
+    # finished, and what django-celery-results' own backend would have stored, read back through it.
+    result = TaskResult.objects.get(task_id=run.task_id)
     assert result.status == "SUCCESS"
     assert len(result.result) < 2000
+    assert (result.task_name, result.content_type, result.content_encoding) == (
+        "worker.execute_run",
+        "application/json",
+        "utf-8",
+    )
+    assert result.worker.startswith("rw@")
+    assert f"'run_id': {run.pk}" in json.loads(result.task_kwargs)
+    meta = celery_app.backend.get_task_meta(run.task_id)
+    assert meta["status"] == "SUCCESS"
+    assert meta["result"]["run_id"] == run.pk
+    assert meta["result"]["status"] == "succeeded"
+    assert meta["result"]["counts"]["tasks"]["report"]["ok"] == 1
+    assert meta["children"] == []
 
 
 def test_run_over_its_timeout__ends_failed_saying_so(worker):
