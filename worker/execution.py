@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -274,12 +275,111 @@ class Outcome:
 # --- heartbeat and fencing ---------------------------------------------------------------------------
 
 
+class _BeatLoop:
+    """One thread per process that beats every heartbeat registered with it, each on its own schedule.
+
+    Started on first use (and again in a forked child, which inherits no threads): a run does not pay
+    for starting and joining threads, only for two registrations.
+    """
+
+    def __init__(self, name: str, beat: Callable[[Heartbeat], float | None], idle: Callable[[], None]):
+        self.name = name
+        self._beat = beat  # seconds until the next beat of that heartbeat, or None: no more
+        self._idle = idle  # run by the loop's thread when nothing is registered
+        self._cond = threading.Condition()
+        self._due: dict[Heartbeat, float] = {}
+        self._pid = 0
+
+    def add(self, heartbeat: Heartbeat, delay: float) -> None:
+        with self._cond:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._due = {}
+                threading.Thread(target=self._run, name=self.name, daemon=True).start()
+            self._due[heartbeat] = time.monotonic() + delay
+            self._cond.notify()
+
+    def remove(self, heartbeat: Heartbeat) -> None:
+        # No wake-up: the thread finds the entry gone when its time comes.
+        with self._cond:
+            self._due.pop(heartbeat, None)
+
+    def _next(self) -> Heartbeat:
+        with self._cond:
+            while True:
+                if not self._due:
+                    self._cond.release()
+                    try:
+                        self._idle()
+                    finally:
+                        self._cond.acquire()
+                    if not self._due:
+                        self._cond.wait()
+                    continue
+                heartbeat, at = min(self._due.items(), key=lambda item: item[1])
+                wait = at - time.monotonic()
+                if wait <= 0:
+                    del self._due[heartbeat]
+                    return heartbeat
+                self._cond.wait(wait)
+
+    def _run(self) -> None:
+        while True:
+            heartbeat = self._next()
+            with heartbeat.beating:
+                if not heartbeat.active:
+                    continue
+                try:
+                    delay = self._beat(heartbeat)
+                except Exception:
+                    logger.exception("heartbeat failed", extra={"run_id": heartbeat.run_id})
+                    delay = heartbeat.lease / 8
+                if delay is not None:
+                    with self._cond:
+                        self._due[heartbeat] = time.monotonic() + delay
+
+
+def _lease_beat(heartbeat: Heartbeat) -> float | None:
+    heartbeat.renew()
+    if heartbeat.fence.reason:
+        return None
+    # Check again sooner while renewals fail: the deadline must be seen before the lease lapses.
+    failing = time.monotonic() - heartbeat.last_renewed > heartbeat.lease / 4
+    return heartbeat.lease / (8 if failing else 4)
+
+
+def _db_beat(heartbeat: Heartbeat) -> float | None:
+    try:
+        alive = runstate.run_heartbeat(heartbeat.run_id, heartbeat.scheduled_run_id, heartbeat.attempt)
+    except DatabaseError as exc:
+        # Written again at the next beat once the database is back; the lease decides.
+        logger.warning(
+            "heartbeat write failed", extra={"run_id": heartbeat.run_id, "error": type(exc).__name__}
+        )
+        connection.close()
+        return heartbeat.lease / 4
+    if not alive:
+        heartbeat.stop_run("stopped: the run is no longer ours (reaped, cancelled or ended)")
+        return None
+    return heartbeat.lease / 4
+
+
+def _close_db_thread_connection() -> None:
+    connection.close()  # the database loop's own connection, between runs long enough to beat
+
+
+_lease_loop = _BeatLoop("run-leases", _lease_beat, lambda: None)
+_db_loop = _BeatLoop("run-heartbeats", _db_beat, _close_db_thread_connection)
+
+
 class Heartbeat:
     """While a run executes: renew its Redis leases every quarter lease, stamp heartbeat_at, and fence.
 
-    Two threads, so that neither side can delay the other: the lease thread talks to Redis only (a
-    PostgreSQL outage, or a connect hanging on a blackholed database, must not let the leases lapse),
-    the database thread stamps `heartbeat_at` and learns whether the run is still ours.
+    Two loops, each on its own thread, so that neither side can delay the other: the lease loop talks to
+    Redis only (a PostgreSQL outage, or a connect hanging on a blackholed database, must not let the
+    leases lapse), the database loop stamps `heartbeat_at` and learns whether the run is still ours.
+    The threads are the process's (`_BeatLoop`), not the run's; leaving the `with` block waits for a
+    beat of this run in progress, so that no renewal re-takes a lease after the run released it.
     """
 
     def __init__(
@@ -299,33 +399,24 @@ class Heartbeat:
         self.owner = owner
         self.fence = fence
         self.last_renewed = time.monotonic()  # the grant itself was a renewal
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._lease_loop, name=f"lease-run-{run_id}", daemon=True),
-            threading.Thread(target=self._db_loop, name=f"heartbeat-run-{run_id}", daemon=True),
-        ]
+        self.beating = threading.Lock()
+        self.active = False
 
     def __enter__(self) -> Heartbeat:
-        for thread in self._threads:
-            thread.start()
+        self.active = True
+        _lease_loop.add(self, self.lease / 4)
+        _db_loop.add(self, self.lease / 4)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=10)
+        with self.beating:  # a beat in progress ends first
+            self.active = False
+        _lease_loop.remove(self)
+        _db_loop.remove(self)
 
     @property
     def lease(self) -> float:
         return float(settings.WORKER_LEASE_SECONDS)
-
-    def _lease_loop(self) -> None:
-        while not self.fence.reason:
-            # Check again sooner while renewals fail: the deadline must be seen before the lease lapses.
-            failing = time.monotonic() - self.last_renewed > self.lease / 4
-            if self._stop.wait(self.lease / (8 if failing else 4)):
-                return
-            self.renew()
 
     def renew(self) -> None:
         sent = time.monotonic()
@@ -348,24 +439,6 @@ class Heartbeat:
             logger.warning(
                 "leases re-asserted after loss", extra={"run_id": self.run_id, "count": renewal.reasserted}
             )
-
-    def _db_loop(self) -> None:
-        try:
-            while not self._stop.wait(self.lease / 4):
-                try:
-                    alive = runstate.run_heartbeat(self.run_id, self.scheduled_run_id, self.attempt)
-                except DatabaseError as exc:
-                    # Written again at the next beat once the database is back; the lease decides.
-                    logger.warning(
-                        "heartbeat write failed", extra={"run_id": self.run_id, "error": type(exc).__name__}
-                    )
-                    connection.close()
-                    continue
-                if not alive and not self._stop.is_set():
-                    self.stop_run("stopped: the run is no longer ours (reaped, cancelled or ended)")
-                    return
-        finally:
-            connection.close()  # this thread's own connection
 
     def stop_run(self, reason: str) -> None:
         """Kill the run's task processes, then let its slots go: in that order (DESIGN 6.5)."""
