@@ -279,15 +279,27 @@ class _BeatLoop:
     """One thread per process that beats every heartbeat registered with it, each on its own schedule.
 
     Started on first use (and again in a forked child, which inherits no threads): a run does not pay
-    for starting and joining threads, only for two registrations.
+    for starting and joining threads, only for two registrations. Each loop has its own thread and its
+    own bookkeeping, so a beat blocked on one side (a cut database) never holds up the other's.
     """
 
-    def __init__(self, name: str, beat: Callable[[Heartbeat], float | None], idle: Callable[[], None]):
+    def __init__(
+        self,
+        name: str,
+        beat: Callable[[Heartbeat], float | None],
+        idle: Callable[[], None],
+        *,
+        wait_in_flight: bool,
+    ):
         self.name = name
         self._beat = beat  # seconds until the next beat of that heartbeat, or None: no more
         self._idle = idle  # run by the loop's thread when nothing is registered
+        # remove() waits for a beat of that heartbeat in progress (the lease loop: no renewal may land
+        # after the release); the database loop's beat is harmless late and may block for long.
+        self._wait_in_flight = wait_in_flight
         self._cond = threading.Condition()
         self._due: dict[Heartbeat, float] = {}
+        self._current: Heartbeat | None = None
         self._pid = 0
 
     def add(self, heartbeat: Heartbeat, delay: float) -> None:
@@ -295,14 +307,17 @@ class _BeatLoop:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._due = {}
+                self._current = None
                 threading.Thread(target=self._run, name=self.name, daemon=True).start()
             self._due[heartbeat] = time.monotonic() + delay
-            self._cond.notify()
+            self._cond.notify_all()
 
     def remove(self, heartbeat: Heartbeat) -> None:
-        # No wake-up: the thread finds the entry gone when its time comes.
+        # No wake-up for the schedule: the thread finds the entry gone when its time comes.
         with self._cond:
             self._due.pop(heartbeat, None)
+            while self._wait_in_flight and self._current is heartbeat:
+                self._cond.wait()
 
     def _next(self) -> Heartbeat:
         with self._cond:
@@ -311,6 +326,8 @@ class _BeatLoop:
                     self._cond.release()
                     try:
                         self._idle()
+                    except Exception:
+                        pass
                     finally:
                         self._cond.acquire()
                     if not self._due:
@@ -320,23 +337,26 @@ class _BeatLoop:
                 wait = at - time.monotonic()
                 if wait <= 0:
                     del self._due[heartbeat]
+                    self._current = heartbeat
                     return heartbeat
                 self._cond.wait(wait)
 
     def _run(self) -> None:
         while True:
             heartbeat = self._next()
-            with heartbeat.beating:
-                if not heartbeat.active:
-                    continue
-                try:
+            delay = None
+            try:
+                if heartbeat.active:
                     delay = self._beat(heartbeat)
-                except Exception:
-                    logger.exception("heartbeat failed", extra={"run_id": heartbeat.run_id})
-                    delay = heartbeat.lease / 8
-                if delay is not None:
-                    with self._cond:
+            except Exception:
+                logger.exception("heartbeat failed", extra={"run_id": heartbeat.run_id})
+                delay = heartbeat.lease / 8
+            finally:
+                with self._cond:
+                    self._current = None
+                    if delay is not None and heartbeat.active:
                         self._due[heartbeat] = time.monotonic() + delay
+                    self._cond.notify_all()
 
 
 def _lease_beat(heartbeat: Heartbeat) -> float | None:
@@ -368,8 +388,8 @@ def _close_db_thread_connection() -> None:
     connection.close()  # the database loop's own connection, between runs long enough to beat
 
 
-_lease_loop = _BeatLoop("run-leases", _lease_beat, lambda: None)
-_db_loop = _BeatLoop("run-heartbeats", _db_beat, _close_db_thread_connection)
+_lease_loop = _BeatLoop("run-leases", _lease_beat, lambda: None, wait_in_flight=True)
+_db_loop = _BeatLoop("run-heartbeats", _db_beat, _close_db_thread_connection, wait_in_flight=False)
 
 
 class Heartbeat:
@@ -379,7 +399,7 @@ class Heartbeat:
     Redis only (a PostgreSQL outage, or a connect hanging on a blackholed database, must not let the
     leases lapse), the database loop stamps `heartbeat_at` and learns whether the run is still ours.
     The threads are the process's (`_BeatLoop`), not the run's; leaving the `with` block waits for a
-    beat of this run in progress, so that no renewal re-takes a lease after the run released it.
+    renewal of this run in progress, so that none re-takes a lease after the run released it.
     """
 
     def __init__(
@@ -399,7 +419,6 @@ class Heartbeat:
         self.owner = owner
         self.fence = fence
         self.last_renewed = time.monotonic()  # the grant itself was a renewal
-        self.beating = threading.Lock()
         self.active = False
 
     def __enter__(self) -> Heartbeat:
@@ -409,9 +428,8 @@ class Heartbeat:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with self.beating:  # a beat in progress ends first
-            self.active = False
-        _lease_loop.remove(self)
+        self.active = False
+        _lease_loop.remove(self)  # waits for a renewal in progress: none lands after the release
         _db_loop.remove(self)
 
     @property

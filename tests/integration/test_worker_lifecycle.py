@@ -3,6 +3,8 @@ lease-based reaper, recorded outcomes, re-publishing."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from django.db import connection
 from django.utils import timezone
@@ -303,3 +305,43 @@ def test_heartbeat__kills_the_run_before_an_unreachable_redis_lets_its_lease_lap
     heartbeat.last_renewed -= execution.FENCE_AFTER * 10
     heartbeat.renew()
     assert fence.reason.startswith("lease lost: Redis unreachable for 6s")
+
+
+def test_heartbeat__a_database_beat_that_hangs_holds_up_no_lease_renewal(settings, monkeypatch):
+    """The two loops share a run, not a lock: a heartbeat UPDATE stuck on a cut database (for longer
+    than a lease) must not stop the renewals that keep the run alive in Redis (the reaper would fail a
+    live run), and leaving the block does not wait for it."""
+    import threading
+
+    from orchestrator.services import TaskFence
+    from worker.semaphore import Renewal
+
+    settings.WORKER_LEASE_SECONDS = 0.4  # a beat every 0.1 s
+    stuck, release = threading.Event(), threading.Event()
+    renewals: list[float] = []
+
+    def hanging_heartbeat(*args, **kwargs):
+        stuck.set()
+        release.wait(10)
+        return True
+
+    def counted_renew(*args, **kwargs):
+        renewals.append(time.monotonic())
+        return Renewal(renewed=1, reasserted=0, lost=None)
+
+    monkeypatch.setattr(execution.runstate, "run_heartbeat", hanging_heartbeat)
+    monkeypatch.setattr(execution, "semaphore_renew", counted_renew)
+    fence = TaskFence()
+    try:
+        with _heartbeat([], fence, run_id=7):
+            assert stuck.wait(5), "the database beat never ran"
+            blocked_at = time.monotonic()
+            deadline = blocked_at + 5
+            while time.monotonic() < deadline and len([t for t in renewals if t > blocked_at]) < 5:
+                time.sleep(0.02)
+            left = time.monotonic()
+        assert len([t for t in renewals if t > blocked_at]) >= 5, renewals
+        assert time.monotonic() - left < 1, "leaving waited for the stuck database beat"
+        assert not fence.reason
+    finally:
+        release.set()
