@@ -232,6 +232,75 @@ class RedisMonitor:
         return self.counts
 
 
+# --- CPU, from /proc ------------------------------------------------------------------------------------
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+# Roles by what a process of the path is (its command line), most specific first.
+_CPU_ROLES = (
+    ("orchestrator.template", "task template + task processes"),
+    ("ForkPoolWorker", "pool processes"),
+    ("run_scheduler", "scheduler"),
+    ("beat", "beat"),
+    ("MainProcess", "worker parent"),
+    ("run_worker", "worker parent"),
+)
+
+
+def _processes() -> dict[int, tuple[int, str, float, float]]:
+    """pid -> (ppid, command line, own CPU seconds, CPU seconds of the children it reaped)."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as handle:
+                stat = handle.read()
+            with open(f"/proc/{name}/cmdline", "rb") as handle:
+                cmdline = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+        table[int(name)] = (int(fields[1]), cmdline, (utime + stime) / _TICKS, (cutime + cstime) / _TICKS)
+    return table
+
+
+def cpu_snapshot(roots: list[int], client: redis.Redis) -> Counter:
+    """CPU seconds used so far, by role: the processes this benchmark started and everything below them
+    (a task template counts the task processes it reaped), PostgreSQL (its live processes, and what the
+    postmaster reaped: backends that ended), Redis (INFO cpu) and this harness. Others' processes
+    (another agent's tests on a shared machine) are not counted, PostgreSQL's backends of other
+    databases excepted."""
+    table = _processes()
+    cpu: Counter = Counter()
+    root_set = set(roots)
+
+    def under_root(pid: int) -> bool:
+        seen = 0
+        while pid > 1 and seen < 64:
+            if pid in root_set:
+                return True
+            pid = table[pid][0] if pid in table else 0
+            seen += 1
+        return False
+
+    for pid, (_ppid, cmdline, own, reaped) in table.items():
+        if cmdline.startswith("postgres:"):
+            cpu["postgres"] += own
+        elif "postgres" in cmdline.split(" ", 1)[0] and " -D " in f" {cmdline} ":
+            cpu["postgres"] += own + reaped  # the postmaster: ended backends are its reaped children
+        elif under_root(pid):
+            role = next((r for key, r in _CPU_ROLES if key in cmdline), "other processes started")
+            if "bare_celery" in cmdline:
+                role = f"bare Celery {role}"
+            cpu[role] += own + (reaped if role == "task template + task processes" else 0)
+    info = client.info("cpu")
+    cpu["redis"] = float(info.get("used_cpu_sys", 0)) + float(info.get("used_cpu_user", 0))
+    times = os.times()
+    cpu["harness"] = times.user + times.system
+    return cpu
+
+
 def snapshot(pg: Pg, client: redis.Redis, tally: Path) -> Snapshot:
     pg.q("SELECT pg_stat_clear_snapshot()")
     tables = {
@@ -277,6 +346,7 @@ class Cost:
     commits: int = 0
     redis_by_command: Counter = field(default_factory=Counter)
     redis_monitored: Counter | None = None  # (client | lua, command) -> calls, with --redis-monitor
+    cpu_by_role: Counter = field(default_factory=Counter)  # seconds, from /proc (cpu_snapshot)
 
     @property
     def statements(self) -> int:
@@ -323,6 +393,10 @@ class Cost:
                     for t, c in sorted(self.rows_by_table.items(), key=lambda x: -sum(x[1].values()))
                 },
                 "redis_by_command": each(self.redis_by_command),
+                "cpu_ms": round(1000 * sum(self.cpu_by_role.values()) / per, 2),
+                "cpu_ms_by_process": {
+                    k: round(1000 * v / per, 2) for k, v in self.cpu_by_role.most_common() if v > 0
+                },
             },
             "totals": {
                 "statements": self.statements,
@@ -381,6 +455,7 @@ def _p50_p99(prefix: str, values: list[float]) -> dict:
 
 class Bench:
     def __init__(self, redis_url: str, work: Path, deadline: float, *, monitor: bool = False) -> None:
+        self._cpu_start: Counter = Counter()
         self.redis_url = redis_url
         self.monitor = RedisMonitor(redis_url) if monitor else None
         self.work = work
@@ -481,6 +556,7 @@ class Bench:
         if self.monitor is not None:
             self.monitor.counts = Counter()
             self.monitor.start()
+        self._cpu_start = cpu_snapshot([p.pid for p in self.procs.running], self.client)
         return idle, snapshot(self.pg, self.client, self.tally)
 
     def window_end(self, start: Snapshot) -> Cost:
@@ -490,6 +566,8 @@ class Bench:
         # Redis is read before the stop, so that the workers' shutdown traffic stays out of it.
         monitored = self.monitor.stop() if self.monitor is not None else None
         redis_calls = _redis_calls(self.client)
+        # CPU before the stop too: the processes of the path are alive (their counters readable).
+        cpu_end = cpu_snapshot([p.pid for p in self.procs.running], self.client)
         connection.close()
         self.procs.stop_all()
         time.sleep(1.5)
@@ -497,6 +575,13 @@ class Bench:
         end.redis_calls = redis_calls
         cost = cost_between(start, end, self.tally)
         cost.redis_monitored = monitored
+        cost.cpu_by_role = Counter(
+            {
+                k: v - self._cpu_start.get(k, 0.0)
+                for k, v in cpu_end.items()
+                if v - self._cpu_start.get(k, 0.0) > 0
+            }
+        )
         return cost
 
     # figures
@@ -942,6 +1027,11 @@ def report(results: dict) -> str:
                 lines.append(
                     f"- Redis, run inside Lua ({_n(mon['redis_lua_commands'], 1)}): "
                     + ", ".join(f"{k} {_n(v, 2)}" for k, v in mon["redis_lua_by_command"].items())
+                )
+            if p.get("cpu_ms_by_process"):
+                lines.append(
+                    f"- CPU by process, from /proc ({_n(p['cpu_ms'], 1)} ms in all): "
+                    + ", ".join(f"{k} {_n(v, 2)} ms" for k, v in p["cpu_ms_by_process"].items())
                 )
             lines.append(
                 "- statements by process and kind: "
