@@ -593,6 +593,13 @@ def run_execute(
             status, summary, stats = _execute_started(run, fence, started, soft_limit)
             counts = _counts(stats or {})
             result = Outcome(status=str(status), run_id=run_id, reason=summary, counts=counts).result()
+            row = None
+            if task_result is not None:
+                try:
+                    row = task_result(result)
+                except Exception:
+                    # The run's outcome matters more than its TaskResult: the task stores it instead.
+                    logger.exception("task result row not built", extra={"run_id": run_id})
             ended, settled = _settle(
                 run_id=run_id,
                 scheduled_run_id=scheduled_run_id,
@@ -601,7 +608,7 @@ def run_execute(
                 status=status,
                 summary=summary,
                 stats=stats,
-                task_result=task_result(result) if task_result is not None else None,
+                task_result=row,
             )
     finally:
         # The outcome's copy in Redis goes with the leases once the finish was written (`settled`).
@@ -616,7 +623,11 @@ def run_execute(
     else:
         logger.warning("run failed", extra={"run_id": run_id, "job": job_key, "error": summary})
     return Outcome(
-        status=str(status), run_id=run_id, reason=summary, counts=counts, stored=bool(ended and task_result)
+        status=str(status),
+        run_id=run_id,
+        reason=summary,
+        counts=counts,
+        stored=bool(ended and row is not None),
     )
 
 
