@@ -379,7 +379,10 @@ def _db_beat(heartbeat: Heartbeat) -> float | None:
         connection.close()
         return heartbeat.lease / 4
     if not alive:
-        heartbeat.stop_run("stopped: the run is no longer ours (reaped, cancelled or ended)")
+        # A beat still in flight when its run ended (the database loop is not waited for) finds the
+        # run finished: that is no fencing.
+        if heartbeat.active:
+            heartbeat.stop_run("stopped: the run is no longer ours (reaped, cancelled or ended)")
         return None
     return heartbeat.lease / 4
 
