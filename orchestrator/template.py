@@ -59,6 +59,26 @@ PR_SET_CHILD_SUBREAPER = 36
 _TITLE_ROOM = 1024
 
 
+def _allocator_env(env: dict[str, str]) -> dict[str, str]:
+    """The template's allocator: glibc's malloc on transparent huge pages, so that a fork is cheaper.
+
+    A fork copies the page tables of every anonymous page the template holds (about 40 MB after the
+    imports) and each task process tears them down at its exit: with CPython's own allocator (1 MiB
+    arenas, 4 KiB pages) that was half a task's CPU. With `PYTHONMALLOC=malloc` the objects live in
+    glibc's heap, which `glibc.malloc.hugetlb=1` (glibc 2.35+) asks to be backed by transparent huge
+    pages (madvise mode suffices): fewer, larger folios to copy and free, about 40% less CPU per bare
+    fork and exit here (docs/BENCHMARKS.md). Where THP is off or glibc is older the tunable does
+    nothing and only the allocator changes. Set only for the template and its task processes; an
+    operator's own PYTHONMALLOC or glibc.malloc.hugetlb in the environment is kept.
+    """
+    out = {"PYTHONMALLOC": env.get("PYTHONMALLOC") or "malloc"}
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):  # an operator's choice stands
+        tunables.append("glibc.malloc.hugetlb=1")
+    out["GLIBC_TUNABLES"] = ":".join(tunables)
+    return out
+
+
 class TemplateUnavailable(RuntimeError):
     """The template process could not be started, or died: the task it was running is lost."""
 
@@ -89,6 +109,7 @@ class TaskTemplate:
         # Under override_settings SETTINGS_MODULE reads None; the environment names the module then.
         env["DJANGO_SETTINGS_MODULE"] = env.get("DJANGO_SETTINGS_MODULE") or settings.SETTINGS_MODULE
         env["SPT_NOENV"] = "1"
+        env.update(_allocator_env(env))
         try:
             proc = subprocess.Popen(
                 [
@@ -432,7 +453,7 @@ def _preload(modules: list[str]) -> None:
             importlib.import_module(name)
         except Exception as exc:
             log.warning(
-                "job module could not be preloaded", extra={"module": name, "error": type(exc).__name__}
+                "job module could not be preloaded", extra={"job_module": name, "error": type(exc).__name__}
             )
     # What every forked task runs before its own code (a fork pays for an import with a compile too).
     import setproctitle  # noqa: F401

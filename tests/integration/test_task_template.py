@@ -364,3 +364,35 @@ def test_spare_killed_while_idle__the_next_task_gets_another(jobs, tmp_path):
     assert running_template_pid() == template
     assert spare not in [line["pgid"] for line in lines(tmp_path / "after")]
     assert len(lines(tmp_path / "after")) == 3
+
+
+def _unimportable(ctx: TaskContext) -> dict[str, Any]:
+    return {}
+
+
+_unimportable.__module__ = "tests.integration.no_such_job_module"
+
+
+def test_job_module_the_template_cannot_import__the_template_starts_and_other_jobs_run(jobs, tmp_path):
+    """A job module that fails to import in the template is logged and skipped (its own task fails in
+    its process); the template and every other job are unharmed. The warning once named its field
+    `module`, which logging reserves: the template died at start-up and no task could run."""
+    register(
+        JobSpec(
+            key="tt_unimportable",
+            name="tt_unimportable",
+            description="test job",
+            tasks=(TaskSpec("a", _unimportable), TaskSpec("b", ok), TaskSpec("c", ok)),
+            timeout_seconds=60,
+        )
+    )
+    try:
+        old = running_template_pid()
+        if old is not None:  # the next task starts a template that preloads the broken module too
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda: not alive(old), timeout=10, interval=0.02, what="the old template gone")
+        OrchestratorService.execute(launch("tt_report", tmp_path / "record"))
+        assert running_template_pid() not in (None, old)
+        assert len(lines(tmp_path / "record")) == 3
+    finally:
+        unregister("tt_unimportable")
