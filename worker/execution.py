@@ -30,7 +30,6 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connection
-from django.db.models.expressions import RawSQL
 
 from orchestrator.models import Job, Run, RunStatus
 from orchestrator.services import OrchestratorService, TaskFence
@@ -43,6 +42,7 @@ from schedules.dispatch import message_for
 from schedules.models import OverlapPolicy, Schedule, ScheduledRun
 from schedules.publishing import RunMessage, send_messages
 from schedules.runstate import ERROR_SUMMARY_MAX, WORKER_LOST
+from worker.loading import load_delivery
 from worker.semaphore import (
     Cap,
     Grant,
@@ -176,19 +176,8 @@ def semaphore_take(
 
 def _load(run_id: int, scheduled_run_id: int | None) -> tuple[Run | None, ScheduledRun | None, int]:
     """The run (with its job and directive), its scheduled run (with its schedule) and the lease floor,
-    in one query: what a delivery needs before its start gate."""
-    floor = RawSQL(runstate.LEASE_FLOOR_SQL, ())
-    if scheduled_run_id is not None:
-        scheduled = (
-            ScheduledRun.objects.select_related("schedule", "run__job", "run__directive")
-            .annotate(lease_floor=floor)
-            .filter(pk=scheduled_run_id, run_id=run_id)
-            .first()
-        )
-        if scheduled is not None:
-            return scheduled.run, scheduled, scheduled.lease_floor
-    run = Run.objects.select_related("job", "directive").annotate(lease_floor=floor).filter(pk=run_id).first()
-    return run, None, (run.lease_floor if run is not None else 0)
+    in one query: what a delivery needs before its start gate (worker/loading.py)."""
+    return load_delivery(run_id, scheduled_run_id)
 
 
 def park_message(message: RunMessage) -> str:

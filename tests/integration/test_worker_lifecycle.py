@@ -345,3 +345,57 @@ def test_heartbeat__a_database_beat_that_hangs_holds_up_no_lease_renewal(setting
         assert not fence.reason
     finally:
         release.set()
+
+
+def _fields(instance) -> dict:
+    return {f.attname: getattr(instance, f.attname) for f in type(instance)._meta.concrete_fields}
+
+
+def test_load_delivery__one_statement_the_same_instances_as_the_orm(
+    schedule, sleep_job, django_assert_num_queries
+):
+    """worker/loading.py builds its joined read once and the instances by hand: what the ORM's
+    select_related gave, field by field (JSON decoded), related instances set, in one statement."""
+    from orchestrator.models import Directive
+    from worker.loading import load_delivery
+
+    directive = Directive.objects.create(key="d-load", name="d", text="seconds=0", job=sleep_job)
+    sleep_job.task3_allowlist = ["a", "b"]
+    sleep_job.save()
+    scheduled = _scheduled_run(schedule)
+    Run.objects.filter(pk=scheduled.run_id).update(directive=directive, stats={"tasks": {"x": 1}})
+    bare = OrchestratorService.launch(job=sleep_job)  # no directive, no scheduled run
+    running = OrchestratorService.launch(job=sleep_job)
+    Run.objects.filter(pk=running.pk).update(status="running", lease_seq=41)
+
+    with django_assert_num_queries(1):
+        run, got, floor = load_delivery(scheduled.run_id, scheduled.pk)
+    assert floor == 41
+    want = ScheduledRun.objects.select_related("schedule", "run__job", "run__directive").get(pk=scheduled.pk)
+    assert _fields(got) == _fields(want)
+    assert _fields(got.schedule) == _fields(want.schedule)
+    assert got.run is run
+    assert _fields(run) == _fields(want.run)
+    assert run.stats == {"tasks": {"x": 1}}
+    with django_assert_num_queries(0):  # all loaded
+        assert run.job.task3_allowlist == ["a", "b"]
+        assert _fields(run.job) == _fields(want.run.job)
+        assert run.directive.text == "seconds=0"
+        assert _fields(run.directive) == _fields(want.run.directive)
+        assert run.directive_text == "seconds=0"
+
+    with django_assert_num_queries(1):
+        run, got, floor = load_delivery(bare.pk, None)
+    assert got is None
+    assert floor == 41
+    with django_assert_num_queries(0):
+        assert run.directive is None
+        assert run.job.key == "sleep"
+    assert _fields(run) == _fields(Run.objects.get(pk=bare.pk))
+
+    # A scheduled run that is not this run's: the run alone, as before (two statements).
+    with django_assert_num_queries(2):
+        run, got, _ = load_delivery(bare.pk, scheduled.pk)
+    assert run.pk == bare.pk
+    assert got is None
+    assert load_delivery(10**9, None) == (None, None, 0)
