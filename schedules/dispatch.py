@@ -29,7 +29,7 @@ from orchestrator.services import OrchestratorService
 from schedules import claiming, timing
 from schedules.claiming import renew
 from schedules.models import OverlapPolicy, Schedule, ScheduledRun, ScheduledRunStatus
-from schedules.publishing import RunMessage, publish_on_commit, send_messages, stamp_published
+from schedules.publishing import RunMessage, publish_on_commit, send_messages, stamp_published, time_limits
 from schedules.slots import SlotDecision, SlotPlan, plan_slots
 
 logger = logging.getLogger(__name__)
@@ -494,7 +494,12 @@ def run_now(schedule: Schedule) -> ScheduledRun:
         status=ScheduledRunStatus.QUEUED,
         task_id=run.task_id,
     )
-    publish_on_commit([message_for(schedule.job, run, scheduled_run)])
+    # The job's time limits and the schedule's name are at hand: the publish does not read them again.
+    publish_on_commit(
+        [message_for(schedule.job, run, scheduled_run)],
+        limits={schedule.job.key: time_limits(schedule.job.timeout_seconds)},
+        names={scheduled_run.pk: schedule.name},
+    )
     logger.info(
         "run now",
         extra={

@@ -63,16 +63,29 @@ class RunMessage:
         )
 
 
-def send_messages(messages: list[RunMessage]) -> None:
+# What a caller may already know about its messages, so that the publish need not read it again:
+# (hard, soft) time limits by job key (`time_limits`) and schedule names by scheduled run id.
+Limits = dict[str, tuple[float | None, float | None]]
+Names = dict[int, str]
+
+
+def send_messages(
+    messages: list[RunMessage], *, limits: Limits | None = None, names: Names | None = None
+) -> None:
     """Hand the messages to the broker on one producer connection, pipelined; raise if the broker fails.
 
     Publishing the same task id twice is safe (the worker's duplicate check); losing one is not, so a
-    failure raises and the caller leaves `published_at` unset for the outbox sweep.
+    failure raises and the caller leaves `published_at` unset for the outbox sweep. `limits` and
+    `names`, when the caller has them for every message (run-now does), save their two reads.
     """
     if not messages:
         return
-    limits = job_time_limits({message.job_key for message in messages})
-    names = schedule_names({m.scheduled_run_id for m in messages if m.scheduled_run_id is not None})
+    keys = {message.job_key for message in messages}
+    if limits is None or not keys <= limits.keys():
+        limits = job_time_limits(keys)
+    scheduled = {m.scheduled_run_id for m in messages if m.scheduled_run_id is not None}
+    if names is None or not scheduled <= names.keys():
+        names = schedule_names(scheduled)
     with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH_SIZE):
         for message in messages:
             hard, soft = limits.get(message.job_key, (None, None))
@@ -114,18 +127,26 @@ def job_time_limits(job_keys: Iterable[str]) -> dict[str, tuple[float | None, fl
     after it (a throttled run's retries keep the limits it was published with)."""
     from orchestrator.models import Job
 
-    grace = float(settings.WORKER_HARD_LIMIT_GRACE_SECONDS)
-    limits: dict[str, tuple[float | None, float | None]] = {}
-    for key, timeout in Job.objects.filter(key__in=set(job_keys)).values_list("key", "timeout_seconds"):
-        limits[key] = (float(timeout) + grace, float(timeout)) if timeout else (None, None)
-    return limits
+    return {
+        key: time_limits(timeout)
+        for key, timeout in Job.objects.filter(key__in=set(job_keys)).values_list("key", "timeout_seconds")
+    }
 
 
-def publish_messages(messages: list[RunMessage]) -> list[RunMessage]:
+def time_limits(timeout_seconds: int | None) -> tuple[float | None, float | None]:
+    """(hard, soft) for a job whose `timeout_seconds` is this (see job_time_limits)."""
+    if not timeout_seconds:
+        return None, None
+    return float(timeout_seconds) + float(settings.WORKER_HARD_LIMIT_GRACE_SECONDS), float(timeout_seconds)
+
+
+def publish_messages(
+    messages: list[RunMessage], *, limits: Limits | None = None, names: Names | None = None
+) -> list[RunMessage]:
     """Publish the messages and stamp `published_at`; return the ones that were handed over."""
     if not messages:
         return []
-    send_messages(messages)
+    send_messages(messages, limits=limits, names=names)
     stamp_published(messages)
     return list(messages)
 
@@ -136,20 +157,30 @@ def stamp_published(messages: Iterable[RunMessage]) -> None:
     run_ids = [m.run_id for m in messages]
     scheduled_ids = [m.scheduled_run_id for m in messages if m.scheduled_run_id is not None]
     with connection.cursor() as cursor:
-        if run_ids:
+        if run_ids and scheduled_ids:
+            # One statement (one round trip, one commit) for both tables.
+            cursor.execute(
+                "WITH runs AS (UPDATE orchestrator_run SET published_at = now() WHERE id = ANY(%s))"
+                " UPDATE schedules_scheduledrun SET published_at = now() WHERE id = ANY(%s)",
+                [run_ids, scheduled_ids],
+            )
+        elif run_ids:
             cursor.execute("UPDATE orchestrator_run SET published_at = now() WHERE id = ANY(%s)", [run_ids])
-        if scheduled_ids:
+        elif scheduled_ids:
             cursor.execute(
                 "UPDATE schedules_scheduledrun SET published_at = now() WHERE id = ANY(%s)", [scheduled_ids]
             )
 
 
-def publish_on_commit(messages: list[RunMessage]) -> None:
-    """Publish once the current transaction commits; a failed publish is left to the outbox sweep."""
+def publish_on_commit(
+    messages: list[RunMessage], *, limits: Limits | None = None, names: Names | None = None
+) -> None:
+    """Publish once the current transaction commits; a failed publish is left to the outbox sweep.
+    `limits`, `names`: as for send_messages."""
 
     def _publish() -> None:
         try:
-            publish_messages(messages)
+            publish_messages(messages, limits=limits, names=names)
         except Exception:
             # The runs stay `queued` with no published_at: the scheduler's outbox sweep re-publishes them.
             logger.exception("publish failed; left for the outbox sweep", extra={"count": len(messages)})

@@ -35,7 +35,7 @@ from schedules.models import (
     ScheduledRunStatus,
     ScheduleType,
 )
-from schedules.publishing import publish_on_commit
+from schedules.publishing import publish_on_commit, time_limits
 
 logger = logging.getLogger(__name__)
 
@@ -555,7 +555,7 @@ def launch_run_manually(
         trigger=Trigger.MANUAL,
         task3_scope=task3_scope,
     )
-    publish_on_commit([message_for(job, run, None)])
+    publish_on_commit([message_for(job, run, None)], limits={job.key: time_limits(job.timeout_seconds)})
     logger.info("manual run launched", extra={"run_id": run.pk, "job": job.key})
     return run
 

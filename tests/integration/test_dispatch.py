@@ -367,6 +367,30 @@ def test_run_now_and_manual_launch__still_publish_after_commit(redis_client):
     assert sorted(_queued_ids(redis_client)) == sorted([sr.task_id, run.task_id])
 
 
+@pytest.mark.django_db(transaction=True)
+def test_run_now__four_statements_and_its_message_names_the_limits_and_the_schedule(
+    redis_client, django_assert_num_queries, settings
+):
+    """Run-now knows its job's time limits and its schedule's name: the publish does not read them
+    again, and both published_at stamps are one statement (it was seven statements, issue 14)."""
+    from schedules.dispatch import run_now
+    from schedules.models import Schedule
+
+    settings.WORKER_HARD_LIMIT_GRACE_SECONDS = 30
+    s = Schedule.objects.select_related("job", "directive").get(pk=make_schedule("rn-cost").pk)
+    # BEGIN, hold the schedule, INSERT run, INSERT scheduled run, COMMIT; then one stamp of both rows.
+    with django_assert_num_queries(6):
+        sr = run_now(s)
+    (raw,) = redis_client.lrange("jobs.sleep", 0, -1)
+    headers = json.loads(raw)["headers"]
+    assert headers["id"] == sr.task_id
+    assert headers["timelimit"] == [s.job.timeout_seconds + 30.0, float(s.job.timeout_seconds)]
+    assert headers["shadow"] == "sleep: rn-cost"
+    sr.refresh_from_db()
+    assert sr.published_at is not None
+    assert Run.objects.get(pk=sr.run_id).published_at is not None
+
+
 # --- the loop: a dead claimant's claim taken over (issue 15.1) -------------------------------------
 
 
