@@ -59,7 +59,10 @@ PR_SET_CHILD_SUBREAPER = 36
 _TITLE_ROOM = 1024
 
 
-def _allocator_env(env: dict[str, str]) -> dict[str, str]:
+_RESTORE_ENV = "CYBER_BRAIN_TEMPLATE_RESTORE_ENV"
+
+
+def allocator_env(env: dict[str, str]) -> dict[str, str]:
     """The template's allocator: glibc's malloc on transparent huge pages, so that a fork is cheaper.
 
     A fork copies the page tables of every anonymous page the template holds (about 40 MB after the
@@ -109,7 +112,11 @@ class TaskTemplate:
         # Under override_settings SETTINGS_MODULE reads None; the environment names the module then.
         env["DJANGO_SETTINGS_MODULE"] = env.get("DJANGO_SETTINGS_MODULE") or settings.SETTINGS_MODULE
         env["SPT_NOENV"] = "1"
-        env.update(_allocator_env(env))
+        start_env = {"CYBER_BRAIN_TASK_TEMPLATE": "1", **allocator_env(env)}
+        # What the template puts back once it has started, so that what a task starts inherits the
+        # pool process's environment, not these.
+        env[_RESTORE_ENV] = json.dumps({name: os.environ.get(name) for name in start_env})
+        env.update(start_env)
         try:
             proc = subprocess.Popen(
                 [
@@ -470,6 +477,16 @@ def _preload(modules: list[str]) -> None:
     gc.freeze()
 
 
+def _restore_environment() -> None:
+    """Undo the start-up environment (read by now: the allocator at exec, project/__init__.py at the
+    imports): the task processes and what they start see the pool process's."""
+    for name, value in json.loads(os.environ.pop(_RESTORE_ENV, "{}")).items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def main(argv: list[str]) -> None:
     pool_pid, channel_fd, modules = int(argv[0]), int(argv[1]), [m for m in argv[2].split(",") if m]
     channel = socket.socket(fileno=channel_fd)
@@ -485,6 +502,7 @@ def main(argv: list[str]) -> None:
 
     setproctitle.setproctitle(f"{sys.executable} -m {TEMPLATE_MODULE} --pool-pid {pool_pid}")
     _preload(modules)
+    _restore_environment()
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.set_wakeup_fd(template.wake_w)
     template.send({"ready": template.pid})

@@ -22,7 +22,7 @@ from orchestrator.jobs.registry import JobSpec, TaskContext, TaskSpec, register,
 from orchestrator.models import Job, Run
 from orchestrator.services import OrchestratorService, TaskFailed
 from orchestrator.taskprocs import live_task_groups
-from orchestrator.template import running_template_pid
+from orchestrator.template import allocator_env, running_template_pid
 from tests.support import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -130,6 +130,30 @@ def ok(ctx: TaskContext) -> dict[str, Any]:
     return {}
 
 
+_START_ENV = (
+    "CYBER_BRAIN_TASK_TEMPLATE",
+    "PYTHONMALLOC",
+    "GLIBC_TUNABLES",
+    "CYBER_BRAIN_TEMPLATE_RESTORE_ENV",
+)
+
+
+def report_environment(ctx: TaskContext) -> dict[str, Any]:
+    """What the template handed down: its imports (sys.modules) and the environment a child gets."""
+    import sys
+
+    child = subprocess.run(["env"], capture_output=True, text=True, check=True).stdout.splitlines()
+    line = {
+        "celery_loaded": sorted(m for m in ("celery", "kombu", "project.celery") if m in sys.modules),
+        "django_loaded": "django.db.models" in sys.modules,
+        "environ": {name: os.environ.get(name) for name in _START_ENV},
+        "child_env": sorted(entry for entry in child if entry.split("=", 1)[0] in _START_ENV),
+    }
+    with open(ctx.directive_text, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(line) + "\n")
+    return {}
+
+
 JOBS = {
     spec.key: spec
     for spec in (
@@ -142,6 +166,13 @@ JOBS = {
                 TaskSpec("two", report_process),
                 TaskSpec("3", report_process),
             ),
+            timeout_seconds=60,
+        ),
+        JobSpec(
+            key="tt_env",
+            name="tt_env",
+            description="test job",
+            tasks=(TaskSpec("env", report_environment), TaskSpec("two", ok), TaskSpec("three", ok)),
             timeout_seconds=60,
         ),
         JobSpec(
@@ -396,3 +427,47 @@ def test_job_module_the_template_cannot_import__the_template_starts_and_other_jo
         assert len(lines(tmp_path / "record")) == 3
     finally:
         unregister("tt_unimportable")
+
+
+def test_template__on_huge_pages_without_the_celery_app_and_tasks_get_the_pool_environment(
+    jobs, tmp_path, monkeypatch
+):
+    """The template starts with glibc malloc on huge pages and without the Celery app (project/
+    __init__.py), both to make a fork cheaper, then puts the environment back: a task and what it
+    starts see the pool process's."""
+    for name in _START_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")  # an operator's own: kept
+    old = running_template_pid()
+    if old is not None:  # a template started before this test's environment
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: not alive(old), timeout=10, interval=0.02, what="the old template gone")
+    OrchestratorService.execute(launch("tt_env", tmp_path / "record"))
+
+    template = running_template_pid()
+    started = dict(
+        entry.split("=", 1)
+        for entry in Path(f"/proc/{template}/environ").read_bytes().decode().split("\0")
+        if entry
+    )
+    assert started["PYTHONMALLOC"] == "malloc"
+    # (glibc rewrites GLIBC_TUNABLES in place as it reads it: what the template was given is below.)
+    assert allocator_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {
+        "PYTHONMALLOC": "malloc",
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+    }
+    assert allocator_env({"PYTHONMALLOC": "debug", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == {
+        "PYTHONMALLOC": "debug",
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0",
+    }
+    assert started["CYBER_BRAIN_TASK_TEMPLATE"] == "1"
+    (line,) = lines(tmp_path / "record")
+    assert line["celery_loaded"] == []
+    assert line["django_loaded"] is True
+    assert line["environ"] == {
+        "CYBER_BRAIN_TASK_TEMPLATE": None,
+        "PYTHONMALLOC": None,
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2",
+        "CYBER_BRAIN_TEMPLATE_RESTORE_ENV": None,
+    }
+    assert line["child_env"] == ["GLIBC_TUNABLES=glibc.malloc.arena_max=2"]
