@@ -7,6 +7,14 @@ issue 14). Here the statement is written from the models' own metadata (every co
 field is read without a change here) the first time it is needed, and the instances are built the way
 the ORM builds them: `Model.from_db` with the values after each field's database converters (a
 JSONField's decoding, for one), and the related instances set as the ORM's `select_related` sets them.
+
+The statement is also prepared on the server, once per connection (PREPARE, then EXECUTE): planning
+its five-table join cost PostgreSQL more than running it (0.9 ms a round trip unprepared, 0.26 ms
+prepared, measured on the bench database). Not behind a transaction pool (DB_TRANSACTION_POOLING: the
+next transaction may run on another server connection, which never saw the PREPARE); and a prepared
+statement the server no longer has (DISCARD ALL by a session pooler, a plan a migration invalidated) is
+prepared again and the read asked once more. The read runs outside any transaction (the start gate
+comes after it), so such an error aborts nothing.
 """
 
 from __future__ import annotations
@@ -14,13 +22,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from django.db import connections, models
+import psycopg2
+from django.conf import settings
+from django.db import DatabaseError, connections, models
 
 from orchestrator.models import Directive, Job, Run
 from schedules import runstate
 from schedules.models import Schedule, ScheduledRun
 
 Converter = Callable[[Any, Any, Any], Any]
+_PREPARED_STATEMENT_ERRORS = (
+    psycopg2.errors.InvalidSqlStatementName,
+    psycopg2.errors.DuplicatePreparedStatement,
+    psycopg2.errors.FeatureNotSupported,
+)
 
 
 class _Part:
@@ -53,16 +68,46 @@ class _Part:
 
 
 class _Read:
-    """A joined read from `root`: its SQL and the parts, in the order of the select list."""
+    """A joined read: its SQL (and its prepared form) and the parts, in the order of the select list."""
 
-    def __init__(self, connection, parts: list[_Part], from_clause: str, where: str) -> None:
+    def __init__(self, name: str, parts: list[_Part], from_clause: str, where: str, arity: int) -> None:
+        self.name = name
         self.parts = parts
         columns = ", ".join(c for part in parts for c in part.columns)
         self.sql = f"SELECT {columns}, ({runstate.LEASE_FLOOR_SQL}) FROM {from_clause} WHERE {where} LIMIT 1"
+        self.prepare_sql = f"PREPARE {name} AS " + self.sql % tuple(f"${i}" for i in range(1, arity + 1))
+        self.execute_sql = f"EXECUTE {name}(" + ", ".join(["%s"] * arity) + ")"
+        # The server connection (psycopg2's) this statement is prepared on, if any.
+        self._prepared_on: object | None = None
+
+    def _run(self, connection, cursor, params: list[Any]) -> None:
+        raw = connection.connection
+        if settings.DB_TRANSACTION_POOLING or raw is None or connection.in_atomic_block:
+            # (Inside a transaction an error would abort it: the plain statement, no retry needed.)
+            cursor.execute(self.sql, params)
+            return
+        for attempt in (1, 2):
+            try:
+                if self._prepared_on is not raw:
+                    self._prepared_on = None
+                    cursor.execute(self.prepare_sql)
+                    self._prepared_on = raw
+                cursor.execute(self.execute_sql, params)
+                return
+            except DatabaseError as exc:
+                cause = exc.__cause__
+                if attempt == 2 or not isinstance(cause, _PREPARED_STATEMENT_ERRORS):
+                    raise
+                # Gone from the server (InvalidSqlStatementName), already there under our name from a
+                # session we did not track (DuplicatePreparedStatement), or its plan outdated by a
+                # schema change (FeatureNotSupported): prepare it afresh.
+                self._prepared_on = None
+                if not isinstance(cause, psycopg2.errors.InvalidSqlStatementName):
+                    cursor.execute(f"DEALLOCATE {self.name}")
 
     def fetch(self, connection, db: str, params: list[Any]) -> tuple[list[models.Model | None], int] | None:
         with connection.cursor() as cursor:
-            cursor.execute(self.sql, params)
+            self._run(connection, cursor, params)
             row = cursor.fetchone()
         if row is None:
             return None
@@ -100,13 +145,18 @@ def _build(kind: str, connection) -> _Read:
             f" JOIN {_table(Run, connection)} r ON r.{q('id')} = sr.{q('run_id')} {run_joins}"
         )
         return _Read(
-            connection,
+            "cb_load_scheduled_delivery",
             [scheduled, schedule, run, job, directive],
             from_clause,
             f"sr.{q('id')} = %s AND sr.{q('run_id')} = %s",
+            2,
         )
     return _Read(
-        connection, [run, job, directive], f"{_table(Run, connection)} r {run_joins}", f"r.{q('id')} = %s"
+        "cb_load_delivery",
+        [run, job, directive],
+        f"{_table(Run, connection)} r {run_joins}",
+        f"r.{q('id')} = %s",
+        1,
     )
 
 

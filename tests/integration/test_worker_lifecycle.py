@@ -399,3 +399,36 @@ def test_load_delivery__one_statement_the_same_instances_as_the_orm(
     assert run.pk == bare.pk
     assert got is None
     assert load_delivery(10**9, None) == (None, None, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_load_delivery__prepared_once_per_connection_and_again_when_the_server_lost_it(schedule, settings):
+    """Outside a transaction the read is a server-side prepared statement (its planning cost more than
+    its execution): prepared once per connection, prepared again when the server no longer has it
+    (a pooler's DISCARD ALL) or already has it under our name; plain behind a transaction pool."""
+    from django.test.utils import CaptureQueriesContext
+
+    from worker import loading
+    from worker.loading import load_delivery
+
+    scheduled = _scheduled_run(schedule)
+    connection.close()  # a fresh server connection: nothing prepared on it yet
+
+    def verbs(*ids) -> list[str]:
+        with CaptureQueriesContext(connection) as queries:
+            run, got, _ = load_delivery(*ids)
+        assert run.pk == scheduled.run_id
+        assert got.pk == scheduled.pk
+        return [q["sql"].split()[0] for q in queries.captured_queries]
+
+    assert verbs(scheduled.run_id, scheduled.pk) == ["PREPARE", "EXECUTE"]
+    assert verbs(scheduled.run_id, scheduled.pk) == ["EXECUTE"]
+    with connection.cursor() as cursor:
+        cursor.execute("DISCARD ALL")  # what a session pooler runs between clients
+    assert verbs(scheduled.run_id, scheduled.pk) == ["EXECUTE", "PREPARE", "EXECUTE"]
+    loading._reads[("default", "scheduled")]._prepared_on = None  # prepared by a session we lost track of
+    assert verbs(scheduled.run_id, scheduled.pk) == ["PREPARE", "DEALLOCATE", "PREPARE", "EXECUTE"]
+    assert verbs(scheduled.run_id, scheduled.pk) == ["EXECUTE"]
+
+    settings.DB_TRANSACTION_POOLING = True  # the next transaction may be on another server connection
+    assert verbs(scheduled.run_id, scheduled.pk) == ["SELECT"]
