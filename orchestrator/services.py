@@ -117,6 +117,7 @@ class OrchestratorService:
         previous: dict[str, dict[str, Any]] = {}
         stats: dict[str, Any] = {"tasks": {}, "notes": []}
         _sweep_stale_work_dirs()
+        child_settings = _child_settings()  # read once per run, not per task
         work_dir = tempfile.mkdtemp(prefix=f"{_WORK_DIR_PREFIX}{run.pk}-")
         try:
             for index, task in enumerate(spec.tasks):
@@ -144,6 +145,7 @@ class OrchestratorService:
                     memory_limit_mb=memory_limit_mb,
                     run_timeout=job.timeout_seconds,
                     fence=fence,
+                    child_settings=child_settings,
                 )
                 seconds = round(time.monotonic() - started, 3)
                 if not outcome.ok and fence is not None and fence.reason:
@@ -308,6 +310,7 @@ def run_task_in_child(
     memory_limit_mb: int,
     run_timeout: int,
     fence: TaskFence | None = None,
+    child_settings: dict[str, Any] | None = None,
 ) -> TaskOutcome:
     """Run one task in a fresh process forked from this process's task template; wait `time_limit`.
 
@@ -326,7 +329,7 @@ def run_task_in_child(
         "memory_limit_mb": memory_limit_mb,
         "cpu_seconds": math.ceil(time_limit) + 5,
         "db_name": connection.settings_dict["NAME"],
-        "settings": _child_settings(),
+        "settings": child_settings if child_settings is not None else _child_settings(),
     }
     argv = runner_argv(run_id=ctx.run_id, job_key=ctx.job_key, task=task.name)
     try:

@@ -26,7 +26,9 @@ The template holds no database connection (checked after the imports) and no soc
 the forked task closes the channel first, so its Django connections are its own, opened after the fork
 to the database the pool process names in the payload.
 
-Protocol: JSON lines. Pool process -> template: `{"fork": {"title", "argv", "payload"}}`. Template ->
+Protocol: lines. Pool process -> template: `fork <JSON {"title", "argv", "payload"}>`, whose JSON the
+template hands to the spare as it came, without decoding it (its Python work and the pages it writes
+are paid per task, in a process whose every written page is a copy-on-write fault). Template ->
 pool process: `{"ready": pid}` once, then `{"forked": pid}` per request (a task process that has done
 its setsid(), so its pgid exists) or `{"error": "..."}`, and `{"exited": pid, "code": n}` per task
 process that ended (`n` as `Popen.returncode`: negative for a signal). The task's outcome itself travels
@@ -80,6 +82,10 @@ def allocator_env(env: dict[str, str]) -> dict[str, str]:
         tunables.append("glibc.malloc.hugetlb=1")
     out["GLIBC_TUNABLES"] = ":".join(tunables)
     return out
+
+
+# The one request: the rest of its line is the task's JSON, which the template does not decode.
+_FORK = b"fork "
 
 
 class TemplateUnavailable(RuntimeError):
@@ -156,7 +162,7 @@ class TaskTemplate:
 
     def fork_task(self, *, title: str, argv: list[str], payload: dict[str, Any], deadline: float) -> int:
         """Fork a task's process; its pid, which is also its process group's id."""
-        request = json.dumps({"fork": {"title": title, "argv": argv, "payload": payload}}).encode() + b"\n"
+        request = _FORK + json.dumps({"title": title, "argv": argv, "payload": payload}).encode() + b"\n"
         with self._lock:
             try:
                 self._sock.sendall(request)
@@ -324,9 +330,9 @@ class _Template:
             os.close(self.spare[2])
             self.spare = None
 
-    def fork(self, request: dict[str, Any]) -> None:
-        """Hand the request to the spare (a fresh task process, waiting), then fork the next."""
-        data = json.dumps(request).encode()
+    def fork(self, data: bytes) -> None:
+        """Hand the request (JSON, as the pool process sent it) to the spare (a fresh task process,
+        waiting), then fork the next."""
         for _ in range(2):
             if self.spare is None:
                 self.new_spare()
@@ -424,9 +430,8 @@ class _Template:
             buffer += chunk
             while b"\n" in buffer:
                 line, _, buffer = buffer.partition(b"\n")
-                request = json.loads(line)
-                if "fork" in request:
-                    self.fork(request["fork"])
+                if line.startswith(_FORK):
+                    self.fork(line[len(_FORK) :])
 
 
 def _preload(modules: list[str]) -> None:
