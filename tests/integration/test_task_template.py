@@ -149,6 +149,9 @@ def report_environment(ctx: TaskContext) -> dict[str, Any]:
         "environ": {name: os.environ.get(name) for name in _START_ENV},
         "child_env": sorted(entry for entry in child if entry.split("=", 1)[0] in _START_ENV),
     }
+    from project import celery_app  # a job module that uses the app gets it on first use
+
+    line["celery_app"] = type(celery_app).__name__
     with open(ctx.directive_text, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(line) + "\n")
     return {}
@@ -463,6 +466,7 @@ def test_template__on_huge_pages_without_the_celery_app_and_tasks_get_the_pool_e
     assert started["CYBER_BRAIN_TASK_TEMPLATE"] == "1"
     (line,) = lines(tmp_path / "record")
     assert line["celery_loaded"] == []
+    assert line["celery_app"] == "Celery"
     assert line["django_loaded"] is True
     assert line["environ"] == {
         "CYBER_BRAIN_TASK_TEMPLATE": None,
