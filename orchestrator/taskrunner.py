@@ -51,19 +51,18 @@ PR_SET_PDEATHSIG = 1
 
 
 try:
-    # Loaded once, in the template: a forked task finds it ready.
-    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:
-    _libc = None
+    # Looked up once, in the template: a forked task finds the function ready (a lookup in the fork
+    # would build it there, writing to pages it shares with the template).
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
 
 
 def _set_parent_death_signal(sig: int) -> None:
     # Linux only. The signal fires when the thread that forked us ends; the worker runs tasks on its
     # main thread.
-    try:
-        _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)  # type: ignore[union-attr]
-    except AttributeError:
-        pass
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
 _task_pid = 0
@@ -80,12 +79,17 @@ def _kill_own_group(signum: int = 0, frame: object = None) -> None:
     os._exit(70)  # not reached: the group includes this process
 
 
-def _lead_group(parent_pid: int) -> None:
-    """First thing in the task process: if the parent dies (SIGKILL, OOM), take the whole group down."""
+def _lead_group(parent_pid: int, *, sigterm_handled: bool = False) -> None:
+    """First thing in the task process: if the parent dies (SIGKILL, OOM), take the whole group down.
+
+    `sigterm_handled`: SIGTERM already reaches `_kill_own_group` (the task template's handler hands it
+    over in a fork, orchestrator/template.py), so it is not set again.
+    """
     global _task_pid
     _task_pid = os.getpid()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    signal.signal(signal.SIGTERM, _kill_own_group)
+    if not sigterm_handled:
+        signal.signal(signal.SIGTERM, _kill_own_group)
     _set_parent_death_signal(signal.SIGTERM)
     # The parent may have died before prctl ran: then the signal never comes.
     if os.getppid() != parent_pid:
@@ -154,7 +158,7 @@ def serve_spare(request_fd: int, *, template_pid: int) -> int:
     Returns the exit code for `os._exit` (the caller never returns into the template's loop). EOF
     without a request (the template is gone) ends it without running anything.
     """
-    _lead_group(template_pid)
+    _lead_group(template_pid, sigterm_handled=True)
     raw = _read_all(request_fd)
     if not raw:
         return 70
