@@ -40,7 +40,7 @@ from project.logging import bind_run
 from schedules import runleases, runstate
 from schedules.dispatch import message_for
 from schedules.models import OverlapPolicy, Schedule, ScheduledRun
-from schedules.publishing import RunMessage, send_messages
+from schedules.publishing import RunMessage, send_messages, time_limits
 from schedules.runstate import ERROR_SUMMARY_MAX, WORKER_LOST
 from worker.loading import load_delivery
 from worker.semaphore import (
@@ -180,8 +180,40 @@ def _load(run_id: int, scheduled_run_id: int | None) -> tuple[Run | None, Schedu
     return load_delivery(run_id, scheduled_run_id)
 
 
-def park_message(message: RunMessage) -> str:
-    return json.dumps(asdict(message), separators=(",", ":"))
+def park_message(
+    message: RunMessage, *, limits: tuple[float | None, float | None], schedule_name: str | None
+) -> str:
+    """What a parked run keeps in Redis: its message, with the job's time limits and the schedule's name
+    read by this delivery, so that its wake-up publishes without reading them again."""
+    return json.dumps(
+        {**asdict(message), "limits": list(limits), "schedule": schedule_name}, separators=(",", ":")
+    )
+
+
+def unpark_messages(
+    messages: list[str],
+) -> tuple[list[RunMessage], dict[str, tuple[float | None, float | None]] | None, dict[int, str] | None]:
+    """The parked runs' messages, and the limits per job and names per scheduled run they carried: None
+    for either when a message lacks it (parked by an older worker) or the messages of one job disagree
+    (its limits were edited between two parkings), so that the publish reads the current values."""
+    runs: list[RunMessage] = []
+    limits: dict[str, tuple[float | None, float | None]] | None = {}
+    names: dict[int, str] | None = {}
+    for raw in messages:
+        item = json.loads(raw)
+        carried, name = item.pop("limits", None), item.pop("schedule", None)
+        message = RunMessage(**item)
+        runs.append(message)
+        if limits is not None:
+            pair = (carried[0], carried[1]) if isinstance(carried, list) and len(carried) == 2 else None
+            if pair is None or limits.setdefault(message.job_key, pair) != pair:
+                limits = None
+        if names is not None and message.scheduled_run_id is not None:
+            if isinstance(name, str):
+                names[message.scheduled_run_id] = name
+            else:
+                names = None
+    return runs, limits, names
 
 
 def wake(messages: list[str]) -> int:
@@ -192,7 +224,8 @@ def wake(messages: list[str]) -> int:
     if not messages:
         return 0
     try:
-        send_messages([RunMessage(**json.loads(raw)) for raw in messages])
+        runs, limits, names = unpark_messages(messages)
+        send_messages(runs, limits=limits, names=names)
     except Exception as exc:
         logger.warning("wake-up publish failed", extra={"count": len(messages), "error": type(exc).__name__})
         return 0
@@ -539,7 +572,11 @@ def run_execute(
         return Outcome(status="skipped", run_id=run_id, reason=f"already {run.status}")
     owner = lease_owner(run_id, worker)
     due = scheduled.scheduled_for if scheduled is not None else run.created_at
-    park = park_message(message_for(run.job, run, scheduled))
+    park = park_message(
+        message_for(run.job, run, scheduled),
+        limits=time_limits(run.job.timeout_seconds),
+        schedule_name=scheduled.schedule.name if scheduled is not None else None,
+    )
     try:
         grant = semaphore_take(caps, owner=owner, run_id=run_id, due=due, park=park, floor=floor)
     except redis.RedisError as exc:

@@ -225,6 +225,41 @@ def test_stalled_throttled_runs__are_republished_once_unless_parked(schedule, se
     assert reaper.republish_stalled_throttled() == 0
 
 
+def test_wake__publishes_with_the_limits_and_name_its_parked_message_carries(
+    schedule, sleep_job, redis_client, django_assert_num_queries
+):
+    import json
+    from dataclasses import asdict
+
+    from schedules.dispatch import message_for
+    from schedules.publishing import time_limits
+
+    first, second = _scheduled_run(schedule), _scheduled_run(schedule)
+
+    def park(item, limits=(75.0, 60.0)):
+        return execution.park_message(
+            message_for(sleep_job, item.run, item), limits=limits, schedule_name=schedule.name
+        )
+
+    def newest() -> dict:
+        return json.loads(redis_client.lindex("jobs.sleep", 0))["headers"]  # LPUSH: the newest first
+
+    # What the parking delivery read travels with the run: its wake-up reads nothing.
+    with django_assert_num_queries(0):
+        assert execution.wake([park(first), park(second)]) == 2
+    assert newest()["timelimit"] == [75.0, 60.0]
+    assert newest()["shadow"] == "sleep: life"
+    # A message parked by an older worker carries neither: both are read, as at any publish.
+    old = json.dumps(asdict(message_for(sleep_job, first.run, first)))
+    with django_assert_num_queries(2):
+        assert execution.wake([old]) == 1
+    assert newest()["timelimit"] == list(time_limits(sleep_job.timeout_seconds))
+    # Two parkings of one job that disagree (its limits were edited between them): the current ones.
+    with django_assert_num_queries(1):
+        assert execution.wake([park(first), park(second, limits=(15.0, 10.0))]) == 2
+    assert newest()["timelimit"][1] == float(sleep_job.timeout_seconds)
+
+
 def test_run_mark_throttled__writes_once_per_wait(schedule):
     scheduled = _scheduled_run(schedule)
     runstate.run_mark_throttled(scheduled.run_id, scheduled.pk, "waiting: per-job cap 2/2 for sleep")
