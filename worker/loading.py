@@ -55,9 +55,11 @@ class _Part:
             if found:
                 self.converters.append((index, found, col))
         self.width = len(self.fields)
+        # Where the primary key is in the slice (first for an automatic one, not for every model).
+        self.pk_index = self.fields.index(model._meta.pk)
 
     def build(self, values: list[Any], connection, db: str) -> models.Model | None:
-        if values[0] is None:  # the primary key: an outer join found no row
+        if values[self.pk_index] is None:  # no primary key: an outer join found no row
             return None
         for index, converters, col in self.converters:
             value = values[index]

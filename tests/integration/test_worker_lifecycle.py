@@ -436,6 +436,31 @@ def test_load_delivery__one_statement_the_same_instances_as_the_orm(
     assert load_delivery(10**9, None) == (None, None, 0)
 
 
+def test_load_delivery__a_row_part_finds_its_primary_key_wherever_the_model_declares_it():
+    from django.db import models
+    from django.test.utils import isolate_apps
+
+    from worker.loading import _Part
+
+    with isolate_apps("orchestrator"):
+
+        class PkLast(models.Model):
+            note = models.CharField(max_length=10, null=True)
+            code = models.CharField(max_length=10, primary_key=True)
+
+            class Meta:
+                app_label = "orchestrator"
+
+            def __str__(self) -> str:
+                return self.code
+
+    part = _Part(PkLast, "t", connection)
+    built = part.build([None, "k1"], connection, "default")  # a null first column is not a missing row
+    assert built is not None
+    assert (built.pk, built.note) == ("k1", None)
+    assert part.build(["x", None], connection, "default") is None  # no key: the outer join found nothing
+
+
 @pytest.mark.django_db(transaction=True)
 def test_load_delivery__prepared_once_per_connection_and_again_when_the_server_lost_it(schedule, settings):
     """Outside a transaction the read is a server-side prepared statement (its planning cost more than
