@@ -79,17 +79,12 @@ def _kill_own_group(signum: int = 0, frame: object = None) -> None:
     os._exit(70)  # not reached: the group includes this process
 
 
-def _lead_group(parent_pid: int, *, sigterm_handled: bool = False) -> None:
-    """First thing in the task process: if the parent dies (SIGKILL, OOM), take the whole group down.
-
-    `sigterm_handled`: SIGTERM already reaches `_kill_own_group` (the task template's handler hands it
-    over in a fork, orchestrator/template.py), so it is not set again.
-    """
+def _lead_group(parent_pid: int) -> None:
+    """First thing in the task process: if the parent dies (SIGKILL, OOM), take the whole group down."""
     global _task_pid
     _task_pid = os.getpid()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if not sigterm_handled:
-        signal.signal(signal.SIGTERM, _kill_own_group)
+    signal.signal(signal.SIGTERM, _kill_own_group)
     _set_parent_death_signal(signal.SIGTERM)
     # The parent may have died before prctl ran: then the signal never comes.
     if os.getppid() != parent_pid:
@@ -158,7 +153,7 @@ def serve_spare(request_fd: int, *, template_pid: int) -> int:
     Returns the exit code for `os._exit` (the caller never returns into the template's loop). EOF
     without a request (the template is gone) ends it without running anything.
     """
-    _lead_group(template_pid, sigterm_handled=True)
+    _lead_group(template_pid)
     raw = _read_all(request_fd)
     if not raw:
         return 70

@@ -295,15 +295,6 @@ class _Template:
         os.set_blocking(self.wake_w, False)
 
     def kill_all_and_exit(self, signum: int = 0, frame: object = None) -> None:
-        if os.getpid() != self.pid:
-            # A task process (or what it forked) inherits this SIGTERM handler: there it is the task's
-            # (taskrunner: the task process takes its group down, anything below it just ends), so
-            # the fork need not set a handler of its own (a signal.signal() call replacing a Python
-            # handler costs a fork about a tenth of a millisecond, in enum look-ups and exceptions).
-            from orchestrator import taskrunner
-
-            taskrunner._kill_own_group(signum, frame)
-            return
         for pid in list(self.tasks):
             try:
                 os.killpg(pid, signal.SIGKILL)
@@ -407,9 +398,9 @@ class _Template:
     def _become_task_process(self) -> None:
         """In the fork: drop what is the template's (its channel, its signal handling)."""
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        # SIGTERM keeps the template's handler, which is the task's in a fork (`kill_all_and_exit`).
         self.channel.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
