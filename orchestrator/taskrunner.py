@@ -124,18 +124,28 @@ def _setup_django(db_name: str, overrides: dict[str, Any]) -> None:
 
 
 def _import_task(ref: str):
-    import importlib
-
     module_name, _, qualname = ref.partition(":")
-    return getattr(importlib.import_module(module_name), qualname)
+    # The template imported the job modules: a forked task finds its own in sys.modules.
+    module = sys.modules.get(module_name)
+    if module is None:
+        import importlib
+
+        module = importlib.import_module(module_name)
+    return getattr(module, qualname)
 
 
 def _write(path: str, outcome: dict[str, Any]) -> None:
+    """The outcome, in one write. No temporary file and rename: the pool process reads it after this
+    process has exited or been killed, and a write cut short leaves no complete JSON (a crash)."""
     outcome["pid"] = os.getpid()  # where the task ran
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(outcome, fh)
-    os.replace(tmp, path)
+    data = json.dumps(outcome).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def main() -> int:

@@ -267,6 +267,19 @@ def task_template(*, deadline: float) -> TaskTemplate:
         return _template
 
 
+def stop_task_template() -> None:
+    """End this process's template, if it has one; the next task starts a new one.
+
+    A template keeps the stdout and stderr it was started with (its tasks write there): a caller that
+    redirects its own, as a test capturing a task's output does, stops the template first.
+    """
+    global _template
+    with _template_lock:
+        if _template is not None:
+            _template.close()
+            _template = None
+
+
 def running_template_pid() -> int | None:
     """The pid of this process's template, if it has a live one (tests tell it from task processes)."""
     template = _template
@@ -303,8 +316,11 @@ class _Template:
         os._exit(0)
 
     def send(self, message: dict[str, Any]) -> None:
+        self.send_line(json.dumps(message).encode() + b"\n")
+
+    def send_line(self, line: bytes) -> None:
         try:
-            self.channel.sendall(json.dumps(message).encode() + b"\n")
+            self.channel.sendall(line)
         except OSError:
             self.kill_all_and_exit()
 
@@ -322,7 +338,9 @@ class _Template:
                 self._drop_spare()
             elif pid in self.tasks:
                 self.tasks.discard(pid)
-                self.send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
+                # The two messages of every task are formatted, not encoded: each page the template
+                # writes after a fork is a copy-on-write fault, paid per task.
+                self.send_line(b'{"exited": %d, "code": %d}\n' % (pid, os.waitstatus_to_exitcode(status)))
 
     def _drop_spare(self) -> None:
         if self.spare is not None:
@@ -353,7 +371,7 @@ class _Template:
             finally:
                 os.close(request_w)
                 os.close(ready_r)
-            self.send({"forked": pid})
+            self.send_line(b'{"forked": %d}\n' % pid)
             self.new_spare()
             return
         self.send({"error": "the forked task process died before it started"})

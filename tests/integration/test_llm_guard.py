@@ -22,6 +22,7 @@ from orchestrator import llm
 from orchestrator.jobs.log_triage.scoring import parse_scores
 from orchestrator.models import Finding, Job, LogCursor, Run
 from orchestrator.services import OrchestratorService, TaskFailed
+from orchestrator.template import stop_task_template
 from tests.support import dump_all_tables, rendered_logs
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "logs"
@@ -111,6 +112,9 @@ def free_port() -> int:
 def test_scores_are_stored_and_no_prompt_or_response_text_is(dirs, settings, caplog, capfd):
     settings.LOG_TRIAGE_LLM_BATCH = 8
     caplog.set_level("DEBUG")
+    # The task processes write to their template's stderr: one started by an earlier test would write
+    # to that test's capture, not to capfd's.
+    stop_task_template()
     with FakeLLM() as fake:
         settings.LLM_ENDPOINT = fake.url
         run = launch()
