@@ -22,7 +22,7 @@ from orchestrator.jobs.registry import JobSpec, TaskContext, TaskSpec, register,
 from orchestrator.models import Job, Run
 from orchestrator.services import OrchestratorService, TaskFailed
 from orchestrator.taskprocs import live_task_groups
-from orchestrator.template import allocator_env, running_template_pid
+from orchestrator.template import allocator_env, running_template_pid, stop_task_template
 from tests.support import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -397,6 +397,21 @@ def test_spare_killed_while_idle__the_next_task_gets_another(jobs, tmp_path):
 
     assert running_template_pid() == template
     assert spare not in [line["pgid"] for line in lines(tmp_path / "after")]
+    assert len(lines(tmp_path / "after")) == 3
+
+
+def test_stop_task_template__ends_the_template_and_its_spare_and_the_next_task_starts_another(jobs, tmp_path):
+    OrchestratorService.execute(launch("tt_report", tmp_path / "first"))
+    template = running_template_pid()
+    (spare,) = wait_for(lambda: children_of(template), timeout=10, what="the spare forked")
+
+    stop_task_template()
+
+    assert running_template_pid() is None
+    assert not alive(template)  # waited for: it exits once its channel closes
+    wait_for(lambda: not alive(spare), timeout=10, what="the spare gone with its template")
+    OrchestratorService.execute(launch("tt_report", tmp_path / "after"))
+    assert running_template_pid() not in (None, template)
     assert len(lines(tmp_path / "after")) == 3
 
 
