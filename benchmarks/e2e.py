@@ -637,7 +637,9 @@ class Bench:
             if runs:
                 idle, start = self.window_start()
                 ids = [run_now(schedule).pk for _ in range(runs)]
-                done = _wait_for(lambda: self.finished_between(ids) >= runs, timeout=self.deadline, period=0.25)
+                done = _wait_for(
+                    lambda: self.finished_between(ids) >= runs, timeout=self.deadline, period=0.25
+                )
                 count = self.finished(ids)
                 seconds = self.span(ids)
                 (failed,) = self.pg.q(
