@@ -117,7 +117,7 @@ class OrchestratorService:
         previous: dict[str, dict[str, Any]] = {}
         stats: dict[str, Any] = {"tasks": {}, "notes": []}
         _sweep_stale_work_dirs()
-        child_settings = _child_settings()  # read once per run, not per task
+        child_config = _child_config()  # read once per run, not per task
         work_dir = tempfile.mkdtemp(prefix=f"{_WORK_DIR_PREFIX}{run.pk}-")
         try:
             for index, task in enumerate(spec.tasks):
@@ -145,7 +145,7 @@ class OrchestratorService:
                     memory_limit_mb=memory_limit_mb,
                     run_timeout=job.timeout_seconds,
                     fence=fence,
-                    child_settings=child_settings,
+                    child_config=child_config,
                 )
                 seconds = round(time.monotonic() - started, 3)
                 if not outcome.ok and fence is not None and fence.reason:
@@ -235,6 +235,12 @@ class TaskOutcome:
     pid: int = 0
 
 
+def _child_config() -> bytes:
+    """What a task process runs with: the pool process's database and the settings a task may read, as
+    the template's `config` request (orchestrator/template.py)."""
+    return json.dumps({"db_name": connection.settings_dict["NAME"], "settings": _child_settings()}).encode()
+
+
 def _child_settings() -> dict[str, Any]:
     names = set(_CHILD_SETTINGS)
     names.update(name for name in dir(settings) if name.startswith(_CHILD_SETTINGS_PREFIXES))
@@ -310,7 +316,7 @@ def run_task_in_child(
     memory_limit_mb: int,
     run_timeout: int,
     fence: TaskFence | None = None,
-    child_settings: dict[str, Any] | None = None,
+    child_config: bytes | None = None,
 ) -> TaskOutcome:
     """Run one task in a fresh process forked from this process's task template; wait `time_limit`.
 
@@ -328,8 +334,6 @@ def run_task_in_child(
         "parent_pid": os.getpid(),
         "memory_limit_mb": memory_limit_mb,
         "cpu_seconds": math.ceil(time_limit) + 5,
-        "db_name": connection.settings_dict["NAME"],
-        "settings": child_settings if child_settings is not None else _child_settings(),
     }
     argv = runner_argv(run_id=ctx.run_id, job_key=ctx.job_key, task=task.name)
     try:
@@ -338,6 +342,7 @@ def run_task_in_child(
             title=" ".join([sys.executable, *argv]),
             argv=[taskrunner.__file__, *argv[2:]],
             payload=payload,
+            config=child_config if child_config is not None else _child_config(),
             deadline=deadline,
         )
     except TimeoutError:

@@ -99,7 +99,10 @@ def _set_limits(memory_limit_mb: int, cpu_seconds: int) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_soft, cpu_soft + 5))
 
 
-def _setup_django(db_name: str, overrides: dict[str, Any]) -> None:
+def configure_django(db_name: str, overrides: dict[str, Any]) -> None:
+    """The pool process's database name and task settings, applied before any connection opens: in an
+    exec'd task process, or in the task template once per change (template.py), whose forks inherit them.
+    """
     import django
     from django.apps import apps
     from django.conf import settings
@@ -117,7 +120,7 @@ def _setup_django(db_name: str, overrides: dict[str, Any]) -> None:
     default = connections["default"]
     if default.connection is not None:
         # Never the template's (it holds none): a connection shared across a fork corrupts both ends.
-        raise RuntimeError("a task process inherited an open database connection")
+        raise RuntimeError("a task process would inherit an open database connection")
     default.settings_dict["NAME"] = db_name
     for name, value in overrides.items():
         setattr(settings, name, value)
@@ -192,7 +195,8 @@ def _run_task(payload: dict[str, Any]) -> int:
     _set_limits(payload["memory_limit_mb"], payload["cpu_seconds"])
     result_path = payload["result_path"]
     try:
-        _setup_django(payload["db_name"], payload["settings"])
+        if "db_name" in payload:  # exec'd; a forked task has them from its template
+            configure_django(payload["db_name"], payload["settings"])
         from orchestrator.jobs.registry import TaskContext, TaskError
 
         func = _import_task(payload["task_ref"])

@@ -22,13 +22,17 @@ Lifetimes, so that nothing outlives the pool process:
   status to the pool process, and orphans of a task group do not linger as zombies. A dead template is
   replaced before the next task (`task_template`).
 
-The template holds no database connection (checked after the imports) and no socket but the channel;
-the forked task closes the channel first, so its Django connections are its own, opened after the fork
-to the database the pool process names in the payload.
+The template holds no database connection (checked after the imports and after each configuration)
+and no socket but the channel; the forked task closes the channel first, so its Django connections are
+its own, opened after the fork to the database the pool process named.
 
-Protocol: lines. Pool process -> template: `fork <JSON {"title", "argv", "payload"}>`, whose JSON the
-template hands to the spare as it came, without decoding it (its Python work and the pages it writes
-are paid per task, in a process whose every written page is a copy-on-write fault). Template ->
+Protocol: lines. Pool process -> template: `config <JSON {"db_name", "settings"}>` before the first task
+and whenever they change (the pool process's database, the test database in tests, and the settings a
+task may read, runtime overrides included): the template applies them to itself and forks a new spare,
+so a task process starts with them instead of applying them itself. `fork <JSON {"title", "argv",
+"payload"}>` per task, whose JSON the template hands to the spare as it came, without decoding it (its
+Python work and the pages it writes are paid per task, in a process whose every written page is a
+copy-on-write fault). Template ->
 pool process: `{"ready": pid}` once, then `{"forked": pid}` per request (a task process that has done
 its setsid(), so its pgid exists) or `{"error": "..."}`, and `{"exited": pid, "code": n}` per task
 process that ended (`n` as `Popen.returncode`: negative for a signal). The task's outcome itself travels
@@ -84,8 +88,11 @@ def allocator_env(env: dict[str, str]) -> dict[str, str]:
     return out
 
 
-# The one request: the rest of its line is the task's JSON, which the template does not decode.
+# The requests: the rest of a `fork` line is the task's JSON, which the template does not decode; the
+# rest of a `config` line is the database name and settings its task processes run with.
 _FORK = b"fork "
+_CONFIG = b"config "
+_UNSET = object()
 
 
 class TemplateUnavailable(RuntimeError):
@@ -108,6 +115,7 @@ class TaskTemplate:
         self._waiting: set[int] = set()
         self._exited: dict[int, int] = {}
         self._closed = False
+        self._config: bytes | None = None  # the last configuration sent
 
     @classmethod
     def start(cls, *, timeout: float, preload: list[str]) -> TaskTemplate:
@@ -160,12 +168,20 @@ class TaskTemplate:
     def alive(self) -> bool:
         return not self._closed and self.owner_pid == os.getpid() and self.proc.poll() is None
 
-    def fork_task(self, *, title: str, argv: list[str], payload: dict[str, Any], deadline: float) -> int:
-        """Fork a task's process; its pid, which is also its process group's id."""
+    def fork_task(
+        self, *, title: str, argv: list[str], payload: dict[str, Any], config: bytes, deadline: float
+    ) -> int:
+        """Fork a task's process; its pid, which is also its process group's id.
+
+        `config`: JSON of `{"db_name", "settings"}`, the pool process's database and the settings a task
+        may read (see `configure`); sent to the template only when it changed."""
         request = _FORK + json.dumps({"title": title, "argv": argv, "payload": payload}).encode() + b"\n"
         with self._lock:
             try:
+                if config != self._config:
+                    request = _CONFIG + config + b"\n" + request
                 self._sock.sendall(request)
+                self._config = config
                 while True:
                     message = self._read(deadline)
                     if message is None:
@@ -301,6 +317,8 @@ class _Template:
         self.channel = channel
         self.pid = os.getpid()
         self.tasks: set[int] = set()
+        # The template's own values of the settings the current configuration overrides.
+        self.pristine: dict[str, Any] = {}
         # A task process forked ahead of need (pid, the write end of its request pipe, the read end of
         # its ready pipe): see `fork`.
         self.spare: tuple[int, int, int] | None = None
@@ -376,6 +394,37 @@ class _Template:
             return
         self.send({"error": "the forked task process died before it started"})
 
+    def configure(self, data: bytes) -> None:
+        """Run the next tasks against the pool process's database and with its settings (`data`: JSON of
+        `{"db_name", "settings"}`), applied here once per change instead of in every task process.
+
+        The settings a previous configuration overrode get the template's own values back first (a name
+        the pool process no longer has must not linger). The spare was forked with the old values: it is
+        replaced. Applying them opens nothing: the check that no database connection exists runs here,
+        so no fork inherits one.
+        """
+        from django.conf import settings
+
+        from orchestrator import taskrunner
+
+        config = json.loads(data)
+        for name, value in self.pristine.items():
+            if value is _UNSET:
+                delattr(settings, name)
+            else:
+                setattr(settings, name, value)
+        self.pristine = {name: getattr(settings, name, _UNSET) for name in config["settings"]}
+        taskrunner.configure_django(config["db_name"], config["settings"])
+        if self.spare is not None:
+            pid = self.spare[0]
+            self.tasks.discard(pid)  # reaped without a report
+            self._drop_spare()  # its request pipe closes: EOF, it exits without running anything
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.new_spare()
+
     def new_spare(self) -> None:
         """Fork a task process that leads its own session and group and waits for a task.
 
@@ -450,6 +499,8 @@ class _Template:
                 line, _, buffer = buffer.partition(b"\n")
                 if line.startswith(_FORK):
                     self.fork(line[len(_FORK) :])
+                elif line.startswith(_CONFIG):
+                    self.configure(line[len(_CONFIG) :])
 
 
 def _preload(modules: list[str]) -> None:
@@ -461,7 +512,7 @@ def _preload(modules: list[str]) -> None:
     import django
     from django.conf import settings
 
-    # As in the exec'd child (taskrunner._setup_django): a task needs the orchestrator's models only.
+    # As in the exec'd child (taskrunner.configure_django): a task needs the orchestrator's models only.
     settings.INSTALLED_APPS = ["django.contrib.contenttypes", "orchestrator"]
     django.setup()
     from django.db import connections

@@ -157,9 +157,31 @@ def report_environment(ctx: TaskContext) -> dict[str, Any]:
     return {}
 
 
+def report_settings(ctx: TaskContext) -> dict[str, Any]:
+    """The settings a task reads, as its process sees them."""
+    from django.conf import settings
+
+    line = {
+        "pid": os.getpid(),
+        "LOG_TRIAGE_TT_PROBE": getattr(settings, "LOG_TRIAGE_TT_PROBE", None),
+        "UPLOADS_DIR": str(settings.UPLOADS_DIR),
+        "database": settings.DATABASES["default"]["NAME"],
+    }
+    with open(ctx.directive_text, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(line) + "\n")
+    return {}
+
+
 JOBS = {
     spec.key: spec
     for spec in (
+        JobSpec(
+            key="tt_settings",
+            name="tt_settings",
+            description="test job",
+            tasks=(TaskSpec("one", report_settings), TaskSpec("two", report_settings), TaskSpec("3", ok)),
+            timeout_seconds=60,
+        ),
         JobSpec(
             key="tt_report",
             name="tt_report",
@@ -283,6 +305,39 @@ def test_each_task__a_fresh_forked_process_with_its_own_connection(jobs, tmp_pat
     # The template's only socket is its channel to us: no database, no Redis connection to hand down.
     assert len(socket_fds(template)) == 1
     assert parent_of(template) == os.getpid()
+
+
+def test_settings__each_run_sees_the_pool_processs_current_ones_and_a_removed_override_is_gone(
+    jobs, tmp_path, settings
+):
+    """The template applies the pool process's settings once per change, not every task process: a
+    change between runs reaches the next task (the spare forked before it is not used), and a setting
+    no longer overridden is the template's own again."""
+    record = tmp_path / "record"
+    own_uploads = str(settings.UPLOADS_DIR)
+    OrchestratorService.execute(launch("tt_settings", record))  # the template exists, with a spare
+    settings.LOG_TRIAGE_TT_PROBE = "first"
+    settings.UPLOADS_DIR = tmp_path / "uploads-1"
+    OrchestratorService.execute(launch("tt_settings", record))
+    settings.LOG_TRIAGE_TT_PROBE = "second"
+    OrchestratorService.execute(launch("tt_settings", record))
+    del settings.LOG_TRIAGE_TT_PROBE
+    settings.UPLOADS_DIR = own_uploads
+    OrchestratorService.execute(launch("tt_settings", record))
+
+    seen = lines(record)
+    assert [(line["LOG_TRIAGE_TT_PROBE"], line["UPLOADS_DIR"]) for line in seen] == [
+        (None, own_uploads),
+        (None, own_uploads),
+        ("first", str(tmp_path / "uploads-1")),
+        ("first", str(tmp_path / "uploads-1")),
+        ("second", str(tmp_path / "uploads-1")),
+        ("second", str(tmp_path / "uploads-1")),
+        (None, own_uploads),
+        (None, own_uploads),
+    ]
+    assert {line["database"] for line in seen} == {connection.settings_dict["NAME"]}  # the test database
+    assert len({line["pid"] for line in seen}) == len(seen)
 
 
 def test_task_groups__labelled_for_proc_readers_while_running(jobs, tmp_path):
