@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -323,6 +324,10 @@ class _BeatLoop:
         self._due: dict[Heartbeat, float] = {}
         self._current: Heartbeat | None = None
         self._pid = 0
+        # Until when the thread sleeps (infinity: until woken), or -infinity while it is not asleep and
+        # will look at `_due` again anyway: an addition due later than that needs no wake-up, which is
+        # the rule for back-to-back runs (each due a quarter lease ahead), two thread switches per run.
+        self._asleep_until = -math.inf
 
     def add(self, heartbeat: Heartbeat, delay: float) -> None:
         with self._cond:
@@ -330,9 +335,12 @@ class _BeatLoop:
                 self._pid = os.getpid()
                 self._due = {}
                 self._current = None
+                self._asleep_until = -math.inf
                 threading.Thread(target=self._run, name=self.name, daemon=True).start()
-            self._due[heartbeat] = time.monotonic() + delay
-            self._cond.notify_all()
+            at = time.monotonic() + delay
+            self._due[heartbeat] = at
+            if at < self._asleep_until:
+                self._cond.notify_all()
 
     def remove(self, heartbeat: Heartbeat) -> None:
         # No wake-up for the schedule: the thread finds the entry gone when its time comes.
@@ -353,15 +361,22 @@ class _BeatLoop:
                     finally:
                         self._cond.acquire()
                     if not self._due:
-                        self._cond.wait()
+                        self._sleep(math.inf)
                     continue
                 heartbeat, at = min(self._due.items(), key=lambda item: item[1])
-                wait = at - time.monotonic()
-                if wait <= 0:
+                if at <= time.monotonic():
                     del self._due[heartbeat]
                     self._current = heartbeat
                     return heartbeat
-                self._cond.wait(wait)
+                self._sleep(at)
+
+    def _sleep(self, until: float) -> None:
+        """Wait (holding the condition) until `until` on the monotonic clock, or a wake-up."""
+        self._asleep_until = until
+        try:
+            self._cond.wait(None if until == math.inf else max(until - time.monotonic(), 0.0))
+        finally:
+            self._asleep_until = -math.inf
 
     def _run(self) -> None:
         while True:
