@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -329,7 +329,8 @@ def run_task_in_child(
     result_path = os.path.join(ctx.work_dir, f"task{index}.out.json")
     payload = {
         "task_ref": task.ref,
-        "context": asdict(ctx),
+        # Its fields as they are (JSON copies them anyway): asdict() would deep-copy the earlier results.
+        "context": {f.name: getattr(ctx, f.name) for f in fields(ctx)},
         "result_path": result_path,
         "parent_pid": os.getpid(),
         "memory_limit_mb": memory_limit_mb,
