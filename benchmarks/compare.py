@@ -3,6 +3,12 @@
     .venv/bin/python -m benchmarks.compare              # the full run (about 15 minutes here)
     .venv/bin/python -m benchmarks.compare --quick      # 1,000 schedules only, for a smoke check
     .venv/bin/python -m benchmarks.compare --skip-e2e   # dispatch only (the execution figures take longest)
+    .venv/bin/python -m benchmarks.compare --only mix,before-after,size   # issue 30's figures only
+
+Issue 30's figures follow: the realistic mix (benchmarks/mix.py, about 50 minutes at full size), no-op
+runs before and after against `--baseline-rev` (benchmarks/before_after.py) and the run path's size
+(benchmarks/size.py). `--quick` scales the mix down to 40 + 20 schedules over 30 s of 1 to 5 s sleeps
+and the no-op runs to 200.
 
 Prints Markdown tables (docs/BENCHMARKS.md holds the last run's) and writes every figure as JSON to
 `.run/bench/` for later reading. Each side has its own database; both publish to the same Redis.
@@ -19,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import before_after, e2e, mix, size
 from benchmarks import celery_beat_baseline as dcb
-from benchmarks import e2e
 from benchmarks.common import PYTHON, ROOT
 
 
@@ -49,6 +55,34 @@ def _e2e(quick: bool, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def _mix(quick: bool, out: Path) -> dict:
+    scale = ["--schedules", "40", "--window", "30", "--burst", "20", "--max-sleep", "5"] if quick else []
+    subprocess.run(
+        [PYTHON, "-m", "benchmarks.mix", *scale, "--json", str(out), "--no-report"], cwd=ROOT, check=True
+    )
+    return json.loads(out.read_text())
+
+
+def _before_after(quick: bool, rev: str, out: Path) -> dict:
+    runs = "200" if quick else "1000"
+    subprocess.run(
+        [PYTHON, "-m", "benchmarks.before_after", "--baseline-rev", rev, "--noop-runs", runs, "--json", str(out)],
+        cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def _size(rev: str, out: Path) -> dict:
+    subprocess.run(
+        [PYTHON, "-m", "benchmarks.size", "--rev", rev, "--json", str(out)],
+        cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    return json.loads(out.read_text())
+
+
+PARTS = ("dispatch", "e2e", "mix", "before-after", "size")
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     if not a or not b:
         return "n/a"
@@ -63,20 +97,8 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
-    parser.add_argument("--skip-e2e", action="store_true", help="leave out the execution figures")
-    args = parser.parse_args(argv)
-    sizes = [1000] if args.quick else [1000, 10000]
-    idle = [1000] if args.quick else [1000, 10000, 100000]
-    out_dir = ROOT / ".run" / "bench"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-
+def _dispatch(args: argparse.Namespace, sizes: list[int], idle: list[int], out_dir: Path) -> None:
+    """The dispatch and idle-tick figures, ours and django-celery-beat's, and the raw limits."""
     ours = _ours(",".join(map(str, sizes)), ",".join(map(str, idle)), args.redis_url, out_dir / "ours.json")
     theirs = []
     dcb.prepare(args.redis_url)
@@ -85,13 +107,10 @@ def main(argv: list[str] | None = None) -> None:
             theirs.append(dcb.run_dispatch(n, instances, args.redis_url))
     theirs_idle = [dcb.run_idle(n, args.redis_url) for n in idle]
     raw = _raw(args.redis_url, runs=10 if args.quick else 20)
-    execution = None if args.skip_e2e else _e2e(args.quick, out_dir / "e2e.json")
     (out_dir / "theirs.json").write_text(json.dumps(theirs + theirs_idle, indent=2))
     (out_dir / "raw.json").write_text(json.dumps(raw, indent=2))
 
     publish = next(r for r in raw if r.get("limit") == "celery publish")
-    print(f"\n## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} on {platform.node()}")
-    print(f"python {platform.python_version()}, {platform.machine()}, wall {time.time() - started:.0f} s\n")
     print("### Dispatch: N schedules due at the same instant\n")
     print("| N | instances | scheduler | all published (s) | lag p50 (s) | lag p99 (s) | CPU (s) | peak RSS (MB) "
           "| statements/slot | duplicates |")  # fmt: skip
@@ -152,9 +171,53 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"| idle RSS {max(idle)} / {min(idle)} (ours) | {_ratio(hi['peak_rss_mb'], lo['peak_rss_mb'])} |"
         )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
+    parser.add_argument("--skip-e2e", action="store_true", help="leave out the execution figures")
+    parser.add_argument(
+        "--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}"
+    )
+    parser.add_argument(
+        "--baseline-rev", default=before_after.BASELINE_REV, help="the commit before issue 30 (no-op, size)"
+    )
+    args = parser.parse_args(argv)
+    parts = {x.strip() for x in args.only.split(",") if x.strip()}
+    if parts - set(PARTS):
+        parser.error(f"unknown parts: {', '.join(sorted(parts - set(PARTS)))}")
+    if args.skip_e2e:
+        parts.discard("e2e")
+    sizes = [1000] if args.quick else [1000, 10000]
+    idle = [1000] if args.quick else [1000, 10000, 100000]
+    out_dir = ROOT / ".run" / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    print(f"\n## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} on {platform.node()}")
+    print(f"python {platform.python_version()}, {platform.machine()}\n", flush=True)
+    if "dispatch" in parts:
+        _dispatch(args, sizes, idle, out_dir)
+    execution = _e2e(args.quick, out_dir / "e2e.json") if "e2e" in parts else None
     if execution is not None:
         print()
-        print(e2e.report(execution))
+        print(e2e.report(execution), flush=True)
+    if "mix" in parts:
+        print()
+        print(mix.report(_mix(args.quick, out_dir / "mix.json")), flush=True)
+    if "before-after" in parts:
+        result = _before_after(args.quick, args.baseline_rev, out_dir / "before_after.json")
+        print()
+        print(before_after.report(result["before"], result["now"], result["baseline_rev"]), flush=True)
+    if "size" in parts:
+        result = _size(args.baseline_rev, out_dir / "size.json")
+        print()
+        print(size.report(result["size"], result["private_names"]), flush=True)
+    print(f"\nwall {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

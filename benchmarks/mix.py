@@ -12,6 +12,8 @@ T0 is `--lead` seconds after the plan is written, by the database clock. Both si
   interval schedule (one slot in the run: a day apart) whose directive is its sleep, `overlap_policy =
   allow`, and `max_per_job = --per-job-cap` (default workers x C: every run takes and gives back the
   per-job cap without the cap reshaping the mix; a lower value makes runs wait for it).
+- both: first `--warm` runs of 1 s (default 2 x processes), so that the figures are a running system's,
+  not each pool process's first run (its first fork, its first database connection);
 - theirs: django-celery-beat 2.9's DatabaseScheduler (`celery beat`, `--max-interval 1`) with one
   one-off `ClockedSchedule` PeriodicTask per schedule at the same offsets from its own T0, sending
   `bench.sleep(seconds, i)` (benchmarks/sleep_celery.py) to `--workers` x `celery worker -c C`; results
@@ -226,7 +228,7 @@ class Mix:
 
             warm = Schedule.objects.create(
                 name="warm-mix", job=Job.objects.get(key="sleep"), schedule_type="interval",
-                interval_minutes=1440, custom_directive_text="0", enabled=False, overlap_policy="allow",
+                interval_minutes=1440, custom_directive_text="1", enabled=False, overlap_policy="allow",
             )  # fmt: skip
             roots = {
                 "scheduler": self.procs.start(
@@ -244,16 +246,21 @@ class Mix:
                 ).pid  # fmt: skip
             if not _ping(self.args.workers, timeout=300):
                 raise RuntimeError(f"our workers did not answer a ping in 300 s (logs: {self.work})")
-            first = run_now(warm)
+            # Warm-up: runs of 1 s, several per pool process, so that the figures are a running system's
+            # and not the first run of each process (its first fork, its first connection).
+            warm_ids = [run_now(warm).pk for _ in range(self.args.warm)]
             if not _wait_for(
                 lambda: (
-                    pg.q("SELECT status FROM schedules_scheduledrun WHERE id = %s", [first.pk])[0][0]
-                    in OURS_TERMINAL
+                    pg.q(
+                        "SELECT count(*) FROM schedules_scheduledrun WHERE id = ANY(%s) AND status IN %s",
+                        [warm_ids, OURS_TERMINAL],
+                    )[0][0]
+                    >= len(warm_ids)
                 ),
                 timeout=300,
                 period=0.2,
             ):
-                raise RuntimeError(f"our warm-up run did not finish in 300 s (logs: {self.work})")
+                raise RuntimeError(f"our warm-up runs did not finish in 300 s (logs: {self.work})")
             listening = _wait_for(
                 lambda: (
                     pg.q(
@@ -352,18 +359,19 @@ class Mix:
                 raise RuntimeError(f"Celery workers did not answer a ping in 300 s (logs: {self.work})")
             from project.celery import app
 
-            app.send_task("bench.sleep", args=[0, -1], queue="bench.mix")
+            for _ in range(self.args.warm):  # as for ours
+                app.send_task("bench.sleep", args=[1, -1], queue="bench.mix")
             if not _wait_for(
                 lambda: (
                     pg.q("SELECT count(*) FROM django_celery_results_taskresult WHERE status = 'SUCCESS'")[0][
                         0
                     ]
-                    >= 1
+                    >= self.args.warm
                 ),
                 timeout=300,
                 period=0.2,
             ):
-                raise RuntimeError(f"the Celery warm-up task did not finish in 300 s (logs: {self.work})")
+                raise RuntimeError(f"the Celery warm-up tasks did not finish in 300 s (logs: {self.work})")
             pg.q("DELETE FROM django_celery_results_taskresult")
             time.sleep(2)  # beat has had a tick on the empty table
 
@@ -526,6 +534,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4, help="processes per worker")
     parser.add_argument("--per-job-cap", type=int, help="ours: max_per_job (default workers x concurrency)")
+    parser.add_argument("--warm", type=int, help="warm-up runs of 1 s per side (default 2 x processes)")
     parser.add_argument("--lead", type=float, default=10.0, help="seconds from writing the plan to T0")
     parser.add_argument("--deadline", type=float, help="seconds per side (default 2 x ideal + 300)")
     parser.add_argument("--only", default="ours,theirs", help="ours, theirs or both")
@@ -540,6 +549,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.burst_at is None:
         args.burst_at = args.window / 2
+    if args.warm is None:
+        args.warm = 2 * args.workers * args.concurrency
+    args.warm = max(1, args.warm)
     if args.per_job_cap is None:
         args.per_job_cap = args.workers * args.concurrency
     if not 0 < args.min_sleep <= args.max_sleep:
