@@ -68,12 +68,14 @@ def test_run_start__takes_a_run_once(schedule):
     runstate.run_mark_throttled(scheduled.run_id, scheduled.pk, "waiting: per-job cap 2/2 for sleep")
     scheduled.refresh_from_db()
     assert (scheduled.status, scheduled.error_summary) == ("throttled", "waiting: per-job cap 2/2 for sleep")
+    assert Run.objects.get(pk=scheduled.run_id).waiting_since is not None
 
     assert runstate.run_start(scheduled.run_id, scheduled.pk, worker="w@h:1", lease_seq=1) == 1
     assert runstate.run_start(scheduled.run_id, scheduled.pk, worker="w@h:2", lease_seq=1) is None
     scheduled.refresh_from_db()
     run = Run.objects.get(pk=scheduled.run_id)
     assert (run.status, run.attempt, run.worker, run.error_summary) == ("running", 1, "w@h:1", "")
+    assert run.waiting_since is None, "a started run no longer waits"
     assert (scheduled.status, scheduled.worker) == ("running", "w@h:1")
     assert scheduled.started_at is not None
 
@@ -267,7 +269,11 @@ def test_run_mark_throttled__writes_once_per_wait(schedule):
     runstate.run_mark_throttled(scheduled.run_id, scheduled.pk, "waiting: global cap 3/3")
     run = Run.objects.get(pk=scheduled.run_id)
     scheduled.refresh_from_db()
-    assert (run.error_summary, run.published_at) == ("waiting: per-job cap 2/2 for sleep", first)
+    assert (run.error_summary, run.published_at, run.waiting_since) == (
+        "waiting: per-job cap 2/2 for sleep",
+        first,
+        first,
+    )
     assert (scheduled.status, scheduled.error_summary) == ("throttled", "waiting: per-job cap 2/2 for sleep")
 
 
