@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 
 from django.conf import settings
 from django.db import connection, transaction
+from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from project.background import BackgroundQueue
 
@@ -292,6 +293,10 @@ def _host(url: str) -> str:
     return urlparse(url).hostname or "?"
 
 
+class WebhooksPending(Exception):
+    """Some of a notification's webhooks did not take it yet."""
+
+
 class Sender(BackgroundQueue[Notification]):
     """One background thread per process delivering claimed notifications, each with retries."""
 
@@ -313,35 +318,49 @@ class Sender(BackgroundQueue[Notification]):
         alert = Alert.objects.select_related("schedule", "schedule__job").get(pk=notification.alert_id)
         body = payload_for(alert, notification.transition)
         pending = targets_for(alert.schedule)
-        delay = float(settings.ALERT_RETRY_BASE_SECONDS)
-        for attempt in range(1, self.attempts + 1):
-            failed = []
-            for url in pending:
-                try:
-                    post_json(url, body)
-                except Exception as exc:
-                    failed.append(url)
-                    logger.warning(
-                        "alert webhook failed",
-                        extra={
-                            "alert_id": alert.pk,
-                            "host": _host(url),
-                            "attempt": attempt,
-                            "error": type(exc).__name__,
-                        },
-                    )
-            pending = failed
-            if not pending:
-                logger.info(
-                    "alert notified",
-                    extra={"alert_id": alert.pk, "kind": alert.kind, "transition": notification.transition},
+        retrying = Retrying(
+            retry=retry_if_exception_type(WebhooksPending),
+            stop=stop_after_attempt(self.attempts),
+            wait=wait_exponential(
+                multiplier=float(settings.ALERT_RETRY_BASE_SECONDS),
+                max=float(settings.ALERT_RETRY_MAX_SECONDS),
+            ),
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    number = attempt.retry_state.attempt_number
+                    pending = self.post_to(pending, body, alert_id=alert.pk, attempt=number)
+                    if pending:
+                        raise WebhooksPending
+        except RetryError:
+            self.give_back(notification)
+            logger.warning("alert notification given up for now", extra={"alert_id": alert.pk})
+            return
+        logger.info(
+            "alert notified",
+            extra={"alert_id": alert.pk, "kind": alert.kind, "transition": notification.transition},
+        )
+
+    @staticmethod
+    def post_to(urls: list[str], body: dict, *, alert_id: int, attempt: int) -> list[str]:
+        """POST `body` to each of `urls`; the ones that failed."""
+        failed = []
+        for url in urls:
+            try:
+                post_json(url, body)
+            except Exception as exc:
+                failed.append(url)
+                logger.warning(
+                    "alert webhook failed",
+                    extra={
+                        "alert_id": alert_id,
+                        "host": _host(url),
+                        "attempt": attempt,
+                        "error": type(exc).__name__,
+                    },
                 )
-                return
-            if attempt < self.attempts:
-                time.sleep(delay)
-                delay = min(delay * 2, float(settings.ALERT_RETRY_MAX_SECONDS))
-        self.give_back(notification)
-        logger.warning("alert notification given up for now", extra={"alert_id": alert.pk})
+        return failed
 
     @staticmethod
     def give_back(notification: Notification) -> None:

@@ -71,7 +71,7 @@ WAITING_SQL = """
 SELECT j.key, count(r.id)
   FROM orchestrator_job j
   LEFT JOIN orchestrator_run r
-    ON r.job_id = j.id AND r.status = 'queued' AND r.error_summary LIKE 'waiting:%%'
+    ON r.job_id = j.id AND r.status = 'queued' AND r.waiting_since IS NOT NULL
  GROUP BY 1
 """
 SKIP_REASONS = ("missed", "overlap_skip", "overlap_buffer", "job_disabled", "other")

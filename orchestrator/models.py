@@ -118,6 +118,9 @@ class Run(models.Model):
     # among running runs shows whether Redis came back behind the database and must be rebuilt.
     lease_seq = models.BigIntegerField(null=True, blank=True)
     published_at = models.DateTimeField(null=True, blank=True)
+    # Set when the run found a concurrency cap full and waits for a slot (its status stays `queued`, the
+    # reason is in error_summary; its ScheduledRun is `throttled`); cleared when it starts.
+    waiting_since = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]

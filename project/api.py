@@ -13,6 +13,7 @@ from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.views import defaults
 from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
+from drf_spectacular.plumbing import force_instance
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.exceptions import APIException, ParseError, ValidationError
@@ -131,34 +132,42 @@ class AutoSchema(SpectacularAutoSchema):
     drf-spectacular documents only the success code. A client (and the schemathesis fuzz test) must
     know the rest: 400 where there is input to validate, 401/403 behind authentication, 404 where a
     path names a row or a page is past the end, 413/415 where there is a body, 503 when the
-    database is down (project.api.exception_handler).
+    database is down (project.api.exception_handler). Added to the operation drf-spectacular builds,
+    through its public methods only.
     """
 
-    def _get_response_bodies(self, direction: Any = "response") -> dict[str, Any]:
-        responses = super()._get_response_bodies(direction)
-        for code, (description, body) in self._error_responses().items():
-            if code not in responses:
-                response = OpenApiResponse(response=body, description=description)
-                responses[code] = self._get_response_for_code(response, code, direction=direction)
-        return responses
+    def get_operation(self, path, path_regex, path_prefix, method, registry):
+        operation = super().get_operation(path, path_regex, path_prefix, method, registry)
+        if operation is None:
+            return None
+        media_types = self.map_renderers("media_type")
+        for code, (description, body) in self.error_responses(operation).items():
+            if isinstance(body, type) and issubclass(body, serializers.Serializer):
+                body = self.resolve_serializer(body, "response").ref
+            operation["responses"].setdefault(
+                code,
+                {"content": {media: {"schema": body} for media in media_types}, "description": description},
+            )
+        return operation
 
-    def _map_serializer(self, serializer: Any, direction: Any, bypass_extensions: bool = False) -> Any:
-        schema = super()._map_serializer(serializer, direction, bypass_extensions)
+    def resolve_serializer(self, serializer, direction, bypass_extensions=False):
+        component = super().resolve_serializer(serializer, direction, bypass_extensions)
         # StrictFieldsMixin refuses keys it does not know (a 400 naming them): say so in the schema.
-        if direction == "request" and isinstance(serializer, StrictFieldsMixin):
-            schema["additionalProperties"] = False
-        return schema
+        if component and direction == "request" and isinstance(force_instance(serializer), StrictFieldsMixin):
+            component.schema["additionalProperties"] = False
+        return component
 
-    def _error_responses(self) -> dict[str, tuple[str, Any]]:
+    def error_responses(self, operation: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+        """The error codes `operation` can answer with: {code: (description, body schema or serializer)}."""
         errors: dict[str, tuple[str, Any]] = {}
         has_body = self.method in ("POST", "PUT", "PATCH")
-        has_query = any(p.get("in") == "query" for p in self._get_parameters())
-        if has_body or has_query:
+        query = {p["name"] for p in operation.get("parameters", []) if p.get("in") == "query"}
+        if has_body or query:
             errors["400"] = ("Invalid input; each key names a field.", VALIDATION_ERROR_SCHEMA)
         if not all(isinstance(p, AllowAny) for p in self.view.get_permissions()):
             errors["401"] = ("No or invalid credentials.", ErrorDetailSerializer)
             errors["403"] = ("Authenticated, but not allowed.", ErrorDetailSerializer)
-        if "{" in self.path or self._is_list_view():
+        if "{" in self.path or Pagination.page_query_param in query:
             errors["404"] = ("No such object, or a page past the last one.", ErrorDetailSerializer)
         if has_body and self.get_request_serializer() is not None:
             errors["413"] = ("Request body too large.", ErrorDetailSerializer)

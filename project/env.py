@@ -6,7 +6,8 @@ Kept apart from settings.py so they can be unit-tested without importing Django'
 from __future__ import annotations
 
 import os
-from urllib.parse import parse_qs, unquote, urlparse
+
+import dj_database_url
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -50,20 +51,18 @@ def env_list(name: str, default: list[str]) -> list[str]:
 
 
 def database_from_url(url: str) -> dict:
-    """Translate `postgres://user:pass@host:port/name?opt=v` into a Django DATABASES entry."""
-    parsed = urlparse(url)
-    if parsed.scheme not in {"postgres", "postgresql", "pgsql"}:
-        raise ConfigError(f"DATABASE_URL must be a postgres:// URL, got scheme {parsed.scheme!r}")
-    options = {key: values[-1] for key, values in parse_qs(parsed.query).items()}
-    return {
-        "ENGINE": "django.db.backends.postgresql",
-        "NAME": unquote(parsed.path.lstrip("/")) or "postgres",
-        "USER": unquote(parsed.username or ""),
-        "PASSWORD": unquote(parsed.password or ""),
-        "HOST": parsed.hostname or "",
-        "PORT": str(parsed.port or ""),
-        "OPTIONS": options,
-    }
+    """A Django DATABASES entry for `postgres://user:pass@host:port/name?opt=v` (dj-database-url; the
+    query string becomes OPTIONS). Only PostgreSQL: the claims and leases are its SQL."""
+    try:
+        db = dj_database_url.parse(url)
+    except ValueError as exc:  # an unknown scheme
+        raise ConfigError(f"DATABASE_URL must be a postgres:// URL: {exc}") from exc
+    if db["ENGINE"] != "django.db.backends.postgresql":
+        scheme = url.partition(":")[0]
+        raise ConfigError(f"DATABASE_URL must be a postgres:// URL, got scheme {scheme!r}")
+    db["NAME"] = db["NAME"] or "postgres"
+    db.setdefault("OPTIONS", {})
+    return db
 
 
 def database_from_parts() -> dict:

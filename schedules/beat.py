@@ -436,7 +436,7 @@ class DatabaseScheduler(Scheduler):
             # A bug or an unexpected server error must not kill the loop: claims expire by themselves
             # and the next pass starts clean.
             logger.exception("scheduler pass failed", extra={"claimant": self.claimant})
-            self._backoff = min(MAX_BACKOFF, max(1.0, self._backoff * 2))
+            self._back_off()
             return min(self._backoff, self.interval)
         self._backoff = 0.0
         # Wake for the next reap too: the reaper's period bounds how late a dead worker's run ends.
@@ -482,6 +482,12 @@ class DatabaseScheduler(Scheduler):
         released = release_claims(claimant=self.claimant, schedule_ids=schedule_ids)
         logger.info("claims released", extra={"claimant": self.claimant, "count": len(released)})
 
+    def _back_off(self) -> None:
+        """One more failed pass in a row: the wait doubles (1 s, 2 s, 4 s ... MAX_BACKOFF). It spans
+        passes (Celery beat calls the loop once a tick), so it is this state, not a retry loop; a pass
+        that succeeds sets it back to 0."""
+        self._backoff = min(MAX_BACKOFF, max(1.0, self._backoff * 2))
+
     def _database_unreachable(self, exc: Exception) -> float:
         from django.db import connection
 
@@ -493,7 +499,7 @@ class DatabaseScheduler(Scheduler):
             pass
         if self._listener is not None:
             self._listener.close_connection()
-        self._backoff = min(MAX_BACKOFF, max(1.0, self._backoff * 2))
+        self._back_off()
         logger.warning(
             "database unreachable; backing off",
             extra={"claimant": self.claimant, "error": type(exc).__name__, "retry_in": self._backoff},
@@ -504,7 +510,7 @@ class DatabaseScheduler(Scheduler):
         # A statement hit this process's lock_timeout or statement_timeout: the database is there but
         # something holds what the pass needs. Whatever the pass did not commit is rolled back and
         # claims we hold expire by themselves, as for an outage; the connection is fine to reuse.
-        self._backoff = min(MAX_BACKOFF, max(1.0, self._backoff * 2))
+        self._back_off()
         logger.warning(
             "database statement timed out; backing off",
             extra={

@@ -232,7 +232,7 @@ SELECT r.id, r.task_id, j.key, j.queue, r.published_at
    AND NOT EXISTS (SELECT 1 FROM schedules_scheduledrun sr WHERE sr.run_id = r.id)
    -- A run waiting for a slot (parked in Redis, its message acknowledged) is not a lost message: the
    -- worker's release wakes it, and worker/reaper.py re-publishes one nothing will wake.
-   AND r.error_summary NOT LIKE 'waiting:%%'
+   AND r.waiting_since IS NULL
  ORDER BY r.id
  LIMIT %(limit)s
 """

@@ -34,19 +34,18 @@ logger = logging.getLogger(__name__)
 ERROR_SUMMARY_MAX = 500
 LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout
 WORKER_LOST = "worker lost"
-THROTTLED_PREFIX = "waiting:"  # every throttle reason starts so (worker/semaphore.py, Grant.reason)
 _WAITING = (ScheduledRunStatus.QUEUED, ScheduledRunStatus.THROTTLED)
 
 
 def run_mark_throttled(run_id: int, scheduled_run_id: int | None, reason: str) -> None:
     """Record that the run waits, and why: once, on the transition (a run woken that must wait again
     writes nothing), so a wait costs O(1) writes however long it lasts. The Run stays `queued` (its
-    start gate) with the reason; its mirror goes `throttled`."""
+    start gate) with `waiting_since` set and the reason; its mirror goes `throttled`."""
     reason = reason[:ERROR_SUMMARY_MAX]
     with transaction.atomic():
-        Run.objects.filter(pk=run_id, status=RunStatus.QUEUED).exclude(
-            error_summary__startswith=THROTTLED_PREFIX
-        ).update(error_summary=reason, published_at=Now())
+        Run.objects.filter(pk=run_id, status=RunStatus.QUEUED, waiting_since__isnull=True).update(
+            error_summary=reason, published_at=Now(), waiting_since=Now()
+        )
         if scheduled_run_id is not None:
             ScheduledRun.objects.filter(pk=scheduled_run_id, status=ScheduledRunStatus.QUEUED).update(
                 status=ScheduledRunStatus.THROTTLED, error_summary=reason, published_at=Now()
@@ -61,7 +60,8 @@ _START_SQL = """
 WITH r AS (
     UPDATE orchestrator_run
        SET status = 'running', attempt = attempt + 1, started_at = now(), heartbeat_at = now(),
-           finished_at = NULL, worker = %(worker)s, error_summary = '', lease_seq = %(seq)s
+           finished_at = NULL, worker = %(worker)s, error_summary = '', lease_seq = %(seq)s,
+           waiting_since = NULL
      WHERE id = %(run)s AND status = 'queued'
        AND (%(attempt)s::int IS NULL OR attempt = %(attempt)s::int)
        AND (%(sr)s::bigint IS NULL OR EXISTS (

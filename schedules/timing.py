@@ -33,7 +33,11 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from cron_descriptor import FormatException as CronFormatError
+from cron_descriptor import MissingFieldException as CronMissingFieldError
+from cron_descriptor import WrongArgumentException as CronArgumentError
+from cron_descriptor import get_description as get_cron_description
+from croniter import CroniterError, croniter
 
 # No real zone moves its clock by more than two hours; a window of three hours around a naive time
 # holds every instant that could share or swap order with it.
@@ -523,10 +527,28 @@ def validate_cron_expr(expr: str) -> None:
         raise ValueError(f"cron expression {expr!r} never fires") from exc
 
 
+def _unhashed(expr: str, key: str) -> str:
+    """`expr` with each `H` field replaced by the values it hashes to for `key` (what the schedule
+    keeps), written as plain cron: one value, a stepped range, or a list."""
+    fields = expr.split()
+    expanded = croniter.expand(expr, hash_id=key.encode() or b"-")[0]
+    for index, field in enumerate(fields):
+        if "h" in field.lower():
+            values = sorted(expanded[index])
+            steps = {b - a for a, b in itertools.pairwise(values)}
+            if len(values) > 2 and len(steps) == 1:
+                fields[index] = f"{values[0]}-{values[-1]}/{steps.pop()}"
+            else:
+                fields[index] = ",".join(str(v) for v in values)
+    return " ".join(fields)
+
+
 def describe(spec: ScheduleSpec) -> str:
-    """Human-readable timing for the admin: 'every 10 minutes', 'every 2 hours', 'At 02:00 AM, Europe/London',
-    'At 02:30 AM, Monday through Friday, America/New_York', 'Every 15 minutes, UTC'. Crons this does not
-    phrase are shown as written, e.g. 'cron 5,35 1-3 * * * (UTC)'."""
+    """Human-readable timing for the API, admin and dashboard: 'every 10 minutes', 'every 2 hours',
+    'At 02:00 AM, Europe/London', 'At 02:30 AM, Monday through Friday, America/New_York'. Crons are
+    phrased by cron-descriptor, `H` fields as the values they hash to; a cron it cannot phrase, or one
+    restricting both day fields (cron fires on either, cron-descriptor's phrase reads as both), is shown
+    as written: 'cron 0 0 1 * 1 (UTC)'."""
     if spec.schedule_type == "interval":
         n = spec.interval_minutes or 0
         for unit, size in (("day", 1440), ("hour", 60), ("minute", 1)):
@@ -535,71 +557,15 @@ def describe(spec: ScheduleSpec) -> str:
                 return f"every {unit}" if count == 1 else f"every {count} {unit}s"
         return f"every {n} minutes"
 
-    days = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-    months = ["", "January", "February", "March", "April", "May", "June", "July", "August", "September",
-              "October", "November", "December"]  # fmt: skip
     fallback = f"cron {spec.cron_expr} ({spec.timezone})"
-    fields = expand_cron(spec.cron_expr).split()
-    if len(fields) != 5:
+    expr = expand_cron(spec.cron_expr)
+    fields = expr.split()
+    if len(fields) != 5 or (fields[2] != "*" and fields[4] != "*"):
         return fallback
-    minute, hour, dom, month, dow = fields
-
-    def number(field: str, top: int) -> int | None:
-        return int(field) if field.isdigit() and int(field) <= top else None
-
-    def day_name(field: str) -> str | None:
-        if field.isdigit() and int(field) <= 7:
-            return days[int(field)]
-        matches = [d for d in days if d[:3].lower() == field.lower()]
-        return matches[0] if matches else None
-
-    # When in the day.
-    if minute == "*" and hour == "*":
-        when = "Every minute"
-    elif minute.startswith("*/") and minute[2:].isdigit() and hour == "*":
-        when = f"Every {int(minute[2:])} minutes"
-    elif number(minute, 59) is not None and hour == "*":
-        when = f"At {int(minute)} minutes past every hour"
-    elif number(minute, 59) is not None and number(hour, 23) is not None:
-        h, m = int(hour), int(minute)
-        when = f"At {(h % 12) or 12:02d}:{m:02d} {'AM' if h < 12 else 'PM'}"
-    else:
+    try:
+        if _hashed(expr):
+            expr = _unhashed(expr, spec.key)
+        text = get_cron_description(expr)
+    except (CronFormatError, CronMissingFieldError, CronArgumentError, CroniterError):
         return fallback
-
-    # Which days. With both day fields set, cron fires when either matches: too subtle for one phrase.
-    if dom != "*" and dow != "*":
-        return fallback
-    parts = [when]
-    ordinals = {"1": "first", "2": "second", "3": "third", "4": "fourth", "5": "fifth"}
-    if dow != "*" and "#" in dow:
-        weekday, _, nth = dow.partition("#")
-        if day_name(weekday) is None or nth not in ordinals:
-            return fallback
-        parts.append(f"on the {ordinals[nth]} {day_name(weekday)} of the month")
-    elif dow != "*" and dow[:1].upper() == "L":
-        if day_name(dow[1:]) is None:
-            return fallback
-        parts.append(f"on the last {day_name(dow[1:])} of the month")
-    elif dow != "*":
-        if "-" in dow and len(dow.split("-")) == 2:
-            first, last = (day_name(d) for d in dow.split("-"))
-            if first is None or last is None:
-                return fallback
-            parts.append(f"{first} through {last}")
-        else:
-            names = [day_name(d) for d in dow.split(",")]
-            if None in names:
-                return fallback
-            parts.append("only on " + ", ".join(names))  # type: ignore[arg-type]
-    if dom.upper() == "L":
-        parts.append("on the last day of the month")
-    elif dom != "*":
-        if number(dom, 31) is None:
-            return fallback
-        parts.append(f"on day {int(dom)} of the month")
-    if month != "*":
-        if number(month, 12) is None or int(month) == 0:
-            return fallback
-        parts.append(f"only in {months[int(month)]}")
-    parts.append(spec.timezone)
-    return ", ".join(parts)
+    return f"{text}, {spec.timezone}"

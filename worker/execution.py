@@ -31,6 +31,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connection
+from tenacity import RetryError, Retrying, retry_if_exception_type, stop_before_delay, wait_exponential
 
 from orchestrator.models import Job, Run, RunStatus
 from orchestrator.services import OrchestratorService, TaskFence
@@ -690,6 +691,13 @@ def _execute_started(
     return RunStatus.SUCCEEDED, "", stats if isinstance(stats, dict) else {}
 
 
+def _sleep_through_soft_limit(seconds: float) -> None:
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        pass  # the work is done; only the write is late
+
+
 def _settle(
     *,
     run_id: int,
@@ -719,38 +727,34 @@ def _settle(
         recorded = False
     # Without a copy in Redis the outcome exists only here: keep trying until the hard time limit.
     budget = float(settings.WORKER_FINISH_RETRY_SECONDS) if recorded else float("inf")
-    deadline = time.monotonic() + budget
-    delay = 0.5
-    while True:
-        try:
-            ended = runstate.run_finish(
-                run_id,
-                scheduled_run_id,
-                status=status,
-                error_summary=summary,
-                stats=stats,
-                attempt=attempt,
-                task_result=task_result,
-            )
-            break
-        except DATABASE_AWAY as exc:
-            connection.close()
-            if time.monotonic() + delay > deadline:
-                logger.warning(
-                    "database away; outcome left in Redis for the reapers",
-                    extra={"run_id": run_id, "status": status},
-                )
-                return None, False
-            logger.warning(
-                "finish write failed; retrying", extra={"run_id": run_id, "error": type(exc).__name__}
-            )
-            try:
-                time.sleep(delay)
-            except SoftTimeLimitExceeded:
-                pass  # the work is done; only the write is late
-            delay = min(delay * 2, 5.0)
-        except SoftTimeLimitExceeded:
-            continue
+    retrying = Retrying(
+        # The soft time limit can land in the statement: the work is done, only the write is late.
+        retry=retry_if_exception_type((*DATABASE_AWAY, SoftTimeLimitExceeded)),
+        wait=wait_exponential(multiplier=0.5, max=5.0),
+        stop=stop_before_delay(budget),
+        sleep=_sleep_through_soft_limit,
+        after=lambda _state: connection.close(),
+        before_sleep=lambda state: logger.warning(
+            "finish write failed; retrying",
+            extra={"run_id": run_id, "error": type(state.outcome.exception()).__name__},
+        ),
+    )
+    try:
+        ended = retrying(
+            runstate.run_finish,
+            run_id,
+            scheduled_run_id,
+            status=status,
+            error_summary=summary,
+            stats=stats,
+            attempt=attempt,
+            task_result=task_result,
+        )
+    except RetryError:
+        logger.warning(
+            "database away; outcome left in Redis for the reapers", extra={"run_id": run_id, "status": status}
+        )
+        return None, False
     if not ended and recorded:
         # A reaper may have written our own recorded outcome first (the database just came back).
         ended = Run.objects.filter(
@@ -779,24 +783,26 @@ class ParentWriter(BackgroundQueue):
 
     @staticmethod
     def _run(job) -> None:
-        delay = 0.5
-        deadline = time.monotonic() + float(settings.WORKER_PARENT_WRITE_RETRY_SECONDS)
-        while True:
-            try:
-                # This thread's own connection. Wait a little for a lock, then retry later: one row
-                # lock must not hold up the writes queued behind it. (Not a bare session SET: behind
-                # PgBouncer it would stay on a server connection other clients then borrow.)
-                set_connection_lock_timeout(connection, 2000)
-                job()
-                return
-            except Exception as exc:
-                connection.close()
-                if time.monotonic() + delay > deadline:
-                    logger.error("parent write abandoned", extra={"error": type(exc).__name__})
-                    return
-                logger.warning("parent write failed; retrying", extra={"error": type(exc).__name__})
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        def attempt() -> None:
+            # This thread's own connection. Wait a little for a lock, then retry later: one row lock
+            # must not hold up the writes queued behind it. (Not a bare session SET: behind PgBouncer
+            # it would stay on a server connection other clients then borrow.)
+            set_connection_lock_timeout(connection, 2000)
+            job()
+
+        retrying = Retrying(
+            wait=wait_exponential(multiplier=0.5, max=10.0),
+            stop=stop_before_delay(float(settings.WORKER_PARENT_WRITE_RETRY_SECONDS)),
+            after=lambda _state: connection.close(),
+            before_sleep=lambda state: logger.warning(
+                "parent write failed; retrying", extra={"error": type(state.outcome.exception()).__name__}
+            ),
+        )
+        try:
+            retrying(attempt)
+        except RetryError as exc:
+            error = type(exc.last_attempt.exception()).__name__
+            logger.error("parent write abandoned", extra={"error": error})
 
 
 parent_writer = ParentWriter()

@@ -90,7 +90,7 @@ def republish_waiting_runs(run_ids: list[int] | None = None) -> int:
 # the ones not parked are claimed by a conditional stamp, so concurrent instances never pick the same.
 _STALLED_SQL = """
 SELECT r.id FROM orchestrator_run r
- WHERE r.status = 'queued' AND r.error_summary LIKE 'waiting:%%'
+ WHERE r.status = 'queued' AND r.waiting_since IS NOT NULL
    AND r.published_at < now() - make_interval(secs => %(stale)s)
  ORDER BY r.id LIMIT %(limit)s
 """

@@ -273,7 +273,10 @@ def test_run_admin__is_view_only(staff):
             "At 12:00 AM, on day 1 of the month, only in January, UTC",
         ),
         (ScheduleSpec("cron", None, "0 0 1 * 1", "UTC"), "cron 0 0 1 * 1 (UTC)"),
-        (ScheduleSpec("cron", None, "5,35 1-3 * * *", "UTC"), "cron 5,35 1-3 * * * (UTC)"),
+        (
+            ScheduleSpec("cron", None, "5,35 1-3 * * *", "UTC"),
+            "At 5 and 35 minutes past the hour, between 01:00 AM and 03:59 AM, UTC",
+        ),
     ],
 )
 def test_describe__phrases_common_timings(spec, text):

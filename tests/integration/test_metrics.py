@@ -158,3 +158,24 @@ def test_schedule_names_are_escaped_in_the_labels_postgresql_renders(api, redis_
     found = families(scrape(api)[1])
     labels = [s.labels["schedule"] for s in found["cb_schedule_next_run_timestamp_seconds"].samples]
     assert name in labels
+
+
+@pytest.mark.django_db
+@override_settings(METRICS_MAX_AGE_SECONDS=0)
+def test_a_run_waiting_for_a_slot_counts_in_runs_waiting_until_it_starts(api, redis_client):
+    from orchestrator.models import Job
+    from orchestrator.services import OrchestratorService
+    from schedules import runstate
+
+    def waiting() -> float:
+        found = families(scrape(api)[1])
+        return next(s.value for s in found["cb_runs_waiting"].samples if s.labels["job"] == "sleep")
+
+    run = OrchestratorService.launch(
+        job=Job.objects.get(key="sleep"), trigger="manual", task3_scope="allowlist"
+    )
+    assert waiting() == 0
+    runstate.run_mark_throttled(run.pk, None, "waiting: global cap 1/1")
+    assert waiting() == 1
+    runstate.run_start(run.pk, None, worker="w@h:1", lease_seq=1)
+    assert waiting() == 0

@@ -68,12 +68,14 @@ def test_run_start__takes_a_run_once(schedule):
     runstate.run_mark_throttled(scheduled.run_id, scheduled.pk, "waiting: per-job cap 2/2 for sleep")
     scheduled.refresh_from_db()
     assert (scheduled.status, scheduled.error_summary) == ("throttled", "waiting: per-job cap 2/2 for sleep")
+    assert Run.objects.get(pk=scheduled.run_id).waiting_since is not None
 
     assert runstate.run_start(scheduled.run_id, scheduled.pk, worker="w@h:1", lease_seq=1) == 1
     assert runstate.run_start(scheduled.run_id, scheduled.pk, worker="w@h:2", lease_seq=1) is None
     scheduled.refresh_from_db()
     run = Run.objects.get(pk=scheduled.run_id)
     assert (run.status, run.attempt, run.worker, run.error_summary) == ("running", 1, "w@h:1", "")
+    assert run.waiting_since is None, "a started run no longer waits"
     assert (scheduled.status, scheduled.worker) == ("running", "w@h:1")
     assert scheduled.started_at is not None
 
@@ -267,7 +269,11 @@ def test_run_mark_throttled__writes_once_per_wait(schedule):
     runstate.run_mark_throttled(scheduled.run_id, scheduled.pk, "waiting: global cap 3/3")
     run = Run.objects.get(pk=scheduled.run_id)
     scheduled.refresh_from_db()
-    assert (run.error_summary, run.published_at) == ("waiting: per-job cap 2/2 for sleep", first)
+    assert (run.error_summary, run.published_at, run.waiting_since) == (
+        "waiting: per-job cap 2/2 for sleep",
+        first,
+        first,
+    )
     assert (scheduled.status, scheduled.error_summary) == ("throttled", "waiting: per-job cap 2/2 for sleep")
 
 
@@ -492,3 +498,49 @@ def test_load_delivery__prepared_once_per_connection_and_again_when_the_server_l
 
     settings.DB_TRANSACTION_POOLING = True  # the next transaction may be on another server connection
     assert verbs(scheduled.run_id, scheduled.pk) == ["SELECT"]
+
+
+def _flaky(failures: int, result=None):
+    """A callable that raises OperationalError `failures` times, then returns `result`; counts calls."""
+    from django.db import OperationalError
+
+    def call(*args, **kwargs):
+        call.calls += 1
+        if call.calls <= failures:
+            raise OperationalError("database away")
+        return result
+
+    call.calls = 0
+    return call
+
+
+@pytest.mark.django_db(transaction=True)  # each failed attempt closes the connection
+def test_parent_writer__retries_a_failed_write_then_gives_up_within_its_budget(settings, caplog):
+    settings.WORKER_PARENT_WRITE_RETRY_SECONDS = 2
+    job = _flaky(2)
+    execution.ParentWriter._run(job)
+    assert job.calls == 3, "two failures retried, the third attempt written"
+
+    never = _flaky(10**6)
+    started = time.monotonic()
+    execution.ParentWriter._run(never)
+    assert time.monotonic() - started < 2 + 1, "no sleep past the budget"
+    assert never.calls == 3, "sleeps of 0.5 s and 1 s; a third of 2 s would end past the budget"
+    assert "parent write abandoned" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_settle__retries_the_finish_while_the_database_is_away(settings, monkeypatch):
+    settings.WORKER_FINISH_RETRY_SECONDS = 2
+    monkeypatch.setattr(runleases, "outcome_record", lambda **kwargs: True)
+    finish = _flaky(2, result=True)
+    monkeypatch.setattr(runstate, "run_finish", finish)
+    common = dict(
+        run_id=1, scheduled_run_id=None, attempt=1, task_id="t", status="succeeded", summary="", stats=None
+    )
+    assert execution._settle(**common) == (True, True)
+    assert finish.calls == 3
+
+    # Recorded in Redis: after its budget the outcome is left to the reapers.
+    monkeypatch.setattr(runstate, "run_finish", _flaky(10**6))
+    assert execution._settle(**common) == (None, False)

@@ -163,6 +163,28 @@ def test_validate_timezone__refuses(name):
 def test_describe__reads_as_english():
     assert describe(ScheduleSpec("interval", 10)) == "every 10 minutes"
     assert describe(ScheduleSpec("interval", 1)) == "every minute"
+    assert describe(ScheduleSpec("cron", None, "@daily", "Asia/Tokyo")) == "At 12:00 AM, Asia/Tokyo"
+    assert describe(ScheduleSpec("cron", None, "0 9 * * 1#2", "UTC")) == (
+        "At 09:00 AM, on the second Monday of the month, UTC"
+    )
+
+
+def test_describe__says_the_times_an_h_field_hashes_to():
+    """`H` is this project's (and croniter's) notation: the description names the values the
+    schedule's key hashes to, the very times next_slot gives."""
+    spec = ScheduleSpec("cron", None, "H H * * *", "UTC", key="nightly-report")
+    first = next_slot(spec, after=datetime(2030, 1, 1, tzinfo=UTC))
+    assert describe(spec) == f"At {first.strftime('%I:%M %p')}, UTC"
+    stepped = ScheduleSpec("cron", None, "H/15 * * * *", "UTC", key="nightly-report")
+    minutes = sorted({slot.minute for slot in upcoming(stepped, after=datetime(2030, 1, 1, tzinfo=UTC), n=4)})
+    assert describe(stepped) == (
+        f"Every 15 minutes, minutes {minutes[0]} through {minutes[-1]} past the hour, UTC"
+    )
+
+
+def test_describe__shows_as_written_what_it_cannot_phrase():
+    # Both day fields restricted: cron fires on either (cron-descriptor's phrase would read as both).
+    assert describe(ScheduleSpec("cron", None, "0 0 1 * 1", "UTC")) == "cron 0 0 1 * 1 (UTC)"
 
 
 # --- The oracle ----------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import OperationalError, connections
+from tenacity import RetryCallState, retry, retry_if_exception_type, wait_exponential
 
 from worker.routing import UnknownJobs, worker_queue_names
 from worker.supervisor import Supervisor
@@ -19,20 +19,23 @@ from worker.supervisor import Supervisor
 logger = logging.getLogger("worker.supervisor")
 
 
+def _database_unreachable(state: RetryCallState) -> None:
+    logger.warning(
+        "database unreachable; retrying",
+        extra={"retry_in_s": state.upcoming_sleep, "error": type(state.outcome.exception()).__name__},
+    )
+    connections.close_all()
+
+
+@retry(
+    retry=retry_if_exception_type(OperationalError),
+    wait=wait_exponential(multiplier=1.0, max=10.0),
+    before_sleep=_database_unreachable,
+)
 def _queue_names_once_the_database_answers(keys: list[str]) -> list[str]:
     """The queues come from the Job table: wait for PostgreSQL, as Celery waits for its broker at start
     (a worker restarted while the database restarts must not exit; found by scripts/soak.py)."""
-    delay = 1.0
-    while True:
-        try:
-            return worker_queue_names(keys or None)
-        except OperationalError as exc:
-            logger.warning(
-                "database unreachable; retrying", extra={"retry_in_s": delay, "error": type(exc).__name__}
-            )
-            connections.close_all()
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+    return worker_queue_names(keys or None)
 
 
 class Command(BaseCommand):
