@@ -83,7 +83,7 @@ def _schedule_same(schedule: Schedule, text: str) -> Schedule:
     return schedule
 
 
-def test_pool_child_killed__parent_ends_run_and_frees_slot_at_once(redis_client, tmp_path):
+def test_pool_child_killed__parent_ends_run_and_frees_slot_long_before_its_lease(redis_client, tmp_path):
     # A long lease and a slow-to-trigger reaper: what ends the run here can only be the parent process.
     env = {"WORKER_LEASE_SECONDS": "120", "WORKER_REAPER_INTERVAL_SECONDS": "1"}
     schedule = _schedule("120")
