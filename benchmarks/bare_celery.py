@@ -4,7 +4,7 @@
 
 `bench.noop` does nothing but count itself: one INCR of `bench:noop:done` on the same Redis, which the
 harness polls. No Django, no database, no result backend. The delivery settings that shape throughput
-are ours (project/celery.py): the same prefetch multiplier (WORKER_PREFETCH_MULTIPLIER, default 4), late
+are ours (project/celery.py): the same prefetch multiplier (WORKER_PREFETCH_MULTIPLIER, default 1), late
 acks, task events on, JSON; so what separates the two figures is the run path, not the Celery
 configuration.
 """
@@ -23,7 +23,7 @@ COUNTER = "bench:noop:done"
 app = Celery("bare", broker=REDIS_URL)
 app.conf.update(
     # Ours (project/celery.py reads the same variable with the same default).
-    worker_prefetch_multiplier=int(os.environ.get("WORKER_PREFETCH_MULTIPLIER", "4")),
+    worker_prefetch_multiplier=int(os.environ.get("WORKER_PREFETCH_MULTIPLIER", "1")),
     task_acks_late=True,
     worker_send_task_events=True,
     task_send_sent_event=False,

@@ -13,5 +13,9 @@ class MonitoringConfig(AppConfig):
         # Every process that sets Django up (web, scheduler, worker) gets the run log context; in a
         # worker the task signals bind it for the run a pool process executes.
         from monitoring import logcontext
+        from monitoring.scheduler import after_pass
+        from schedules.signals import scheduler_pass_done
 
         logcontext.connect_task_signals()
+        # The scheduler's passes (metrics counters, alert evaluation), heard without it importing us.
+        scheduler_pass_done.connect(after_pass, dispatch_uid="monitoring.after_pass")

@@ -28,13 +28,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from worker.semaphore import GLOBAL_SCOPE, holders_key, job_scope
+
 logger = logging.getLogger(__name__)
 
-# Redis keys the scheduler writes (monitoring.scheduler.on_pass).
+# Redis keys the scheduler writes (monitoring.scheduler.after_pass).
 SCHEDULER_COUNTERS_KEY = "cb:metrics:scheduler"  # hash: ticks, claimed
 SCHEDULER_INSTANCES_KEY = "cb:metrics:scheduler-instances"  # zset: claimant -> unix seconds it is alive until
-# The semaphore's holder sets (worker/semaphore.py, Cap.key): members scored by lease expiry in ms.
-_LEASES_KEY = "cb:sem:{scope}:leases"
 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -192,7 +192,7 @@ class DatabaseCollector:
 
         client = redis_client()
         jobs = list(Job.objects.values_list("key", "max_concurrency"))
-        scopes = ["global"] + [f"job:{key}" for key, _ in jobs]
+        scopes = [GLOBAL_SCOPE] + [job_scope(key) for key, _ in jobs]
         with client.pipeline(transaction=False) as pipe:
             pipe.time()
             pipe.hgetall(SCHEDULER_COUNTERS_KEY)
@@ -202,7 +202,7 @@ class DatabaseCollector:
         with client.pipeline(transaction=False) as pipe:
             pipe.zcount(SCHEDULER_INSTANCES_KEY, seconds, "+inf")
             for scope in scopes:
-                pipe.zcount(_LEASES_KEY.format(scope=scope), f"({now_ms}", "+inf")
+                pipe.zcount(holders_key(scope), f"({now_ms}", "+inf")  # leases not yet expired
             instances, *in_use = pipe.execute()
         counters = {k.decode(): int(v) for k, v in counters.items()}
         yield CounterMetricFamily(
@@ -222,10 +222,10 @@ class DatabaseCollector:
         yield used
         limit = GaugeMetricFamily("cb_cap_limit", "Configured concurrency limits.", labels=["cap"])
         if settings.SCHEDULER_MAX_GLOBAL:
-            limit.add_metric(["global"], settings.SCHEDULER_MAX_GLOBAL)
+            limit.add_metric([GLOBAL_SCOPE], settings.SCHEDULER_MAX_GLOBAL)
         for key, max_concurrency in jobs:
             if max_concurrency:
-                limit.add_metric([f"job:{key}"], max_concurrency)
+                limit.add_metric([job_scope(key)], max_concurrency)
         yield limit
 
 

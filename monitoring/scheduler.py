@@ -1,4 +1,5 @@
-"""The scheduler's one monitoring hook (schedules/beat.py calls `after_pass` once per pass).
+"""The scheduler's one monitoring hook: `after_pass` receives `schedules.signals.scheduler_pass_done`,
+sent once per pass by schedules/beat.py (connected in monitoring/apps.py; the scheduler never imports us).
 
 Import-light and never raising: metrics bookkeeping and alert evaluation must not break dispatch, so
 every failure here is logged and dropped.
@@ -11,7 +12,7 @@ import logging
 logger = logging.getLogger(__name__)
 
 
-def after_pass(*, claimant: str, claimed: int, interval: float) -> None:
+def after_pass(*, claimant: str, claimed: int, interval: float, **kwargs: object) -> None:
     """Count the pass and the claims in Redis, mark this instance alive, evaluate alerts when due."""
     try:
         from monitoring.metrics import record_scheduler_pass

@@ -22,15 +22,16 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 BROKER_VISIBILITY_TIMEOUT = env_int("BROKER_VISIBILITY_TIMEOUT", 4 * 3600)
 
 
-# Messages each pool process may hold reserved in the worker's parent beyond the one it executes. With 1
-# (Celery's cautious value for long tasks), a pool process that finishes a run sits idle while the parent
-# acknowledges, asks the broker for the next message and hands it over: about half of a short run's
-# time (py-spy, docs/BENCHMARKS.md). A few reserved messages keep it busy. What reserving costs: a run
-# reserved by a busy worker waits for that worker while another may be idle, for at most one run's
-# length per reserved message; a worker that dies with reservations leaves them to the broker's
-# redelivery and the outbox sweep (never run twice: the start gate). Set it to 1 for long runs spread
-# over many workers.
-WORKER_PREFETCH_MULTIPLIER = env_int("WORKER_PREFETCH_MULTIPLIER", 4)
+# How many messages a worker holds at once, per pool process (Celery's `worker_prefetch_multiplier`).
+# With late acks a message stays unacknowledged while its run executes, so with 1 a worker holds exactly
+# as many runs as it has pool processes and never reserves one it cannot start: a run waits in the
+# broker, where any worker with a free process takes it, not behind a busy worker while another sits
+# idle (Celery's advice for long tasks; tests/acceptance/test_worker_prefetch.py). Celery's
+# `worker_disable_prefetch` gives the same with Redis only; this works with any broker. What 1 costs: a
+# pool process that finishes a run waits for its worker to fetch the next message, a noticeable share of
+# a no-op run's time but nothing next to a job of seconds (docs/BENCHMARKS.md). Raise it only for many
+# short runs on one worker; a run reserved by a busy worker then waits up to a run's length per message.
+WORKER_PREFETCH_MULTIPLIER = env_int("WORKER_PREFETCH_MULTIPLIER", 1)
 # Celery's Django fix-up closes the database connection before and after every task unless this is set
 # (celery/fixups/django.py): a new PostgreSQL backend per run, the pool process's largest single cost.
 # Django's CONN_MAX_AGE and health checks (project/settings.py) retire connections instead; the fix-up

@@ -348,11 +348,11 @@ class DatabaseScheduler(Scheduler):
         """Claim, dispatch, sweep; return the seconds to sleep before the next pass."""
         from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
 
-        from monitoring.scheduler import after_pass as monitoring_after_pass
         from schedules.claiming import claim_due, seconds_until_due
         from schedules.dispatch import dispatch_claimed
         from schedules.publishing import sweep_outbox
         from schedules.retention import prune_history_if_due
+        from schedules.signals import scheduler_pass_done
 
         close_old_connections()
         claimed_ids: list[int] = []
@@ -413,8 +413,11 @@ class DatabaseScheduler(Scheduler):
             self._reap_if_due()
             # Retention: old history, in bounded slices (rate limited); never raises.
             prune_history_if_due()
-            # Metrics counters and alert evaluation (rate limited); never raises.
-            monitoring_after_pass(claimant=self.claimant, claimed=len(claims), interval=self.interval)
+            # Whoever listens (monitoring: metrics counters, alert evaluation); a receiver's error is
+            # logged by the signal, never raised into the loop.
+            scheduler_pass_done.send_robust(
+                sender=type(self), claimant=self.claimant, claimed=len(claims), interval=self.interval
+            )
             if len(claims) >= self.batch_size:
                 return 0.0  # more may be due right now
             until_due = seconds_until_due()

@@ -369,11 +369,14 @@ def reap_lost_runs() -> list[int]:
     nothing is reaped (a run is never failed on the database's word alone).
     """
     apply_pending_outcomes()
+    # Asked at every pass, not only once a run is overdue: a Redis that lost its data starts its one
+    # lease of distrust now, so a run whose worker died later is still reaped within a lease + a period.
+    trusted = runleases.liveness_trusted()
     lease = runleases.lease_seconds()
     with connection.cursor() as cursor:
         cursor.execute(_CANDIDATES_SQL, {"lease": lease})
         candidates = cursor.fetchall()
-    if not candidates or not runleases.liveness_trusted():
+    if not candidates or not trusted:
         return []
     alive = runleases.runs_alive([row[0] for row in candidates])
     dead = [row for row in candidates if row[0] not in alive]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from django.db import connection
 
+from orchestrator.taskprocs import TaskGroup, live_task_groups
 from tests.scheduler_support import PrivateRedis, free_port  # noqa: F401 - re-exported for tests
 from tests.support import process_env, wait_for
 
@@ -185,6 +186,87 @@ class RunningSampler:
             self.error = exc
         finally:
             connection.close()
+
+
+# Set in a test's workers' environment to a fresh value: the task processes inherit it, which tells this
+# test's runs from other tests' runs on a shared host (run ids repeat across test databases).
+TAG_ENV = "CB_TEST_TAG"
+
+
+class ProcSampler:
+    """Every `interval`, the runs with a live task process group started by our workers, read from the
+    operating system (orchestrator/taskprocs.py), never from the rows the code under test writes.
+
+    Ours are the groups whose processes carry `TAG_ENV=tag` in their environment (start the workers with
+    `env={TAG_ENV: tag}`): other engineers' tests may run tasks on this host meanwhile.
+    """
+
+    def __init__(self, tag: str, interval: float = 0.05) -> None:
+        self.marker = f"{TAG_ENV}={tag}".encode()
+        self.interval = interval
+        self.samples: list[tuple[float, frozenset[int]]] = []
+        self.job_of: dict[int, str] = {}  # run id -> job key, of every run seen
+        self.error: BaseException | None = None
+        self._ours: dict[int, bool] = {}  # pgid -> tagged (a group id is not reused within a test)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="proc-sampler", daemon=True)
+
+    def __enter__(self) -> ProcSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _tagged(self, group: TaskGroup) -> bool:
+        if group.pgid not in self._ours:
+            for pid in group.pids:
+                try:
+                    environ = Path(f"/proc/{pid}/environ").read_bytes()
+                except OSError:
+                    continue
+                self._ours[group.pgid] = self.marker in environ.split(b"\0")
+                break
+            else:
+                return False  # gone before we could look: not counted, and looked at again next time
+        return self._ours[group.pgid]
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                at = time.monotonic()
+                groups = [g for g in live_task_groups().values() if self._tagged(g)]
+                for group in groups:
+                    self.job_of[group.run_id] = group.job_key
+                self.samples.append((at, frozenset(g.run_id for g in groups)))
+                self._stop.wait(self.interval)
+        except BaseException as exc:
+            self.error = exc
+
+    def now(self) -> frozenset[int]:
+        return self.samples[-1][1] if self.samples else frozenset()
+
+    @property
+    def max_live(self) -> int:
+        return max((len(live) for _, live in self.samples), default=0)
+
+    def max_live_of(self, job_key: str) -> int:
+        """The most runs of one job seen executing at once."""
+        return max((sum(self.job_of[r] == job_key for r in live) for _, live in self.samples), default=0)
+
+    def seen_between(self, start: float, end: float) -> set[int]:
+        return {run_id for at, live in self.samples if start <= at <= end for run_id in live}
+
+    def last_seen(self, run_id: int) -> float | None:
+        return max((at for at, live in self.samples if run_id in live), default=None)
+
+    def first_seen(self, run_id: int) -> float | None:
+        return min((at for at, live in self.samples if run_id in live), default=None)
+
+    def over_cap(self, cap: int, origin: float = 0.0) -> list[tuple[float, list[int]]]:
+        """(seconds after `origin`, run ids) of the samples with more than `cap` runs executing."""
+        return [(round(at - origin, 2), sorted(live)) for at, live in self.samples if len(live) > cap]
 
 
 def publish_runs(broker_url: str, scheduled) -> None:

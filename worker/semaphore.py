@@ -56,6 +56,24 @@ WOKEN_KEY = f"{KEY_PREFIX}:woken"  # waiter -> until (ms): woken, its message on
 PARKED_CAPS_KEY = f"{KEY_PREFIX}:parked-caps"  # "<holders key>|<waiters key>" of caps with parked waiters
 _PARKING_KEYS = [PARKED_KEY, WOKEN_KEY, PARKED_CAPS_KEY]
 
+# A cap's scope names what it counts; its keys are built from the scope. Defined here once: the worker
+# takes leases under these names and monitoring/metrics.py counts them.
+GLOBAL_SCOPE = "global"
+
+
+def job_scope(job_key: str) -> str:
+    return f"job:{job_key}"
+
+
+def schedule_scope(schedule_id: int) -> str:
+    return f"schedule:{schedule_id}"
+
+
+def holders_key(scope: str) -> str:
+    """The sorted set of a cap's lease holders: member = lease owner, score = lease expiry (Redis ms)."""
+    return f"{KEY_PREFIX}:{scope}:leases"
+
+
 # KEYS: n holder sets, n waiter sets (score = due), n waiter-expiry sets (score = expiry), the grant
 # counter, the run's liveness key, the parked hash, the woken set, the parked-caps set.
 # ARGV: owner, waiter id, due (ms), lease ms, waiter ttl ms, floor (the highest grant among running runs
@@ -290,7 +308,7 @@ class Cap:
 
     @property
     def key(self) -> str:
-        return f"{KEY_PREFIX}:{self.scope}:leases"
+        return holders_key(self.scope)
 
     @property
     def waiters_key(self) -> str:

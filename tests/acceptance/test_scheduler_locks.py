@@ -59,7 +59,7 @@ def blocker():
         session.close()
 
 
-def test_a_row_lock_on_one_due_schedule__the_others_dispatch_promptly_and_it_follows_the_release(
+def test_a_row_lock_on_one_due_schedule__the_others_dispatch_while_it_is_held_and_it_follows_the_release(
     procs, blocker
 ):
     due = db_now() - timedelta(seconds=1)

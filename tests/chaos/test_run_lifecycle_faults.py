@@ -2,7 +2,7 @@
 
 What executes is read from the operating system (orchestrator/taskprocs.py), never from the rows the code
 under test writes: a sampler thread lists the task process groups every 50 ms. The machine is shared, so
-only groups started by this test's workers count: they carry a tag in their environment.
+only groups started by this test's workers count: they carry a tag in their environment (tests/workerproc.py).
 
 - PostgreSQL unreachable for 2.5 lease TTLs (through tests/tcpproxy.py; the test's own connection goes
   straight to the server): the runs executing meanwhile keep their slots, are never "worker lost", and
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import threading
 import time
 import uuid
 from datetime import datetime
@@ -28,87 +27,26 @@ from django.utils import timezone
 
 from orchestrator.models import RUN_TERMINAL, Run
 from orchestrator.services import OrchestratorService
-from orchestrator.taskprocs import TaskGroup, live_task_groups
 from schedules.dispatch import run_now
 from schedules.models import Schedule, ScheduledRun
 from tests.scheduler_support import sleep_job
 from tests.support import wait_for
 from tests.tcpproxy import TcpProxy
-from tests.workerproc import FAST, PrivateRedis, WorkerProcess, _spawn_ready, publish_runs, running_worker
+from tests.workerproc import (
+    FAST,
+    TAG_ENV,
+    PrivateRedis,
+    ProcSampler,
+    WorkerProcess,
+    _spawn_ready,
+    publish_runs,
+    running_worker,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 CAP = 2
 LEASE = float(FAST["WORKER_LEASE_SECONDS"])
-TAG_ENV = "CB_CHAOS_TAG"
-
-
-class ProcSampler:
-    """Every `interval`, the run ids with a live task process group started by our workers.
-
-    Ours are the groups whose processes carry `TAG_ENV=tag` in their environment (the task runner
-    inherits the worker's environment): other engineers' tests may run tasks on this host meanwhile.
-    """
-
-    def __init__(self, tag: str, interval: float = 0.05) -> None:
-        self.marker = f"{TAG_ENV}={tag}".encode()
-        self.interval = interval
-        self.samples: list[tuple[float, frozenset[int]]] = []
-        self.error: BaseException | None = None
-        self._ours: dict[int, bool] = {}  # pgid -> tagged (a group id is not reused within a test)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="proc-sampler", daemon=True)
-
-    def __enter__(self) -> ProcSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _tagged(self, group: TaskGroup) -> bool:
-        if group.pgid not in self._ours:
-            for pid in group.pids:
-                try:
-                    environ = Path(f"/proc/{pid}/environ").read_bytes()
-                except OSError:
-                    continue
-                self._ours[group.pgid] = self.marker in environ.split(b"\0")
-                break
-            else:
-                return False  # gone before we could look: not counted, and looked at again next time
-        return self._ours[group.pgid]
-
-    def _loop(self) -> None:
-        try:
-            while not self._stop.is_set():
-                at = time.monotonic()
-                live = frozenset(g.run_id for g in live_task_groups().values() if self._tagged(g))
-                self.samples.append((at, live))
-                self._stop.wait(self.interval)
-        except BaseException as exc:
-            self.error = exc
-
-    def now(self) -> frozenset[int]:
-        return self.samples[-1][1] if self.samples else frozenset()
-
-    @property
-    def max_live(self) -> int:
-        return max((len(live) for _, live in self.samples), default=0)
-
-    def seen_between(self, start: float, end: float) -> set[int]:
-        return {run_id for at, live in self.samples if start <= at <= end for run_id in live}
-
-    def last_seen(self, run_id: int) -> float | None:
-        return max((at for at, live in self.samples if run_id in live), default=None)
-
-    def first_seen(self, run_id: int) -> float | None:
-        return min((at for at, live in self.samples if run_id in live), default=None)
-
-    def over_cap(self, cap: int, origin: float = 0.0) -> list[tuple[float, list[int]]]:
-        """(seconds after `origin`, run ids) of the samples with more than `cap` runs executing."""
-        return [(round(at - origin, 2), sorted(live)) for at, live in self.samples if len(live) > cap]
 
 
 def _capped_schedule(name: str) -> Schedule:
