@@ -76,8 +76,11 @@ def start_daemon_and_return(ctx: TaskContext) -> dict[str, Any]:
         ["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"], stdout=subprocess.PIPE, text=True
     )
     out, _ = daemon.communicate(timeout=10)
+    pid = int(out.strip())
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:  # orphaned: adopted by the nearest subreaper
+        adopter = int(fh.read().rsplit(")", 1)[1].split()[1])
     with open(ctx.directive_text, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"daemon": int(out.strip())}) + "\n")
+        fh.write(json.dumps({"daemon": pid, "adopter": adopter, "template": os.getppid()}) + "\n")
     return {}
 
 
@@ -370,7 +373,8 @@ def test_what_a_task_leaves_running__killed_with_its_group(jobs, tmp_path):
     OrchestratorService.execute(launch("tt_daemon", record))
 
     (line,) = lines(record)
-    # Killed, and reaped by the template (a child subreaper): not even a zombie lingers.
+    # Killed, and reaped by the template (a child subreaper, which adopted it): not even a zombie lingers.
+    assert line["adopter"] == line["template"]
     assert not os.path.exists(f"/proc/{line['daemon']}")
 
 
