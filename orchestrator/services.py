@@ -117,7 +117,6 @@ class OrchestratorService:
         previous: dict[str, dict[str, Any]] = {}
         stats: dict[str, Any] = {"tasks": {}, "notes": []}
         _sweep_stale_work_dirs()
-        child_config = _child_config()  # read once per run, not per task
         work_dir = tempfile.mkdtemp(prefix=f"{_WORK_DIR_PREFIX}{run.pk}-")
         try:
             for index, task in enumerate(spec.tasks):
@@ -145,7 +144,6 @@ class OrchestratorService:
                     memory_limit_mb=memory_limit_mb,
                     run_timeout=job.timeout_seconds,
                     fence=fence,
-                    child_config=child_config,
                 )
                 seconds = round(time.monotonic() - started, 3)
                 if not outcome.ok and fence is not None and fence.reason:
@@ -235,12 +233,6 @@ class TaskOutcome:
     pid: int = 0
 
 
-def _child_config() -> bytes:
-    """What a task process runs with: the pool process's database and the settings a task may read, as
-    the template's `config` request (orchestrator/template.py)."""
-    return json.dumps({"db_name": connection.settings_dict["NAME"], "settings": _child_settings()}).encode()
-
-
 def _child_settings() -> dict[str, Any]:
     names = set(_CHILD_SETTINGS)
     names.update(name for name in dir(settings) if name.startswith(_CHILD_SETTINGS_PREFIXES))
@@ -316,7 +308,6 @@ def run_task_in_child(
     memory_limit_mb: int,
     run_timeout: int,
     fence: TaskFence | None = None,
-    child_config: bytes | None = None,
 ) -> TaskOutcome:
     """Run one task in a fresh process forked from this process's task template; wait `time_limit`.
 
@@ -332,20 +323,18 @@ def run_task_in_child(
         # Its fields as they are (JSON copies them anyway): asdict() would deep-copy the earlier results.
         "context": {f.name: getattr(ctx, f.name) for f in fields(ctx)},
         "result_path": result_path,
-        "parent_pid": os.getpid(),
         "memory_limit_mb": memory_limit_mb,
         "cpu_seconds": math.ceil(time_limit) + 5,
+        # The pool process's database (the test database in tests) and the settings a task may read,
+        # applied in the task process before it opens any connection.
+        "db_name": connection.settings_dict["NAME"],
+        "settings": _child_settings(),
     }
     argv = runner_argv(run_id=ctx.run_id, job_key=ctx.job_key, task=task.name)
     try:
         template = task_template(deadline=deadline)
-        pid = template.fork_task(
-            title=" ".join([sys.executable, *argv]),
-            argv=[taskrunner.__file__, *argv[2:]],
-            payload=payload,
-            config=child_config if child_config is not None else _child_config(),
-            deadline=deadline,
-        )
+        request = {"title": " ".join([sys.executable, *argv]), "argv": [taskrunner.__file__, *argv[2:]]}
+        pid = template.fork_task({**request, "payload": payload}, deadline)
     except TimeoutError:
         return TaskOutcome(False, "timed_out", f"time limit reached (run timeout {run_timeout}s)")
     except TemplateUnavailable as exc:

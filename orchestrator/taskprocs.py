@@ -1,21 +1,21 @@
-"""What is executing, as the operating system sees it: the task process groups of runs, read from /proc.
+"""What is executing, as the operating system sees it: the task process groups of runs (psutil, /proc).
 
-Every task of a run executes in a process group of its own, led by a process labelled `python -m
-orchestrator.taskrunner --run-id N --job KEY --task NAME` (see orchestrator/services.py): its argv when
-exec'd, or its title when forked from a task template (orchestrator/template.py), which /proc shows as
-one string with spaces (job keys are slugs; task names have no spaces either). Whatever the task starts
-stays in that group, so the group is the run's footprint on the host, whatever the database says. Tests,
-the soak and operators count live runs here rather than trusting the rows the code under test writes.
+Every task of a run executes in a process group of its own, led by a process titled `python -m
+orchestrator.taskrunner --run-id N --job KEY --task NAME` (orchestrator/services.py, taskrunner.py),
+which /proc shows as one string with spaces (job keys are slugs; task names have no spaces either).
+Whatever the task starts stays in that group, so the group is the run's footprint on the host, whatever
+the database says. Tests, the soak and operators count live runs here rather than trusting the rows the
+code under test writes.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+
+import psutil
 
 RUNNER_MODULE = "orchestrator.taskrunner"
-PROC = Path("/proc")
 
 
 @dataclass
@@ -30,28 +30,24 @@ class TaskGroup:
 
 
 def runner_argv(*, run_id: int, job_key: str, task: str) -> list[str]:
-    """The arguments after `python`, also a forked task's title: they only label the process."""
+    """The arguments after `python` in a task process's title: they only label the process."""
     return ["-m", RUNNER_MODULE, "--run-id", str(run_id), "--job", job_key, "--task", task]
 
 
-def _read_stat(pid: str) -> tuple[str, int] | None:
-    """(state, pgid) of a process, or None if it is gone."""
-    try:
-        raw = (PROC / pid / "stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    rest = raw[raw.rfind(")") + 2 :].split()
-    return rest[0], int(rest[2])
+def _live_processes() -> list[tuple[int, int, list[str]]]:
+    """(pid, pgid, words of its command line) of every live, non-zombie process.
 
-
-def _read_cmdline(pid: str) -> list[str]:
-    """The words of a process's command line, whether argv (NUL-separated) or a title (one string)."""
-    try:
-        raw = (PROC / pid / "cmdline").read_bytes()
-    except OSError:
-        return []
-    return raw.decode(errors="replace").replace("\0", " ").split()
+    The words are the same whether the command line is an argv or a title (one string with spaces)."""
+    found = []
+    for proc in psutil.process_iter(["status", "cmdline"]):
+        if proc.info["status"] in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            continue
+        try:
+            pgid = os.getpgid(proc.pid)
+        except OSError:  # gone meanwhile
+            continue
+        found.append((proc.pid, pgid, " ".join(proc.info["cmdline"] or ()).split()))
+    return found
 
 
 def _labels(argv: list[str]) -> dict[str, str] | None:
@@ -68,26 +64,18 @@ def live_task_groups() -> dict[int, TaskGroup]:
     """Task process groups with at least one live (non-zombie) labelled member, by pgid."""
     leaders: dict[int, TaskGroup] = {}
     members: dict[int, list[int]] = {}
-    for entry in os.listdir(PROC):
-        if not entry.isdigit():
-            continue
-        stat = _read_stat(entry)
-        if stat is None or stat[0] in ("Z", "X"):
-            continue
-        pid, pgid = int(entry), stat[1]
+    for pid, pgid, argv in _live_processes():
         members.setdefault(pgid, []).append(pid)
-        if pgid not in leaders:
-            labels = _labels(_read_cmdline(entry))
-            if labels is not None:
-                try:
-                    run_id = int(labels["--run-id"])
-                except ValueError:
-                    continue
-                leaders[pgid] = TaskGroup(
-                    run_id=run_id, job_key=labels.get("--job", ""), task=labels.get("--task", ""), pgid=pgid
-                )
+        labels = _labels(argv) if pgid not in leaders else None
+        if labels is not None and labels["--run-id"].isdigit():
+            leaders[pgid] = TaskGroup(
+                run_id=int(labels["--run-id"]),
+                job_key=labels.get("--job", ""),
+                task=labels.get("--task", ""),
+                pgid=pgid,
+            )
     for pgid, group in leaders.items():
-        group.pids = sorted(members.get(pgid, []))
+        group.pids = sorted(members[pgid])
     return leaders
 
 
@@ -102,21 +90,6 @@ def processes_of_run(run_id: int) -> list[int]:
     A grandchild whose group leader already died is found too: it keeps the group's id, and processes
     that carry the runner's labels are matched by run id as well.
     """
-    pids: set[int] = set()
-    groups: set[int] = set()
-    for entry in os.listdir(PROC):
-        if not entry.isdigit():
-            continue
-        labels = _labels(_read_cmdline(entry))
-        if labels is not None and labels.get("--run-id") == str(run_id):
-            stat = _read_stat(entry)
-            if stat is not None and stat[0] not in ("Z", "X"):
-                pids.add(int(entry))
-                groups.add(stat[1])
-    if groups:
-        for entry in os.listdir(PROC):
-            if entry.isdigit():
-                stat = _read_stat(entry)
-                if stat is not None and stat[0] not in ("Z", "X") and stat[1] in groups:
-                    pids.add(int(entry))
-    return sorted(pids)
+    processes = _live_processes()
+    groups = {pgid for _, pgid, argv in processes if (_labels(argv) or {}).get("--run-id") == str(run_id)}
+    return sorted(pid for pid, pgid, _ in processes if pgid in groups)

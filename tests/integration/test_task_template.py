@@ -1,7 +1,9 @@
-"""The task template (orchestrator/template.py): tasks are forked from it, and stay ephemeral and fenced.
+"""The task template (orchestrator/template.py), by its guarantees: each task runs in a fresh process
+forked from a preloaded template, in its own process group, with its limits and the pool process's
+database and settings; the group dies with the task, the template or the pool process.
 
-Real processes throughout. The task functions below are module-level: the forked task imports this
-module by name, as it imports any job's module.
+Real processes throughout, counted from /proc. The task functions below are module-level: the forked
+task imports this module by name, as it imports any job's module.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from orchestrator.jobs.registry import JobSpec, TaskContext, TaskSpec, register,
 from orchestrator.models import Job, Run
 from orchestrator.services import OrchestratorService, TaskFailed
 from orchestrator.taskprocs import live_task_groups
-from orchestrator.template import allocator_env, running_template_pid, stop_task_template
+from orchestrator.template import running_template_pid, stop_task_template
 from tests.support import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -74,8 +76,11 @@ def start_daemon_and_return(ctx: TaskContext) -> dict[str, Any]:
         ["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"], stdout=subprocess.PIPE, text=True
     )
     out, _ = daemon.communicate(timeout=10)
+    pid = int(out.strip())
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:  # orphaned: adopted by the nearest subreaper
+        adopter = int(fh.read().rsplit(")", 1)[1].split()[1])
     with open(ctx.directive_text, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"daemon": int(out.strip())}) + "\n")
+        fh.write(json.dumps({"daemon": pid, "adopter": adopter, "template": os.getppid()}) + "\n")
     return {}
 
 
@@ -130,28 +135,21 @@ def ok(ctx: TaskContext) -> dict[str, Any]:
     return {}
 
 
-_START_ENV = (
-    "CYBER_BRAIN_TASK_TEMPLATE",
-    "PYTHONMALLOC",
-    "GLIBC_TUNABLES",
-    "CYBER_BRAIN_TEMPLATE_RESTORE_ENV",
-)
-
-
-def report_environment(ctx: TaskContext) -> dict[str, Any]:
-    """What the template handed down: its imports (sys.modules) and the environment a child gets."""
+def report_process_state(ctx: TaskContext) -> dict[str, Any]:
+    """What the task found at its start: what its template imported, its limits, its parent."""
+    import resource
     import sys
 
-    child = subprocess.run(["env"], capture_output=True, text=True, check=True).stdout.splitlines()
     line = {
-        "celery_loaded": sorted(m for m in ("celery", "kombu", "project.celery") if m in sys.modules),
-        "django_loaded": "django.db.models" in sys.modules,
-        "environ": {name: os.environ.get(name) for name in _START_ENV},
-        "child_env": sorted(entry for entry in child if entry.split("=", 1)[0] in _START_ENV),
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        # Imported by the template, not by this task (whose module is this test module).
+        "preloaded": ["django.db.models" in sys.modules, "orchestrator.jobs.sleep" in sys.modules],
+        "limits": {
+            name: list(resource.getrlimit(getattr(resource, name)))
+            for name in ("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_CORE")
+        },
     }
-    from project import celery_app  # a job module that uses the app gets it on first use
-
-    line["celery_app"] = type(celery_app).__name__
     with open(ctx.directive_text, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(line) + "\n")
     return {}
@@ -194,10 +192,10 @@ JOBS = {
             timeout_seconds=60,
         ),
         JobSpec(
-            key="tt_env",
-            name="tt_env",
+            key="tt_state",
+            name="tt_state",
             description="test job",
-            tasks=(TaskSpec("env", report_environment), TaskSpec("two", ok), TaskSpec("three", ok)),
+            tasks=(TaskSpec("state", report_process_state), TaskSpec("two", ok), TaskSpec("three", ok)),
             timeout_seconds=60,
         ),
         JobSpec(
@@ -310,12 +308,11 @@ def test_each_task__a_fresh_forked_process_with_its_own_connection(jobs, tmp_pat
 def test_settings__each_run_sees_the_pool_processs_current_ones_and_a_removed_override_is_gone(
     jobs, tmp_path, settings
 ):
-    """The template applies the pool process's settings once per change, not every task process: a
-    change between runs reaches the next task (the spare forked before it is not used), and a setting
-    no longer overridden is the template's own again."""
+    """A task sees the pool process's settings as they are when it starts: a change between runs reaches
+    the next task, and a setting no longer overridden is the template's own again."""
     record = tmp_path / "record"
     own_uploads = str(settings.UPLOADS_DIR)
-    OrchestratorService.execute(launch("tt_settings", record))  # the template exists, with a spare
+    OrchestratorService.execute(launch("tt_settings", record))  # the template exists
     settings.LOG_TRIAGE_TT_PROBE = "first"
     settings.UPLOADS_DIR = tmp_path / "uploads-1"
     OrchestratorService.execute(launch("tt_settings", record))
@@ -376,7 +373,9 @@ def test_what_a_task_leaves_running__killed_with_its_group(jobs, tmp_path):
     OrchestratorService.execute(launch("tt_daemon", record))
 
     (line,) = lines(record)
-    assert not alive(line["daemon"])
+    # Killed, and reaped by the template (a child subreaper, which adopted it): not even a zombie lingers.
+    assert line["adopter"] == line["template"]
+    assert not os.path.exists(f"/proc/{line['daemon']}")
 
 
 def test_sigterm_to_a_process_the_task_forked__ends_that_process_only(jobs, tmp_path):
@@ -426,45 +425,14 @@ def test_template_killed_mid_task__the_task_dies_and_the_next_run_gets_a_new_tem
     assert len(lines(tmp_path / "after")) == 3
 
 
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if parent_of(int(entry)) == pid and alive(int(entry)):
-                    found.append(int(entry))
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    return found
-
-
-def test_spare_killed_while_idle__the_next_task_gets_another(jobs, tmp_path):
-    OrchestratorService.execute(launch("tt_daemon", tmp_path / "warm"))
-    template = running_template_pid()
-    # Idle, the template keeps one spare task process forked ahead of the next task: unlabelled, so not
-    # a task group to /proc readers.
-    (spare,) = wait_for(lambda: children_of(template), timeout=10, what="the spare forked")
-    assert spare not in live_task_groups()
-    os.kill(spare, signal.SIGKILL)
-    wait_for(lambda: not alive(spare), timeout=10, what="the spare dead")  # killed at start is a crash
-
-    OrchestratorService.execute(launch("tt_report", tmp_path / "after"))
-
-    assert running_template_pid() == template
-    assert spare not in [line["pgid"] for line in lines(tmp_path / "after")]
-    assert len(lines(tmp_path / "after")) == 3
-
-
-def test_stop_task_template__ends_the_template_and_its_spare_and_the_next_task_starts_another(jobs, tmp_path):
+def test_stop_task_template__ends_the_template_and_the_next_task_starts_another(jobs, tmp_path):
     OrchestratorService.execute(launch("tt_report", tmp_path / "first"))
     template = running_template_pid()
-    (spare,) = wait_for(lambda: children_of(template), timeout=10, what="the spare forked")
 
     stop_task_template()
 
     assert running_template_pid() is None
     assert not alive(template)  # waited for: it exits once its channel closes
-    wait_for(lambda: not alive(spare), timeout=10, what="the spare gone with its template")
     OrchestratorService.execute(launch("tt_report", tmp_path / "after"))
     assert running_template_pid() not in (None, template)
     assert len(lines(tmp_path / "after")) == 3
@@ -502,46 +470,18 @@ def test_job_module_the_template_cannot_import__the_template_starts_and_other_jo
         unregister("tt_unimportable")
 
 
-def test_template__on_huge_pages_without_the_celery_app_and_tasks_get_the_pool_environment(
-    jobs, tmp_path, monkeypatch
-):
-    """The template starts with glibc malloc on huge pages and without the Celery app (project/
-    __init__.py), both to make a fork cheaper, then puts the environment back: a task and what it
-    starts see the pool process's."""
-    for name in _START_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")  # an operator's own: kept
-    old = running_template_pid()
-    if old is not None:  # a template started before this test's environment
-        os.kill(old, signal.SIGKILL)
-        wait_for(lambda: not alive(old), timeout=10, interval=0.02, what="the old template gone")
-    OrchestratorService.execute(launch("tt_env", tmp_path / "record"))
+def test_task__forked_from_the_preloaded_template_with_its_limits(jobs, tmp_path, settings):
+    settings.ORCHESTRATOR_TASK_MEMORY_MB = 700
 
-    template = running_template_pid()
-    started = dict(
-        entry.split("=", 1)
-        for entry in Path(f"/proc/{template}/environ").read_bytes().decode().split("\0")
-        if entry
-    )
-    assert started["PYTHONMALLOC"] == "malloc"
-    # (glibc rewrites GLIBC_TUNABLES in place as it reads it: what the template was given is below.)
-    assert allocator_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {
-        "PYTHONMALLOC": "malloc",
-        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
-    }
-    assert allocator_env({"PYTHONMALLOC": "debug", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == {
-        "PYTHONMALLOC": "debug",
-        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0",
-    }
-    assert started["CYBER_BRAIN_TASK_TEMPLATE"] == "1"
+    stats = OrchestratorService.execute(launch("tt_state", tmp_path / "record"))
+
     (line,) = lines(tmp_path / "record")
-    assert line["celery_loaded"] == []
-    assert line["celery_app"] == "Celery"
-    assert line["django_loaded"] is True
-    assert line["environ"] == {
-        "CYBER_BRAIN_TASK_TEMPLATE": None,
-        "PYTHONMALLOC": None,
-        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2",
-        "CYBER_BRAIN_TEMPLATE_RESTORE_ENV": None,
-    }
-    assert line["child_env"] == ["GLIBC_TUNABLES=glibc.malloc.arena_max=2"]
+    assert line["ppid"] == running_template_pid()
+    assert line["preloaded"] == [True, True]  # Django and the job modules, before the fork
+    assert line["limits"]["RLIMIT_AS"] == [700 * 1024 * 1024] * 2
+    assert line["limits"]["RLIMIT_CORE"] == [0, 0]
+    # The CPU backstop: the run's time limit (60 s) plus 5 s, hard 5 s above.
+    soft, hard = line["limits"]["RLIMIT_CPU"]
+    assert 60 <= soft <= 65
+    assert hard == soft + 5
+    assert stats["tasks"]["state"]["pid"] == line["pid"]
