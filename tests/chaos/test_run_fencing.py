@@ -231,6 +231,12 @@ def test_finish_blocked_on_a_row_lock__with_the_lock_timeout_the_pool_process_mo
         locker.close()
     assert (run.status, run.error_summary) == ("succeeded", "")
     assert ScheduledRun.objects.get(pk=scheduled.pk).status == "succeeded"
+    # Its task stored nothing (its finish was not written); the reaper that wrote it stores its result.
+    wait_for(
+        lambda: TaskResult.objects.filter(task_id=scheduled.task_id, status="SUCCESS").exists(),
+        timeout=30,
+        what="the task's SUCCESS stored by the reaper",
+    )
 
 
 def test_worker_back_after_its_run_was_reaped__writes_nothing_over_the_reapers_outcome(

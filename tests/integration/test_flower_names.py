@@ -161,6 +161,11 @@ def test_flower_shows_a_failed_run_as_failure_and_a_succeeded_one_as_success(flo
         seen = wait_for(states, timeout=30, interval=0.5, what="both tasks ended in Flower")
     assert (ok.status, failed.status) == ("succeeded", "failed"), failed.error_summary
     assert seen == {ok.task_id: "SUCCESS", failed.task_id: "FAILURE"}
+    # And its workers page counts one failure and one success for the worker.
+    (counted,) = [
+        w for w in flower.get("/workers?json=1")["data"] if w.get("hostname", "").startswith("flw@")
+    ]
+    assert (counted.get("task-failed"), counted.get("task-succeeded")) == (1, 1)
     # What Flower and the result say of the failure is the run's short summary, never the job's message.
     task = flower.get(f"/api/task/info/{failed.task_id}")
     assert failed.error_summary in task["exception"]

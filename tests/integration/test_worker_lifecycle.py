@@ -155,6 +155,7 @@ def test_reaper__writes_a_recorded_outcome_instead_of_worker_lost(schedule, sett
         error_summary="",
         stats={"tasks": {}},
         attempt=attempt,
+        task_id=scheduled.task_id,
     )
     # A later record (the parent's "time limit", say) does not replace the first.
     assert not runleases.outcome_record(
@@ -170,6 +171,8 @@ def test_reaper__writes_a_recorded_outcome_instead_of_worker_lost(schedule, sett
     assert (scheduled.status, scheduled.error_summary) == ("succeeded", "")
     assert Run.objects.get(pk=scheduled.run_id).status == "succeeded"
     assert runleases.outcomes_pending() == {}
+    # Its task stored nothing (the database was away): the result backend has it from the reaper.
+    assert celery_app.backend.get_task_meta(scheduled.task_id)["status"] == "SUCCESS"
 
 
 @pytest.mark.django_db(transaction=True)
