@@ -159,6 +159,9 @@ def test_flower_shows_a_failed_run_as_failure_and_a_succeeded_one_as_success(flo
             return found if "STARTED" not in found.values() and len(found) == 2 else None
 
         seen = wait_for(states, timeout=30, interval=0.5, what="both tasks ended in Flower")
+        # A failed task is acknowledged like any other (acks_late): its message is not delivered again.
+        wait_for(lambda: redis_client.hlen("unacked") == 0, timeout=30, what="both messages acknowledged")
+        assert redis_client.llen("jobs.failing") == 0
     assert (ok.status, failed.status) == ("succeeded", "failed"), failed.error_summary
     assert seen == {ok.task_id: "SUCCESS", failed.task_id: "FAILURE"}
     # And its workers page counts one failure and one success for the worker.
@@ -175,5 +178,4 @@ def test_flower_shows_a_failed_run_as_failure_and_a_succeeded_one_as_success(flo
     assert result.status == "FAILURE"
     assert "hunter2" not in result.result + (result.traceback or "")
     assert TaskResult.objects.get(task_id=ok.task_id).status == "SUCCESS"
-    # A failed task is acknowledged like any other: its message is not delivered again.
     assert Run.objects.get(pk=failed.pk).attempt == 1
