@@ -37,6 +37,11 @@ WORKER_LOST = "worker lost"
 _WAITING = (ScheduledRunStatus.QUEUED, ScheduledRunStatus.THROTTLED)
 
 
+class RunFailed(Exception):
+    """How a failed run's Celery task ends (FAILURE, so Flower counts it failed): its one argument is
+    the run's short error_summary, never a job's output. The run's own outcome is in the database."""
+
+
 def run_mark_throttled(run_id: int, scheduled_run_id: int | None, reason: str) -> None:
     """Record that the run waits, and why: once, on the transition (a run woken that must wait again
     writes nothing), so a wait costs O(1) writes however long it lasts. The Run stays `queued` (its
@@ -140,33 +145,10 @@ WITH r AS (
      WHERE {mirror} AND status = 'running' AND EXISTS (SELECT 1 FROM r)
     RETURNING id
 )
-{result}SELECT count(*) FROM r
+SELECT count(*) FROM r
 """
-# The pool process's finish also stores the run task's Celery result (django-celery-results' TaskResult,
-# as its backend would: worker/results.py), in the same statement and commit: no separate get-or-create
-# of four round trips and a commit after the task returns, and a TaskResult never says SUCCESS for a
-# finish that did not happen. Written only when the run was ours (`r`).
-_RESULT_CTE = """, t AS (
-    INSERT INTO django_celery_results_taskresult
-           (task_id, status, content_type, content_encoding, result, meta, traceback, task_name,
-            task_args, task_kwargs, worker, periodic_task_name, date_created, date_done)
-    SELECT %(t_task_id)s, %(t_status)s, %(t_content_type)s, %(t_content_encoding)s, %(t_result)s,
-           %(t_meta)s, NULL, %(t_task_name)s, %(t_task_args)s, %(t_task_kwargs)s, %(t_worker)s,
-           %(t_periodic_task_name)s, now(), now()
-     WHERE EXISTS (SELECT 1 FROM r)
-    ON CONFLICT (task_id) DO UPDATE
-       SET status = EXCLUDED.status, content_type = EXCLUDED.content_type,
-           content_encoding = EXCLUDED.content_encoding, result = EXCLUDED.result, meta = EXCLUDED.meta,
-           traceback = NULL, task_name = EXCLUDED.task_name, task_args = EXCLUDED.task_args,
-           task_kwargs = EXCLUDED.task_kwargs, worker = EXCLUDED.worker,
-           periodic_task_name = EXCLUDED.periodic_task_name, date_done = EXCLUDED.date_done
-    RETURNING id
-)
-"""
-_FINISH_BY_ID_SQL = _FINISH_SQL.format(mirror="id = %(sr)s", result="")
-_FINISH_BY_RUN_SQL = _FINISH_SQL.format(mirror="run_id = %(run)s", result="")
-_FINISH_BY_ID_WITH_RESULT_SQL = _FINISH_SQL.format(mirror="id = %(sr)s", result=_RESULT_CTE)
-_FINISH_BY_RUN_WITH_RESULT_SQL = _FINISH_SQL.format(mirror="run_id = %(run)s", result=_RESULT_CTE)
+_FINISH_BY_ID_SQL = _FINISH_SQL.format(mirror="id = %(sr)s")
+_FINISH_BY_RUN_SQL = _FINISH_SQL.format(mirror="run_id = %(run)s")
 _LLM_COUNTERS = ("llm_calls", "llm_prompt_tokens", "llm_completion_tokens")
 
 
@@ -179,12 +161,8 @@ def run_finish(
     stats: dict[str, Any] | None = None,
     attempt: int | None = None,
     worker: str | None = None,
-    task_result: dict[str, Any] | None = None,
 ) -> bool:
-    """End a running run, fenced by `attempt` (or `worker`), and mirror it; False if it was not ours.
-
-    `task_result`: the columns of the run task's TaskResult row (worker/results.py), stored in the same
-    statement when the run was ours."""
+    """End a running run, fenced by `attempt` (or `worker`), and mirror it; False if it was not ours."""
     if attempt is None and worker is None:
         raise ValueError("a finish is fenced by attempt or by worker")
     params: dict[str, Any] = {
@@ -199,11 +177,7 @@ def run_finish(
     for counter in _LLM_COUNTERS:
         value = stats.get(counter) if stats is not None else None
         params[counter] = value if isinstance(value, int) and not isinstance(value, bool) else None
-    if task_result is None:
-        sql = _FINISH_BY_ID_SQL if scheduled_run_id is not None else _FINISH_BY_RUN_SQL
-    else:
-        sql = _FINISH_BY_RUN_WITH_RESULT_SQL if scheduled_run_id is None else _FINISH_BY_ID_WITH_RESULT_SQL
-        params.update({f"t_{name}": value for name, value in task_result.items()})
+    sql = _FINISH_BY_ID_SQL if scheduled_run_id is not None else _FINISH_BY_RUN_SQL
     # In an explicit transaction, although it is one statement: a finish blocked on a row lock whose
     # process is then killed (the hard time limit) must not commit when the lock goes; its COMMIT never
     # comes, so PostgreSQL rolls it back, and the parent's outcome stands.
@@ -279,7 +253,7 @@ def apply_outcome(record: dict[str, Any]) -> bool:
     )
     if written:
         logger.info("recorded outcome written", extra={"run_id": run_id, "status": record["status"]})
-        _store_task_result(record)
+        _store_task_result(record.get("task_id"), run_id, record["status"], record.get("error_summary") or "")
     return written
 
 
@@ -306,22 +280,21 @@ def apply_pending_outcomes(run_ids: list[int] | None = None) -> list[int]:
     return settled
 
 
-def _store_task_result(record: dict[str, Any]) -> None:
-    """The run's TaskResult, when the worker's own store failed with the database away."""
-    task_id = record.get("task_id")
+def _store_task_result(task_id: str | None, run_id: int, status: str, summary: str) -> None:
+    """The run task's Celery result for an outcome written here rather than by its task (a reaped run,
+    one whose worker left its outcome in Redis, or whose pool process died): stored by the result
+    backend (its public `store_result`), FAILURE with a `RunFailed` as the task itself would."""
     if not task_id:
         return
     try:
+        from celery import states
+
         from project.celery import app
 
-        result = {"run_id": record["run_id"], "status": record["status"]}
-        if record.get("error_summary"):
-            result["error"] = record["error_summary"]
-        state = "SUCCESS" if record["status"] == RunStatus.SUCCEEDED else "FAILURE"
-        if state == "SUCCESS":
-            app.backend.store_result(task_id, result, state)
+        if status == RunStatus.SUCCEEDED:
+            app.backend.store_result(task_id, {"run_id": run_id, "status": status}, states.SUCCESS)
         else:
-            app.backend.mark_as_failure(task_id, RuntimeError(record.get("error_summary") or "failed"))
+            app.backend.store_result(task_id, RunFailed(summary or status), states.FAILURE)
     except Exception:
         logger.exception("could not store the task result", extra={"task_id": task_id})
 
@@ -404,19 +377,6 @@ def reap_lost_runs() -> list[int]:
             cursor.execute(_REAP_MIRROR_SQL, {"summary": summary, "run_ids": [row[0] for row in reaped]})
     for run_id, worker, task_id in reaped:
         logger.warning("run reaped: worker lost", extra={"run_id": run_id, "worker": worker})
-        _mark_task_lost(task_id)
+        # Its worker is gone (or cut off: should it come back, its task stores nothing over this).
+        _store_task_result(task_id, run_id, RunStatus.FAILED, summary)
     return [row[0] for row in reaped]
-
-
-def _mark_task_lost(task_id: str) -> None:
-    """The TaskResult of a run whose whole worker died would say nothing (or STARTED) forever."""
-    if not task_id:
-        return
-    try:
-        from billiard.exceptions import WorkerLostError
-
-        from project.celery import app
-
-        app.backend.mark_as_failure(task_id, WorkerLostError(WORKER_LOST))
-    except Exception:
-        logger.exception("could not mark the task result failed", extra={"task_id": task_id})

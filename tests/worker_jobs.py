@@ -55,3 +55,18 @@ SPAWNER = register(
         timeout_seconds=900,
     )
 )
+
+
+def fail_with_a_secret(ctx):
+    raise ValueError("a message that must not leave the run: hunter2")
+
+
+FAILING = register(
+    JobSpec(
+        key="failing",
+        name="Failing (tests only)",
+        description="Its second task raises: a failed run, for the tests of its Celery result.",
+        tasks=(sleep.JOB.tasks[0], TaskSpec("fail", fail_with_a_secret), sleep.JOB.tasks[2]),
+        timeout_seconds=60,
+    )
+)

@@ -283,8 +283,8 @@ class Outcome:
     reason: str = ""
     countdown: float = 0.0
     counts: dict[str, Any] = field(default_factory=dict)
-    # Its TaskResult was written with the finish (worker/results.py): the task stores nothing more.
-    stored: bool = False
+    # This delivery wrote the run's finish (False: not ours any more, or left in Redis for the reapers).
+    written: bool = True
 
     def result(self) -> dict[str, Any]:
         # Small by design: counts only, never LLM text (django-celery-results stores it).
@@ -560,12 +560,8 @@ def run_execute(
     worker: str,
     task_id: str = "",
     soft_limit: float | None = None,
-    task_result: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Outcome:
     """Execute one delivery of a run message on this pool process.
-
-    `task_result` maps the delivery's result to its TaskResult row (worker/results.py), which the finish
-    then writes in the same statement (`Outcome.stored`).
 
     Database errors before the start propagate (the task retries the message); from the start on,
     the run always ends here or is left, recorded, to the reapers.
@@ -637,14 +633,6 @@ def run_execute(
         with heartbeat:
             status, summary, stats = _execute_started(run, fence, started, soft_limit)
             counts = _counts(stats or {})
-            result = Outcome(status=str(status), run_id=run_id, reason=summary, counts=counts).result()
-            row = None
-            if task_result is not None:
-                try:
-                    row = task_result(result)
-                except Exception:
-                    # The run's outcome matters more than its TaskResult: the task stores it instead.
-                    logger.exception("task result row not built", extra={"run_id": run_id})
             ended, settled = _settle(
                 run_id=run_id,
                 scheduled_run_id=scheduled_run_id,
@@ -653,7 +641,6 @@ def run_execute(
                 status=status,
                 summary=summary,
                 stats=stats,
-                task_result=row,
             )
     finally:
         # The outcome's copy in Redis goes with the leases once the finish was written (`settled`).
@@ -661,7 +648,9 @@ def run_execute(
     if ended is False:
         # Reaped, cancelled or ended by someone else meanwhile: their outcome stands.
         logger.warning("run ended but was no longer ours", extra={"run_id": run_id})
-        return Outcome(status="failed", run_id=run_id, reason=fence.reason or WORKER_LOST, counts=counts)
+        return Outcome(
+            status="failed", run_id=run_id, reason=fence.reason or WORKER_LOST, counts=counts, written=False
+        )
     seconds = round(time.monotonic() - started, 3)
     if status == RunStatus.SUCCEEDED:
         logger.info("run succeeded", extra={"run_id": run_id, "job": job_key, "seconds": seconds})
@@ -672,7 +661,7 @@ def run_execute(
         run_id=run_id,
         reason=summary,
         counts=counts,
-        stored=bool(ended and row is not None),
+        written=bool(ended),
     )
 
 
@@ -707,7 +696,6 @@ def _settle(
     status: str,
     summary: str,
     stats: dict[str, Any] | None,
-    task_result: dict[str, Any] | None = None,
 ) -> tuple[bool | None, bool]:
     """Write the outcome: kept in Redis first, then written with retries while the heartbeat holds the
     leases. (True written, False not ours any more, None left to the reapers (the database stayed
@@ -748,7 +736,6 @@ def _settle(
             error_summary=summary,
             stats=stats,
             attempt=attempt,
-            task_result=task_result,
         )
     except RetryError:
         logger.warning(

@@ -4,6 +4,10 @@ Message contract (schedules/publishing.py): task name "worker.execute_run", kwar
 scheduled_run_id, job_key; task id = Run.task_id; queue = the job's queue; the job's time limits travel
 in the message (`time_limit` / `soft_time_limit`, from Job.timeout_seconds), which is how Celery applies
 limits per message: the worker's parent enforces them, whatever the pool process is stuck in.
+
+Its result is stored by Celery's result backend (django-celery-results), as for any task: SUCCESS with
+the run's small result, FAILURE (`RunFailed`, carrying the error summary) when the run failed, so that
+Flower counts failed runs as failed. The run's own outcome is the database's (ScheduledRun, Run).
 """
 
 from __future__ import annotations
@@ -13,14 +17,15 @@ import os
 
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
-from celery import Task, states
+from celery import Task
 from celery.exceptions import Ignore
 from celery.signals import task_prerun
 from celery.worker.request import Request
-from django.db import DatabaseError, close_old_connections, connection
+from django.db import close_old_connections, connection
 
 from project.celery import app
-from worker import execution, reaper, results  # noqa: F401  (reaper connects the worker's signal handlers)
+from schedules.runstate import RunFailed
+from worker import execution, reaper  # noqa: F401  (reaper connects the worker's signal handlers)
 from worker.routing import RUN_TASK_NAME
 
 logger = logging.getLogger(__name__)
@@ -74,11 +79,12 @@ class RunTask(Task):
     # Acknowledged after the run ends (see project/celery.py); a killed child is not re-run.
     acks_late = True
     reject_on_worker_lost = False
+    # A failed run is a failed task, acknowledged (never redelivered: at most once), and logged without a
+    # traceback (`throws`: the run's failure is the job's, not the worker's; its log says why).
+    acks_on_failure = True
+    throws = (RunFailed,)
     track_started = False  # see project/celery.py
-    # A run's SUCCESS result is written by its finish statement (worker/results.py); retries and
-    # failures are still stored by Celery, and a result the finish did not write is stored below.
-    ignore_result = True
-    store_errors_even_if_ignored = True
+    ignore_result = False
 
 
 @task_prerun.connect
@@ -104,7 +110,6 @@ def execute_run(self, run_id: int, scheduled_run_id: int | None = None, job_key:
             worker=worker,
             task_id=self.request.id or "",
             soft_limit=soft,
-            task_result=(lambda result: results.task_result_row(self, result)) if self.request.id else None,
         )
     except execution.DATABASE_AWAY as exc:
         # Before the start (run_execute ends every run it started): the run is still queued. Try the
@@ -123,11 +128,11 @@ def execute_run(self, run_id: int, scheduled_run_id: int | None = None, job_key:
     if outcome.status == "skipped":
         # A duplicate delivery: acknowledge and store nothing, so the real run's TaskResult stands.
         raise Ignore()
-    result = outcome.result()
-    if not outcome.stored and self.request.id:
-        # The finish was not ours to write, or did not get written: stored as Celery would have.
-        try:
-            self.backend.store_result(self.request.id, result, states.SUCCESS, request=self.request)
-        except DatabaseError as exc:
-            logger.warning("task result not stored", extra={"run_id": run_id, "error": type(exc).__name__})
-    return result
+    if not outcome.written:
+        # The run was reaped or cancelled meanwhile (their outcome and TaskResult stand), or its outcome
+        # waits in Redis for a reaper, which stores the TaskResult when it writes it: store nothing.
+        raise Ignore()
+    if outcome.status == "failed":
+        # After the run's failure is written: the task fails too, with the short summary only.
+        raise RunFailed(outcome.reason)
+    return outcome.result()

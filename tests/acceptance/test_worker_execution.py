@@ -100,9 +100,10 @@ def test_manual_run__succeeds_and_mirrors_a_small_result(worker):
     assert run.started_at <= run.finished_at
     assert run.worker.startswith("rw@")
     assert run.heartbeat_at is not None
-    # The finish wrote the TaskResult in the same commit (worker/results.py): there as soon as the run is
-    # finished, and what django-celery-results' own backend would have stored, read back through it.
-    result = TaskResult.objects.get(task_id=run.task_id)
+    # Celery stored the task's result through django-celery-results once the task returned.
+    result = wait_for(
+        lambda: TaskResult.objects.filter(task_id=run.task_id).first(), timeout=30, what="task result stored"
+    )
     assert result.status == "SUCCESS"
     assert len(result.result) < 2000
     assert (result.task_name, result.content_type, result.content_encoding) == (
@@ -131,3 +132,10 @@ def test_run_over_its_timeout__ends_failed_saying_so(worker):
     assert (run.finished_at - run.started_at).total_seconds() < 30
     scheduled.refresh_from_db()
     assert (scheduled.status, scheduled.error_summary) == ("failed", run.error_summary)
+    # The task failed too (what Flower counts), acknowledged: its message was not delivered again.
+    result = wait_for(
+        lambda: TaskResult.objects.filter(task_id=run.task_id).first(), timeout=30, what="task result stored"
+    )
+    assert result.status == "FAILURE"
+    assert json.loads(result.result)["exc_message"] == [run.error_summary]
+    assert Run.objects.get(pk=run.pk).attempt == 1

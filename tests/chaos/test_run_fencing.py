@@ -4,11 +4,14 @@
 - a run the system gave up on (here: ended behind its back) stops executing, counted from /proc;
 - a finish write stuck on a row lock: the hard time limit kills the pool process, the run ends
   "time limit" once the lock goes;
-- a task's grandchild dies with a SIGKILLed worker.
+- a task's grandchild dies with a SIGKILLed worker;
+- a worker cut off long enough to be reaped comes back (a partition that healed): it writes nothing over
+  the reaper's outcome, neither the run's nor its task's result.
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,9 +19,11 @@ from pathlib import Path
 import psycopg2
 import pytest
 from django.db import connection
+from django_celery_results.models import TaskResult
 
 from orchestrator.models import Job, Run
 from orchestrator.taskprocs import live_runs, processes_of_run
+from schedules import runstate
 from schedules.dispatch import run_now
 from schedules.models import Schedule, ScheduledRun
 from tests.scheduler_support import PYTHON, REPO, db_now
@@ -228,3 +233,52 @@ def test_finish_blocked_on_a_row_lock__with_the_lock_timeout_the_pool_process_mo
         locker.close()
     assert (run.status, run.error_summary) == ("succeeded", "")
     assert ScheduledRun.objects.get(pk=scheduled.pk).status == "succeeded"
+    # Its task stored nothing (its finish was not written); the reaper that wrote it stores its result.
+    wait_for(
+        lambda: TaskResult.objects.filter(task_id=scheduled.task_id, status="SUCCESS").exists(),
+        timeout=30,
+        what="the task's SUCCESS stored by the reaper",
+    )
+
+
+def test_worker_back_after_its_run_was_reaped__writes_nothing_over_the_reapers_outcome(
+    redis_client, tmp_path, settings
+):
+    """The worker is stopped (SIGSTOP to its parent and pool: no heartbeat, no lease renewal), as a
+    partition cuts it off; a reaper fails its run "worker lost" and stores the task's FAILURE. Then it
+    resumes: its fence stops the job, its finish is not its own to write, and its task stores nothing."""
+    settings.WORKER_LEASE_SECONDS = LEASE  # this process's reaper, as the workers'
+    schedule = _schedule("sleep", "60", max_per_job=1, overlap_policy="allow")
+    with running_worker(["jobs.sleep"], tmp_path=tmp_path, name="cutoff", concurrency=1) as worker:
+        scheduled = run_now(schedule)
+        wait_for(lambda: scheduled.run_id in live_runs(), timeout=60, what="the run executing")
+        worker.kill(signal.SIGSTOP)  # the job's own process group (another session) sleeps on
+        try:
+            wait_for(
+                lambda: scheduled.run_id in runstate.reap_lost_runs(),
+                timeout=LEASE * 5,
+                interval=0.2,
+                what="the run reaped once its lease expired",
+            )
+            reaped = _run(scheduled.run_id)
+            assert TaskResult.objects.get(task_id=scheduled.task_id).status == "FAILURE"
+        finally:
+            worker.kill(signal.SIGCONT)
+        wait_for(
+            lambda: "run ended but was no longer ours" in worker.log(),
+            timeout=LEASE * 5,
+            what="the worker back, its finish refused",
+        )
+        wait_for(
+            lambda: f"[{scheduled.task_id}] ignored" in worker.log(),
+            timeout=30,
+            what="its task ended storing nothing",
+        )
+    run = _run(scheduled.run_id)
+    assert (run.status, run.error_summary) == ("failed", f"worker lost (lease of {LEASE:g}s expired)")
+    assert run.finished_at == reaped.finished_at
+    scheduled.refresh_from_db()
+    assert (scheduled.status, scheduled.error_summary) == ("failed", run.error_summary)
+    result = TaskResult.objects.get(task_id=scheduled.task_id)
+    assert result.status == "FAILURE"
+    assert "worker lost" in result.result
