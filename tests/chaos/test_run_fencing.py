@@ -147,8 +147,11 @@ def test_finish_blocked_on_a_row_lock__hard_time_limit_kills_the_pool_process(
     """Job.timeout_seconds is Celery's soft limit and + grace its hard limit, applied per message."""
     # The limits travel in the message, computed by the publisher (this process): the worker's grace.
     settings.WORKER_HARD_LIMIT_GRACE_SECONDS = float(FAST["WORKER_HARD_LIMIT_GRACE_SECONDS"])
-    Job.objects.filter(key="sleep").update(timeout_seconds=2)
-    schedule = _schedule("sleep", "1", max_per_job=1, overlap_policy="allow")
+    Job.objects.filter(key="sleep").update(timeout_seconds=3)
+    # The task sleeps past its soft limit, so the row lock below is always taken while it still runs,
+    # however slow the machine: its finish (failed, timed out) is the write the lock then holds. (A
+    # 1 s task could end and write its finish before a loaded test took the lock.)
+    schedule = _schedule("sleep", "60", max_per_job=1, overlap_policy="allow")
     params = connection.get_connection_params()
     params.pop("cursor_factory", None)
     params.pop("context", None)
@@ -163,9 +166,12 @@ def test_finish_blocked_on_a_row_lock__hard_time_limit_kills_the_pool_process(
             scheduled = run_now(schedule)
             wait_for(lambda: _run(scheduled.run_id).status == "running", timeout=60, what="run started")
             with locker.cursor() as cursor:
-                # Hold the run's row: its 1 s task ends, then its finish write waits on this lock.
-                cursor.execute("SELECT 1 FROM orchestrator_run WHERE id = %s FOR UPDATE", [scheduled.run_id])
-                hard = 2 + float(FAST["WORKER_HARD_LIMIT_GRACE_SECONDS"])
+                # Hold the run's row: the soft limit ends the task, then its finish write waits on this lock.
+                cursor.execute(
+                    "SELECT status FROM orchestrator_run WHERE id = %s FOR UPDATE", [scheduled.run_id]
+                )
+                assert cursor.fetchone() == ("running",)
+                hard = 3 + float(FAST["WORKER_HARD_LIMIT_GRACE_SECONDS"])
                 wait_for(
                     lambda: "Hard time limit" in worker.log() or "hard time limit" in worker.log(),
                     timeout=hard + 30,
