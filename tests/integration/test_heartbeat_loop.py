@@ -1,9 +1,8 @@
-"""A running run's heartbeat beats on time (worker/execution.py `Heartbeat`), seen from outside: its
+"""A running run's heartbeat beats on time (worker/heartbeat.py `Heartbeat`), seen from outside: its
 lease renewed in Redis and `heartbeat_at` stamped in PostgreSQL a quarter lease after it starts.
 
-The beats of every run in a process share one thread per side, which sleeps until the next beat due.
-What must hold whatever that thread is doing: a run's first beat comes a quarter lease after its start,
-also when the thread was asleep waiting for a much later beat of another run, or idle with no run at all.
+What must hold whatever else the process is beating: a run's first beat comes a quarter lease after its
+start, also while another run with a much later beat is in progress, or after a run that has ended.
 A late first beat is a lease that lapses under a live run (the reaper fails it as "worker lost").
 """
 
@@ -18,7 +17,7 @@ from orchestrator.models import Job, Run
 from orchestrator.services import OrchestratorService, TaskFence
 from tests.scheduler_support import db_now
 from tests.support import wait_for
-from worker.execution import Heartbeat
+from worker.heartbeat import Heartbeat
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the beat threads use their own connections
 
