@@ -85,17 +85,12 @@ def caps_for_run(run_id: int) -> list[Cap]:
 def rebuild_leases() -> int:
     """Put the database's running runs back into Redis's lease sets (after Redis lost lease state)."""
     floor = runstate.running_lease_floor()
-    holders = []
-    running = Run.objects.filter(status=RunStatus.RUNNING).select_related("job").order_by("id")
-    schedules = {
-        run_id: schedule
-        for run_id, schedule in (
-            (sr.run_id, sr.schedule)
-            for sr in ScheduledRun.objects.select_related("schedule").filter(run__status=RunStatus.RUNNING)
-        )
-    }
-    for run in running:
-        holders.append((run.pk, lease_owner(run.pk, run.worker), caps_for(run.job, schedules.get(run.pk))))
+    running = ScheduledRun.objects.select_related("schedule").filter(run__status=RunStatus.RUNNING)
+    schedules = {sr.run_id: sr.schedule for sr in running}
+    holders = [
+        (run.pk, lease_owner(run.pk, run.worker), caps_for(run.job, schedules.get(run.pk)))
+        for run in Run.objects.filter(status=RunStatus.RUNNING).select_related("job").order_by("id")
+    ]
     return semaphore_rebuild(holders, floor=floor)
 
 
