@@ -1,7 +1,7 @@
 """The worker's side of the run log context (project/logging.py): Celery's task signals bind the run a
 pool process executes, from the message's kwargs and task id, and clear it when the task ends, so the
 lines of the next task never inherit it. `schedule_id` is added by the worker once it has read the
-scheduled run (worker/execution.py)."""
+scheduled run (worker/lifecycle.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """One background thread per process that works through a queue of jobs, started on first use.
 
-Used where a process must hand work off its own loop: the worker parent's writes (worker/execution.py,
+Used where a process must hand work off its own loop: the worker parent's writes (worker/parent.py,
 ParentWriter) and alert notifications (monitoring/alerts.py, Sender). Subclasses say what one item is
 (`handle`); the thread is daemonic and restarted if it died.
 """

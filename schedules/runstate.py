@@ -1,8 +1,8 @@
 """The one writer of run state: every status transition of a `Run` and its `ScheduledRun` mirror.
 
-The worker (worker/execution.py, worker/tasks.py), the reapers (every scheduler and every worker) and
-the outbox call these functions; nothing else writes `status`. Each is a conditional UPDATE run inside
-the caller's transaction (or its own when there is none), so the database decides every race:
+The worker (worker/lifecycle.py, heartbeat.py, parent.py), the reapers (every scheduler and every
+worker) and the outbox call these functions; nothing else writes `status`. Each is a conditional UPDATE
+run inside the caller's transaction (or its own when there is none), so the database decides every race:
 
 - throttle: `queued` stays `queued` on the Run (its mirror goes `throttled`), once per wait;
 - start: `queued` -> `running` with `attempt = attempt + 1`; a second delivery of the same message finds
@@ -222,7 +222,7 @@ def run_cancel(run_ids: list[int], reason: str) -> list[int]:
 
 # The highest semaphore grant among running runs (1 for a running run from before grants had numbers, 0
 # when nothing runs): a Redis whose grant counter is below it lost lease state. Also read as a column of
-# the worker's first query of a delivery (worker/execution.py), to save a round trip.
+# the worker's first query of a delivery (worker/loading.py), to save a round trip.
 LEASE_FLOOR_SQL = (
     "SELECT COALESCE(MAX(COALESCE(lease_seq, 1)), 0) FROM orchestrator_run WHERE status = 'running'"
 )

@@ -30,7 +30,7 @@ from project.dbsession import apply_worker_timeouts
 from schedules.models import ScheduledRun, ScheduledRunStatus
 from schedules.runstate import reap_lost_runs
 from worker import semaphore
-from worker.execution import check_leases, waiter_id, wake_lost_waiters
+from worker.caps import check_leases, waiter_id, wake_lost_waiters
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def _warn_if_redis_may_evict() -> None:
 def _on_worker_init(**kwargs: Any) -> None:
     # Before the first query: no statement of the worker waits on a lock without bound (issue 15.4);
     # pool processes inherit it. A statement that hits the limit fails like any transient database
-    # error (retried: worker/execution.DATABASE_AWAY holds lock_timeout's and statement_timeout's errors).
+    # error (retried: worker/lifecycle.DATABASE_AWAY holds lock_timeout's and statement_timeout's errors).
     apply_worker_timeouts()
     # Before the pool and the consumer start: lease state Redis lost is rebuilt before the first message.
     try:

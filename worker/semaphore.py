@@ -15,7 +15,7 @@ number among the database's running runs; a Redis whose counter is missing or be
 state (a restart without persistence, a restore from an older snapshot, a failover to a replica that
 missed writes), and admits nobody until the lease sets are rebuilt from the database's running runs
 (`semaphore_rebuild`). A renewal that finds its lease gone takes it again only under the limit; if the cap
-is full, the run has lost its slot and must stop (worker/execution.py fences it).
+is full, the run has lost its slot and must stop (worker/heartbeat.py fences it).
 
 A run that finds a cap full *parks*: inside the same script it registers as a waiter and leaves its run
 message in `cb:sem:parked`, and its task acknowledges the message and ends. No retry message, no task

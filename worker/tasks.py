@@ -1,4 +1,4 @@
-"""The run task (thin: the lifecycle lives in worker/execution.py) and its parent-side request.
+"""The run task (thin: the lifecycle lives in worker/lifecycle.py) and its parent-side request.
 
 Message contract (schedules/publishing.py): task name "worker.execute_run", kwargs run_id,
 scheduled_run_id, job_key; task id = Run.task_id; queue = the job's queue; the job's time limits travel
@@ -24,8 +24,10 @@ from celery.worker.request import Request
 from django.db import close_old_connections, connection
 
 from project.celery import app
-from schedules.runstate import RunFailed
-from worker import execution, reaper  # noqa: F401  (reaper connects the worker's signal handlers)
+from schedules.runstate import WORKER_LOST, RunFailed
+from worker import reaper  # noqa: F401  (reaper connects the worker's signal handlers)
+from worker.lifecycle import DATABASE_AWAY, CapReached, run_execute, worker_identity
+from worker.parent import database_retry_countdown, run_end_from_parent, time_limits_of
 from worker.routing import RUN_TASK_NAME
 
 logger = logging.getLogger(__name__)
@@ -53,15 +55,15 @@ class RunRequest(Request):
             exc = exc.exc
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         if isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt):
-            self._end_run(f"{execution.WORKER_LOST} ({str(exc)[:200]})")
+            self._end_run(f"{WORKER_LOST} ({str(exc)[:200]})")
 
     def _end_run(self, reason: str, *, overrule: bool = False) -> None:
         run_id = (self.kwargs or {}).get("run_id")
         if run_id is None or self.worker_pid is None:
             return
-        worker = execution.worker_identity(self.hostname, self.worker_pid)
+        worker = worker_identity(self.hostname, self.worker_pid)
         try:
-            execution.run_end_from_parent(
+            run_end_from_parent(
                 run_id=int(run_id),
                 worker=worker,
                 reason=reason,
@@ -100,10 +102,10 @@ def _fresh_enough_connection(sender=None, **_kwargs) -> None:
 
 @app.task(bind=True, base=RunTask, name=RUN_TASK_NAME, max_retries=None)
 def execute_run(self, run_id: int, scheduled_run_id: int | None = None, job_key: str = "") -> dict:
-    worker = execution.worker_identity(self.request.hostname or "worker", os.getpid())
-    _, soft = execution.time_limits_of(self.request.timelimit)
+    worker = worker_identity(self.request.hostname or "worker", os.getpid())
+    _, soft = time_limits_of(self.request.timelimit)
     try:
-        outcome = execution.run_execute(
+        outcome = run_execute(
             run_id=run_id,
             scheduled_run_id=scheduled_run_id,
             job_key=job_key,
@@ -111,16 +113,14 @@ def execute_run(self, run_id: int, scheduled_run_id: int | None = None, job_key:
             task_id=self.request.id or "",
             soft_limit=soft,
         )
-    except execution.DATABASE_AWAY as exc:
+    except DATABASE_AWAY as exc:
         # Before the start (run_execute ends every run it started): the run is still queued. Try the
         # message again rather than leave it to the outbox sweep's long republish delay.
         connection.close()
-        raise self.retry(countdown=execution.database_retry_countdown(), exc=exc, max_retries=None) from exc
+        raise self.retry(countdown=database_retry_countdown(), exc=exc, max_retries=None) from exc
     if outcome.status == "throttled":
         # A fresh message with the same task id; Flower and the TaskResult show the reason while it waits.
-        raise self.retry(
-            countdown=outcome.countdown, exc=execution.CapReached(outcome.reason), max_retries=None
-        )
+        raise self.retry(countdown=outcome.countdown, exc=CapReached(outcome.reason), max_retries=None)
     if outcome.status == "parked":
         # The run waits in Redis with its message (worker/semaphore.py): acknowledge this delivery and
         # store nothing; the release of a slot publishes it again.

@@ -1,9 +1,8 @@
-"""A running run's heartbeat beats on time (worker/execution.py `Heartbeat`), seen from outside: its
+"""A running run's heartbeat beats on time (worker/heartbeat.py `Heartbeat`), seen from outside: its
 lease renewed in Redis and `heartbeat_at` stamped in PostgreSQL a quarter lease after it starts.
 
-The beats of every run in a process share one thread per side, which sleeps until the next beat due.
-What must hold whatever that thread is doing: a run's first beat comes a quarter lease after its start,
-also when the thread was asleep waiting for a much later beat of another run, or idle with no run at all.
+What must hold whatever else the process is beating: a run's first beat comes a quarter lease after its
+start, also while another run with a much later beat is in progress, or after a run that has ended.
 A late first beat is a lease that lapses under a live run (the reaper fails it as "worker lost").
 """
 
@@ -18,7 +17,7 @@ from orchestrator.models import Job, Run
 from orchestrator.services import OrchestratorService, TaskFence
 from tests.scheduler_support import db_now
 from tests.support import wait_for
-from worker.execution import Heartbeat
+from worker.heartbeat import Heartbeat
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the beat threads use their own connections
 
@@ -79,13 +78,13 @@ def test_heartbeat__its_first_beats_come_a_quarter_lease_after_the_run_starts(se
     assert LEASE / 4 - 0.01 <= again < LEASE / 4 + SLACK, f"second renewal {again:.3f} s after the first"
 
 
-def test_heartbeat__a_run_due_sooner_is_beaten_on_time_while_the_thread_sleeps_for_a_later_one(
+def test_heartbeat__a_run_due_sooner_is_beaten_on_time_while_a_later_one_is_in_progress(
     settings, redis_client
 ):
     settings.WORKER_LEASE_SECONDS = 120  # the first run's beats are 30 s apart
     later = _heartbeat(_running_run())
     with later:
-        time.sleep(0.2)  # the beat threads are now asleep until the later run's beat, 30 s away
+        time.sleep(0.2)  # the later run's next beat is 30 s away
         settings.WORKER_LEASE_SECONDS = LEASE
         sooner = _heartbeat(_running_run())
         entered_db = db_now()
@@ -95,11 +94,11 @@ def test_heartbeat__a_run_due_sooner_is_beaten_on_time_while_the_thread_sleeps_f
     _assert_on_time(renewed, stamped)
 
 
-def test_heartbeat__a_run_started_while_the_threads_idle_is_beaten_on_time(settings, redis_client):
+def test_heartbeat__a_run_started_after_another_ended_is_beaten_on_time(settings, redis_client):
     settings.WORKER_LEASE_SECONDS = LEASE
     with _heartbeat(_running_run()) as earlier:
         wait_for(lambda: Run.objects.get(pk=earlier.run_id).heartbeat_at, timeout=60, what="a beat")
-    # Past the beat the ended run would have had next: the threads find nothing to do and wait to be woken.
+    # Past the beat the ended run would have had next.
     time.sleep(LEASE / 4 + 0.3)
     heartbeat = _heartbeat(_running_run())
     entered_db = db_now()

@@ -15,7 +15,9 @@ from project.celery import app as celery_app
 from schedules import runleases, runstate
 from schedules.models import Schedule, ScheduledRun
 from tests.support import wait_for
-from worker import execution, reaper
+from worker import heartbeat as beats
+from worker import lifecycle, parent, reaper
+from worker.caps import caps_for, park_message, waiter_id, wake
 
 pytestmark = pytest.mark.django_db
 
@@ -48,20 +50,20 @@ def _age(table: str, column: str, pk: int, seconds: int) -> None:
 
 def test_caps_for__schedule_then_job_then_global_default(schedule, sleep_job, settings):
     settings.SCHEDULER_MAX_GLOBAL = 7
-    assert [(c.scope, c.limit) for c in execution.caps_for(sleep_job, schedule)] == [
+    assert [(c.scope, c.limit) for c in caps_for(sleep_job, schedule)] == [
         (f"schedule:{schedule.pk}", 1),  # overlap_policy buffer_one: one run of the schedule at a time
         ("job:sleep", 2),
         ("global", 3),
     ]
     schedule.overlap_policy = "allow"
-    assert [c.scope for c in execution.caps_for(sleep_job, schedule)] == ["job:sleep", "global"]
+    assert [c.scope for c in caps_for(sleep_job, schedule)] == ["job:sleep", "global"]
     sleep_job.max_concurrency = 4
-    assert [(c.scope, c.limit) for c in execution.caps_for(sleep_job, None)] == [
+    assert [(c.scope, c.limit) for c in caps_for(sleep_job, None)] == [
         ("job:sleep", 4),
         ("global", 7),
     ]
     sleep_job.max_concurrency = None
-    assert [(c.scope, c.limit) for c in execution.caps_for(sleep_job, None)] == [("global", 7)]
+    assert [(c.scope, c.limit) for c in caps_for(sleep_job, None)] == [("global", 7)]
 
 
 def test_run_start__takes_a_run_once(schedule):
@@ -210,7 +212,7 @@ def test_stalled_throttled_runs__are_republished_once_unless_parked(schedule, se
     for item in (scheduled, parked):
         runstate.run_mark_throttled(item.run_id, item.pk, "waiting: global cap 3/3")
     assert reaper.republish_stalled_throttled() == 0  # not late yet
-    cap = execution.caps_for(schedule.job, schedule)[-1]
+    cap = caps_for(schedule.job, schedule)[-1]
     for n in range(3):
         semaphore.semaphore_acquire(
             [cap], owner=f"h{n}", waiter=f"h{n}", due=timezone.now(), run_id=1000 + n, floor=0
@@ -218,7 +220,7 @@ def test_stalled_throttled_runs__are_republished_once_unless_parked(schedule, se
     grant = semaphore.semaphore_acquire(
         [cap],
         owner="p",
-        waiter=execution.waiter_id(parked.run_id),
+        waiter=waiter_id(parked.run_id),
         due=timezone.now(),
         run_id=parked.run_id,
         floor=0,
@@ -247,7 +249,7 @@ def test_wake__publishes_with_the_limits_and_name_its_parked_message_carries(
     first, second = _scheduled_run(schedule), _scheduled_run(schedule)
 
     def park(item, limits=(75.0, 60.0)):
-        return execution.park_message(
+        return park_message(
             message_for(sleep_job, item.run, item), limits=limits, schedule_name=schedule.name
         )
 
@@ -256,17 +258,17 @@ def test_wake__publishes_with_the_limits_and_name_its_parked_message_carries(
 
     # What the parking delivery read travels with the run: its wake-up reads nothing.
     with django_assert_num_queries(0):
-        assert execution.wake([park(first), park(second)]) == 2
+        assert wake([park(first), park(second)]) == 2
     assert newest()["timelimit"] == [75.0, 60.0]
     assert newest()["shadow"] == "sleep: life"
     # A message parked by an older worker carries neither: both are read, as at any publish.
     old = json.dumps(asdict(message_for(sleep_job, first.run, first)))
     with django_assert_num_queries(2):
-        assert execution.wake([old]) == 1
+        assert wake([old]) == 1
     assert newest()["timelimit"] == list(time_limits(sleep_job.timeout_seconds))
     # Two parkings of one job that disagree (its limits were edited between them): the current ones.
     with django_assert_num_queries(1):
-        assert execution.wake([park(first), park(second, limits=(15.0, 10.0))]) == 2
+        assert wake([park(first), park(second, limits=(15.0, 10.0))]) == 2
     assert newest()["timelimit"][1] == float(sleep_job.timeout_seconds)
 
 
@@ -300,7 +302,7 @@ def test_worker_queues__every_enabled_job_by_default_or_the_named_ones(sleep_job
 
 
 def _heartbeat(caps, fence, run_id=1):
-    return execution.Heartbeat(
+    return beats.Heartbeat(
         run_id=run_id, scheduled_run_id=None, attempt=1, caps=caps, owner="ours", fence=fence
     )
 
@@ -348,10 +350,10 @@ def test_heartbeat__kills_the_run_before_an_unreachable_redis_lets_its_lease_lap
     def unreachable(*args, **kwargs):
         raise redis.ConnectionError("refused")
 
-    monkeypatch.setattr(execution, "semaphore_renew", unreachable)
+    monkeypatch.setattr(beats, "semaphore_renew", unreachable)
     heartbeat.renew()
     assert not fence.reason  # just renewed at the grant: far from the deadline
-    heartbeat.last_renewed -= execution.FENCE_AFTER * 10
+    heartbeat.last_renewed -= beats.FENCE_AFTER * 10
     heartbeat.renew()
     assert fence.reason.startswith("lease lost: Redis unreachable for 6s")
 
@@ -378,8 +380,8 @@ def test_heartbeat__a_database_beat_that_hangs_holds_up_no_lease_renewal(setting
         renewals.append(time.monotonic())
         return Renewal(renewed=1, reasserted=0, lost=None)
 
-    monkeypatch.setattr(execution.runstate, "run_heartbeat", hanging_heartbeat)
-    monkeypatch.setattr(execution, "semaphore_renew", counted_renew)
+    monkeypatch.setattr(beats.runstate, "run_heartbeat", hanging_heartbeat)
+    monkeypatch.setattr(beats, "semaphore_renew", counted_renew)
     fence = TaskFence()
     try:
         with _heartbeat([], fence, run_id=7):
@@ -463,12 +465,12 @@ def _flaky(failures: int, result=None):
 def test_parent_writer__retries_a_failed_write_then_gives_up_within_its_budget(settings, caplog):
     settings.WORKER_PARENT_WRITE_RETRY_SECONDS = 2
     job = _flaky(2)
-    execution.ParentWriter._run(job)
+    parent.ParentWriter._run(job)
     assert job.calls == 3, "two failures retried, the third attempt written"
 
     never = _flaky(10**6)
     started = time.monotonic()
-    execution.ParentWriter._run(never)
+    parent.ParentWriter._run(never)
     assert time.monotonic() - started < 2 + 1, "no sleep past the budget"
     assert never.calls == 3, "sleeps of 0.5 s and 1 s; a third of 2 s would end past the budget"
     assert "parent write abandoned" in caplog.text
@@ -483,9 +485,9 @@ def test_settle__retries_the_finish_while_the_database_is_away(settings, monkeyp
     common = dict(
         run_id=1, scheduled_run_id=None, attempt=1, task_id="t", status="succeeded", summary="", stats=None
     )
-    assert execution._settle(**common) == (True, True)
+    assert lifecycle._settle(**common) == (True, True)
     assert finish.calls == 3
 
     # Recorded in Redis: after its budget the outcome is left to the reapers.
     monkeypatch.setattr(runstate, "run_finish", _flaky(10**6))
-    assert execution._settle(**common) == (None, False)
+    assert lifecycle._settle(**common) == (None, False)

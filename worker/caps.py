@@ -1,0 +1,204 @@
+"""Caps and parking: which caps a run takes, taking them, and waking the runs parked behind a full one.
+
+The lease sets themselves live in Redis (worker/semaphore.py); this module decides what a run asks for
+(DESIGN 6.6), rebuilds Redis's view from the database when Redis lost it, and publishes the messages of
+parked runs again when a slot frees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict
+
+import redis
+from django.conf import settings
+
+from orchestrator.models import Job, Run, RunStatus
+from schedules import runstate
+from schedules.models import OverlapPolicy, Schedule, ScheduledRun
+from schedules.publishing import RunMessage, send_messages
+from worker.semaphore import (
+    GLOBAL_SCOPE,
+    Cap,
+    Grant,
+    job_scope,
+    schedule_scope,
+    semaphore_acquire,
+    semaphore_behind,
+    semaphore_rebuild,
+    semaphore_release,
+    semaphore_sweep_parked,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def lease_owner(run_id: int, worker: str) -> str:
+    """The semaphore lease owner of one delivery; computable from the Run row after the start."""
+    return f"run:{run_id}@{worker}"
+
+
+def waiter_id(run_id: int) -> str:
+    # Stable across deliveries and retries: the run keeps its place in line whoever polls for it.
+    return f"run:{run_id}"
+
+
+def caps_for(job: Job, schedule: Schedule | None) -> list[Cap]:
+    """The caps a run takes, narrow to wide: per schedule, per job, then global.
+
+    Limits: one at a time per schedule unless its `overlap_policy` is `allow` (DESIGN 6.6: with
+    `buffer_one` the waiting run starts only once the one before it ends); the schedule's
+    `max_per_job` / `max_global`, else `Job.max_concurrency` (per job), else `SCHEDULER_MAX_GLOBAL`
+    (global). A limit of None means no such cap.
+    """
+    per_job = schedule.max_per_job if schedule is not None and schedule.max_per_job else job.max_concurrency
+    global_ = (
+        schedule.max_global
+        if schedule is not None and schedule.max_global
+        else getattr(settings, "SCHEDULER_MAX_GLOBAL", None)
+    )
+    caps = []
+    if schedule is not None and schedule.overlap_policy != OverlapPolicy.ALLOW:
+        caps.append(
+            Cap(
+                scope=schedule_scope(schedule.pk),
+                limit=1,
+                label=f"previous run of the schedule (overlap_policy {schedule.overlap_policy})",
+                subject=schedule.name,
+            )
+        )
+    if per_job:
+        caps.append(Cap(scope=job_scope(job.key), limit=int(per_job), label="per-job cap", subject=job.key))
+    if global_:
+        caps.append(Cap(scope=GLOBAL_SCOPE, limit=int(global_), label="global cap"))
+    return caps
+
+
+def caps_for_run(run_id: int) -> list[Cap]:
+    run = Run.objects.select_related("job").get(pk=run_id)
+    scheduled = ScheduledRun.objects.select_related("schedule").filter(run_id=run_id).order_by("-id").first()
+    return caps_for(run.job, scheduled.schedule if scheduled is not None else None)
+
+
+def rebuild_leases() -> int:
+    """Put the database's running runs back into Redis's lease sets (after Redis lost lease state)."""
+    floor = runstate.running_lease_floor()
+    running = ScheduledRun.objects.select_related("schedule").filter(run__status=RunStatus.RUNNING)
+    schedules = {sr.run_id: sr.schedule for sr in running}
+    holders = [
+        (run.pk, lease_owner(run.pk, run.worker), caps_for(run.job, schedules.get(run.pk)))
+        for run in Run.objects.filter(status=RunStatus.RUNNING).select_related("job").order_by("id")
+    ]
+    return semaphore_rebuild(holders, floor=floor)
+
+
+def semaphore_take(
+    caps: list[Cap], *, owner: str, run_id: int, due, park: str = "", floor: int | None = None
+) -> Grant:
+    """Acquire the run's caps (parking the run's message when one is full); a Redis behind the
+    database is rebuilt first, then asked again. `floor`: runstate.running_lease_floor(), if the
+    caller read it already (with the run)."""
+
+    def acquire(floor: int | None) -> Grant:
+        if floor is None:
+            floor = runstate.running_lease_floor()
+        return semaphore_acquire(
+            caps, owner=owner, waiter=waiter_id(run_id), due=due, run_id=run_id, floor=floor, park=park
+        )
+
+    grant = acquire(floor)
+    if grant.rebuild:
+        rebuild_leases()
+        grant = acquire(None)
+    return grant
+
+
+def park_message(
+    message: RunMessage, *, limits: tuple[float | None, float | None], schedule_name: str | None
+) -> str:
+    """What a parked run keeps in Redis: its message, with the job's time limits and the schedule's name
+    read by this delivery, so that its wake-up publishes without reading them again."""
+    return json.dumps(
+        {**asdict(message), "limits": list(limits), "schedule": schedule_name}, separators=(",", ":")
+    )
+
+
+def unpark_messages(
+    messages: list[str],
+) -> tuple[list[RunMessage], dict[str, tuple[float | None, float | None]] | None, dict[int, str] | None]:
+    """The parked runs' messages, and the limits per job and names per scheduled run they carried: None
+    for either when a message lacks it (parked by an older worker) or the messages of one job disagree
+    (its limits were edited between two parkings), so that the publish reads the current values."""
+    runs: list[RunMessage] = []
+    limits: dict[str, tuple[float | None, float | None]] | None = {}
+    names: dict[int, str] | None = {}
+    for raw in messages:
+        item = json.loads(raw)
+        carried, name = item.pop("limits", None), item.pop("schedule", None)
+        message = RunMessage(**item)
+        runs.append(message)
+        if limits is not None:
+            pair = (carried[0], carried[1]) if isinstance(carried, list) and len(carried) == 2 else None
+            if pair is None or limits.setdefault(message.job_key, pair) != pair:
+                limits = None
+        if names is not None and message.scheduled_run_id is not None:
+            if isinstance(name, str):
+                names[message.scheduled_run_id] = name
+            else:
+                names = None
+    return runs, limits, names
+
+
+def wake(messages: list[str]) -> int:
+    """Publish the messages of parked runs a release (or the safety sweep) woke; return how many.
+
+    A wake-up that cannot be published is not lost for good: the sweep wakes the run again once the
+    woken mark expires (`semaphore.wake_ms`)."""
+    if not messages:
+        return 0
+    try:
+        runs, limits, names = unpark_messages(messages)
+        send_messages(runs, limits=limits, names=names)
+    except Exception as exc:
+        logger.warning("wake-up publish failed", extra={"count": len(messages), "error": type(exc).__name__})
+        return 0
+    logger.info("parked runs woken", extra={"count": len(messages)})
+    return len(messages)
+
+
+def release_and_wake(caps: list[Cap], *, owner: str, run_id: int, settled: bool = False) -> None:
+    """Give a run's leases back and wake the runs parked behind the slots it freed; `settled`: its
+    outcome is written, and its copy in Redis goes too."""
+    try:
+        released = semaphore_release(caps, owner=owner, run_id=run_id, settled=settled)
+    except redis.RedisError:
+        logger.warning("lease release failed; it expires by itself", extra={"run_id": run_id})
+        return
+    wake(released.woken)
+
+
+def wake_lost_waiters() -> int:
+    """The maintenance tick's safety net: wake parked runs a lost wake-up left behind a free slot."""
+    return wake(semaphore_sweep_parked())
+
+
+def check_leases() -> bool:
+    """Rebuild the lease sets if Redis lost lease state the database still counts; True if rebuilt."""
+    if semaphore_behind(runstate.running_lease_floor()):
+        rebuild_leases()
+        return True
+    return False
+
+
+def throttle_countdown(grant: Grant) -> float:
+    """Jittered backoff: the head of the line polls often, runs far behind it poll less."""
+    base = settings.WORKER_THROTTLE_BASE_SECONDS
+    cap = settings.WORKER_THROTTLE_MAX_SECONDS
+    limit = grant.blocking.limit if grant.blocking is not None else 1
+    delay = min(cap, base * (1 + grant.ahead / max(limit, 1)))
+    if grant.rebuild:
+        delay = base
+    # Full jitter between half and all of the delay spreads retries so they do not arrive in waves.
+    return delay * random.uniform(0.5, 1.0)
