@@ -16,24 +16,14 @@ import os
 import redis
 from celery import Celery
 
+from benchmarks.common import celery_delivery_conf
+
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 QUEUE = "bench.noop"
 COUNTER = "bench:noop:done"
 
 app = Celery("bare", broker=REDIS_URL)
-app.conf.update(
-    # Ours (project/celery.py reads the same variable with the same default).
-    worker_prefetch_multiplier=int(os.environ.get("WORKER_PREFETCH_MULTIPLIER", "1")),
-    task_acks_late=True,
-    worker_send_task_events=True,
-    task_send_sent_event=False,
-    task_ignore_result=True,
-    task_default_queue=QUEUE,
-    task_serializer="json",
-    accept_content=["json"],
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
-)
+app.conf.update(celery_delivery_conf(task_ignore_result=True, task_default_queue=QUEUE))
 
 _client: redis.Redis | None = None
 

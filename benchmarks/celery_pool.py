@@ -25,6 +25,8 @@ import time
 from celery import Celery
 from celery.signals import worker_init
 
+from benchmarks.common import celery_delivery_conf
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 os.environ.setdefault("SECRET_KEY", "benchmark-only-secret-key")
 
@@ -32,19 +34,7 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/6")
 QUEUE = "bench.pool"
 
 app = Celery("bench_pool", broker=REDIS_URL, backend="rpc://")
-app.conf.update(
-    # As ours (project/celery.py) and the bare yardstick (benchmarks/bare_celery.py).
-    worker_prefetch_multiplier=1,
-    task_acks_late=True,
-    worker_send_task_events=True,
-    task_send_sent_event=False,
-    task_default_queue=QUEUE,
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
-)
+app.conf.update(celery_delivery_conf(task_default_queue=QUEUE))
 
 
 @worker_init.connect

@@ -17,6 +17,25 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
+def celery_delivery_conf(**extra) -> dict:
+    """The delivery settings that shape a Celery worker's throughput, as ours has them (project/celery.py):
+    the same prefetch multiplier (WORKER_PREFETCH_MULTIPLIER, default 1), late acks, task events, JSON.
+    The bare and incumbent apps of the benchmarks take these, so the figures compare run paths, not
+    Celery configurations."""
+    return {
+        "worker_prefetch_multiplier": int(os.environ.get("WORKER_PREFETCH_MULTIPLIER", "1")),
+        "task_acks_late": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        **extra,
+    }
+
+
 def admin_dsn() -> dict:
     return {
         "host": os.environ.get("POSTGRES_HOST", "127.0.0.1"),

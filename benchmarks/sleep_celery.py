@@ -18,25 +18,15 @@ import time
 
 from celery import Celery
 
+from benchmarks.common import celery_delivery_conf
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.dcb_settings")
 
 QUEUE = "bench.mix"
 
 app = Celery("bench_sleep")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.conf.update(
-    worker_prefetch_multiplier=int(os.environ.get("WORKER_PREFETCH_MULTIPLIER", "4")),
-    task_acks_late=True,
-    worker_send_task_events=True,
-    task_send_sent_event=False,
-    task_track_started=True,
-    task_default_queue=QUEUE,
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
-)
+app.conf.update(celery_delivery_conf(task_track_started=True, task_default_queue=QUEUE))
 
 
 @app.task(name="bench.sleep")
