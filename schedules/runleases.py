@@ -20,8 +20,8 @@ This module is the contract only; `schedules` never imports `worker`.
 
 from __future__ import annotations
 
+import functools
 import json
-import threading
 from typing import Any
 
 import redis
@@ -48,38 +48,25 @@ def redis_timeout() -> float:
     return max(0.2, min(5.0, lease_seconds() / 8))
 
 
-_lock = threading.Lock()
-_client: redis.Redis | None = None
-_client_pid = 0
-
-
+@functools.cache
 def client() -> redis.Redis:
-    """One client per process (a forked pool process builds its own)."""
-    import os
-
-    global _client, _client_pid
-    with _lock:
-        if _client is None or _client_pid != os.getpid():
-            timeout = redis_timeout()
-            _client = redis.Redis.from_url(
-                settings.REDIS_URL,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                health_check_interval=15,
-            )
-            _client_pid = os.getpid()
-        return _client
+    """One client per process for all lease traffic (the semaphore's scripts included). redis-py gives a
+    forked process connections of its own (its pool checks the pid), so pool children may share it."""
+    timeout = redis_timeout()
+    return redis.Redis.from_url(
+        settings.REDIS_URL, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=15
+    )
 
 
-def redis_now_ms(conn: redis.Redis) -> int:
-    seconds, micros = conn.time()
+def redis_now_ms() -> int:
+    seconds, micros = client().time()
     return seconds * 1000 + micros // 1000
 
 
 def liveness_trusted() -> bool:
     """True when a missing lease key means the run's worker stopped renewing it (not a Redis loss)."""
     conn = client()
-    now = redis_now_ms(conn)
+    now = redis_now_ms()
     conn.set(EPOCH_KEY, now, nx=True)
     epoch = int(conn.get(EPOCH_KEY) or now)
     return now - epoch >= lease_seconds() * 1000
@@ -126,12 +113,9 @@ def outcome_record(
         "worker": worker,
         "task_id": task_id,
     }
-    conn = client()
-    pipe = conn.pipeline(transaction=True)
-    if replace:
-        pipe.hset(OUTCOMES_KEY, str(run_id), json.dumps(record))
-    else:
-        pipe.hsetnx(OUTCOMES_KEY, str(run_id), json.dumps(record))
+    pipe = client().pipeline(transaction=True)
+    store = pipe.hset if replace else pipe.hsetnx
+    store(OUTCOMES_KEY, str(run_id), json.dumps(record))
     pipe.expire(OUTCOMES_KEY, OUTCOME_TTL_SECONDS)
     added, _ = pipe.execute()
     return bool(added)
@@ -139,21 +123,13 @@ def outcome_record(
 
 def outcomes_pending(run_ids: list[int] | None = None) -> dict[int, dict[str, Any]]:
     """Recorded outcomes not yet written to PostgreSQL (all, or those of `run_ids`)."""
-    conn = client()
     if run_ids is None:
-        raw = conn.hgetall(OUTCOMES_KEY)
+        raw = client().hgetall(OUTCOMES_KEY)
+    elif run_ids:
+        raw = dict(zip(run_ids, client().hmget(OUTCOMES_KEY, run_ids), strict=True))
     else:
-        if not run_ids:
-            return {}
-        values = conn.hmget(OUTCOMES_KEY, [str(run_id) for run_id in run_ids])
-        raw = {str(run_id): value for run_id, value in zip(run_ids, values, strict=True) if value}
-    pending: dict[int, dict[str, Any]] = {}
-    for key, value in raw.items():
-        try:
-            pending[int(key)] = json.loads(value)
-        except (TypeError, ValueError):
-            continue
-    return pending
+        return {}
+    return {int(key): json.loads(value) for key, value in raw.items() if value is not None}
 
 
 def outcome_clear(run_id: int) -> None:

@@ -20,12 +20,14 @@ is full, the run has lost its slot and must stop (worker/heartbeat.py fences it)
 A run that finds a cap full *parks*: inside the same script it registers as a waiter and leaves its run
 message in `cb:sem:parked`, and its task acknowledges the message and ends. No retry message, no task
 result, no database write while it waits (the `throttled` status is written once). A release wakes the
-earliest parked waiter of each cap it freed (returns its message, which the releaser publishes), marking
-it woken for a while so two releases wake two different runs; a woken run that still does not fit parks
-again. A slow safety sweep (`semaphore_sweep_parked`, every worker maintenance tick) wakes the head of a
-cap that has room when a wake-up was lost (the releasing process died before publishing, the message was
-lost). The parked-waiter scripts reach keys named in `cb:sem:parked-caps`, so they need a standalone
-Redis (or one hash slot), not a cluster.
+parked waiters of each cap it freed, in due order, while the cap has room under each one's own limit
+(returns their messages, which the releaser publishes), marking them woken for a while: a woken run
+counts as holding a slot until it arrives, so two releases wake two different runs; a woken run that
+still does not fit (another took the slot) parks again. A slow safety sweep (`semaphore_sweep_parked`,
+every worker maintenance tick) does the same for every cap with parked waiters, for wake-ups that were
+lost (the releasing process died before publishing, the message was lost). The parked-waiter scripts
+reach keys named in `cb:sem:parked-caps`, so they need a standalone Redis (or one hash slot), not a
+cluster.
 
 Each run also holds its liveness lease, `cb:run:<id>:lease` (schedules/runleases.py), in the same
 scripts: the reaper fails a run only once that key has expired.
@@ -36,14 +38,14 @@ same leases, and each is admitted only while fewer than its own limit hold that 
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
-import threading
 from dataclasses import dataclass
 from datetime import datetime
 
 import redis
 from django.conf import settings
+from redis.commands.core import Script
 
 from schedules import runleases
 
@@ -54,7 +56,6 @@ SEQ_KEY = f"{KEY_PREFIX}:seq"
 PARKED_KEY = f"{KEY_PREFIX}:parked"  # waiter -> "<limit>|<run message JSON>"
 WOKEN_KEY = f"{KEY_PREFIX}:woken"  # waiter -> until (ms): woken, its message on the way
 PARKED_CAPS_KEY = f"{KEY_PREFIX}:parked-caps"  # "<holders key>|<waiters key>" of caps with parked waiters
-_PARKING_KEYS = [PARKED_KEY, WOKEN_KEY, PARKED_CAPS_KEY]
 
 # A cap's scope names what it counts; its keys are built from the scope. Defined here once: the worker
 # takes leases under these names and monitoring/metrics.py counts them.
@@ -74,12 +75,20 @@ def holders_key(scope: str) -> str:
     return f"{KEY_PREFIX}:{scope}:leases"
 
 
+# Every script starts with the Redis server's clock.
+_NOW_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
 # KEYS: n holder sets, n waiter sets (score = due), n waiter-expiry sets (score = expiry), the grant
 # counter, the run's liveness key, the parked hash, the woken set, the parked-caps set.
 # ARGV: owner, waiter id, due (ms), lease ms, waiter ttl ms, floor (the highest grant among running runs
 # in PostgreSQL), parked message ('' = do not park), then n limits.
 # Returns {1, grant} granted | {0, i, held, ahead} blocked on cap i | {-2} lease state behind the database.
-ACQUIRE_LUA = """
+ACQUIRE_LUA = (
+    _NOW_LUA
+    + """
 local n = (#KEYS - 5) / 3
 local owner, waiter, due = ARGV[1], ARGV[2], ARGV[3]
 local lease_ms, waiter_ms, floor = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -97,8 +106,6 @@ end
 if tonumber(seq) < floor then
   return {-2}
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 1, n do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
   local gone = redis.call('ZRANGEBYSCORE', KEYS[2 * n + i], '-inf', now)
@@ -145,27 +152,27 @@ redis.call('ZREM', woken, waiter)
 redis.call('SET', run_key, owner, 'PX', lease_ms)
 return {1, redis.call('INCR', seq_key)}
 """
+)
 
 # KEYS: n holder sets, the run's liveness key. ARGV: owner, lease ms, then n limits.
 # Extends the owner's leases. A lease that is gone (expired while the worker could not reach Redis, or
 # lost with Redis's data) is taken again only while the cap has room under the run's own limit; when it
 # has none, the slot went to another run: returns that cap's index and touches nothing, and the caller
 # stops its run. Returns {renewed, reasserted, lost cap index or 0}.
-RENEW_LUA = """
+RENEW_LUA = (
+    _NOW_LUA
+    + """
 local n = #KEYS - 1
 local owner, lease_ms = ARGV[1], tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local renewed, missing = 0, {}
+local renewed, missing = 0, 0
 for i = 1, n do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
   if redis.call('ZSCORE', KEYS[i], owner) then
     renewed = renewed + 1
+  elseif redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[2 + i]) then
+    return {0, 0, i}
   else
-    if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[2 + i]) then
-      return {0, 0, i}
-    end
-    missing[#missing + 1] = i
+    missing = missing + 1
   end
 end
 for i = 1, n do
@@ -175,93 +182,94 @@ for i = 1, n do
   end
 end
 redis.call('SET', KEYS[n + 1], owner, 'PX', lease_ms)
-return {renewed, #missing, 0}
+return {renewed, missing, 0}
 """
+)
 
-# KEYS: n holder sets, n waiter sets, the run's liveness key, the parked hash, the woken set.
-# ARGV: owner, wake ms. Removes only this owner's leases; for each cap it freed, wakes the earliest parked
-# waiter not woken already. Returns {removed, message, message, ...}.
-RELEASE_LUA = """
-local n = (#KEYS - 4) / 2
-local owner, wake_ms, settled = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local run_key, parked, woken, outcomes = KEYS[2 * n + 1], KEYS[2 * n + 2], KEYS[2 * n + 3], KEYS[2 * n + 4]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+# The wake-up, shared by the release and the safety sweep. KEYS[1] the parked hash, KEYS[2] the woken
+# set; ARGV[1] wake ms. `wake` hands out a cap's free slots to its parked waiters in due order, each
+# while the cap has room under its own limit; a run already woken counts as holding a slot until it
+# arrives (or its mark expires). Returns the length of the cap's line.
+_WAKE_LUA = (
+    _NOW_LUA
+    + """
+local parked, woken, wake_ms = KEYS[1], KEYS[2], tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', woken, '-inf', now)
-local removed, out = 0, {}
-for i = 1, n do
-  if redis.call('ZREM', KEYS[i], owner) == 1 then
-    removed = removed + 1
-    for _, w in ipairs(redis.call('ZRANGE', KEYS[n + i], 0, 49)) do
-      if not redis.call('ZSCORE', woken, w) then
-        local record = redis.call('HGET', parked, w)
-        if record then
-          redis.call('ZADD', woken, now + wake_ms, w)
-          out[#out + 1] = string.sub(record, string.find(record, '|', 1, true) + 1)
+local function wake(holders, waiters, out)
+  redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
+  local held = redis.call('ZCARD', holders)
+  local line = redis.call('ZRANGE', waiters, 0, 49)
+  for _, w in ipairs(line) do
+    if redis.call('ZSCORE', woken, w) then
+      held = held + 1
+    else
+      local record = redis.call('HGET', parked, w)
+      if record then
+        local bar = string.find(record, '|', 1, true)
+        if held >= tonumber(string.sub(record, 1, bar - 1)) then
           break
         end
+        redis.call('ZADD', woken, now + wake_ms, w)
+        out[#out + 1] = string.sub(record, bar + 1)
+        held = held + 1
       end
     end
   end
+  return #line
 end
-if redis.call('GET', run_key) == owner then
-  redis.call('DEL', run_key)
+"""
+)
+
+# KEYS: the parked hash, the woken set, the outcomes hash, the run's liveness key, n holder sets, n waiter
+# sets. ARGV: wake ms, owner, run id whose recorded outcome is settled ('' = none). Removes only this
+# owner's leases and wakes the parked waiters of each cap it freed. Returns {removed, message, ...}.
+RELEASE_LUA = (
+    _WAKE_LUA
+    + """
+local n = (#KEYS - 4) / 2
+local owner, settled = ARGV[2], ARGV[3]
+local removed, out = 0, {}
+for i = 1, n do
+  if redis.call('ZREM', KEYS[4 + i], owner) == 1 then
+    removed = removed + 1
+    wake(KEYS[4 + i], KEYS[4 + n + i], out)
+  end
+end
+if redis.call('GET', KEYS[4]) == owner then
+  redis.call('DEL', KEYS[4])
 end
 if settled ~= '' then
-  redis.call('HDEL', outcomes, settled)
+  redis.call('HDEL', KEYS[3], settled)
 end
 table.insert(out, 1, removed)
 return out
 """
+)
 
 # KEYS: the parked hash, the woken set, the parked-caps set. ARGV: wake ms.
-# The safety net for lost wake-ups: for each cap with parked waiters, wake waiters in due order while the
-# cap has room under each one's own limit (counting runs already woken as about to take a slot).
-SWEEP_PARKED_LUA = """
-local parked, woken, parked_caps = KEYS[1], KEYS[2], KEYS[3]
-local wake_ms = tonumber(ARGV[1])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', woken, '-inf', now)
+# The safety net for lost wake-ups: wakes the waiters of every cap with parked waiters that has room.
+SWEEP_PARKED_LUA = (
+    _WAKE_LUA
+    + """
 local out = {}
-for _, pair in ipairs(redis.call('SMEMBERS', parked_caps)) do
-  local sep = string.find(pair, '|', 1, true)
-  local holders, waiters = string.sub(pair, 1, sep - 1), string.sub(pair, sep + 1)
-  redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
-  local line = redis.call('ZRANGE', waiters, 0, 49)
-  if #line == 0 then
-    redis.call('SREM', parked_caps, pair)
-  else
-    local held = redis.call('ZCARD', holders)
-    for _, w in ipairs(line) do
-      if redis.call('ZSCORE', woken, w) then
-        held = held + 1
-      else
-        local record = redis.call('HGET', parked, w)
-        if record then
-          local bar = string.find(record, '|', 1, true)
-          if held >= tonumber(string.sub(record, 1, bar - 1)) then
-            break
-          end
-          redis.call('ZADD', woken, now + wake_ms, w)
-          out[#out + 1] = string.sub(record, bar + 1)
-          held = held + 1
-        end
-      end
-    end
+for _, pair in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local bar = string.find(pair, '|', 1, true)
+  if wake(string.sub(pair, 1, bar - 1), string.sub(pair, bar + 1), out) == 0 then
+    redis.call('SREM', KEYS[3], pair)
   end
 end
 return out
 """
+)
 
 # KEYS: the grant counter, then one key per entry. ARGV: lease ms, floor, then per entry "z:<owner>" (a
 # holder set: add the lease unless present) or "s:<owner>" (a liveness key: set unless present).
 # Puts back the leases of the database's running runs, then lifts the counter to the floor, which is
 # what lets acquires through again.
-REBUILD_LUA = """
+REBUILD_LUA = (
+    _NOW_LUA
+    + """
 local lease_ms, floor = tonumber(ARGV[1]), tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local added = 0
 for i = 2, #KEYS do
   local kind, owner = string.sub(ARGV[i + 1], 1, 1), string.sub(ARGV[i + 1], 3)
@@ -281,20 +289,7 @@ if not seq or tonumber(seq) < floor then
 end
 return added
 """
-
-# KEYS: n waiter sets, n waiter-expiry sets, the parked hash, the woken set. ARGV: waiter id. A run that
-# will not wait any more (it started elsewhere, was cancelled) leaves the line at once instead of holding
-# its place until expiry.
-FORGET_WAITER_LUA = """
-local n = (#KEYS - 2) / 2
-for i = 1, n do
-  redis.call('ZREM', KEYS[i], ARGV[1])
-  redis.call('ZREM', KEYS[n + i], ARGV[1])
-end
-redis.call('HDEL', KEYS[2 * n + 1], ARGV[1])
-redis.call('ZREM', KEYS[2 * n + 2], ARGV[1])
-return 1
-"""
+)
 
 
 @dataclass(frozen=True)
@@ -349,54 +344,15 @@ class Renewal:
     lost: Cap | None  # the cap whose slot another run took while this run's lease was gone
 
 
-_client_lock = threading.Lock()
-_client: redis.Redis | None = None
-_scripts: dict[str, redis.commands.core.Script] = {}
-
-
-def _reset_after_fork() -> None:
-    # Pool children are forked from a parent whose maintenance thread uses this module: a lock held by
-    # that thread at fork time would never be released in the child.
-    global _client_lock, _client
-    _client_lock = threading.Lock()
-    _client = None
-    _scripts.clear()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
-
-
 def semaphore_client() -> redis.Redis:
-    """One client per process; redis-py resets its pool after a fork, so prefork children are safe.
-
-    Its timeouts are well inside a lease (runleases.redis_timeout): a heartbeat blocked on a blackholed
-    Redis must still notice in time that its lease is running out.
-    """
-    global _client
-    with _client_lock:
-        if _client is None:
-            timeout = runleases.redis_timeout()
-            _client = redis.Redis.from_url(
-                settings.REDIS_URL,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                health_check_interval=15,
-            )
-            for name, source in (
-                ("acquire", ACQUIRE_LUA),
-                ("renew", RENEW_LUA),
-                ("release", RELEASE_LUA),
-                ("rebuild", REBUILD_LUA),
-                ("sweep_parked", SWEEP_PARKED_LUA),
-                ("forget_waiter", FORGET_WAITER_LUA),
-            ):
-                _scripts[name] = _client.register_script(source)
-        return _client
+    """The process's lease client (runleases.client): its timeouts are well inside a lease, so a
+    heartbeat blocked on a blackholed Redis still notices in time that its lease is running out."""
+    return runleases.client()
 
 
-def _script(name: str):
-    semaphore_client()
-    return _scripts[name]
+@functools.cache
+def _script(source: str) -> Script:
+    return runleases.client().register_script(source)
 
 
 def lease_ms() -> int:
@@ -436,11 +392,11 @@ def semaphore_acquire(
         [c.key for c in caps]
         + [c.waiters_key for c in caps]
         + [c.waiter_expiry_key for c in caps]
-        + [SEQ_KEY, runleases.run_lease_key(run_id), *_PARKING_KEYS]
+        + [SEQ_KEY, runleases.run_lease_key(run_id), PARKED_KEY, WOKEN_KEY, PARKED_CAPS_KEY]
     )
     waiter_ttl_ms = PARK_TTL_MS if park else int(settings.WORKER_THROTTLE_MAX_SECONDS * 1000 * 3) + 10_000
     argv = [owner, waiter, _ms(due), lease_ms(), waiter_ttl_ms, int(floor), park, *[c.limit for c in caps]]
-    result = _script("acquire")(keys=keys, args=argv)
+    result = _script(ACQUIRE_LUA)(keys=keys, args=argv)
     code = int(result[0])
     if code == 1:
         return Grant(acquired=True, seq=int(result[1]))
@@ -452,7 +408,7 @@ def semaphore_acquire(
 def semaphore_renew(caps: list[Cap], *, owner: str, run_id: int) -> Renewal:
     """Extend the owner's leases (and its liveness lease); a lease gone is taken again under the limit."""
     keys = [c.key for c in caps] + [runleases.run_lease_key(run_id)]
-    result = _script("renew")(keys=keys, args=[owner, lease_ms(), *[c.limit for c in caps]])
+    result = _script(RENEW_LUA)(keys=keys, args=[owner, lease_ms(), *[c.limit for c in caps]])
     lost = int(result[2])
     return Renewal(renewed=int(result[0]), reasserted=int(result[1]), lost=caps[lost - 1] if lost else None)
 
@@ -464,27 +420,29 @@ class Released:
 
 
 def semaphore_release(caps: list[Cap], *, owner: str, run_id: int, settled: bool = False) -> Released:
-    """Give the owner's leases back and wake the next parked waiter of each cap it freed.
+    """Give the owner's leases back and wake the parked waiters of each cap it freed that now fit.
 
     `settled`: the run's outcome is written to PostgreSQL, so its copy kept in Redis
     (runleases.outcome_record) goes in the same round trip."""
-    keys = (
-        [c.key for c in caps]
-        + [c.waiters_key for c in caps]
-        + [runleases.run_lease_key(run_id), PARKED_KEY, WOKEN_KEY, runleases.OUTCOMES_KEY]
-    )
-    result = _script("release")(keys=keys, args=[owner, wake_ms(), str(run_id) if settled else ""])
-    return Released(removed=int(result[0]), woken=[_text(m) for m in result[1:]])
+    keys = [PARKED_KEY, WOKEN_KEY, runleases.OUTCOMES_KEY, runleases.run_lease_key(run_id)]
+    keys += [c.key for c in caps] + [c.waiters_key for c in caps]
+    result = _script(RELEASE_LUA)(keys=keys, args=[wake_ms(), owner, str(run_id) if settled else ""])
+    return Released(removed=int(result[0]), woken=[m.decode() for m in result[1:]])
 
 
 def semaphore_sweep_parked() -> list[str]:
     """Messages of parked runs whose cap has room although nobody woke them (a lost wake-up)."""
-    return [_text(m) for m in _script("sweep_parked")(keys=_PARKING_KEYS, args=[wake_ms()])]
+    keys = [PARKED_KEY, WOKEN_KEY, PARKED_CAPS_KEY]
+    return [m.decode() for m in _script(SWEEP_PARKED_LUA)(keys=keys, args=[wake_ms()])]
 
 
 def semaphore_forget_waiter(caps: list[Cap], *, waiter: str) -> None:
-    keys = [c.waiters_key for c in caps] + [c.waiter_expiry_key for c in caps] + [PARKED_KEY, WOKEN_KEY]
-    _script("forget_waiter")(keys=keys, args=[waiter])
+    """A run that will not wait any more (it started elsewhere, was cancelled) leaves the line at once
+    instead of holding its place until expiry."""
+    pipe = semaphore_client().pipeline(transaction=True)
+    for cap in caps:
+        pipe.zrem(cap.waiters_key, waiter).zrem(cap.waiter_expiry_key, waiter)
+    pipe.hdel(PARKED_KEY, waiter).zrem(WOKEN_KEY, waiter).execute()
 
 
 def semaphore_parked(waiters: list[str]) -> set[str]:
@@ -493,10 +451,6 @@ def semaphore_parked(waiters: list[str]) -> set[str]:
         return set()
     found = semaphore_client().hmget(PARKED_KEY, waiters)
     return {waiter for waiter, record in zip(waiters, found, strict=True) if record is not None}
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def semaphore_behind(floor: int) -> bool:
@@ -518,7 +472,7 @@ def semaphore_rebuild(holders: list[tuple[int, str, list[Cap]]], *, floor: int) 
             argv.append(f"z:{owner}")
         keys.append(runleases.run_lease_key(run_id))
         argv.append(f"s:{owner}")
-    added = int(_script("rebuild")(keys=keys, args=argv))
+    added = int(_script(REBUILD_LUA)(keys=keys, args=argv))
     logger.warning(
         "semaphore lease sets rebuilt from the database", extra={"runs": len(holders), "added": added}
     )
@@ -527,7 +481,5 @@ def semaphore_rebuild(holders: list[tuple[int, str, list[Cap]]], *, floor: int) 
 
 def semaphore_holders(cap: Cap) -> list[str]:
     """Owners holding an unexpired lease on `cap` (for tests and diagnostics)."""
-    client = semaphore_client()
-    seconds, micros = client.time()
-    now_ms = seconds * 1000 + micros // 1000
-    return [m.decode() for m in client.zrangebyscore(cap.key, f"({now_ms}", "+inf")]
+    now_ms = runleases.redis_now_ms()
+    return [m.decode() for m in semaphore_client().zrangebyscore(cap.key, f"({now_ms}", "+inf")]

@@ -273,13 +273,26 @@ def test_parked_runs__the_sweep_wakes_a_head_whose_wake_up_was_lost(sem, setting
 
 
 def test_parked_runs__a_woken_run_that_still_does_not_fit_parks_again(sem):
+    cap = job_cap(limit=1)
+    assert acquire([cap], "holder").acquired
+    assert not park([cap], "woken", due=T0 + timedelta(seconds=2)).acquired
+    assert semaphore_release([cap], owner="holder", run_id=run_id_of("holder")).woken == ['{"run": "woken"}']
+    # Before it arrives, a run that came due earlier takes the slot: the woken run parks again.
+    assert acquire([cap], "earlier", due=T0 + timedelta(seconds=1)).acquired
+    assert not park([cap], "woken", due=T0 + timedelta(seconds=2)).acquired
+    assert semaphore.semaphore_parked(["woken"]) == {"woken"}
+    assert semaphore_release([cap], owner="earlier", run_id=run_id_of("earlier")).woken == [
+        '{"run": "woken"}'
+    ]
+    assert park([cap], "woken", due=T0 + timedelta(seconds=2)).acquired
+
+
+def test_parked_runs__a_release_wakes_only_runs_that_fit_under_their_own_limit(sem):
     narrow, wide = global_cap(1), global_cap(3)
     assert acquire([wide], "w1").acquired
     assert acquire([wide], "w2").acquired
     assert not park([narrow], "n1", due=T0 + timedelta(seconds=1)).acquired
-    # w1 frees a slot: n1 is woken, but under its own limit of 1 one running is still too many.
-    assert semaphore_release([wide], owner="w1", run_id=run_id_of("w1")).woken == ['{"run": "n1"}']
-    assert not park([narrow], "n1", due=T0 + timedelta(seconds=1)).acquired
-    assert semaphore.semaphore_parked(["n1"]) == {"n1"}
+    # w1 frees a slot, but under n1's own limit of 1 the run still holding one is too many.
+    assert semaphore_release([wide], owner="w1", run_id=run_id_of("w1")).woken == []
     assert semaphore_release([wide], owner="w2", run_id=run_id_of("w2")).woken == ['{"run": "n1"}']
     assert park([narrow], "n1", due=T0 + timedelta(seconds=1)).acquired
