@@ -7,9 +7,9 @@ parked runs again when a slot frees.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import random
 from dataclasses import asdict
 
 import redis
@@ -83,7 +83,8 @@ def caps_for_run(run_id: int) -> list[Cap]:
 
 
 def rebuild_leases() -> int:
-    """Put the database's running runs back into Redis's lease sets (after Redis lost lease state)."""
+    """Put the database's running runs back into Redis's lease sets (after Redis lost lease state);
+    return the lease floor they were rebuilt to."""
     floor = runstate.running_lease_floor()
     running = ScheduledRun.objects.select_related("schedule").filter(run__status=RunStatus.RUNNING)
     schedules = {sr.run_id: sr.schedule for sr in running}
@@ -91,27 +92,19 @@ def rebuild_leases() -> int:
         (run.pk, lease_owner(run.pk, run.worker), caps_for(run.job, schedules.get(run.pk)))
         for run in Run.objects.filter(status=RunStatus.RUNNING).select_related("job").order_by("id")
     ]
-    return semaphore_rebuild(holders, floor=floor)
+    semaphore_rebuild(holders, floor=floor)
+    return floor
 
 
-def semaphore_take(
-    caps: list[Cap], *, owner: str, run_id: int, due, park: str = "", floor: int | None = None
-) -> Grant:
+def semaphore_take(caps: list[Cap], *, owner: str, run_id: int, due, park: str, floor: int) -> Grant:
     """Acquire the run's caps (parking the run's message when one is full); a Redis behind the
-    database is rebuilt first, then asked again. `floor`: runstate.running_lease_floor(), if the
-    caller read it already (with the run)."""
-
-    def acquire(floor: int | None) -> Grant:
-        if floor is None:
-            floor = runstate.running_lease_floor()
-        return semaphore_acquire(
-            caps, owner=owner, waiter=waiter_id(run_id), due=due, run_id=run_id, floor=floor, park=park
-        )
-
-    grant = acquire(floor)
+    database is rebuilt first, then asked again. `floor`: runstate.running_lease_floor()."""
+    acquire = functools.partial(
+        semaphore_acquire, caps, owner=owner, waiter=waiter_id(run_id), due=due, run_id=run_id, park=park
+    )
+    grant = acquire(floor=floor)
     if grant.rebuild:
-        rebuild_leases()
-        grant = acquire(None)
+        grant = acquire(floor=rebuild_leases())
     return grant
 
 
@@ -125,32 +118,6 @@ def park_message(
     )
 
 
-def unpark_messages(
-    messages: list[str],
-) -> tuple[list[RunMessage], dict[str, tuple[float | None, float | None]] | None, dict[int, str] | None]:
-    """The parked runs' messages, and the limits per job and names per scheduled run they carried: None
-    for either when a message lacks it (parked by an older worker) or the messages of one job disagree
-    (its limits were edited between two parkings), so that the publish reads the current values."""
-    runs: list[RunMessage] = []
-    limits: dict[str, tuple[float | None, float | None]] | None = {}
-    names: dict[int, str] | None = {}
-    for raw in messages:
-        item = json.loads(raw)
-        carried, name = item.pop("limits", None), item.pop("schedule", None)
-        message = RunMessage(**item)
-        runs.append(message)
-        if limits is not None:
-            pair = (carried[0], carried[1]) if isinstance(carried, list) and len(carried) == 2 else None
-            if pair is None or limits.setdefault(message.job_key, pair) != pair:
-                limits = None
-        if names is not None and message.scheduled_run_id is not None:
-            if isinstance(name, str):
-                names[message.scheduled_run_id] = name
-            else:
-                names = None
-    return runs, limits, names
-
-
 def wake(messages: list[str]) -> int:
     """Publish the messages of parked runs a release (or the safety sweep) woke; return how many.
 
@@ -158,9 +125,20 @@ def wake(messages: list[str]) -> int:
     woken mark expires (`semaphore.wake_ms`)."""
     if not messages:
         return 0
+    runs, limits, names = [], {}, {}
+    # Read the current limits instead when a message carries none (parked by an older worker) or two
+    # of one job disagree (its limits were edited between two parkings); a name it lacks is read too.
+    stale = False
     try:
-        runs, limits, names = unpark_messages(messages)
-        send_messages(runs, limits=limits, names=names)
+        for raw in messages:
+            item = json.loads(raw)
+            carried, name = item.pop("limits", None), item.pop("schedule", None)
+            run = RunMessage(**item)
+            runs.append(run)
+            stale |= carried is None or limits.setdefault(run.job_key, tuple(carried)) != tuple(carried)
+            if name is not None:
+                names[run.scheduled_run_id] = name
+        send_messages(runs, limits=None if stale else limits, names=names)
     except Exception as exc:
         logger.warning("wake-up publish failed", extra={"count": len(messages), "error": type(exc).__name__})
         return 0
@@ -190,15 +168,3 @@ def check_leases() -> bool:
         rebuild_leases()
         return True
     return False
-
-
-def throttle_countdown(grant: Grant) -> float:
-    """Jittered backoff: the head of the line polls often, runs far behind it poll less."""
-    base = settings.WORKER_THROTTLE_BASE_SECONDS
-    cap = settings.WORKER_THROTTLE_MAX_SECONDS
-    limit = grant.blocking.limit if grant.blocking is not None else 1
-    delay = min(cap, base * (1 + grant.ahead / max(limit, 1)))
-    if grant.rebuild:
-        delay = base
-    # Full jitter between half and all of the delay spreads retries so they do not arrive in waves.
-    return delay * random.uniform(0.5, 1.0)

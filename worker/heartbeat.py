@@ -61,7 +61,9 @@ class Heartbeat:
         self.fence = fence
         self.last_renewed = time.monotonic()  # the grant itself was a renewal
         self._ended = threading.Event()
-        self._lease_thread = threading.Thread(target=self._lease_loop, name="run-leases", daemon=True)
+        self._lease_thread = threading.Thread(
+            target=self._loop, args=(self._lease_beat,), name="run-leases", daemon=True
+        )
 
     def __enter__(self) -> Heartbeat:
         self._lease_thread.start()
@@ -85,9 +87,6 @@ class Heartbeat:
             except Exception:
                 logger.exception("heartbeat failed", extra={"run_id": self.run_id})
                 delay = self.lease / 8
-
-    def _lease_loop(self) -> None:
-        self._loop(self._lease_beat)
 
     def _lease_beat(self) -> float | None:
         self.renew()

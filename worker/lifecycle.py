@@ -35,7 +35,6 @@ from worker.caps import (
     park_message,
     release_and_wake,
     semaphore_take,
-    throttle_countdown,
     waiter_id,
 )
 from worker.heartbeat import Heartbeat
@@ -87,28 +86,18 @@ class Outcome:
         return data
 
 
-def _timed_out(exc: BaseException, started: float, soft_limit: float | None) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, SoftTimeLimitExceeded):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return soft_limit is not None and time.monotonic() - started >= soft_limit
-
-
-def _failure_summary(exc: BaseException) -> str:
-    # Exception types only (and the orchestrator's own summary, which is built from types): messages
-    # may carry secrets or LLM text.
-    if isinstance(exc, TaskFailed):
-        return str(exc)
-    return type(exc).__name__
-
-
 def _summary(exc: BaseException, started: float, soft_limit: float | None) -> str:
-    if _timed_out(exc, started, soft_limit):
+    """Why the run failed. Exception types only (and the orchestrator's own summary, which is built from
+    types): messages may carry secrets or LLM text."""
+    timed_out = soft_limit is not None and time.monotonic() - started >= soft_limit
+    seen: BaseException | None = exc
+    while seen is not None and not timed_out:
+        timed_out = isinstance(seen, SoftTimeLimitExceeded)
+        seen = seen.__cause__ or seen.__context__
+    if timed_out:
         limit = f"{soft_limit:g}s" if soft_limit else "its time limit"
         return f"timed out after {limit} (Job.timeout_seconds; soft time limit)"
-    return _failure_summary(exc)
+    return str(exc) if isinstance(exc, TaskFailed) else type(exc).__name__
 
 
 def _counts(stats: dict[str, Any]) -> dict[str, Any]:
@@ -179,10 +168,9 @@ def run_execute(
     if not grant.acquired:
         runstate.run_mark_throttled(run_id, scheduled_run_id, grant.reason)
         if grant.rebuild:
-            # Not parked: Redis is being rebuilt from the database; ask again shortly.
-            return Outcome(
-                status="throttled", run_id=run_id, reason=grant.reason, countdown=throttle_countdown(grant)
-            )
+            # Not parked: Redis is being rebuilt from the database; ask again shortly (jittered).
+            countdown = settings.WORKER_THROTTLE_BASE_SECONDS * random.uniform(0.5, 1.0)
+            return Outcome(status="throttled", run_id=run_id, reason=grant.reason, countdown=countdown)
         logger.info("run parked", extra={"run_id": run_id, "job": job_key, "reason": grant.reason})
         return Outcome(status="parked", run_id=run_id, reason=grant.reason)
 

@@ -1,14 +1,11 @@
 """The worker parent's side of a run: ending the run of a pool process that died or hit the hard time
-limit, off the parent's event loop (the task's request hooks, worker/tasks.py, call it), and the limits
-and retry delay the task reads from its request.
+limit, off the parent's event loop (the task's request hooks, worker/tasks.py, call it).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
-from typing import Any
 
 import psutil
 import redis
@@ -37,10 +34,6 @@ class ParentWriter(BackgroundQueue):
     thread_name = "worker-parent-writer"
 
     def handle(self, job) -> None:
-        self._run(job)
-
-    @staticmethod
-    def _run(job) -> None:
         def attempt() -> None:
             # This thread's own connection. Wait a little for a lock, then retry later: one row lock
             # must not hold up the writes queued behind it. (Not a bare session SET: behind PgBouncer
@@ -142,15 +135,3 @@ def run_end_from_parent(
             logger.warning("run ended by the worker's parent", extra={"run_id": run_id, "reason": reason})
 
     parent_writer.submit(write)
-
-
-def time_limits_of(timelimit: Any) -> tuple[float | None, float | None]:
-    """(hard, soft) from a request's `timelimit` (set at publish from Job.timeout_seconds)."""
-    if isinstance(timelimit, list | tuple) and len(timelimit) == 2:
-        hard, soft = timelimit
-        return (float(hard) if hard else None, float(soft) if soft else None)
-    return (None, None)
-
-
-def database_retry_countdown() -> float:
-    return settings.WORKER_THROTTLE_MAX_SECONDS * random.uniform(0.1, 0.3)

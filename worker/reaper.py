@@ -170,32 +170,16 @@ def maintenance_tick() -> dict[str, Any]:
     return report
 
 
-class Maintenance:
-    """The background thread of a worker's parent process."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="worker-maintenance", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        try:
-            while True:
-                maintenance_tick()
-                if self._stop.wait(self.interval):
-                    return
-        finally:
-            connection.close()
+def _maintain(interval: float, stop: threading.Event) -> None:
+    """The background thread of a worker's parent process: a tick every `interval` until `stop`."""
+    try:
+        while not stop.wait(interval):
+            maintenance_tick()
+    finally:
+        connection.close()
 
 
-_maintenance: Maintenance | None = None
+_maintenance: tuple[threading.Thread, threading.Event] | None = None
 
 
 def _warn_if_visibility_too_short() -> None:
@@ -254,14 +238,20 @@ def _on_worker_ready(**kwargs: Any) -> None:
         # not racing the runs launched right after start-up.
         maintenance_tick()
         connection.close()
-        _maintenance = Maintenance(float(settings.WORKER_REAPER_INTERVAL_SECONDS))
-        _maintenance.start()
-        logger.info("worker maintenance started", extra={"interval": _maintenance.interval})
+        interval, stop = float(settings.WORKER_REAPER_INTERVAL_SECONDS), threading.Event()
+        thread = threading.Thread(
+            target=_maintain, args=(interval, stop), name="worker-maintenance", daemon=True
+        )
+        thread.start()
+        _maintenance = (thread, stop)
+        logger.info("worker maintenance started", extra={"interval": interval})
 
 
 @worker_shutdown.connect
 def _on_worker_shutdown(**kwargs: Any) -> None:
     global _maintenance
     if _maintenance is not None:
-        _maintenance.stop()
+        thread, stop = _maintenance
+        stop.set()
+        thread.join(timeout=10)
         _maintenance = None

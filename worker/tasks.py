@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
@@ -21,13 +22,14 @@ from celery import Task
 from celery.exceptions import Ignore
 from celery.signals import task_prerun
 from celery.worker.request import Request
+from django.conf import settings
 from django.db import close_old_connections, connection
 
 from project.celery import app
 from schedules.runstate import WORKER_LOST, RunFailed
 from worker import reaper  # noqa: F401  (reaper connects the worker's signal handlers)
 from worker.lifecycle import DATABASE_AWAY, CapReached, run_execute, worker_identity
-from worker.parent import database_retry_countdown, run_end_from_parent, time_limits_of
+from worker.parent import run_end_from_parent
 from worker.routing import RUN_TASK_NAME
 
 logger = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ def _fresh_enough_connection(sender=None, **_kwargs) -> None:
 @app.task(bind=True, base=RunTask, name=RUN_TASK_NAME, max_retries=None)
 def execute_run(self, run_id: int, scheduled_run_id: int | None = None, job_key: str = "") -> dict:
     worker = worker_identity(self.request.hostname or "worker", os.getpid())
-    _, soft = time_limits_of(self.request.timelimit)
+    _, soft = self.request.timelimit or (None, None)  # (hard, soft), from the message
     try:
         outcome = run_execute(
             run_id=run_id,
@@ -117,20 +119,16 @@ def execute_run(self, run_id: int, scheduled_run_id: int | None = None, job_key:
         # Before the start (run_execute ends every run it started): the run is still queued. Try the
         # message again rather than leave it to the outbox sweep's long republish delay.
         connection.close()
-        raise self.retry(countdown=database_retry_countdown(), exc=exc, max_retries=None) from exc
+        countdown = settings.WORKER_THROTTLE_MAX_SECONDS * random.uniform(0.1, 0.3)
+        raise self.retry(countdown=countdown, exc=exc, max_retries=None) from exc
     if outcome.status == "throttled":
         # A fresh message with the same task id; Flower and the TaskResult show the reason while it waits.
         raise self.retry(countdown=outcome.countdown, exc=CapReached(outcome.reason), max_retries=None)
-    if outcome.status == "parked":
-        # The run waits in Redis with its message (worker/semaphore.py): acknowledge this delivery and
-        # store nothing; the release of a slot publishes it again.
-        raise Ignore()
-    if outcome.status == "skipped":
-        # A duplicate delivery: acknowledge and store nothing, so the real run's TaskResult stands.
-        raise Ignore()
-    if not outcome.written:
-        # The run was reaped or cancelled meanwhile (their outcome and TaskResult stand), or its outcome
-        # waits in Redis for a reaper, which stores the TaskResult when it writes it: store nothing.
+    if outcome.status in ("parked", "skipped") or not outcome.written:
+        # Acknowledge this delivery and store nothing: a parked run waits in Redis with its message
+        # (worker/semaphore.py), which the release of a slot publishes again; a duplicate delivery leaves
+        # the real run's TaskResult standing; a run reaped or cancelled meanwhile keeps theirs, and an
+        # outcome left in Redis gets its TaskResult from the reaper that writes it.
         raise Ignore()
     if outcome.status == "failed":
         # After the run's failure is written: the task fails too, with the short summary only.

@@ -465,12 +465,12 @@ def _flaky(failures: int, result=None):
 def test_parent_writer__retries_a_failed_write_then_gives_up_within_its_budget(settings, caplog):
     settings.WORKER_PARENT_WRITE_RETRY_SECONDS = 2
     job = _flaky(2)
-    parent.ParentWriter._run(job)
+    parent.parent_writer.handle(job)
     assert job.calls == 3, "two failures retried, the third attempt written"
 
     never = _flaky(10**6)
     started = time.monotonic()
-    parent.ParentWriter._run(never)
+    parent.parent_writer.handle(never)
     assert time.monotonic() - started < 2 + 1, "no sleep past the budget"
     assert never.calls == 3, "sleeps of 0.5 s and 1 s; a third of 2 s would end past the budget"
     assert "parent write abandoned" in caplog.text
