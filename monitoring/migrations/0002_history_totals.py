@@ -10,6 +10,10 @@ reaches a final status, so /metrics' history counters survive retention and a sc
 The bucket bounds are monitoring.metrics' DURATION_BUCKETS and LAG_BUCKETS as of this migration; a
 change of those needs a migration that replaces the *_facts functions (rows counted before keep their
 bounds: a bound that is gone still counts under every larger bound).
+
+The UPDATE triggers name `status` (UPDATE OF, WHEN), so PostgreSQL refuses to change that column's type
+("cannot alter type of a column used in a trigger definition"): a migration that must, drops the
+trigger first and creates it again after.
 """
 
 from django.db import migrations, models
