@@ -4,12 +4,23 @@ Why at scrape time, and not prometheus-client's multiprocess mode: the facts liv
 already (every run's status, timings and trigger; every slot skipped and why; each schedule's next run),
 written by whichever of many scheduler, worker and web processes did the work. Counting them where they
 are is correct whatever number of processes run, restart or die (multiprocess mode loses a killed
-process's counts unless its files are swept correctly, and needs a shared directory on one host), and it
-costs the run path nothing. The few facts only a scheduler process knows (its ticks and claims, that it
-is alive) it records in Redis (record_scheduler_pass), read here as well.
+process's counts unless its files are swept correctly, and needs a shared directory on one host). The
+few facts only a scheduler process knows (its ticks and claims, that it is alive) it records in Redis
+(record_scheduler_pass), read here as well.
 
-Counters derived from history (`cb_runs_total`, `cb_slots_skipped_total`, the histograms) go down when
-retention prunes old rows: Prometheus reads a decrease as a counter reset, so rate() stays right.
+The history counters (`cb_runs_total`, `cb_slots_skipped_total`, the duration and lag histograms) are
+not counted over the history, which retention prunes (a drop would read as a counter reset, and
+`increase()` would spike) and which holds up to 10,000,000 runs: PostgreSQL triggers count each run and
+slot once, when it reaches its final status, into small totals tables (monitoring/models.py) that
+pruning never touches. So those counters only go up, and equal the runs finished since the totals
+began (migration 0002, which counted the history then present).
+
+What a build reads (each on an index or a small table, none over the history):
+- RUN_TOTALS_SQL, SLOT_TOTALS_SQL: the totals, after compact_totals folded the rows appended since;
+- WAITING_SQL: queued runs waiting for a slot (run_status_heartbeat_idx), per job;
+- the jobs, for the caps, and Redis (scheduler counters, live leases);
+- PER_SCHEDULE_SQL: METRICS_PER_SCHEDULE's schedules (top-N: a sort of schedules_schedule) and, for
+  each, its newest succeeded slot (scheduledrun_history_idx).
 """
 
 from __future__ import annotations
@@ -23,7 +34,8 @@ from collections.abc import Iterator
 
 import redis
 from django.conf import settings
-from django.db import connection
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connection, transaction
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
@@ -39,76 +51,77 @@ SCHEDULER_INSTANCES_KEY = "cb:metrics:scheduler-instances"  # zset: claimant -> 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
-# The reason label of a skipped slot, from the reason text schedules/dispatch.py records.
-SKIP_REASONS_SQL = """
-CASE WHEN error_summary LIKE 'missed%%' THEN 'missed'
-     WHEN error_summary LIKE '%%(overlap_policy skip)' THEN 'overlap_skip'
-     WHEN error_summary LIKE '%%(overlap_policy buffer_one)' THEN 'overlap_buffer'
-     WHEN error_summary = 'job disabled' THEN 'job_disabled'
-     ELSE 'other' END
+SKIP_REASONS = ("missed", "overlap_skip", "overlap_buffer", "job_disabled", "other")
+
+# The history counters and histograms come from the totals the triggers of migration 0002 keep
+# (monitoring/models.py): small tables, one row per key once compacted, whatever the history's size.
+RUN_TOTALS_SQL = """
+SELECT job, trigger, status, le, sum(runs), sum(seconds) FROM monitoring_runtotal GROUP BY 1, 2, 3, 4
 """
-
-
-def _bucket_counts(column: str, buckets: tuple[float, ...]) -> str:
-    """The count at or under each bucket bound, the count and the sum of `column` (NULL: not counted),
-    as one SELECT list, so several histograms come from one pass over a table. `column` is computed
-    once per row in a subquery: repeating the expression in each FILTER costs more than the scan."""
-    filters = ", ".join(f"count(*) FILTER (WHERE {column} <= {float(b)!r})" for b in buckets)
-    return f"{filters}, count({column}), coalesce(sum({column}), 0)"
-
-
-# One pass over the runs: counts by (job, trigger, status) and, in the same rows, the duration buckets
-# (summed per job in Python). History tables are read once each per build.
-RUNS_SQL = f"""
-SELECT key, trigger, status, count(*), {_bucket_counts("d", DURATION_BUCKETS)}
-  FROM (SELECT j.key, r.trigger, r.status, extract(epoch FROM r.finished_at - r.started_at) AS d
-          FROM orchestrator_run r JOIN orchestrator_job j ON j.id = r.job_id) AS t
- GROUP BY 1, 2, 3
+SLOT_TOTALS_SQL = """
+SELECT status, reason, dispatch_le, start_le, sum(slots), sum(dispatch_seconds), sum(start_seconds)
+  FROM monitoring_slottotal GROUP BY 1, 2, 3, 4
 """
 
 # Every job, 0 when none waits: a gauge that disappears reads as "no data", not "none waiting".
+# The waiting runs are found on run_status_heartbeat_idx (status = 'queued'), not by a pass over runs.
 WAITING_SQL = """
-SELECT j.key, count(r.id)
+SELECT j.key, coalesce(w.n, 0)
   FROM orchestrator_job j
-  LEFT JOIN orchestrator_run r
-    ON r.job_id = j.id AND r.status = 'queued' AND r.waiting_since IS NOT NULL
- GROUP BY 1
-"""
-SKIP_REASONS = ("missed", "overlap_skip", "overlap_buffer", "job_disabled", "other")
-
-SKIPPED_SQL = f"""
-SELECT {SKIP_REASONS_SQL} AS reason, count(*)
-  FROM schedules_scheduledrun WHERE status = 'skipped' GROUP BY 1
+  LEFT JOIN (SELECT job_id, count(*) AS n FROM orchestrator_run
+              WHERE status = 'queued' AND waiting_since IS NOT NULL GROUP BY job_id) AS w
+    ON w.job_id = j.id
 """
 
-
-# One pass over the scheduled runs: slot to hand-over (scheduled slots only: a run-now has no slot to be
-# late for), and hand-over to start (for a run that waited for a slot, from its last wake-up).
-LAGS_SQL = f"""
-SELECT {_bucket_counts("dispatch", LAG_BUCKETS)}, {_bucket_counts("start", LAG_BUCKETS)}
-  FROM (SELECT CASE WHEN trigger = 'schedule' AND run_id IS NOT NULL AND published_at IS NOT NULL
-                    THEN greatest(0, extract(epoch FROM published_at - scheduled_for)) END AS dispatch,
-               -- greatest() ignores NULLs: a run not started (or never published) has no start lag.
-               CASE WHEN started_at IS NOT NULL AND published_at IS NOT NULL
-                    THEN greatest(0, extract(epoch FROM started_at - published_at)) END AS start
-          FROM schedules_scheduledrun) AS t
+# Folding the rows the triggers appended into one row per key: the oldest `limit` rows in one
+# transaction, moved and summed (any subset may be folded: a total is the sum over its key). One
+# compaction at a time: a second one finds the advisory lock taken and leaves it to the first.
+COMPACT_SQL = """
+WITH moved AS (
+    DELETE FROM {table} WHERE id = ANY(ARRAY(SELECT id FROM {table} ORDER BY id LIMIT %(limit)s))
+    RETURNING {keys}, {values}
+), folded AS (
+    INSERT INTO {table} ({keys}, {values})
+    SELECT {keys}, {sums} FROM moved GROUP BY {keys}
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM folded)
 """
+COMPACT_TABLES = {
+    "monitoring_runtotal": (("job", "trigger", "status", "le"), ("runs", "seconds")),
+    "monitoring_slottotal": (
+        ("status", "reason", "dispatch_le", "start_le"),
+        ("slots", "dispatch_seconds", "start_seconds"),
+    ),
+}
+COMPACT_LOCK = 0x63620031  # any constant: the advisory lock key of compact_totals
+COMPACT_BATCH = 50_000
+COMPACT_EVERY_SECONDS = 60.0
 
-# Per-schedule series, rendered in exposition format by PostgreSQL itself: at 100,000 schedules,
-# building 200,000 samples as Python objects would cost most of the scrape budget on its own.
-_LABEL = "replace(replace(replace(s.name, E'\\\\', E'\\\\\\\\'), '\"', E'\\\\\"'), E'\\n', E'\\\\n')"
+# Per-schedule series, rendered in exposition format by PostgreSQL itself: building 2 samples per
+# schedule as Python objects would cost most of the scrape budget on its own. Which schedules:
+# METRICS_PER_SCHEDULE (`top:N` by default), the N latest first: enabled schedules by next_run_at
+# (most overdue first), then the others. The last success is the newest succeeded slot's finish, read
+# on scheduledrun_history_idx (a few index entries per schedule, not the whole history).
+_LABEL = "replace(replace(replace(c.name, E'\\\\', E'\\\\\\\\'), '\"', E'\\\\\"'), E'\\n', E'\\\\n')"
 PER_SCHEDULE_SQL = f"""
+WITH chosen AS (
+    SELECT s.id, s.name, s.enabled, s.next_run_at FROM schedules_schedule s
+     ORDER BY (s.enabled AND s.next_run_at IS NOT NULL) DESC, s.next_run_at, s.id
+     LIMIT %(limit)s
+)
 SELECT coalesce(string_agg(
          'cb_schedule_next_run_timestamp_seconds{{schedule="' || {_LABEL} || '"}} '
-         || extract(epoch FROM s.next_run_at)::numeric(20, 3)::text, E'\\n'
-         ORDER BY s.id) FILTER (WHERE s.enabled AND s.next_run_at IS NOT NULL), ''),
+         || extract(epoch FROM c.next_run_at)::numeric(20, 3)::text, E'\\n'
+         ORDER BY c.id) FILTER (WHERE c.enabled AND c.next_run_at IS NOT NULL), ''),
        coalesce(string_agg(
          'cb_schedule_last_success_timestamp_seconds{{schedule="' || {_LABEL} || '"}} '
          || extract(epoch FROM l.at)::numeric(20, 3)::text, E'\\n'
-         ORDER BY s.id) FILTER (WHERE l.at IS NOT NULL), '')
-  FROM schedules_schedule s
-  LEFT JOIN (SELECT schedule_id, max(finished_at) AS at FROM schedules_scheduledrun
-              WHERE status = 'succeeded' GROUP BY schedule_id) AS l ON l.schedule_id = s.id
+         ORDER BY c.id) FILTER (WHERE l.at IS NOT NULL), '')
+  FROM chosen c
+  LEFT JOIN LATERAL (SELECT r.finished_at AS at FROM schedules_scheduledrun r
+                      WHERE r.schedule_id = c.id AND r.status = 'succeeded'
+                      ORDER BY r.scheduled_for DESC LIMIT 1) AS l ON true
 """
 PER_SCHEDULE_HEADER = {
     "cb_schedule_next_run_timestamp_seconds": "When the schedule's next slot is due (enabled schedules).",
@@ -116,17 +129,62 @@ PER_SCHEDULE_HEADER = {
 }
 
 
-def _rows(sql: str) -> list[tuple]:
+def _rows(sql: str, params: dict | None = None) -> list[tuple]:
     with connection.cursor() as cursor:
-        cursor.execute(sql)
+        cursor.execute(sql, params)
         return cursor.fetchall()
 
 
-def _histogram(row: tuple, buckets: tuple[float, ...]) -> tuple[list[tuple[str, int]], float]:
-    """(bucket bound, cumulative count) pairs and the sum, from the columns of _bucket_counts."""
-    counts, total, summed = row[: len(buckets)], row[len(buckets)], row[len(buckets) + 1]
-    pairs = [(repr(float(b)), int(c)) for b, c in zip(buckets, counts, strict=True)] + [("+Inf", int(total))]
-    return pairs, float(summed)
+class _Histogram:
+    """Observations counted by bucket bound (`le`: the smallest bound each fits, Infinity above the
+    last, None for none), rendered cumulative as Prometheus wants."""
+
+    def __init__(self) -> None:
+        self.counts: dict[float, int] = {}
+        self.sum = 0.0
+
+    def add(self, le: float | None, count: int, seconds: float) -> None:
+        if le is not None:
+            self.counts[le] = self.counts.get(le, 0) + int(count)
+            self.sum += float(seconds)
+
+    def buckets(self, bounds: tuple[float, ...]) -> list[tuple[str, int]]:
+        cumulative = [(repr(float(b)), sum(n for le, n in self.counts.items() if le <= b)) for b in bounds]
+        return [*cumulative, ("+Inf", sum(self.counts.values()))]
+
+
+def compact_totals(*, budget_seconds: float = 5.0) -> int:
+    """Fold the totals' rows into one per key (COMPACT_SQL), batch after batch while a batch is full
+    and the budget lasts. Returns the rows folded away."""
+    deadline = time.monotonic() + budget_seconds
+    removed = 0
+    for table, (keys, values) in COMPACT_TABLES.items():
+        sql = COMPACT_SQL.format(
+            table=table,
+            keys=", ".join(keys),
+            values=", ".join(values),
+            sums=", ".join(f"sum({v})" for v in values),
+        )
+        while True:
+            with transaction.atomic():
+                if not _rows("SELECT pg_try_advisory_xact_lock(%(lock)s)", {"lock": COMPACT_LOCK})[0][0]:
+                    return removed  # another process is compacting
+                moved, folded = _rows(sql, {"limit": COMPACT_BATCH})[0]
+            removed += moved - folded
+            if moved < COMPACT_BATCH or time.monotonic() > deadline:
+                break
+    return removed
+
+
+def per_schedule_limit(value: str) -> int | None:
+    """METRICS_PER_SCHEDULE as a row limit: `top:N` -> N, `all` -> None (no limit), `none` -> 0."""
+    text = value.strip().lower()
+    if text in {"all", "none"}:
+        return None if text == "all" else 0
+    prefix, _, count = text.partition(":")
+    if prefix == "top" and count.isdigit():
+        return int(count)
+    raise ImproperlyConfigured(f"METRICS_PER_SCHEDULE must be top:N, all or none, not {value!r}")
 
 
 class DatabaseCollector:
@@ -134,7 +192,7 @@ class DatabaseCollector:
 
     def collect(self) -> Iterator:
         yield from self._runs()
-        yield from self._lags()
+        yield from self._slots()
         yield from self._scheduler()
 
     def describe(self) -> list:
@@ -142,22 +200,22 @@ class DatabaseCollector:
 
     def _runs(self) -> Iterator:
         runs = CounterMetricFamily(
-            "cb_runs", "Runs by job, trigger and status.", labels=["job", "trigger", "status"]
+            "cb_runs", "Finished runs by job, trigger and status.", labels=["job", "trigger", "status"]
         )
-        per_job: dict[str, list[float]] = {}
-        for job, trigger, status, count, *histogram in _rows(RUNS_SQL):
-            runs.add_metric([job, trigger, status], count)
-            totals = per_job.setdefault(job, [0.0] * len(histogram))
-            for i, value in enumerate(histogram):
-                totals[i] += float(value)
+        counted: dict[tuple[str, str, str], int] = {}
+        durations: dict[str, _Histogram] = {}
+        for job, trigger, status, le, count, seconds in _rows(RUN_TOTALS_SQL):
+            counted[(job, trigger, status)] = counted.get((job, trigger, status), 0) + int(count)
+            durations.setdefault(job, _Histogram()).add(le, count, seconds)
+        for labels, count in sorted(counted.items()):
+            runs.add_metric(list(labels), count)
         yield runs
         duration = HistogramMetricFamily(
             "cb_run_duration_seconds", "Run duration, start to finish (finished runs).", labels=["job"]
         )
-        for job, totals in sorted(per_job.items()):
-            if totals[len(DURATION_BUCKETS)]:  # jobs with a finished run
-                pairs, summed = _histogram(totals, DURATION_BUCKETS)
-                duration.add_metric([job], pairs, summed)
+        for job, histogram in sorted(durations.items()):
+            if histogram.counts:  # jobs with a run that started and finished
+                duration.add_metric([job], histogram.buckets(DURATION_BUCKETS), histogram.sum)
         yield duration
         waiting = GaugeMetricFamily(
             "cb_runs_waiting", "Runs waiting for a concurrency slot now.", labels=["job"]
@@ -165,26 +223,27 @@ class DatabaseCollector:
         for job, count in _rows(WAITING_SQL):
             waiting.add_metric([job], count)
         yield waiting
-        skipped = CounterMetricFamily(
+
+    def _slots(self) -> Iterator:
+        skipped = dict.fromkeys(SKIP_REASONS, 0)
+        dispatch, start = _Histogram(), _Histogram()
+        for status, reason, dispatch_le, start_le, count, dispatch_s, start_s in _rows(SLOT_TOTALS_SQL):
+            if status == "skipped":
+                skipped[reason] = skipped.get(reason, 0) + int(count)
+            dispatch.add(dispatch_le, count, dispatch_s)
+            start.add(start_le, count, start_s)
+        family = CounterMetricFamily(
             "cb_slots_skipped", "Slots recorded as skipped, by reason.", labels=["reason"]
         )
-        counted = dict(_rows(SKIPPED_SQL))
-        for reason in SKIP_REASONS:
-            skipped.add_metric([reason], counted.get(reason, 0))
-        yield skipped
-
-    def _lags(self) -> Iterator:
-        row = _rows(LAGS_SQL)[0]
-        width = len(LAG_BUCKETS) + 2
-        for index, (name, doc) in enumerate(
-            (
-                ("cb_dispatch_lag_seconds", "Slot time to hand-over to the broker (scheduled runs)."),
-                ("cb_start_lag_seconds", "Hand-over to the broker to the run's start."),
-            )
+        for reason, count in skipped.items():
+            family.add_metric([reason], count)
+        yield family
+        for name, doc, histogram in (
+            ("cb_dispatch_lag_seconds", "Slot time to hand-over to the broker (scheduled runs).", dispatch),
+            ("cb_start_lag_seconds", "Hand-over to the broker to the run's start.", start),
         ):
-            family = HistogramMetricFamily(name, doc)
-            pairs, summed = _histogram(row[index * width : (index + 1) * width], LAG_BUCKETS)
-            family.add_metric([], pairs, summed)
+            family = HistogramMetricFamily(name, f"{doc} Counted when the slot is settled.")
+            family.add_metric([], histogram.buckets(LAG_BUCKETS), histogram.sum)
             yield family
 
     def _scheduler(self) -> Iterator:
@@ -240,11 +299,14 @@ def redis_client() -> redis.Redis:
 
 
 def render() -> bytes:
-    """The whole exposition: the aggregate families, then the per-schedule ones from PostgreSQL."""
+    """The whole exposition: the aggregate families, then the per-schedule ones from PostgreSQL.
+    The totals are compacted first, so what is read is one row per key plus a build's worth of new rows."""
+    limit = per_schedule_limit(settings.METRICS_PER_SCHEDULE)
+    compact_totals()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector())
     parts = [generate_latest(registry)]
-    next_runs, last_successes = _rows(PER_SCHEDULE_SQL)[0]
+    next_runs, last_successes = ("", "") if limit == 0 else _rows(PER_SCHEDULE_SQL, {"limit": limit})[0]
     for (name, doc), body in zip(PER_SCHEDULE_HEADER.items(), (next_runs, last_successes), strict=True):
         parts.append(f"# HELP {name} {doc}\n# TYPE {name} gauge\n".encode())
         if body:
@@ -318,3 +380,21 @@ def record_scheduler_pass(*, claimant: str, claimed: int, alive_for: float) -> N
         # Instances gone for a day drop out, so the set stays the size of the fleet.
         pipe.zremrangebyscore(SCHEDULER_INSTANCES_KEY, "-inf", time.time() - 86400)
         pipe.execute()
+    compact_totals_if_due()
+
+
+_next_compaction = 0.0
+
+
+def compact_totals_if_due() -> None:
+    """Every COMPACT_EVERY_SECONDS, from the scheduler's pass: the totals stay one row per key even
+    when nobody scrapes /metrics (each finished run adds a row until folded). Never raises."""
+    global _next_compaction
+    now = time.monotonic()
+    if now < _next_compaction:
+        return
+    _next_compaction = now + COMPACT_EVERY_SECONDS
+    try:
+        compact_totals(budget_seconds=1.0)
+    except Exception as exc:
+        logger.warning("metrics totals not compacted", extra={"error": type(exc).__name__})

@@ -232,6 +232,9 @@ METRICS_BASIC_AUTH = env_str("METRICS_BASIC_AUTH", "")
 # Scrapes are served from an exposition built at most this many seconds ago (rebuilt in the background;
 # monitoring/metrics.py says why). 0: build it on every scrape.
 METRICS_MAX_AGE_SECONDS = float(env_str("METRICS_MAX_AGE_SECONDS", "10"))
+# Which schedules get per-schedule series: `top:N` (the N latest by next run, the default 1000), `all`
+# or `none`. Bounded by default: 100,000 schedules would be 200,000 series (docs/OBSERVABILITY.md).
+METRICS_PER_SCHEDULE = env_str("METRICS_PER_SCHEDULE", "top:1000")
 # Where alert notifications go (comma-separated webhook URLs; Slack-compatible JSON). A schedule's
 # alert_webhook_url replaces them for that schedule. Empty: alerts are recorded, not sent.
 ALERT_WEBHOOK_URLS = env_list("ALERT_WEBHOOK_URLS", [])

@@ -12,6 +12,8 @@ Queued, throttled and running rows are never touched. Each batch is one short tr
 BATCH_SIZE rows, taken with `FOR UPDATE SKIP LOCKED` (a row someone holds is left for the next pass);
 candidates are found with plain reads, which lock nothing. Pruning never revives a slot: the
 schedule's `last_run_at` high-water mark, not its history, keeps a slot from being dispatched twice.
+Nor does it lower /metrics' history counters: those are counted into totals tables when a run finishes
+(monitoring/migrations/0002_history_totals.py), and pruning leaves them alone.
 """
 
 from __future__ import annotations
