@@ -17,6 +17,9 @@ A delivery that fails every attempt gives its claim back, and a later evaluation
 
 Alert rows and notifications hold counts, ids, names and times: never LLM text, error messages or
 URLs (a webhook URL's path is often its secret; logs name only its host).
+
+Where a webhook may point (project/outbound.py): public addresses only, unless its host is in
+ALERT_WEBHOOK_ALLOWED_HOSTS; vetted again on every send (post_json), whatever was checked at save time.
 """
 
 from __future__ import annotations
