@@ -17,23 +17,29 @@ A delivery that fails every attempt gives its claim back, and a later evaluation
 
 Alert rows and notifications hold counts, ids, names and times: never LLM text, error messages or
 URLs (a webhook URL's path is often its secret; logs name only its host).
+
+Where a webhook may point (project/outbound.py): public addresses only, unless its host is in
+ALERT_WEBHOOK_ALLOWED_HOSTS; vetted again on every send (post_json), whatever was checked at save time.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlparse
 
 from django.conf import settings
+from django.core import checks
 from django.db import connection, transaction
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from project import outbound
 from project.background import BackgroundQueue
 
 logger = logging.getLogger(__name__)
@@ -274,18 +280,79 @@ def targets_for(schedule) -> list[str]:
     return [schedule.alert_webhook_url] if schedule.alert_webhook_url else list(settings.ALERT_WEBHOOK_URLS)
 
 
+class WebhookAnswered(Exception):
+    """The webhook answered, but not with a 2xx (a redirect included: none is followed)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
 def post_json(url: str, body: dict) -> None:
-    """POST one notification; raise on a transport error or a non-2xx answer."""
+    """POST one notification; raise on a refused destination, a transport error or a non-2xx answer.
+
+    The host is resolved and vetted here, at send time (its DNS may have changed since the URL was
+    saved), and the connection goes to a vetted address. No redirect is followed. Connecting takes at
+    most ALERT_WEBHOOK_TIMEOUT_SECONDS per address; the rest (sending, then the answer's status line
+    and headers, however slowly they come) at most that in all, then the socket is shut. The answer's
+    body is never read.
+    """
+    target = outbound.webhook_target(url)
     data = json.dumps(body).encode()
-    request = urllib.request.Request(
-        url,
-        data=data,
-        method="POST",
-        headers={"Content-Type": "application/json", "User-Agent": "cyber-brain"},
-    )
-    with urllib.request.urlopen(request, timeout=settings.ALERT_WEBHOOK_TIMEOUT_SECONDS) as response:
-        if not 200 <= response.status < 300:
-            raise urllib.error.HTTPError(url, response.status, "not 2xx", response.headers, None)
+    timeout = float(settings.ALERT_WEBHOOK_TIMEOUT_SECONDS)
+    conn = outbound.open_connection(target, timeout)
+    expired = threading.Event()
+    watchdog = threading.Timer(timeout, _shut, [conn.sock, expired])
+    watchdog.start()
+    try:
+        conn.request(
+            "POST",
+            target.path,
+            body=data,
+            headers={
+                "Host": target.host_header,
+                "Content-Type": "application/json",
+                "User-Agent": "cyber-brain",
+                "Connection": "close",
+            },
+        )
+        response = conn.getresponse()  # the status line and headers (http.client bounds their size)
+        status = response.status
+        response.close()  # its body unread
+    except (OSError, http.client.HTTPException):
+        if not expired.is_set():
+            raise
+    finally:
+        watchdog.cancel()
+        conn.close()
+    if expired.is_set():  # even what looks like a whole answer may be one cut short
+        raise TimeoutError(f"no answer within {timeout:g}s")
+    if not 200 <= status < 300:
+        raise WebhookAnswered(status)
+
+
+def check_webhook_settings(**kwargs) -> list[checks.CheckMessage]:
+    """System check (manage.py check, and every management command's start: run_scheduler's too):
+    ALERT_WEBHOOK_URLS that may not be called are an error; one whose host does not resolve now, a
+    warning (each send checks again)."""
+    found: list[checks.CheckMessage] = []
+    for url in settings.ALERT_WEBHOOK_URLS:
+        try:
+            outbound.webhook_target(url)
+        except outbound.Unresolved as exc:
+            found.append(checks.Warning(f"ALERT_WEBHOOK_URLS: {exc}", id="monitoring.W001"))
+        except outbound.Refused as exc:
+            found.append(checks.Error(f"ALERT_WEBHOOK_URLS: {_host(url)}: {exc}", id="monitoring.E001"))
+    return found
+
+
+def _shut(sock: socket.socket, expired: threading.Event) -> None:
+    # Wakes a recv blocked in another thread (closing the socket would not).
+    expired.set()
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _host(url: str) -> str:
@@ -351,14 +418,14 @@ class Sender(BackgroundQueue[Notification]):
                 post_json(url, body)
             except Exception as exc:
                 failed.append(url)
+                why = {"error": type(exc).__name__}
+                if isinstance(exc, outbound.Refused):
+                    why["reason"] = str(exc)  # host and address, no path
+                elif isinstance(exc, WebhookAnswered):
+                    why["status"] = exc.status
                 logger.warning(
                     "alert webhook failed",
-                    extra={
-                        "alert_id": alert_id,
-                        "host": _host(url),
-                        "attempt": attempt,
-                        "error": type(exc).__name__,
-                    },
+                    extra={"alert_id": alert_id, "host": _host(url), "attempt": attempt, **why},
                 )
         return failed
 

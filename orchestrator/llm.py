@@ -16,10 +16,11 @@ import ipaddress
 import json
 import logging
 import socket
-import ssl
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from project import outbound
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class ChatResult:
 
 
 def is_local_address(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    ip = outbound.ip_of(address)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if ip.is_unspecified or ip.is_multicast:
@@ -105,18 +106,6 @@ def resolve_endpoint(url: str, *, allowed_hosts: list[str] | tuple[str, ...] = (
     return Endpoint(parts.scheme, host, port, path, addresses[0])
 
 
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to a vetted address while verifying the certificate for the host name."""
-
-    def __init__(self, address: str, host: str, port: int, timeout: float) -> None:
-        super().__init__(address, port, timeout=timeout, context=ssl.create_default_context())
-        self._server_name = host
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self.host, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self._server_name)
-
-
 def chat(
     endpoint: Endpoint,
     *,
@@ -126,12 +115,7 @@ def chat(
 ) -> ChatResult:
     """One chat completion. Raises `LLMUnavailable` on any transport or protocol problem."""
     body = json.dumps({"model": model, "messages": messages, "temperature": 0}).encode()
-    if endpoint.scheme == "https":
-        conn: http.client.HTTPConnection = _PinnedHTTPSConnection(
-            endpoint.address, endpoint.host, endpoint.port, timeout
-        )
-    else:
-        conn = http.client.HTTPConnection(endpoint.address, endpoint.port, timeout=timeout)
+    conn = outbound.connection(endpoint.scheme, endpoint.address, endpoint.host, endpoint.port, timeout)
     host_header = endpoint.host if ":" not in endpoint.host else f"[{endpoint.host}]"
     try:
         conn.request(

@@ -238,6 +238,9 @@ METRICS_PER_SCHEDULE = env_str("METRICS_PER_SCHEDULE", "top:1000")
 # Where alert notifications go (comma-separated webhook URLs; Slack-compatible JSON). A schedule's
 # alert_webhook_url replaces them for that schedule. Empty: alerts are recorded, not sent.
 ALERT_WEBHOOK_URLS = env_list("ALERT_WEBHOOK_URLS", [])
+# Webhooks (these and each schedule's) may reach public addresses only; a host named here (exact name
+# or IP, comma-separated) may also resolve to loopback, private, link-local, multicast or reserved ones.
+ALERT_WEBHOOK_ALLOWED_HOSTS = env_list("ALERT_WEBHOOK_ALLOWED_HOSTS", [])
 # How often a scheduler evaluates alerts (seconds; every instance may, the SQL makes that safe).
 ALERT_EVALUATE_EVERY_SECONDS = float(env_str("ALERT_EVALUATE_EVERY_SECONDS", "15"))
 # A slot that has not started this long after it was due opens a `missed` alert (a schedule's

@@ -32,6 +32,13 @@ class BackfillForm(forms.Form):
     end = forms.DateTimeField(help_text="UTC; not in the future. At most 1,000 slots per schedule.")
 
 
+class WriteOnlyURLField(forms.URLField):
+    """A URL typed in but never shown: blank leaves the stored one as it is."""
+
+    def has_changed(self, initial: Any, data: Any) -> bool:
+        return not self.disabled and bool(data)
+
+
 class ScheduleAdminForm(forms.ModelForm):
     # Optional in the form (blank means none), as in the API.
     jitter_seconds = forms.IntegerField(
@@ -57,16 +64,46 @@ class ScheduleAdminForm(forms.ModelForm):
         help_text="Alert after this many consecutive failures (0: never).",
     )
 
-    alert_webhook_url = forms.URLField(
+    # Write-only, as in the API: the stored URL (its path is its token) never reaches the browser.
+    alert_webhook_url = WriteOnlyURLField(
         required=False,
         assume_scheme="https",
         max_length=500,
-        help_text="Alerts of this schedule go here instead of ALERT_WEBHOOK_URLS (blank: those).",
+        widget=forms.PasswordInput(attrs={"autocomplete": "off", "placeholder": "https://..."}),
+        help_text="Alerts of this schedule go here instead of ALERT_WEBHOOK_URLS. Hidden once saved; "
+        "leave blank to keep the current one.",
+    )
+    alert_webhook_clear = forms.BooleanField(
+        required=False,
+        label="Remove the webhook",
+        help_text="Alerts of this schedule go to ALERT_WEBHOOK_URLS again.",
     )
 
     class Meta:
         model = Schedule
         fields = list(services.SCHEDULE_FIELDS)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.alert_webhook_url and "alert_webhook_url" in self.fields:
+            self.fields["alert_webhook_url"].widget.attrs["placeholder"] = "•••••••• (set)"
+        if self.instance.managed:
+            # Its schedules file declares the webhook (shown masked here, not read-only: that shows it).
+            for name in ("alert_webhook_url", "alert_webhook_clear"):
+                self.fields[name].disabled = True
+
+    @property
+    def changed_data(self) -> list[str]:
+        # "Remove the webhook" changes alert_webhook_url (the field save_model hands to the service).
+        changed = list(super().changed_data)
+        if "alert_webhook_clear" in changed:
+            changed.remove("alert_webhook_clear")
+            changed.append("alert_webhook_url")
+        return list(dict.fromkeys(changed))
+
+    def clean_alert_webhook_url(self) -> str:
+        # Blank keeps the stored URL; "Remove the webhook" clears it (clean() below).
+        return self.cleaned_data.get("alert_webhook_url") or self.instance.alert_webhook_url
 
     def clean_jitter_seconds(self) -> int:
         return self.cleaned_data.get("jitter_seconds") or 0
@@ -81,6 +118,8 @@ class ScheduleAdminForm(forms.ModelForm):
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
+        if cleaned.get("alert_webhook_clear") and "alert_webhook_url" in self.fields:
+            cleaned["alert_webhook_url"] = ""
         if self.errors:
             # Field-level problems first: the cross-field rules would only repeat them.
             return cleaned
@@ -169,7 +208,17 @@ class ScheduleAdmin(admin.ModelAdmin):
                 ]
             },
         ),
-        ("Alerts", {"fields": ["alert_after_failures", "alert_after_seconds", "alert_webhook_url"]}),
+        (
+            "Alerts",
+            {
+                "fields": [
+                    "alert_after_failures",
+                    "alert_after_seconds",
+                    "alert_webhook_url",
+                    "alert_webhook_clear",
+                ]
+            },
+        ),
         ("Pause", {"fields": ["paused_note", "paused_at", "paused_by"]}),
         (
             "Scheduler state",
@@ -191,7 +240,11 @@ class ScheduleAdmin(admin.ModelAdmin):
         # A managed schedule's declared fields belong to its schedules file (sync_schedules).
         fields = list(super().get_readonly_fields(request, obj))
         if obj is not None and obj.managed:
-            fields += [field for field in services.MANAGED_FIELDS if field not in fields]
+            fields += [
+                field
+                for field in services.MANAGED_FIELDS
+                if field not in fields and field != "alert_webhook_url"  # disabled by the form
+            ]
         return fields
 
     def has_delete_permission(self, request: HttpRequest, obj: Schedule | None = None) -> bool:

@@ -22,6 +22,7 @@ from django.utils import timezone
 
 from orchestrator.models import Directive, Job, Run, Task3Scope, Trigger
 from orchestrator.services import OrchestratorService
+from project import outbound
 from schedules import changes as change_log
 from schedules import runstate, timing
 from schedules.dispatch import SchedulerError, message_for
@@ -194,7 +195,21 @@ def schedule_errors(
 
     errors.update(limit_errors(values, run_count=run_count, enabling="enabled" in changed))
     errors.update(timing_errors(values, now=now))
+    if values.get("alert_webhook_url") and "alert_webhook_url" in changed:
+        errors.update(webhook_errors(values["alert_webhook_url"]))
     return errors
+
+
+def webhook_errors(url: str) -> dict[str, list[str]]:
+    """A webhook must reach public addresses only, unless its host is in ALERT_WEBHOOK_ALLOWED_HOSTS
+    (project/outbound.py). A host that does not resolve now is accepted: every send checks again."""
+    try:
+        outbound.webhook_target(url)
+    except outbound.Unresolved:
+        return {}
+    except outbound.Refused as exc:
+        return {"alert_webhook_url": [f"Refused: {exc}."]}
+    return {}
 
 
 def limit_errors(

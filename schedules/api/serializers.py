@@ -122,7 +122,11 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             # Uniqueness is a service rule (shared with the admin, and raced-for in the database).
             "name": {"validators": []},
             # A webhook URL carries its token: written, never read back (alert_webhook_set says if any).
-            "alert_webhook_url": {"write_only": True},
+            "alert_webhook_url": {
+                "write_only": True,
+                "help_text": "http(s) URL that must resolve to public addresses only, unless its host is in"
+                " ALERT_WEBHOOK_ALLOWED_HOSTS (checked on save and on each send). Empty: ALERT_WEBHOOK_URLS.",
+            },
         }
 
     @extend_schema_field(serializers.ListField(child=serializers.DateTimeField()))

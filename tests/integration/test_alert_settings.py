@@ -51,9 +51,14 @@ def test_alert_settings__set_through_the_api_the_webhook_never_read_back(api):
         ({"alert_after_seconds": 0}, "alert_after_seconds"),
         ({"alert_after_failures": -1}, "alert_after_failures"),
         ({"alert_webhook_url": "not a url"}, "alert_webhook_url"),
+        ({"alert_webhook_url": "http://169.254.169.254/latest"}, "alert_webhook_url"),
+        ({"alert_webhook_url": "ftp://hooks.example.test/x"}, "alert_webhook_url"),
     ],
 )
-def test_alert_settings__bad_values_are_400_naming_the_field_and_nothing_written(api, fields, field):
+def test_alert_settings__bad_values_are_400_naming_the_field_and_nothing_written(
+    api, settings, fields, field
+):
+    settings.ALERT_WEBHOOK_ALLOWED_HOSTS = []  # internal addresses refused (see test_webhook_guard.py)
     response = api.post("/api/schedules/", {**BODY, **fields}, format="json")
     assert response.status_code == 400
     assert field in response.json()

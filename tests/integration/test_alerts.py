@@ -95,6 +95,7 @@ def test_each_kind_opens_and_resolves_once_and_each_transition_is_notified_once(
     with Receiver(fail=1) as receiver:
         env = process_env(
             ALERT_WEBHOOK_URLS=receiver.url,
+            ALERT_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",  # the receiver is on loopback: refused otherwise
             ALERT_EVALUATE_EVERY_SECONDS="0.5",
             ALERT_RETRY_BASE_SECONDS="0.2",
             WORKER_REAPER_INTERVAL_SECONDS="3600",  # the hand-made running row is not a lost run
