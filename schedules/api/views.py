@@ -148,8 +148,13 @@ class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
     @extend_schema(request=None, responses={200: ScheduleChangeSerializer(many=True)})
     @action(detail=True, methods=["get"])
     def changes(self, request: Request, pk: str | None = None) -> Response:
-        """Every write to the schedule (who, when, how, each field's old and new value), newest first."""
-        page = self.paginate_queryset(change_log.history(self.get_object().pk))
+        """Every write to the schedule (who, when, how, each field's old and new value), newest first.
+        Still answers after the schedule is deleted: the last record is the delete, with every field's
+        last value."""
+        records = change_log.history(int(pk))
+        if not records.exists():
+            self.get_object()  # 404 for an id that never had a schedule
+        page = self.paginate_queryset(records)
         return self.get_paginated_response(ScheduleChangeSerializer(page, many=True).data)
 
     @extend_schema(
