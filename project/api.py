@@ -126,8 +126,23 @@ VALIDATION_ERROR_SCHEMA = {
 }
 
 
+# Swagger's summary of the standard operations of a resource, by tag (its path segment after /api/).
+# Other operations name theirs with extend_schema(summary=...); tests/integration/test_api_docs.py checks
+# that every operation has one.
+RESOURCE_NOUNS = {"schedules": "schedule", "directives": "directive", "jobs": "job", "runs": "run"}
+CRUD_SUMMARIES = {
+    "list": "List {noun}s",
+    "create": "Create a {noun}",
+    "retrieve": "Read a {noun}",
+    "partial_update": "Change a {noun}",
+    "update": "Replace a {noun}",
+    "destroy": "Delete a {noun}",
+}
+
+
 class AutoSchema(SpectacularAutoSchema):
-    """drf-spectacular's AutoSchema, plus the error responses each operation can actually give.
+    """drf-spectacular's AutoSchema, plus the error responses each operation can actually give, one tag
+    per resource and a summary for each standard operation.
 
     drf-spectacular documents only the success code. A client (and the schemathesis fuzz test) must
     know the rest: 400 where there is input to validate, 401/403 behind authentication, 404 where a
@@ -135,6 +150,20 @@ class AutoSchema(SpectacularAutoSchema):
     database is down (project.api.exception_handler). Added to the operation drf-spectacular builds,
     through its public methods only.
     """
+
+    def get_tags(self) -> list[str]:
+        """The resource: the path's first segment after /api/ (schedules, runs, jobs, directives...)."""
+        return [self.path.removeprefix("/api/").split("/")[0] or "api"]
+
+    def get_summary(self) -> str | None:
+        summary = super().get_summary()
+        if summary:
+            return summary
+        noun = RESOURCE_NOUNS.get(self.get_tags()[0])
+        action = getattr(self.view, "action", None)
+        if noun and action in CRUD_SUMMARIES:
+            return CRUD_SUMMARIES[action].format(noun=noun)
+        return None
 
     def get_operation(self, path, path_regex, path_prefix, method, registry):
         operation = super().get_operation(path, path_regex, path_prefix, method, registry)
@@ -272,6 +301,7 @@ class HealthView(APIView):
     checks = {"database": _check_database, "redis": _check_redis}
 
     @extend_schema(
+        summary="Check the database and Redis",
         responses={
             200: HEALTH_BODY,
             503: OpenApiResponse(
