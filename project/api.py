@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 
 class OptionalSlashRouter(SimpleRouter):
-    """Routes that answer with and without the trailing slash (DESIGN 5), without a redirect.
+    """Routes that answer with and without the trailing slash (docs/ARCHITECTURE.md, "API conventions"),
+    without a redirect.
 
     SimpleRouter(trailing_slash=...) only knows "/" or "", and APPEND_SLASH's 301 would turn a POST
     into a GET in most clients.
@@ -117,7 +118,8 @@ class ErrorDetailSerializer(serializers.Serializer):
     detail = serializers.CharField()
 
 
-# 400: {"field": ["message", ...]} (DRF's shape, DESIGN 5); nested for list and object fields, and
+# 400: {"field": ["message", ...]} (DRF's shape, docs/ARCHITECTURE.md, "API conventions"); nested for list
+# and object fields, and
 # {"detail": "..."} for a body that is not JSON.
 VALIDATION_ERROR_SCHEMA = {
     "type": "object",
@@ -228,7 +230,8 @@ def json_type_error(field: serializers.Field, value: Any) -> str | None:
 
     DRF coerces: 5 becomes "5" for a CharField, "5" becomes 5 for an IntegerField, 0 and "false" become
     False for a BooleanField. The schema says string, integer, boolean; a client sending another type
-    has a bug to hear about (DESIGN 5: a 400 naming the field), not a guess made for it.
+    has a bug to hear about (docs/ARCHITECTURE.md, "API conventions": a 400 naming the field), not a guess
+    made for it.
     """
     if value is None:
         return None  # allow_null decides

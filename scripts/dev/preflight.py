@@ -192,7 +192,8 @@ def ensure_admin_token(username: str) -> tuple[str, str | None]:
     user_model = get_user_model()
     created = not user_model.objects.filter(username=username).exists()
     if command_has_option("create_api_token", "--staff"):
-        # The project's own command (DESIGN 5) when it can make a staff user; its output is not parsed.
+        # The project's own command (docs/ARCHITECTURE.md, "API conventions") when it can make a staff user;
+        # its output is not parsed.
         call_command("create_api_token", username, staff=True, stdout=io.StringIO())
         user = user_model.objects.get(username=username)
     else:

@@ -1,4 +1,5 @@
-"""Security checks (DESIGN 5, 7, 8), each one failing if its protection were taken away.
+"""Security checks (docs/ARCHITECTURE.md, "API conventions" and "Guardrails", and docs/OPERATIONS.md,
+"Settings"), each one failing if its protection were taken away.
 
 1. API authentication: every URL pattern Django knows (walked from the resolver, so a new endpoint is
    covered the day it is added), every method its view allows, answers 401 without a token, with a bad
@@ -55,7 +56,8 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 
-# The only endpoints anyone may call without credentials (DESIGN 5). Keep this list short on purpose.
+# The only endpoints anyone may call without credentials (docs/ARCHITECTURE.md, "API conventions"). Keep this
+# list short on purpose.
 PUBLIC = frozenset({"health", "schema", "docs"})
 METHODS = ("get", "post", "put", "patch", "delete")
 
