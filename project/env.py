@@ -62,10 +62,16 @@ def format_env_file(values: dict[str, str]) -> str:
     return "".join(f"{name}={shlex.quote(value)}\n" for name, value in sorted(values.items()))
 
 
-@functools.cache
 def local_env() -> dict[str, str]:
+    """The local env file's values ({} when there is none). Looked up again on every call, because the
+    process may change CB_LOCAL_ENV_FILE after its first read (project.settings_test does)."""
     path = local_env_path()
-    if path is None or not path.is_file():
+    return read_env_file(path) if path is not None else {}
+
+
+@functools.cache
+def read_env_file(path: Path) -> dict[str, str]:
+    if not path.is_file():
         return {}
     try:
         return parse_env_file(path.read_text())
