@@ -25,9 +25,11 @@ install-local: $(BIN)/.installed-local
 
 # The whole system on this machine (PostgreSQL and Redis on 127.0.0.1, embedded ones if none answers):
 # web :9595, scheduler, worker, Flower :5555 under honcho. Prints the API token and the Flower login.
-# Ctrl-C stops everything.
+# Ctrl-C stops everything and `make run` exits 0: `set -m` runs the script in its own process group, given
+# the terminal, so Ctrl-C's SIGINT goes to it and honcho, not to make (which would report "Interrupt").
+# `; exit $$?` keeps bash from exec'ing the script in its place, which would skip the job control.
 run: install install-local
-	VENV=$(VENV) scripts/run_local.sh
+	set -m; VENV=$(VENV) scripts/run_local.sh; exit $$?
 
 # The same system in containers (docker compose); creates .env with fresh local secrets on first use.
 up:

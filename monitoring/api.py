@@ -128,11 +128,12 @@ class AlertListView(ApiViewMixin, ListAPIView):
     serializer_class = AlertSerializer
 
     @extend_schema(
+        summary="List alerts",
         parameters=[
             OpenApiParameter("open", bool, description="Only open (true) or only resolved (false) alerts."),
             OpenApiParameter("schedule", int, description="Only this schedule's alerts (its id)."),
             OpenApiParameter("kind", str, enum=[k.value for k in AlertKind], description="Only this kind."),
-        ]
+        ],
     )
     def get(self, request: Request, *args, **kwargs):
         return super().get(request, *args, **kwargs)

@@ -1,4 +1,4 @@
-"""A local-only client for OpenAI-compatible chat endpoints (DESIGN 7).
+"""A local-only client for OpenAI-compatible chat endpoints (docs/ARCHITECTURE.md, "Guardrails").
 
 The endpoint guard resolves the host and refuses unless every address is loopback, private (RFC 1918,
 IPv6 ULA) or link-local, or the host is named in `LLM_ALLOWED_HOSTS`. The check runs before any

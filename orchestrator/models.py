@@ -19,7 +19,8 @@ class Task3Scope(models.TextChoices):
     ALL = "all", "all"
 
 
-# A job's run messages go to `jobs.<key>` unless `Job.queue` names another queue (DESIGN 4); the one
+# A job's run messages go to `jobs.<key>` unless `Job.queue` names another queue (docs/ARCHITECTURE.md, "Data
+# model"); the one
 # definition of that name (publishing, routing and the job sync all use it).
 QUEUE_PREFIX = "jobs."
 

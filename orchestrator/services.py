@@ -249,7 +249,7 @@ class TaskFence:
     """Stops a run from another thread: kills its live task process group and lets no task start.
 
     The worker's heartbeat holds it: a run the system gave up on (reaped, its lease lost, cancelled)
-    must stop executing before its concurrency slot goes to another run (DESIGN 6.5).
+    must stop executing before its concurrency slot goes to another run (docs/ARCHITECTURE.md, guarantee 5).
     """
 
     def __init__(self) -> None:

@@ -1,5 +1,5 @@
 """The task template: a process that imported Django and the job modules once and forks one fresh
-process per task (DESIGN 7: per-task workers stay ephemeral; fork, don't exec).
+process per task (docs/ARCHITECTURE.md, "Guardrails": per-task workers stay ephemeral; fork, don't exec).
 
 Each pool process starts its template at its first task, with `python -m orchestrator.template` (a clean
 exec: it inherits no database or Redis socket of the pool process), and talks to it over a socketpair in

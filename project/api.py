@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 
 class OptionalSlashRouter(SimpleRouter):
-    """Routes that answer with and without the trailing slash (DESIGN 5), without a redirect.
+    """Routes that answer with and without the trailing slash (docs/ARCHITECTURE.md, "API conventions"),
+    without a redirect.
 
     SimpleRouter(trailing_slash=...) only knows "/" or "", and APPEND_SLASH's 301 would turn a POST
     into a GET in most clients.
@@ -117,7 +118,8 @@ class ErrorDetailSerializer(serializers.Serializer):
     detail = serializers.CharField()
 
 
-# 400: {"field": ["message", ...]} (DRF's shape, DESIGN 5); nested for list and object fields, and
+# 400: {"field": ["message", ...]} (DRF's shape, docs/ARCHITECTURE.md, "API conventions"); nested for list
+# and object fields, and
 # {"detail": "..."} for a body that is not JSON.
 VALIDATION_ERROR_SCHEMA = {
     "type": "object",
@@ -126,8 +128,23 @@ VALIDATION_ERROR_SCHEMA = {
 }
 
 
+# Swagger's summary of the standard operations of a resource, by tag (its path segment after /api/).
+# Other operations name theirs with extend_schema(summary=...); tests/integration/test_api_docs.py checks
+# that every operation has one.
+RESOURCE_NOUNS = {"schedules": "schedule", "directives": "directive", "jobs": "job", "runs": "run"}
+CRUD_SUMMARIES = {
+    "list": "List {noun}s",
+    "create": "Create a {noun}",
+    "retrieve": "Read a {noun}",
+    "partial_update": "Change a {noun}",
+    "update": "Replace a {noun}",
+    "destroy": "Delete a {noun}",
+}
+
+
 class AutoSchema(SpectacularAutoSchema):
-    """drf-spectacular's AutoSchema, plus the error responses each operation can actually give.
+    """drf-spectacular's AutoSchema, plus the error responses each operation can actually give, one tag
+    per resource and a summary for each standard operation.
 
     drf-spectacular documents only the success code. A client (and the schemathesis fuzz test) must
     know the rest: 400 where there is input to validate, 401/403 behind authentication, 404 where a
@@ -135,6 +152,20 @@ class AutoSchema(SpectacularAutoSchema):
     database is down (project.api.exception_handler). Added to the operation drf-spectacular builds,
     through its public methods only.
     """
+
+    def get_tags(self) -> list[str]:
+        """The resource: the path's first segment after /api/ (schedules, runs, jobs, directives...)."""
+        return [self.path.removeprefix("/api/").split("/")[0] or "api"]
+
+    def get_summary(self) -> str | None:
+        summary = super().get_summary()
+        if summary:
+            return summary
+        noun = RESOURCE_NOUNS.get(self.get_tags()[0])
+        action = getattr(self.view, "action", None)
+        if noun and action in CRUD_SUMMARIES:
+            return CRUD_SUMMARIES[action].format(noun=noun)
+        return None
 
     def get_operation(self, path, path_regex, path_prefix, method, registry):
         operation = super().get_operation(path, path_regex, path_prefix, method, registry)
@@ -199,7 +230,8 @@ def json_type_error(field: serializers.Field, value: Any) -> str | None:
 
     DRF coerces: 5 becomes "5" for a CharField, "5" becomes 5 for an IntegerField, 0 and "false" become
     False for a BooleanField. The schema says string, integer, boolean; a client sending another type
-    has a bug to hear about (DESIGN 5: a 400 naming the field), not a guess made for it.
+    has a bug to hear about (docs/ARCHITECTURE.md, "API conventions": a 400 naming the field), not a guess
+    made for it.
     """
     if value is None:
         return None  # allow_null decides
@@ -272,6 +304,7 @@ class HealthView(APIView):
     checks = {"database": _check_database, "redis": _check_redis}
 
     @extend_schema(
+        summary="Check the database and Redis",
         responses={
             200: HEALTH_BODY,
             503: OpenApiResponse(

@@ -1,4 +1,4 @@
-"""Django settings, read from the environment (DESIGN.md section 8).
+"""Django settings, read from the environment (docs/OPERATIONS.md, "Settings").
 
 Defaults serve a local run against PostgreSQL and Redis on 127.0.0.1. Nothing secret has a usable
 default: with DEBUG off the process refuses to start without SECRET_KEY.

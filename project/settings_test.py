@@ -8,5 +8,7 @@ import os
 
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-any-deployment")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
+# Never the settings of a developer's `make run` (.run/local.env, project/env.py): tests choose their own.
+os.environ.setdefault("CB_LOCAL_ENV_FILE", "")
 
 from project.settings import *  # noqa: F403

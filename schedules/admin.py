@@ -15,7 +15,7 @@ from django.utils.html import format_html, format_html_join
 
 from schedules import changes as change_log
 from schedules import dispatch, services, timing
-from schedules.models import ChangeSource, Schedule, ScheduledRun
+from schedules.models import ChangeSource, Schedule, ScheduleChange, ScheduledRun
 
 RECENT_RUNS_SHOWN = 10
 RECENT_CHANGES_SHOWN = 20
@@ -482,3 +482,52 @@ class ScheduledRunAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: ScheduledRun | None = None) -> bool:
         return False
+
+
+@admin.register(ScheduleChange)
+class ScheduleChangeAdmin(admin.ModelAdmin):
+    """Every write to every schedule, read-only; a deleted schedule's records stay here (filter by its id:
+    /admin/schedules/schedulechange/?schedule_id=N), the last one holding every field's last value."""
+
+    list_display = ["at", "schedule_name", "schedule_id", "action", "source", "actor"]
+    list_filter = ["action", "source"]
+    search_fields = ["schedule_name", "actor"]
+    ordering = ["-at", "-id"]
+    fields = [
+        "schedule_id",
+        "schedule_name",
+        "schedule_link",
+        "action",
+        "source",
+        "actor",
+        "at",
+        "field_changes",
+    ]
+    readonly_fields = fields
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: ScheduleChange | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: ScheduleChange | None = None) -> bool:
+        return False
+
+    @admin.display(description="schedule")
+    def schedule_link(self, change: ScheduleChange) -> str:
+        if not Schedule.objects.filter(pk=change.schedule_id).exists():
+            return "deleted"
+        url = reverse("admin:schedules_schedule_change", args=[change.schedule_id])
+        return format_html('<a href="{}">{}</a>', url, change.schedule_name)
+
+    @admin.display(description="fields (old -> new)")
+    def field_changes(self, change: ScheduleChange) -> str:
+        rows = change_log.readable(change.changes)
+        if not rows:
+            return "-"
+        return format_html(
+            "<table><tr><th>field</th><th>old</th><th>new</th></tr>{}</table>",
+            format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", rows),
+        )

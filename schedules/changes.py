@@ -9,6 +9,7 @@ into every record).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -97,3 +98,19 @@ def record_delete(schedule: Schedule, *, source: str, actor: str = "") -> Schedu
         actor=actor,
         changes={field: {"old": value, "new": None} for field, value in before.items()},
     )
+
+
+def shown(value: Any) -> str:
+    """A stored value as a person reads it: text as is, `(empty)`, `(none)`, numbers and lists as JSON."""
+    if value is None:
+        return "(none)"
+    if value == "":
+        return "(empty)"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def readable(changes: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    """(field, old, new) rows of a record's changes, values as `shown` writes them."""
+    return [(field, shown(change.get("old")), shown(change.get("new"))) for field, change in changes.items()]

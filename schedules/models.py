@@ -52,7 +52,7 @@ class Schedule(models.Model):
     next_run_at = models.DateTimeField(null=True, blank=True)
     claimed_by = models.CharField(max_length=255, blank=True, default="")
     claimed_until = models.DateTimeField(null=True, blank=True)
-    # Timing beyond the incumbents (DESIGN: jitter, bounds, limited runs, catch-up window).
+    # Timing beyond the incumbents (docs/SCHEDULES.md: jitter, bounds, limited runs, catch-up window).
     # Each slot's dispatch is delayed by a deterministic offset in [0, jitter_seconds) from (id, slot).
     jitter_seconds = models.PositiveIntegerField(default=0, db_default=0)
     # No slot before start_at or after end_at (aware datetimes; both optional).

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from schedules import timing
 from schedules.models import MisfirePolicy, OverlapPolicy
 
-# run_all catches up at most this many missed slots (DESIGN 6.2).
+# run_all catches up at most this many missed slots (docs/ARCHITECTURE.md, guarantee 2).
 MAX_CATCH_UP_SLOTS = 100
 
 MISSED_REASON = "missed while the scheduler was down (misfire_policy skip)"
@@ -59,7 +59,8 @@ def missed_before(*, now: datetime, grace: timedelta, handover: tuple[datetime, 
     by a claimant that died (`handover`: from when that claim was taken until it expired) is not
     waiting for a live scheduler: the claim TTL is routinely longer than the grace (120 s against
     60 s by default), and without this a SIGKILLed instance would make its peer record healthy slots
-    as missed (DESIGN 6.2). Waiting before that claim was taken, or after it expired, still counts,
+    as missed (docs/ARCHITECTURE.md, guarantee 2). Waiting before that claim was taken, or after it expired,
+    still counts,
     so a real downtime of every scheduler is still a misfire. Lateness falls as the slot is later, so
     "missed" is one cut-off instant.
     """

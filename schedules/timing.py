@@ -2,7 +2,8 @@
 
 Interval schedules are anchored: the slot after `s` is `s + interval`, computed in UTC, so they never
 drift and DST does not touch them. Cron schedules are read in the schedule's timezone with these rules
-(DESIGN.md 6.3), for a cron whose hour field is fixed (a number, list or range) versus one whose hour
+(docs/ARCHITECTURE.md, guarantee 3), for a cron whose hour field is fixed (a number, list or range) versus
+one whose hour
 field is `*` or a step:
 
 * A local time that does not exist (the spring-forward gap): a fixed-hour cron fires once, at the first

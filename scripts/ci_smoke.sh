@@ -4,7 +4,7 @@
 # Exits with the smoke test's status (or non-zero when the stack never came up).
 #
 # Needs PostgreSQL and Redis up (as .ci/run ensures). WEB_PORT/FLOWER_PORT move the ports;
-# POSTGRES_DB/REDIS_URL and the rest of DESIGN.md 8 are honoured as in `make run`.
+# POSTGRES_DB/REDIS_URL and the rest of docs/OPERATIONS.md, "Settings" are honoured as in `make run`.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 

@@ -3,15 +3,19 @@
 # (or wherever DATABASE_URL / POSTGRES_* and REDIS_URL point).
 #
 #   1. local secrets: SECRET_KEY and FLOWER_BASIC_AUTH from the environment, else generated once and kept
-#      in .run/ (mode 0600, ignored by git), so restarts keep sessions and the Flower password;
+#      in .run/ (CB_RUN_DIR; mode 0600, ignored by git), so restarts keep sessions and the Flower password;
 #   2. embedded PostgreSQL/Redis (scripts/dev/embedded.py) only when none answers at the configured
 #      address and none was named explicitly (DATABASE_URL, REDIS_URL); then
 #      preflight (scripts/dev/preflight.py): PostgreSQL and Redis reachable, database created, migrated,
-#      admin user and API token;
-#   3. honcho runs the Procfile (web :9595, scheduler, worker, Flower :5555); Ctrl-C stops them all.
+#      admin user and API token; then it writes the settings this run uses (database, Redis, SECRET_KEY,
+#      paths: every variable settings.py read that is set) to .run/local.env, which manage.py reads in
+#      another terminal (project/env.py: the environment first, then that file, then the defaults);
+#   3. honcho runs the Procfile (web :9595, scheduler, worker, Flower :5555); Ctrl-C stops them all and
+#      exits 0 (the Makefile's `set -m` keeps the Ctrl-C from `make` itself).
 #
-# This script reads the process environment only, not .env: .env is docker compose's, and its
-# container host names (db, redis) would be wrong here.
+# This script reads the process environment only: not .env (docker compose's: its container host names,
+# db and redis, would be wrong here), and not the .run/local.env of an earlier run (CB_LOCAL_ENV_FILE=""),
+# so what it chooses never depends on a previous start.
 # The whole script is one { ... } block: bash parses it before running any of it, so editing this file
 # (or a `git pull`) while `make run` is up cannot make the running copy read a shifted, broken line.
 {
@@ -23,11 +27,15 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   echo "[run] no virtualenv at $VENV: run \`make run\` (it installs first) or \`make install\`" >&2
   exit 1
 fi
-export PATH="$PWD/$VENV/bin:$PATH"
+VENV=$(cd "$VENV" && pwd)  # absolute, whether VENV was given relative or absolute
+export PATH="$VENV/bin:$PATH"
 export PYTHONUNBUFFERED=1
 
-mkdir -p .run
-chmod 700 .run
+RUN_DIR=${CB_RUN_DIR:-$PWD/.run}
+export CB_RUN_DIR=$RUN_DIR
+export CB_LOCAL_ENV_FILE=""
+mkdir -p "$RUN_DIR"
+chmod 700 "$RUN_DIR"
 
 # Prints the file's content, creating it first from the generator command if it is missing or empty.
 keep_secret() {
@@ -40,11 +48,11 @@ keep_secret() {
 }
 
 if [[ -z "${SECRET_KEY:-}" ]]; then
-  SECRET_KEY=$(keep_secret .run/secret_key python -c 'import secrets; print(secrets.token_urlsafe(50))')
+  SECRET_KEY=$(keep_secret "$RUN_DIR/secret_key" python -c 'import secrets; print(secrets.token_urlsafe(50))')
   export SECRET_KEY
 fi
 if [[ -z "${FLOWER_BASIC_AUTH:-}" ]]; then
-  FLOWER_BASIC_AUTH=$(keep_secret .run/flower_basic_auth \
+  FLOWER_BASIC_AUTH=$(keep_secret "$RUN_DIR/flower_basic_auth" \
     python -c 'import secrets; print("admin:" + secrets.token_urlsafe(12))')
   export FLOWER_BASIC_AUTH
 fi
@@ -66,10 +74,10 @@ mkdir -p "$CYBER_BRAIN_LOGS" "$UPLOADS_DIR"
 # servers from requirements/local.txt, their data in .run/ (scripts/dev/embedded.py states the exact rule).
 # A real server that answers is always used and this prints nothing. The embedded ones stop on the way
 # out, after the processes that use them; a Ctrl-C before honcho starts stops them too.
-embedded_env=$(python scripts/dev/embedded.py start)
+embedded_env=$(python scripts/dev/embedded.py start --run-dir "$RUN_DIR")
 if [[ -n $embedded_env ]]; then
   # shellcheck disable=SC2317  # called from the EXIT trap
-  stop_embedded() { python scripts/dev/embedded.py stop || true; }
+  stop_embedded() { python scripts/dev/embedded.py stop --run-dir "$RUN_DIR" || true; }
   trap stop_embedded EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM HUP
@@ -78,7 +86,7 @@ fi
 
 python scripts/dev/preflight.py
 
-echo "[run] Flower basic auth: $FLOWER_BASIC_AUTH   (FLOWER_BASIC_AUTH; kept in .run/flower_basic_auth)"
+echo "[run] Flower basic auth: $FLOWER_BASIC_AUTH   (FLOWER_BASIC_AUTH; kept in $(realpath --relative-to=. "$RUN_DIR")/flower_basic_auth)"
 echo "[run] starting: API http://$WEB_BIND/api/  docs http://$WEB_BIND/api/docs/  admin http://$WEB_BIND/admin/"
 echo "[run]           Flower http://$FLOWER_ADDRESS:$FLOWER_PORT/   (Ctrl-C stops everything)"
 
@@ -113,7 +121,7 @@ stop_leftovers() {
 
 # --env names a file that never exists so honcho does not read .env (see above).
 set +e
-honcho --procfile Procfile --app-root "$PWD" --env .run/no-such-env-file start &
+honcho --procfile Procfile --app-root "$PWD" --env "$RUN_DIR/no-such-env-file" start &
 honcho_pid=$!
 # From here on a write to a closed pipe (`make run | tee`, tee killed by Ctrl-C) must not kill this
 # script before it has stopped everything.
@@ -146,5 +154,11 @@ done
 wait "$honcho_pid" 2>/dev/null
 status=$?
 stop_leftovers
+# honcho answers a stop with 130 (SIGINT) or 143 (SIGTERM); asked for, that stop is a success. A process
+# that died on its own first makes honcho stop the rest and return that process's status instead.
+if (( stop_requested )) && (( status == 130 || status == 143 )); then
+  echo "[run] stopped"
+  status=0
+fi
 exit "$status"
 }

@@ -151,7 +151,8 @@ def main() -> int:
             raise SmokeFailure("no API token: pass --token or set CB_TOKEN (make run prints one)")
         status, health = request("GET", f"{api}/health/", headers={})
         expect(status, 200, "health", health)
-        # Disabled, so the scheduler leaves it alone: run-now works on a disabled schedule (DESIGN 5)
+        # Disabled, so the scheduler leaves it alone: run-now works on a disabled schedule
+        # (docs/ARCHITECTURE.md, "API conventions")
         # and the run checked below is the only one.
         status, schedule = request(
             "POST",

@@ -31,7 +31,7 @@ the database says). Then the schedules are disabled, the system drains, and the 
   runs marked "worker lost" while /proc still showed their task executing a second later (0);
 - the highest running count, SQL and /proc, against each cap (global, per job, one-per-schedule for the
   non-`allow` overlap policies): never above it, at any moment, Redis outage and restore included
-  (DESIGN 6.5); the fullest over-cap sample is kept with its runs;
+  (docs/ARCHITECTURE.md, guarantee 5); the fullest over-cap sample is kept with its runs;
 - scheduler kills that landed while the victim held claims (and the claims it left behind);
 - p50/p99 dispatch lag (row created minus slot time) and start lag;
 - processes that died without being killed, and 5xx answers other than 503 from the API (both 0).
@@ -420,7 +420,8 @@ class Sampler(threading.Thread):
     """Running runs every 100 ms: total (global cap), capped schedules (per-job cap), per schedule.
 
     A run counts while its heartbeat is younger than one lease minus a second: a killed worker's runs stop
-    counting when their semaphore leases expire, as they stop holding a slot then (DESIGN 6.5).
+    counting when their semaphore leases expire, as they stop holding a slot then (docs/ARCHITECTURE.md,
+    guarantee 5).
     """
 
     SQL = """
@@ -591,7 +592,8 @@ def kill_scheduler(
     system: System, schedulers: list[Proc], rng: random.Random, watch: ClaimWatch, faults: Faults
 ) -> str:
     """SIGKILL a scheduler, preferring one that holds claims: a kill between claim and release is the one
-    that tests re-claiming (DESIGN 6.2). Claims are held for milliseconds around each dispatch, so watch
+    that tests re-claiming (docs/ARCHITECTURE.md, guarantee 2). Claims are held for milliseconds around each
+    dispatch, so watch
     for a holder for up to `claim_hunt` seconds, then take a random victim."""
     deadline = time.monotonic() + system.config.claim_hunt
     by_claimant = {p.claimant: p for p in schedulers}
@@ -699,7 +701,8 @@ def fault_phase(
             faults.postgres_restarts += 1
             del due[kind]
         elif kind == "outage":
-            # Longer than a lease, with runs executing: a live run must survive it (DESIGN 6.7) and no
+            # Longer than a lease, with runs executing: a live run must survive it (docs/ARCHITECTURE.md,
+            # guarantee 7) and no
             # cap may be exceeded when PostgreSQL returns (6.5). Kills and bursts go on meanwhile.
             # A long run that will outlast the outage (started before the schedulers; waited for here
             # at most 15 s). The global cap is full by then: runs wait behind it (start lag ~1 min).
@@ -971,7 +974,8 @@ def proc_report(system: System, procs: ProcSampler, config: Config, at) -> dict:
                     ],
                 }
     twice = {key: sorted(groups) for key, groups in pgids.items() if len(groups) > 1}
-    # DESIGN 6.7: a run whose worker is alive is never marked lost. A dead worker's tasks die with it
+    # docs/ARCHITECTURE.md, guarantee 7: a run whose worker is alive is never marked lost. A dead worker's
+    # tasks die with it
     # (parent-death signal), a lease before the reaper writes "worker lost"; a task still executing a
     # second after that write was reaped alive (a PostgreSQL outage or a Redis restore mistaken for death).
     lost_alive = []
@@ -1028,7 +1032,8 @@ def verdict(report: dict) -> list[str]:
         )
     if runs["scheduled_runs_without_run"]:
         problems.append(f"{runs['scheduled_runs_without_run']} scheduled runs without a run")
-    # Caps hold at every moment, Redis outage and restore included (DESIGN 6.5): no window allowance.
+    # Caps hold at every moment, Redis outage and restore included (docs/ARCHITECTURE.md, guarantee 5): no
+    # window allowance.
     for source in ("sql", "proc"):
         for scope, cap in caps["caps"].items():
             seen = caps[source]["max_running"][scope]

@@ -1,5 +1,5 @@
 """Heartbeat and fencing: while a run executes, keep its leases, stamp `heartbeat_at`, and kill the run
-when the system gave up on it (DESIGN 6.5, 6.7).
+when the system gave up on it (docs/ARCHITECTURE.md, guarantees 5 and 7).
 
 - liveness is the lease: the heartbeat renews the run's Redis leases (caps and liveness) every quarter
   lease whatever PostgreSQL does, so a run whose worker is alive is never reaped;
@@ -143,7 +143,8 @@ class Heartbeat:
             )
 
     def stop_run(self, reason: str) -> None:
-        """Kill the run's task processes, then let its slots go: in that order (DESIGN 6.5)."""
+        """Kill the run's task processes, then let its slots go: in that order (docs/ARCHITECTURE.md,
+        guarantee 5)."""
         if self.fence.reason:
             return
         logger.warning("run fenced: task processes killed", extra={"run_id": self.run_id, "reason": reason})

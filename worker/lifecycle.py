@@ -1,7 +1,8 @@
 """The run lifecycle on a worker: take the caps, start (at most once), execute under a heartbeat, finish.
 
 Every status write goes through schedules/runstate.py (the one writer of run state, fenced by attempt).
-What this module adds is the worker's side of the promises of DESIGN 6.5 and 6.7: caps before the start
+What this module adds is the worker's side of the promises of docs/ARCHITECTURE.md, guarantees 5 and 7: caps
+before the start
 (worker/caps.py), liveness and fencing while the run executes (worker/heartbeat.py), and nothing lost at
 the end: an outcome is kept in Redis (schedules/runleases.py) before it is written, and written with
 retries; a database still away after `WORKER_FINISH_RETRY_SECONDS` leaves it to the reapers, which write

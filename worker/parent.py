@@ -68,7 +68,8 @@ def _wait_gone(pool_pid: int | None, run_id: int, *, timeout: float = PARENT_KIL
     """Wait until the pool process and every process of the run are gone (True), or timeout.
 
     Celery calls the hard-limit callback before it kills the pool process, and a dead pool process's
-    task processes outlive it by a few ms: the slot is freed only after both (DESIGN 6.5).
+    task processes outlive it by a few ms: the slot is freed only after both (docs/ARCHITECTURE.md, guarantee
+    5).
     """
     deadline = time.monotonic() + timeout
     while (pool_pid is not None and _alive(pool_pid)) or processes_of_run(run_id):

@@ -143,7 +143,12 @@ def check_broker_data() -> int:
     finally:
         client.close()
     count = republish_waiting_runs()
-    logger.warning("broker data was lost (or first start): waiting runs re-published", extra={"count": count})
+    # A warning only when something was waiting: on a first start (or a loss with nothing queued) there
+    # is nothing wrong to report.
+    level = logging.WARNING if count else logging.INFO
+    logger.log(
+        level, "broker data was lost (or first start): waiting runs re-published", extra={"count": count}
+    )
     return count
 
 

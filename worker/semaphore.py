@@ -473,8 +473,11 @@ def semaphore_rebuild(holders: list[tuple[int, str, list[Cap]]], *, floor: int) 
         keys.append(runleases.run_lease_key(run_id))
         argv.append(f"s:{owner}")
     added = int(_script(REBUILD_LUA)(keys=keys, args=argv))
-    logger.warning(
-        "semaphore lease sets rebuilt from the database", extra={"runs": len(holders), "added": added}
+    # A warning only when leases had to be put back (Redis lost them); a first start adds none.
+    logger.log(
+        logging.WARNING if added else logging.INFO,
+        "semaphore lease sets rebuilt from the database",
+        extra={"runs": len(holders), "added": added},
     )
     return added
 

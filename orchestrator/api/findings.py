@@ -32,12 +32,13 @@ class FindingSerializer(serializers.ModelSerializer):
 
 
 @extend_schema(
+    summary="A run's findings",
     parameters=[
         OpenApiParameter(
             "severity", str, enum=Severity.values, description="Only findings of this severity."
         ),
         OpenApiParameter("rule", str, description="Only findings of this rule, e.g. `ssh_brute_force`."),
-    ]
+    ],
 )
 class RunFindingsView(ApiViewMixin, generics.ListAPIView):
     """Paginated (the API's page size); 404 for an unknown run. Filter by `?severity=` or `?rule=`."""

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError, QuerySet
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import (
+    OpenApiExample,
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
 from rest_framework import mixins, status, viewsets
 from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
@@ -17,6 +23,18 @@ from project.api import ApiViewMixin, ErrorDetailSerializer
 _DIRECTIVE_UNIQUE = {"orchestrator_directive_key_key": "key"}
 
 
+@extend_schema_view(
+    partial_update=extend_schema(
+        examples=[
+            OpenApiExample(
+                "caps",
+                value={"max_concurrency": 2, "timeout_seconds": 600},
+                summary="At most 2 at once, 10 minutes each",
+                request_only=True,
+            )
+        ]
+    )
+)
 class JobViewSet(
     ApiViewMixin,
     mixins.ListModelMixin,
@@ -24,6 +42,8 @@ class JobViewSet(
     mixins.UpdateModelMixin,
     viewsets.GenericViewSet,
 ):
+    """Jobs come from the code registry; their caps, timeout and allowlist are editable."""
+
     queryset = Job.objects.all()
     serializer_class = JobSerializer
     lookup_field = "key"
@@ -31,7 +51,26 @@ class JobViewSet(
     http_method_names = ["get", "patch", "head", "options"]
 
 
+@extend_schema_view(
+    create=extend_schema(
+        examples=[
+            OpenApiExample(
+                "triage",
+                value={
+                    "key": "triage-auth",
+                    "name": "Triage authentication failures",
+                    "text": "Focus on SSH and sudo failures; group them by source address.",
+                    "job_key": "log_triage",
+                },
+                summary="Instructions for log_triage",
+                request_only=True,
+            )
+        ]
+    )
+)
 class DirectiveViewSet(ApiViewMixin, viewsets.ModelViewSet):
+    """Named instructions a job's runs follow; a schedule or a launch names one by id or key."""
+
     queryset = Directive.objects.select_related("job")
     serializer_class = DirectiveSerializer
     lookup_value_regex = "[0-9]+"

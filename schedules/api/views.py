@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from django.db import transaction
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import APIException, ValidationError
@@ -58,7 +58,83 @@ def _actor(request: Request) -> str:
     return getattr(request.user, "username", "") or ""
 
 
+# Request examples Swagger's "Try it out" starts from; each is accepted as it stands
+# (tests/integration/test_api_docs.py sends every one of them to the API).
+def _example(name: str, value: dict[str, Any], summary: str = "") -> OpenApiExample:
+    return OpenApiExample(name, value=value, summary=summary or name, request_only=True)
+
+
+SCHEDULE_EXAMPLES = [
+    _example(
+        "interval",
+        {
+            "name": "triage-every-10",
+            "job_key": "log_triage",
+            "enabled": True,
+            "schedule_type": "interval",
+            "interval_minutes": 10,
+            "timezone": "UTC",
+        },
+        "Every 10 minutes",
+    ),
+    _example(
+        "cron",
+        {
+            "name": "nightly-triage",
+            "job_key": "log_triage",
+            "schedule_type": "cron",
+            "cron_expr": "0 2 * * *",
+            "timezone": "America/New_York",
+            "jitter_seconds": 60,
+        },
+        "02:00 New York time, DST-exact, up to a minute of jitter",
+    ),
+]
+
+
+@extend_schema_view(
+    create=extend_schema(examples=SCHEDULE_EXAMPLES),
+    partial_update=extend_schema(
+        examples=[_example("caps", {"max_per_job": 2, "jitter_seconds": 30}, "Cap and spread its runs")]
+    ),
+    run_now=extend_schema(summary="Run a schedule now"),
+    enable=extend_schema(summary="Enable a schedule"),
+    disable=extend_schema(
+        summary="Disable a schedule",
+        examples=[_example("note", {"note": "waiting for the log rotation fix"}, "With a note on why")],
+    ),
+    preview=extend_schema(
+        summary="Preview run times",
+        examples=[
+            _example(
+                "cron",
+                {
+                    "schedule_type": "cron",
+                    "cron_expr": "0 2 * * *",
+                    "timezone": "America/New_York",
+                    "count": 5,
+                },
+                "The next 5 times of a nightly cron schedule",
+            )
+        ],
+    ),
+    backfill=extend_schema(
+        summary="Backfill missed slots",
+        examples=[
+            _example(
+                "six-hours",
+                {"start": "2026-01-01T00:00:00Z", "end": "2026-01-01T06:00:00Z"},
+                "A run for each slot of six hours",
+            )
+        ],
+    ),
+    changes=extend_schema(summary="A schedule's change history"),
+    history=extend_schema(summary="A schedule's runs"),
+)
 class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
+    """Interval and cron schedules of jobs: each write is validated like the admin's and recorded in the
+    schedule's change history."""
+
     queryset = Schedule.objects.select_related("job", "directive")
     serializer_class = ScheduleSerializer
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
@@ -148,8 +224,13 @@ class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
     @extend_schema(request=None, responses={200: ScheduleChangeSerializer(many=True)})
     @action(detail=True, methods=["get"])
     def changes(self, request: Request, pk: str | None = None) -> Response:
-        """Every write to the schedule (who, when, how, each field's old and new value), newest first."""
-        page = self.paginate_queryset(change_log.history(self.get_object().pk))
+        """Every write to the schedule (who, when, how, each field's old and new value), newest first.
+        Still answers after the schedule is deleted: the last record is the delete, with every field's
+        last value."""
+        records = change_log.history(int(pk))
+        if not records.exists():
+            self.get_object()  # 404 for an id that never had a schedule
+        page = self.paginate_queryset(records)
         return self.get_paginated_response(ScheduleChangeSerializer(page, many=True).data)
 
     @extend_schema(
@@ -173,12 +254,17 @@ class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
         return self.get_paginated_response(ScheduledRunSerializer(page, many=True).data)
 
 
+# Lives here, not in orchestrator.api, because launching publishes the run message through schedules
+# (dependency direction: orchestrator <- schedules).
+@extend_schema_view(
+    create=extend_schema(
+        summary="Launch a run",
+        examples=[_example("triage", {"job_key": "log_triage"}, "Triage the logs now")],
+    ),
+)
 class RunLaunchViewSet(RunViewSet):
-    """/api/runs/ with POST: a manual launch, through the same path a scheduled run takes.
-
-    It lives here, not in orchestrator.api, because launching publishes the run message through
-    schedules (dependency direction: orchestrator <- schedules).
-    """
+    """Runs, newest first; filter with ?status=, ?trigger=, ?job_key=. POST launches one now (trigger
+    `manual`), through the same path a scheduled run takes."""
 
     http_method_names = ["get", "post", "head", "options"]
 

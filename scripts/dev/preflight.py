@@ -5,6 +5,9 @@
 3. The database exists (created through the `postgres` maintenance database if missing).
 4. Migrations are applied (this also syncs the job registry into `orchestrator.Job`), static files collected.
 5. An admin user with a DRF API token exists; the token goes to `.run/api_token` and is printed.
+6. The settings this run uses go to `.run/local.env` (0600): every variable settings.py read that is set
+   (database, Redis, SECRET_KEY, paths...), so `manage.py` in another terminal needs no export
+   (project/env.py reads the file after the environment).
 
 Run with the project's virtualenv: `.venv/bin/python scripts/dev/preflight.py`. SECRET_KEY and
 FLOWER_BASIC_AUTH are prepared by scripts/run_local.sh before this runs.
@@ -27,7 +30,14 @@ RUN_DIR = Path(os.environ.get("CB_RUN_DIR") or ROOT / ".run")
 sys.path.insert(0, str(ROOT))
 
 # project.env has no Django import, so the database address is read exactly as settings.py reads it.
-from project.env import database_from_parts, database_from_url, env_str  # noqa: E402
+from project.env import (  # noqa: E402
+    NAMES_READ,
+    database_from_parts,
+    database_from_url,
+    env_str,
+    format_env_file,
+    lookup,
+)
 
 PG_START_HINT = """\
   PostgreSQL is not reachable at {where}: {error}
@@ -146,6 +156,13 @@ def ensure_database(db: dict) -> bool:
         conn.close()
 
 
+def shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -175,7 +192,8 @@ def ensure_admin_token(username: str) -> tuple[str, str | None]:
     user_model = get_user_model()
     created = not user_model.objects.filter(username=username).exists()
     if command_has_option("create_api_token", "--staff"):
-        # The project's own command (DESIGN 5) when it can make a staff user; its output is not parsed.
+        # The project's own command (docs/ARCHITECTURE.md, "API conventions") when it can make a staff user;
+        # its output is not parsed.
         call_command("create_api_token", username, staff=True, stdout=io.StringIO())
         user = user_model.objects.get(username=username)
     else:
@@ -245,10 +263,13 @@ def main() -> int:
 
     token, password = ensure_admin_token(args.admin)
     write_private(RUN_DIR / "api_token", token + "\n")
+    chosen = {name: value for name in NAMES_READ if (value := lookup(name)) is not None}
+    write_private(RUN_DIR / "local.env", format_env_file(chosen))
     say(f"job queues (the worker consumes them all): {', '.join(queues)}")
     say(f"API token for user {args.admin!r}: {token}   (also in .run/api_token)")
     if password:
         say(f"Django admin login: {args.admin} / {password}   (also in .run/admin_password)")
+    say(f"settings of this run in {shown(RUN_DIR / 'local.env')}: manage.py reads them, no export needed")
     return 0
 
 

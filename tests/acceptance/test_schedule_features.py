@@ -1,7 +1,7 @@
 """Issue 16 end to end: a real `run_scheduler` process and a real Celery worker, driven through the API.
 
 The smallest interval is a minute, so three real slots would take three minutes of waiting; these tests
-age rows with SQL instead (STYLE.md), never a clock: what the scheduler decides still comes from
+age rows with SQL instead, never a clock: what the scheduler decides still comes from
 PostgreSQL's now().
 """
 

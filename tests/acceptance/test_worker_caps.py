@@ -1,4 +1,5 @@
-"""Caps hold with a real worker process and real Redis (DESIGN 6.5): 60 runs at once, two jobs.
+"""Caps hold with a real worker process and real Redis (docs/ARCHITECTURE.md, guarantee 5): 60 runs at once,
+two jobs.
 
 What executes is counted as the operating system sees it: the live task process groups of this test's
 runs (orchestrator/taskprocs.py), sampled every 50 ms while the runs execute, never the rows the code

@@ -1,4 +1,5 @@
-"""Overlap with a real worker (DESIGN 6.6): a `buffer_one` schedule's waiting run starts only after the
+"""Overlap with a real worker (docs/ARCHITECTURE.md, guarantee 6): a `buffer_one` schedule's waiting run
+starts only after the
 run before it has ended, even with free pool processes; an `allow` schedule's runs overlap."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""A run's life under the faults of issue 13, with real workers and schedulers (DESIGN 6.5 and 6.7).
+"""A run's life under the faults of issue 13, with real workers and schedulers (docs/ARCHITECTURE.md,
+guarantees 5 and 7).
 
 - every worker SIGKILLed, only a scheduler left: the scheduler reaps the run within a lease + a period;
 - a run the system gave up on (here: ended behind its back) stops executing, counted from /proc;

@@ -1,4 +1,5 @@
-"""Runs executing through a PostgreSQL outage and a Redis rolled back to an old snapshot (DESIGN 6.5, 6.7).
+"""Runs executing through a PostgreSQL outage and a Redis rolled back to an old snapshot
+(docs/ARCHITECTURE.md, guarantees 5 and 7).
 
 What executes is read from the operating system (orchestrator/taskprocs.py), never from the rows the code
 under test writes: a sampler thread lists the task process groups every 50 ms. The machine is shared, so

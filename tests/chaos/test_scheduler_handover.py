@@ -1,4 +1,5 @@
-"""A claimant SIGKILLed holding its claims while another instance runs (issue 15.1, DESIGN 6.2).
+"""A claimant SIGKILLed holding its claims while another instance runs (issue 15.1, docs/ARCHITECTURE.md,
+guarantee 2).
 
 The peer takes the claims over once they expire. The time the dead instance held them is a hand-over,
 not a downtime: no slot is recorded as missed for it, whatever the policy, even though the claim TTL

@@ -1,7 +1,8 @@
 """Exactly once under a kill storm (issue 3): 3 schedulers racing, one SIGKILLed and restarted every ~1 s.
 
 100 schedules, interval 1 minute, anchored two hours back, misfire_policy run_all: each has 120 missed
-slots, of which run_all dispatches the latest 100 (DESIGN 6.2), then every slot that comes due while the
+slots, of which run_all dispatches the latest 100 (docs/ARCHITECTURE.md, guarantee 2), then every slot that
+comes due while the
 storm goes on. Afterwards SQL must show, for every schedule, exactly the slots from the 100th-latest at
 its first dispatch up to its last_run_at: none twice, none missing, each with its own run, and every
 run message in Redis.

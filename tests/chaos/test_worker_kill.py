@@ -1,4 +1,5 @@
-"""Workers killed mid-run (DESIGN 6.5 and 6.7): the run ends "worker lost" and its slot frees."""
+"""Workers killed mid-run (docs/ARCHITECTURE.md, guarantees 5 and 7): the run ends "worker lost" and its slot
+frees."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def test_worker_sigkilled_mid_run__run_fails_worker_lost_and_slot_frees(redis_cl
             took = (run.finished_at - killed_at).total_seconds()
             assert run.error_summary.startswith("worker lost"), run.error_summary
             print(f"worker lost detected after {took:.1f}s (lease {lease}s + reaper {reaper}s)")
-            # DESIGN 6.7: within one lease plus one reaper period; the second is for the pass's own
+            # docs/ARCHITECTURE.md, guarantee 7: within one lease plus one reaper period; the second is for
+            # the pass's own
             # statements on a loaded machine.
             assert took < lease + reaper + 1
             first.refresh_from_db()

@@ -1,5 +1,5 @@
 """A host cut off in the middle of a transaction must not hold its schedules' rows for good (issue 18,
-found by scripts/cluster.py's idle-in-transaction sampler; DESIGN 6.2).
+found by scripts/cluster.py's idle-in-transaction sampler; docs/ARCHITECTURE.md, guarantee 2).
 
 On one host a killed process's connection is reset by its kernel, and PostgreSQL ends the session at
 once. A host that is cut off (or frozen) sends nothing: the server keeps the session, its transaction

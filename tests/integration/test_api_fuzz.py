@@ -1,9 +1,10 @@
-"""Schemathesis fuzzing of the REST API against its own OpenAPI schema (DESIGN 5).
+"""Schemathesis fuzzing of the REST API against its own OpenAPI schema (docs/ARCHITECTURE.md, "API
+conventions").
 
 Every operation drf-spectacular documents at /api/schema/ is called in-process (the WSGI app, no
 server) with generated valid and invalid input, authenticated with a DRF token. Each response must:
 not be a 5xx; have a documented status code and content type; and match the documented body schema.
-Bad input must be a 4xx (DESIGN 5: never a 500).
+Bad input must be a 4xx (docs/ARCHITECTURE.md, "API conventions": never a 500).
 
 Path parameters are steered, part of the time, to rows that exist (a schedule, a directive, a run
 with findings, the registered jobs), and a body's `job_key` to a registered job, so the fuzzer gets
@@ -60,7 +61,8 @@ schema = schemathesis.openapi.from_wsgi(
 
 # positive_data_acceptance ("a schema-valid request must be accepted") is a false positive where a
 # valid body also has to satisfy rules a JSON schema cannot state, each a 400 naming the field
-# (DESIGN 5): the job_key and directive must name existing rows and the job be enabled; interval
+# (docs/ARCHITECTURE.md, "API conventions"): the job_key and directive must name existing rows and the job be
+# enabled; interval
 # needs interval_minutes >= 1 and no cron_expr, cron a parseable cron_expr and no interval_minutes;
 # a known timezone; a name or key not taken; not both directive and custom_directive_text. Every
 # other check (5xx, status code, content type, body schema, negative data rejected) still applies.

@@ -1,4 +1,5 @@
-"""Jobs, directives, runs, health, schema/docs and create_api_token (DESIGN 5)."""
+"""Jobs, directives, runs, health, schema/docs and create_api_token (docs/ARCHITECTURE.md, "API
+conventions")."""
 
 from __future__ import annotations
 

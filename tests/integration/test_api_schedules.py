@@ -1,4 +1,5 @@
-"""The schedules REST API (DESIGN 5): CRUD, actions, history, validation, auth, both slash forms."""
+"""The schedules REST API (docs/ARCHITECTURE.md, "API conventions"): CRUD, actions, history, validation,
+auth, both slash forms."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ SEED_BODY = {
     "timezone": "UTC",
 }
 
-DESIGN_4_FIELDS = {
+RESPONSE_FIELDS = {
     "name",
     "job_key",
     "directive",
@@ -76,7 +77,7 @@ def test_create__seed_body_gives_201_with_next_run_and_5_upcoming(api):
 
     assert response.status_code == 201, response.content
     body = response.json()
-    assert DESIGN_4_FIELDS <= body.keys()
+    assert RESPONSE_FIELDS <= body.keys()
     assert body["job_key"] == "log_triage"
     assert body["enabled"] is True
     next_run = _dt(body["next_run_at"])

@@ -168,7 +168,8 @@ def test_dispatch__overlap_policy_with_unfinished_runs(policy, unfinished, dispa
 
 @pytest.mark.django_db(transaction=True)
 def test_dispatch__enable_computes_from_now_so_slots_missed_while_disabled_do_not_run(redis_client):
-    # A schedule disabled for an hour: enabling sets next_run_at from now (DESIGN 5), so no catch-up.
+    # A schedule disabled for an hour: enabling sets next_run_at from now (docs/ARCHITECTURE.md, "API
+    # conventions"), so no catch-up.
     from schedules.models import Schedule
 
     now = db_now()

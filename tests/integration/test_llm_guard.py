@@ -1,4 +1,5 @@
-"""The LLM step of log_triage and its guardrails (DESIGN 7), against a real HTTP server on 127.0.0.1.
+"""The LLM step of log_triage and its guardrails (docs/ARCHITECTURE.md, "Guardrails"), against a real HTTP
+server on 127.0.0.1.
 
 - Only scores and counters are stored: after a scored run, no table, log line or task result holds any
   of the prompt or response text.

@@ -1,4 +1,5 @@
-"""Security checks (DESIGN 5, 7, 8), each one failing if its protection were taken away.
+"""Security checks (docs/ARCHITECTURE.md, "API conventions" and "Guardrails", and docs/OPERATIONS.md,
+"Settings"), each one failing if its protection were taken away.
 
 1. API authentication: every URL pattern Django knows (walked from the resolver, so a new endpoint is
    covered the day it is added), every method its view allows, answers 401 without a token, with a bad
@@ -55,7 +56,8 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 
-# The only endpoints anyone may call without credentials (DESIGN 5). Keep this list short on purpose.
+# The only endpoints anyone may call without credentials (docs/ARCHITECTURE.md, "API conventions"). Keep this
+# list short on purpose.
 PUBLIC = frozenset({"health", "schema", "docs"})
 METHODS = ("get", "post", "put", "patch", "delete")
 
@@ -321,7 +323,8 @@ def test_flower_command_refuses_to_start_without_basic_auth_and_passes_it(source
     result = run_sh(stubbed, FLOWER_BASIC_AUTH="ops:s3cret")
     assert result.returncode == 0, result.stderr
     assert "flower" in result.stdout
-    assert "--basic-auth=ops:s3cret" in result.stdout
+    # Flower reads FLOWER_BASIC_AUTH from its environment: the password is never in its argv (`ps`).
+    assert "s3cret" not in result.stdout
 
 
 def test_run_local_generates_keeps_and_exports_flower_basic_auth(tmp_path):
@@ -336,6 +339,7 @@ def test_run_local_generates_keeps_and_exports_flower_basic_auth(tmp_path):
     script = "\n".join(
         [
             "set -euo pipefail",
+            "RUN_DIR=.run",
             "mkdir -p .run",
             helper.group(0),
             block.group(0),
@@ -379,6 +383,7 @@ def test_a_real_flower_from_the_procfile_refuses_requests_without_its_basic_auth
         FLOWER_BASIC_AUTH=auth,
         FLOWER_ADDRESS="127.0.0.1",
         FLOWER_PORT=str(port),
+        FLOWER_WAIT_FOR_WORKER_SECONDS="0",  # no worker in this test
         PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
     )
     proc = subprocess.Popen(

@@ -109,7 +109,8 @@ def _trust_liveness(redis_client) -> None:
 
 
 def test_reaper__fails_only_runs_whose_lease_expired(schedule, settings, redis_client):
-    """A stale database heartbeat alone condemns nobody: the Redis lease decides (DESIGN 6.7)."""
+    """A stale database heartbeat alone condemns nobody: the Redis lease decides (docs/ARCHITECTURE.md,
+    guarantee 7)."""
     settings.WORKER_LEASE_SECONDS = 60
     lost, alive, fresh = _scheduled_run(schedule), _scheduled_run(schedule), _scheduled_run(schedule)
     for n, scheduled in enumerate((lost, alive, fresh)):

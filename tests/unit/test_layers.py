@@ -1,4 +1,5 @@
-"""Dependencies point one way (DESIGN 3): `orchestrator` <- `schedules` <- `worker`, and `monitoring`
+"""Dependencies point one way (docs/ARCHITECTURE.md, "Code layout"): `orchestrator` <- `schedules` <-
+`worker`, and `monitoring`
 (which reads all three) is imported by none of them: the scheduler reaches it through a signal
 (schedules/signals.py). Read from the source, so an import inside a function counts too."""
 

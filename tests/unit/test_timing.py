@@ -1,4 +1,4 @@
-"""Slot math against DESIGN.md 6.3, by example and by property.
+"""Slot math against docs/ARCHITECTURE.md, guarantee 3, by example and by property.
 
 The properties compare `next_slot` with a brute-force oracle that walks every UTC minute and decides
 from first principles whether the schedule fires there. The two share nothing but the cron fields: the
@@ -262,7 +262,8 @@ def oracle_next(spec: ScheduleSpec, after: datetime, horizon: timedelta = timede
     zone = ZoneInfo(spec.timezone)
     expr = ORACLE_ALIASES.get(spec.cron_expr, spec.cron_expr)
     hour_field = expr.split()[1]
-    # DESIGN 6.3, in its words: "a cron whose hour field is `*` or a step fires at every real instant,
+    # docs/ARCHITECTURE.md, guarantee 3, in its words: "a cron whose hour field is `*` or a step fires at
+    # every real instant,
     # in both copies of a repeated hour"; any other hour field is fixed.
     wildcard_hour = hour_field == "*" or "/" in hour_field
     fields = expr

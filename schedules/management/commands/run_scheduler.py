@@ -22,7 +22,7 @@ logger = logging.getLogger("schedules.scheduler")
 
 
 class Command(BaseCommand):
-    help = "Claim due schedules and dispatch their runs (DESIGN 2)."
+    help = "Claim due schedules and dispatch their runs (docs/ARCHITECTURE.md, 'Claims and leases')."
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--interval", type=float, default=DEFAULT_INTERVAL, help="longest sleep (s)")

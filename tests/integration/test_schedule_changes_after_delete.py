@@ -1,0 +1,78 @@
+"""Issue 31.7: the change records of a deleted schedule stay readable, in the API and in the admin."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+from schedules.models import ScheduleChange
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def staff(django_user_model) -> Client:
+    user = django_user_model.objects.create_superuser(
+        username="root", password="pw-root-123", email="r@x.test"
+    )
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def create_update_delete(api) -> int:
+    created = api.post(
+        "/api/schedules/",
+        {"name": "short-lived", "job_key": "log_triage", "schedule_type": "interval", "interval_minutes": 10},
+        format="json",
+    )
+    assert created.status_code == 201, created.content
+    schedule_id = created.json()["id"]
+    assert (
+        api.patch(f"/api/schedules/{schedule_id}/", {"interval_minutes": 30}, format="json").status_code
+        == 200
+    )
+    assert api.delete(f"/api/schedules/{schedule_id}/").status_code == 204
+    assert api.get(f"/api/schedules/{schedule_id}/").status_code == 404
+    return schedule_id
+
+
+def test_api__changes_of_a_deleted_schedule_are_readable(api, user):
+    schedule_id = create_update_delete(api)
+
+    response = api.get(f"/api/schedules/{schedule_id}/changes")
+    assert response.status_code == 200, response.content
+    records = response.json()["results"]
+    assert [r["action"] for r in records] == ["delete", "update", "create"]
+    assert {(r["schedule_id"], r["schedule_name"], r["actor"]) for r in records} == {
+        (schedule_id, "short-lived", user.username)
+    }
+    # The delete keeps every field's last value.
+    assert records[0]["changes"]["interval_minutes"] == {"old": 30, "new": None}
+    assert records[1]["changes"]["interval_minutes"] == {"old": 10, "new": 30}
+
+
+def test_api__an_id_that_never_had_a_schedule_is_still_404(api):
+    assert api.get("/api/schedules/987654321/changes").status_code == 404
+
+
+def test_admin__changes_of_a_deleted_schedule_are_listed_and_readable_as_values(api, staff):
+    schedule_id = create_update_delete(api)
+
+    listing = staff.get(f"/admin/schedules/schedulechange/?schedule_id={schedule_id}")
+    assert listing.status_code == 200
+    text = listing.content.decode()
+    assert text.count("short-lived") >= 3  # create, update, delete rows
+
+    delete = ScheduleChange.objects.get(schedule_id=schedule_id, action="delete")
+    page = staff.get(f"/admin/schedules/schedulechange/{delete.pk}/change/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "deleted" in html
+    assert "<td>interval_minutes</td><td>30</td><td>(none)</td>" in html
+    assert "<td>name</td><td>short-lived</td><td>(none)</td>" in html
+    # Read-only: history is never edited or removed from the admin.
+    assert (
+        staff.post(f"/admin/schedules/schedulechange/{delete.pk}/delete/", {"post": "yes"}).status_code == 403
+    )
+    assert ScheduleChange.objects.filter(pk=delete.pk).exists()
