@@ -4,11 +4,13 @@
     .venv/bin/python -m benchmarks.compare --quick      # 1,000 schedules only, for a smoke check
     .venv/bin/python -m benchmarks.compare --skip-e2e   # dispatch only (the execution figures take longest)
     .venv/bin/python -m benchmarks.compare --only mix,before-after,size   # issue 30's figures only
+    .venv/bin/python -m benchmarks.compare --only pages --pages-runs 1000000   # issue 31.5's, at 1M runs
 
 Issue 30's figures follow: the realistic mix (benchmarks/mix.py, about 50 minutes at full size), no-op
 runs before and after against `--baseline-rev` (benchmarks/before_after.py) and the run path's size
 (benchmarks/size.py). `--quick` scales the mix down to 40 + 20 schedules over 30 s of 1 to 5 s sleeps
-and the no-op runs to 200.
+and the no-op runs to 200. Last, every page timed at production size (benchmarks/pages.py: 100,000 schedules
+and `--pages-runs`, default 10,000,000 runs, about 40 minutes to seed here; `--quick`: 2,000 and 100,000).
 
 Prints Markdown tables (docs/BENCHMARKS.md holds the last run's) and writes every figure as JSON to
 `.run/bench/` for later reading. Each side has its own database; both publish to the same Redis.
@@ -25,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import before_after, e2e, mix, size
+from benchmarks import before_after, e2e, mix, pages, size
 from benchmarks import celery_beat_baseline as dcb
 from benchmarks.common import PYTHON, ROOT
 
@@ -80,7 +82,16 @@ def _size(rev: str, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-PARTS = ("dispatch", "e2e", "mix", "before-after", "size")
+def _pages(quick: bool, runs: int, out: Path) -> dict:
+    scale = ["--schedules", "2000", "--runs", "100000"] if quick else ["--runs", str(runs)]
+    subprocess.run(
+        [PYTHON, "-m", "benchmarks.pages", *scale, "--json", str(out)],
+        cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    return json.loads(out.read_text())
+
+
+PARTS = ("dispatch", "e2e", "mix", "before-after", "size", "pages")
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -186,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--baseline-rev", default=before_after.BASELINE_REV, help="the commit before issue 30 (no-op, size)"
     )
+    parser.add_argument(
+        "--pages-runs", type=int, default=10_000_000, help="runs over 100,000 schedules for the pages part"
+    )
     args = parser.parse_args(argv)
     parts = {x.strip() for x in args.only.split(",") if x.strip()}
     if parts - set(PARTS):
@@ -217,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         result = _size(args.baseline_rev, out_dir / "size.json")
         print()
         print(size.report(result["size"], result["private_names"]), flush=True)
+    if "pages" in parts:
+        print()
+        print(pages.report(_pages(args.quick, args.pages_runs, out_dir / "pages.json")), flush=True)
     print(f"\nwall {time.time() - started:.0f} s")
 
 

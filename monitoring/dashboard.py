@@ -14,7 +14,6 @@ from functools import wraps
 from django.conf import settings
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
-from django.core.paginator import Paginator
 from django.db.models import Count, Q
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, render
@@ -23,6 +22,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from monitoring.permissions import is_viewer
 from orchestrator.models import Run
+from project.pagination import EstimatedCountPaginator as Paginator
 from schedules import services, timing
 from schedules.dispatch import run_now as dispatch_run_now
 from schedules.models import (

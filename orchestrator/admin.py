@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
+from celery import states as celery_states
 from django import forms
+from django.apps import apps
 from django.conf import settings
 from django.contrib import admin
+from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
+from django_celery_results.admin import TaskResultAdmin
+from django_celery_results.models import TaskResult
 
 from orchestrator import models
 from orchestrator.api.serializers import JobSerializer
+from project.pagination import EstimatedCountPaginator
+
+
+def format_duration(started: datetime | None, finished: datetime | None) -> str:
+    """How long a run took, for a list column: "12.3 s", "4 min 05 s", "2 h 03 min"; "-" if unfinished."""
+    if started is None or finished is None:
+        return "-"
+    seconds = max(0.0, (finished - started).total_seconds())
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
 
 JOB_SETTINGS = ["name", "description", "enabled", "max_concurrency", "timeout_seconds", "task3_allowlist"]
 
@@ -66,19 +87,47 @@ class RunAdmin(admin.ModelAdmin):
     list_display = [
         "id",
         "job",
+        "schedule",
         "trigger",
         "status",
         "created_at",
-        "started_at",
-        "finished_at",
+        "duration",
         "llm_calls",
         "flower",
     ]
     readonly_fields = ["flower", "dashboard"]
-    list_filter = ["status", "trigger", "job"]
+    # No date hierarchy (its year list reads every run): a date filter instead.
+    list_filter = ["status", "trigger", "job", ("created_at", admin.DateFieldListFilter)]
     list_select_related = ["job"]
     search_fields = ["task_id", "error_summary"]
-    date_hierarchy = "created_at"
+    # Sorting by another column would sort every run; these two walk an index.
+    sortable_by = ["id", "created_at"]
+    show_full_result_count = False
+    paginator = EstimatedCountPaginator
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[models.Run]:
+        # The schedule a run belongs to (through its ScheduledRun, a schedules model: looked up by name,
+        # orchestrator does not import schedules); one probe of the run_id index per row shown.
+        scheduled = apps.get_model("schedules", "ScheduledRun").objects.filter(run=OuterRef("pk"))
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                schedule_id=Subquery(scheduled.values("schedule_id")[:1]),
+                schedule_name=Subquery(scheduled.values("schedule__name")[:1]),
+            )
+        )
+
+    @admin.display(description="schedule")
+    def schedule(self, run: models.Run) -> str:
+        if getattr(run, "schedule_id", None) is None:
+            return "-"
+        url = reverse("admin:schedules_schedule_change", args=[run.schedule_id])
+        return format_html('<a href="{}">{}</a>', url, run.schedule_name)
+
+    @admin.display(description="duration")
+    def duration(self, run: models.Run) -> str:
+        return format_duration(run.started_at, run.finished_at)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -116,3 +165,34 @@ def _register_view_only(model: type) -> None:
 for _name in ("Finding", "LogCursor"):
     if hasattr(models, _name):
         _register_view_only(getattr(models, _name))
+
+
+class TaskStateFilter(admin.SimpleListFilter):
+    """Celery's task states as the choices (the default filter reads every row for the distinct ones)."""
+
+    title = "status"
+    parameter_name = "status__exact"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [(state, state) for state in sorted(celery_states.ALL_STATES)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        return queryset.filter(status=self.value()) if self.value() else queryset
+
+
+class LargeTaskResultAdmin(TaskResultAdmin):
+    """django-celery-results' admin for a TaskResult per run, millions of rows: no date hierarchy and no
+    filters listing every distinct task name or worker (each reads the whole table), no count(*), and
+    sorting only by the indexed columns."""
+
+    date_hierarchy = None
+    list_filter = (TaskStateFilter, ("date_done", admin.DateFieldListFilter))
+    search_fields = ("=task_id",)
+    sortable_by = ("task_id", "date_done")
+    show_full_result_count = False
+    paginator = EstimatedCountPaginator
+
+
+if admin.site.is_registered(TaskResult):
+    admin.site.unregister(TaskResult)
+admin.site.register(TaskResult, LargeTaskResultAdmin)

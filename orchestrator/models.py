@@ -133,6 +133,14 @@ class Run(models.Model):
         ]
         indexes = [
             models.Index(fields=["status", "heartbeat_at"], name="run_status_heartbeat_idx"),
+            # The run lists (API and admin), newest first, without sorting millions of rows; filtered by
+            # trigger, the rare ones (the common `schedule` walks run_list_idx).
+            models.Index(fields=["-created_at", "-id"], name="run_list_idx"),
+            models.Index(
+                fields=["trigger", "-created_at", "-id"],
+                name="run_trigger_list_idx",
+                condition=Q(trigger__in=["manual", "backfill"]),
+            ),
         ]
 
     def __str__(self) -> str:

@@ -183,6 +183,13 @@ class ScheduledRun(models.Model):
         ]
         indexes = [
             models.Index(fields=["schedule", "-scheduled_for"], name="scheduledrun_history_idx"),
+            # The admin's list of every schedule's runs, newest first, and its rare triggers.
+            models.Index(fields=["-scheduled_for", "-id"], name="scheduledrun_list_idx"),
+            models.Index(
+                fields=["trigger", "-scheduled_for", "-id"],
+                name="scheduledrun_trigger_list_idx",
+                condition=Q(trigger__in=["manual", "backfill"]),
+            ),
             models.Index(
                 fields=["published_at"],
                 name="scheduledrun_outbox_idx",
