@@ -402,10 +402,12 @@ def slots_between(
         step = timedelta(minutes=spec.interval_minutes)
         if _on_grid(spec) or anchor is None:
             anchor = spec.start_at or _EPOCH
-        # The first chain slot at or after start (None when past the range).
-        slot = _in_range(spec, anchor + step * -((anchor - start) // step))
+        try:  # the first chain slot at or after start (None when past the range)
+            slot = _in_range(spec, anchor + step * -((anchor - start) // step))
+        except OverflowError:
+            slot = None
     else:
-        slot = next_slot(spec, after=start - _TICK)
+        slot = next_slot(spec, after=max(start, _FLOOR) - _TICK)
     slots: list[datetime] = []
     while slot is not None and slot < end and len(slots) < limit:
         if within_bounds(spec, slot):
@@ -474,14 +476,15 @@ def prev_slot(spec: ScheduleSpec, *, at_or_before: datetime) -> datetime | None:
 def _slots_back(spec: ScheduleSpec, *, first: datetime, now: datetime) -> Iterator[datetime]:
     """Slots from the latest at or before `now` down to `first` (a slot by contract, even one set off
     the grid by hand), newest first. Each costs one step, whatever the time since `first`."""
+    now = min(now, _CEILING - timedelta(seconds=spec.jitter_seconds))  # no slot lies beyond
     if first > now:
         return
     if spec.schedule_type == "interval":
         step = timedelta(minutes=spec.interval_minutes)
-        slot = first + step * ((now - first) // step)
-        while slot >= first:
-            yield slot.astimezone(UTC)
-            slot -= step
+        k = (now - first) // step  # counted down, never stepped below `first` (nor below year 1)
+        while k >= 0:
+            yield (first + step * k).astimezone(UTC)
+            k -= 1
         return
     slot = prev_slot(spec, at_or_before=now)
     while slot is not None and slot > first:
