@@ -222,8 +222,8 @@ def limit_errors(
 
 
 def date_error(value: Any) -> str | None:
-    """Why a date a client gave is refused: not an aware datetime, or outside the range the slot math
-    and PostgreSQL agree on (timing.EARLIEST .. timing.LATEST, docs/SCHEDULES.md "Dates"); None if fine."""
+    """Why a date a client gave is refused: not an aware datetime, or outside the documented range
+    (timing.EARLIEST .. timing.LATEST, docs/SCHEDULES.md "Dates"); None if fine."""
     if not isinstance(value, datetime) or value.tzinfo is None:
         return "Must be an aware date-time with a UTC offset, e.g. 2026-01-01T00:00:00Z."
     return timing.date_range_error(value)
