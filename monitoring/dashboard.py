@@ -128,14 +128,8 @@ def _schedule_state(schedule: Schedule, alerts: list[str]) -> dict:
 
 
 def _upcoming(schedule: Schedule, n: int = 3) -> list:
-    if not schedule.enabled or schedule.next_run_at is None:
-        return []
-    try:
-        return timing.upcoming(
-            timing.spec_of(schedule), after=schedule.next_run_at - timedelta(seconds=1), n=n
-        )
-    except Exception:
-        return [schedule.next_run_at]
+    # The API's, the admin's and a preview's answer (next_run_at itself first, jitter and max_runs applied).
+    return services.upcoming_runs(schedule, n)
 
 
 def _page(request: HttpRequest):

@@ -19,7 +19,7 @@ from orchestrator.admin import format_duration
 from project.pagination import EstimatedCountPaginator, bounded_count
 from schedules import changes as change_log
 from schedules import dispatch, services, timing
-from schedules.models import ChangeSource, Schedule, ScheduleChange, ScheduledRun
+from schedules.models import ChangeSource, OverlapPolicy, Schedule, ScheduleChange, ScheduledRun
 
 RECENT_RUNS_SHOWN = 10
 RECENT_CHANGES_SHOWN = 20
@@ -34,6 +34,19 @@ class PauseNoteForm(forms.Form):
 class BackfillForm(forms.Form):
     start = forms.DateTimeField(help_text="UTC, e.g. 2026-11-30 00:00:00; the window is [start, end).")
     end = forms.DateTimeField(help_text="UTC; not in the future. At most 1,000 slots per schedule.")
+    overlap_policy = forms.ChoiceField(
+        choices=OverlapPolicy.choices,
+        initial=OverlapPolicy.ALLOW,
+        required=False,
+        help_text="For the backfilled slots (not the schedule's); allow (the default) runs each one.",
+    )
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        for field in ("start", "end"):
+            if cleaned.get(field) is not None and (problem := services.date_error(cleaned[field])):
+                self.add_error(field, problem)
+        return cleaned
 
 
 class WriteOnlyURLField(forms.URLField):
@@ -342,15 +355,10 @@ class ScheduleAdmin(admin.ModelAdmin):
 
     @admin.display(description="next 5 runs (UTC, jitter applied)")
     def upcoming(self, schedule: Schedule) -> str:
-        if schedule.next_run_at is None:
-            return "-" if schedule.end_at is None else "- (ended: no slot left before end_at)"
-        runs_left = None if schedule.max_runs is None else schedule.max_runs - schedule.scheduled_run_count
-        try:
-            times = timing.run_times(
-                timing.spec_of(schedule), next_run_at=schedule.next_run_at, n=5, runs_left=runs_left
-            )
-        except Exception:
-            return "-"
+        # The API's, the dashboard's and a preview's answer (services.upcoming_runs).
+        times = services.upcoming_runs(schedule, 5)
+        if schedule.next_run_at is None and schedule.end_at is not None:
+            return "- (ended: no slot left before end_at)"
         return ", ".join(t.strftime("%Y-%m-%d %H:%M:%S") for t in times) or "-"
 
     @admin.display(description="recent runs")
@@ -468,7 +476,10 @@ class ScheduleAdmin(admin.ModelAdmin):
         for schedule in queryset:
             try:
                 result = services.backfill_schedule(
-                    schedule, start=form.cleaned_data["start"], end=form.cleaned_data["end"]
+                    schedule,
+                    start=form.cleaned_data["start"],
+                    end=form.cleaned_data["end"],
+                    overlap_policy=form.cleaned_data["overlap_policy"] or OverlapPolicy.ALLOW,
                 )
             except services.ScheduleInvalid as exc:
                 self.message_user(request, f"{schedule.name}: {exc}", messages.ERROR)

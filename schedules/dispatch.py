@@ -375,15 +375,21 @@ def _write_slots(batch: _Batch, columns: dict[str, list]) -> None:
         if (sid, slot) in batch.inserted:
             runs[sid] += 1
     keep = set(batch.unfinished_ids)  # cut by the budget: keep the claim for the next transaction
+    # The row is locked, so runs_left (read with the lock) is exact: reaching max_runs disables it, and
+    # it has no next run (a stale next_run_at would show a run that never comes; enabling it again
+    # recomputes one from now).
+    completes = [s.runs_left is not None and 0 < s.runs_left <= runs[s.id] for s, _ in batch.planned]
     claiming.advance_and_release(
         claimant=batch.claimant,
         ids=[s.id for s, _ in batch.planned],
         last=[plan.last_slot for _, plan in batch.planned],
-        next_run_at=[plan.next_run_at for _, plan in batch.planned],
+        next_run_at=[
+            None if done else plan.next_run_at
+            for (_, plan), done in zip(batch.planned, completes, strict=True)
+        ],
         keep=[s.id in keep for s, _ in batch.planned],
         runs=[runs[s.id] for s, _ in batch.planned],
-        # The row is locked, so runs_left (read with the lock) is exact: reaching max_runs disables it.
-        completes=[s.runs_left is not None and 0 < s.runs_left <= runs[s.id] for s, _ in batch.planned],
+        completes=completes,
     )
 
 

@@ -236,6 +236,14 @@ def limit_errors(
     return errors
 
 
+def date_error(value: Any) -> str | None:
+    """Why a date a client gave is refused: not an aware datetime, or outside the documented range
+    (timing.EARLIEST .. timing.LATEST, docs/SCHEDULES.md "Dates"); None if fine."""
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        return "Must be an aware date-time with a UTC offset, e.g. 2026-01-01T00:00:00Z."
+    return timing.date_range_error(value)
+
+
 def timing_errors(values: Mapping[str, Any], *, now: datetime | None = None) -> dict[str, list[str]]:
     """The rules of the timing fields alone (type, interval or cron, timezone, jitter, bounds): what
     create and a preview share."""
@@ -275,8 +283,8 @@ def timing_errors(values: Mapping[str, Any], *, now: datetime | None = None) -> 
 
     start_at, end_at = values.get("start_at"), values.get("end_at")
     for field, value in (("start_at", start_at), ("end_at", end_at)):
-        if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
-            errors[field] = ["Must be an aware date-time with a UTC offset, e.g. 2026-01-01T00:00:00Z."]
+        if value is not None and (problem := date_error(value)) is not None:
+            errors[field] = [problem]
     if "start_at" not in errors and "end_at" not in errors and start_at and end_at and end_at <= start_at:
         errors["end_at"] = ["Must be after start_at."]
     jitter = values.get("jitter_seconds") or 0
@@ -623,13 +631,27 @@ def preview_schedule(
     errors.update(limit_errors({"max_runs": values.get("max_runs")}))
     if not 1 <= count <= MAX_PREVIEW_COUNT:
         errors["count"] = [f"Must be between 1 and {MAX_PREVIEW_COUNT}."]
+    if after is not None and (problem := date_error(after)) is not None:
+        errors["after"] = [problem]
     if errors:
         raise ScheduleInvalid(errors)
     spec = timing.spec_of(_Values(values))
     slot = timing.first_slot(spec, now=after.replace(microsecond=0) if after is not None else _now(now))
-    first = None if slot is None else timing.next_dispatch(spec, slot)
-    times = timing.run_times(spec, next_run_at=first, n=count, runs_left=values.get("max_runs"))
-    return Preview(times=times, description=describe_schedule(spec))
+    # The schedule as saving it would make it, shown by the function every other screen uses.
+    saved = _Values(
+        {**values, "enabled": True, "next_run_at": timing.next_dispatch(spec, slot), "scheduled_run_count": 0}
+    )
+    return Preview(times=timing.upcoming_runs(saved, n=count), description=describe_schedule(spec))
+
+
+def upcoming_runs(schedule: Schedule, n: int) -> list[datetime]:
+    """timing.upcoming_runs for the screens (API, admin, dashboard): a row written around the services
+    (a shell, an old release) that the slot math refuses must not make a page fail; it shows none."""
+    try:
+        return timing.upcoming_runs(schedule, n=n)
+    except Exception:
+        logger.exception("upcoming runs not computable", extra={"schedule_id": schedule.pk})
+        return []
 
 
 @dataclass(frozen=True)
@@ -640,11 +662,13 @@ class BackfillResult:
     slots: int  # slots in [start, end)
 
 
-def _backfill_errors(start: Any, end: Any, now: datetime) -> dict[str, list[str]]:
+def _backfill_errors(start: Any, end: Any, overlap_policy: Any, now: datetime) -> dict[str, list[str]]:
     errors: dict[str, list[str]] = {}
     for field, value in (("start", start), ("end", end)):
-        if not isinstance(value, datetime) or value.tzinfo is None:
-            errors[field] = ["Must be an aware date-time with a UTC offset, e.g. 2026-01-01T00:00:00Z."]
+        if (problem := date_error(value)) is not None:
+            errors[field] = [problem]
+    if (problem := _choice_error(overlap_policy, OverlapPolicy)) is not None:
+        errors["overlap_policy"] = problem
     if errors:
         return errors
     if end <= start:
@@ -656,17 +680,24 @@ def _backfill_errors(start: Any, end: Any, now: datetime) -> dict[str, list[str]
 
 @transaction.atomic
 def backfill_schedule(
-    schedule: Schedule | int, *, start: datetime, end: datetime, now: datetime | None = None
+    schedule: Schedule | int,
+    *,
+    start: datetime,
+    end: datetime,
+    overlap_policy: str = OverlapPolicy.ALLOW,
+    now: datetime | None = None,
 ) -> BackfillResult:
     """Create a run (trigger `backfill`) for each slot in [start, end) that has none yet, at most
-    MAX_BACKFILL_SLOTS per call, under the schedule's overlap policy and max_runs; the runs are
-    published on commit like any other and meet the caps at the worker. Idempotent: the unique slot
-    (`scheduledrun_unique_slot`, shared with scheduled runs) makes a second identical call create none.
+    MAX_BACKFILL_SLOTS per call, under max_runs and the backfill's own `overlap_policy` (default
+    `allow`, as Temporal's backfill: a backfill asks for every slot of the window; the schedule's policy
+    is for slots coming due live); the runs are published on commit like any other and meet the caps at
+    the worker. Idempotent: the unique slot (`scheduledrun_unique_slot`, shared with scheduled runs)
+    makes a second identical call create none.
     """
     from schedules import dispatch, slots
 
     now = _now(now)
-    if errors := _backfill_errors(start, end, now):
+    if errors := _backfill_errors(start, end, overlap_policy, now):
         raise ScheduleInvalid(errors)
     pk = schedule.pk if isinstance(schedule, Schedule) else schedule
     # The row lock serialises backfills of one schedule with each other and with its dispatch.
@@ -694,12 +725,12 @@ def backfill_schedule(
     )
     new = [slot for slot in wanted if slot not in existing]
     unfinished = 0
-    if current.overlap_policy != OverlapPolicy.ALLOW:
+    if overlap_policy != OverlapPolicy.ALLOW:
         unfinished = ScheduledRun.objects.filter(
             schedule=current, status__in=SCHEDULED_RUN_UNFINISHED
         ).count()
     decisions = slots.decide_overlap(
-        new, overlap_policy=current.overlap_policy, unfinished=unfinished, job_enabled=True
+        new, overlap_policy=overlap_policy, unfinished=unfinished, job_enabled=True
     )
     runs_wanted = sum(1 for decision in decisions if decision.dispatch)
     if current.max_runs is not None and current.scheduled_run_count + runs_wanted > current.max_runs:
@@ -759,13 +790,16 @@ def _backfill_insert(current: Schedule, decisions: list, dispatch: Any) -> tuple
 
 
 def _count_backfilled_runs(current: Schedule, created: int) -> None:
-    """Backfilled runs count toward max_runs; reaching it disables the schedule as a dispatch does."""
+    """Backfilled runs count toward max_runs; reaching it disables the schedule as a dispatch does, with
+    no next run."""
     if not created:
         return
     count = current.scheduled_run_count + created
     fields: dict[str, Any] = {"scheduled_run_count": F("scheduled_run_count") + created}
-    if current.max_runs is not None and count >= current.max_runs and current.enabled:
-        fields.update(
-            enabled=False, paused_note=f"completed {count} runs", paused_at=Now(), paused_by="backfill"
-        )
+    if current.max_runs is not None and count >= current.max_runs:
+        fields["next_run_at"] = None
+        if current.enabled:
+            fields.update(
+                enabled=False, paused_note=f"completed {count} runs", paused_at=Now(), paused_by="backfill"
+            )
     Schedule.objects.filter(pk=current.pk).update(**fields)

@@ -76,9 +76,10 @@ def missed_before(*, now: datetime, grace: timedelta, handover: tuple[datetime, 
 
 def _due_slots(
     spec: timing.ScheduleSpec, *, first: datetime, now: datetime, cutoff: datetime, misfire_policy: str
-) -> tuple[list[datetime], list[datetime], datetime]:
+) -> tuple[list[datetime], list[datetime], datetime | None]:
     """(missed, on_time, after): the due slots from `first`, split at `cutoff`, and the first slot after
-    them. Only the latest missed slot is looked at unless the policy runs them all (issue 15.3)."""
+    them (None: none is left in the range). Only the latest missed slot is looked at unless the policy
+    runs them all (issue 15.3)."""
     if misfire_policy == MisfirePolicy.RUN_ALL:
         due, after = timing.missed_slots(spec, first=first, now=now, limit=MAX_CATCH_UP_SLOTS)
         missed = [slot for slot in due if slot < cutoff]
@@ -165,6 +166,8 @@ def plan_slots(
     if runs_left is not None and runs_left <= 0:
         return SlotPlan(decisions=[], next_run_at=next_run_at, completed=True)
     first = timing.slot_of(spec, next_run_at) if spec.jitter_seconds else next_run_at
+    if first is None:  # no slot left before the end of the range (year 9999): no next run
+        return SlotPlan(decisions=[], next_run_at=None)
     cutoff = missed_before(now=now, grace=grace, handover=handover)
     if spec.jitter_seconds:
         cutoff -= timedelta(seconds=spec.jitter_seconds)

@@ -21,6 +21,11 @@ Beyond the grid (issue 16): `jitter_seconds` delays each slot's dispatch by a de
 [0, jitter) hashed from (schedule name, slot), so every scheduler instance computes the same time and a
 run stays keyed on its slot; `start_at`/`end_at` bound the slots. `next_run_at` holds the *dispatch* time
 of the next slot (so the due query needs no change); `slot_of` recovers the slot from it.
+
+Range (issue 31): every date a client gives (start_at, end_at, a preview's `after`, a backfill's window)
+lies in [EARLIEST, LATEST] (`date_range_error`), and the slot math itself never leaves what a datetime
+can hold: a slot (with its jitter) that would pass the end of year 9999 does not exist, so a schedule
+whose next slot lies there has no next run (`next_slot` returns None) instead of an OverflowError.
 """
 
 from __future__ import annotations
@@ -74,6 +79,28 @@ CRON_ALIASES = {
 # slot can be told from its jittered dispatch time; see `slot_of`.
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+# The dates a client may give (docs/SCHEDULES.md, "Dates"): far enough either side of any real schedule,
+# and far enough inside datetime's range that a preview of 100 runs of the rarest cron (29 February,
+# every 4 to 8 years) from the latest of them still fits.
+EARLIEST = _EPOCH
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+# The slot math's own range: inside datetime's, with room for a zone's offset and the DST window
+# (_SHIFT_BOUND) on either side. No slot lies outside it (see `_in_range`).
+_FLOOR = datetime(1, 1, 3, tzinfo=UTC)
+_CEILING = datetime(9999, 12, 30, tzinfo=UTC)
+# Naive wall times beyond these cannot be mapped to instants (a zone's offset, the DST window) without
+# leaving datetime's range; every instant they could map to lies outside the slot math's range anyway.
+_FIRST_WALL = datetime(1, 1, 2)  # noqa: DTZ001 - a naive wall time on purpose
+_LAST_WALL = datetime(9999, 12, 31)  # noqa: DTZ001
+
+
+def date_range_error(value: datetime) -> str | None:
+    """Why `value` (an aware datetime a client gave) is refused, or None when it lies in the range."""
+    if EARLIEST <= value <= LATEST:
+        return None
+    return f"Must be between {EARLIEST:%Y-%m-%dT%H:%M:%SZ} and {LATEST:%Y-%m-%dT%H:%M:%SZ}."
+
 
 @lru_cache(maxsize=4096)
 def expand_cron(expr: str) -> str:
@@ -92,6 +119,17 @@ def _walls(expr: str, start: datetime, key: str) -> croniter:
     if _hashed(expr):
         return croniter(expr, start, hash_id=key.encode() or b"-")
     return croniter(expr, start)
+
+
+def _step(walls: croniter, *, forward: bool) -> datetime | None:
+    """The next (or previous) wall time, or None when there is none datetime can hold: croniter raises
+    OverflowError or ValueError ("year 10000 is out of range") at the ends of the range, and
+    CroniterBadDateError (a ValueError) when no date matches. A bad expression fails earlier, when the
+    croniter is built, so it still raises."""
+    try:
+        return walls.get_next(datetime) if forward else walls.get_prev(datetime)
+    except (OverflowError, ValueError):
+        return None
 
 
 @lru_cache(maxsize=512)
@@ -148,13 +186,15 @@ def _steady(instant: datetime, zone: ZoneInfo) -> bool:
     return _offset(instant - _SHIFT_BOUND, zone) == offset == _offset(instant + _SHIFT_BOUND, zone)
 
 
-def _next_cron(expr: str, zone: ZoneInfo, after: datetime, key: str = "") -> datetime:
+def _next_cron(expr: str, zone: ZoneInfo, after: datetime, key: str = "") -> datetime | None:
     expr = expand_cron(expr)
     wildcard_hour = _hour_is_wildcard(expr)
     local = after.astimezone(zone).replace(tzinfo=None)
     # Fast path: away from any transition, the next wall time is the next instant.
     if _steady(after, zone):
-        wall = _walls(expr, local, key).get_next(datetime)
+        wall = _step(_walls(expr, local, key), forward=True)
+        if wall is None or wall > _LAST_WALL:
+            return None
         candidate = wall.replace(tzinfo=zone).astimezone(UTC)
         if candidate > after and _steady(candidate, zone):
             return candidate
@@ -164,8 +204,8 @@ def _next_cron(expr: str, zone: ZoneInfo, after: datetime, key: str = "") -> dat
     best: datetime | None = None
     horizon: datetime | None = None
     while True:
-        wall = walls.get_next(datetime)
-        if horizon is not None and wall > horizon:
+        wall = _step(walls, forward=True)
+        if wall is None or wall > _LAST_WALL or (horizon is not None and wall > horizon):
             return best
         for instant in _instants(wall, zone, wildcard_hour):
             if instant > after and (best is None or instant < best):
@@ -173,20 +213,38 @@ def _next_cron(expr: str, zone: ZoneInfo, after: datetime, key: str = "") -> dat
                 horizon = wall + _SHIFT_BOUND
 
 
-def next_slot(spec: ScheduleSpec, *, after: datetime) -> datetime:
-    """The first slot strictly after `after` (an aware datetime). Returned in UTC."""
+def _in_range(spec: ScheduleSpec, slot: datetime | None) -> datetime | None:
+    """`slot` when it and its dispatch time (up to `jitter_seconds` later) lie in the slot math's range,
+    else None: such a slot does not exist."""
+    if slot is None or slot < _FLOOR or slot > _CEILING - timedelta(seconds=spec.jitter_seconds):
+        return None
+    return slot
+
+
+def next_slot(spec: ScheduleSpec, *, after: datetime) -> datetime | None:
+    """The first slot strictly after `after` (an aware datetime), in UTC; None when there is none before
+    the end of the range datetime holds (year 9999)."""
     if after.tzinfo is None:
         raise ValueError("next_slot needs an aware datetime")
+    after = max(after.astimezone(UTC), _FLOOR)
+    if after >= _CEILING:
+        return None
     if spec.schedule_type == "interval":
-        return (after + timedelta(minutes=spec.interval_minutes)).astimezone(UTC)
-    return _next_cron(spec.cron_expr, _zone(spec.timezone), after.astimezone(UTC), spec.key)
+        try:
+            slot = after + timedelta(minutes=spec.interval_minutes)
+        except OverflowError:
+            return None
+        return _in_range(spec, slot)
+    return _in_range(spec, _next_cron(spec.cron_expr, _zone(spec.timezone), after, spec.key))
 
 
 def upcoming(spec: ScheduleSpec, *, after: datetime, n: int = 5) -> list[datetime]:
-    """The next `n` slots strictly after `after`, ascending."""
+    """The next `n` slots strictly after `after`, ascending (fewer near the end of the range)."""
     slots: list[datetime] = []
     for _ in range(n):
         after = next_slot(spec, after=after)
+        if after is None:
+            break
         slots.append(after)
     return slots
 
@@ -224,16 +282,20 @@ def first_slot(spec: ScheduleSpec, *, now: datetime) -> datetime | None:
     point), or the next cron time; never before `start_at`. None when it would lie after `end_at`."""
     if _on_grid(spec):
         anchor = spec.start_at or _EPOCH
-        slot = (
-            anchor.astimezone(UTC)
-            if anchor > now
-            else _grid_floor(spec, now) + timedelta(minutes=spec.interval_minutes)
-        )
+        slot = _in_range(spec, anchor.astimezone(UTC)) if anchor > now else _grid_next(spec, now)
     elif spec.start_at is not None and spec.start_at > now:
         slot = next_slot(spec, after=spec.start_at - _TICK)
     else:
         slot = next_slot(spec, after=now)
-    return slot if within_bounds(spec, slot) else None
+    return slot if slot is not None and within_bounds(spec, slot) else None
+
+
+def _grid_next(spec: ScheduleSpec, at: datetime) -> datetime | None:
+    """The first grid slot after `at` (interval schedules on a grid); None past the range."""
+    try:
+        return _in_range(spec, _grid_floor(spec, at) + timedelta(minutes=spec.interval_minutes))
+    except OverflowError:
+        return None
 
 
 def within_bounds(spec: ScheduleSpec, slot: datetime) -> bool:
@@ -262,31 +324,34 @@ def dispatch_at(spec: ScheduleSpec, slot: datetime) -> datetime:
     return slot + jitter_offset(spec, slot) if spec.jitter_seconds > 0 else slot
 
 
-def slot_of(spec: ScheduleSpec, next_run_at: datetime) -> datetime:
+def slot_of(spec: ScheduleSpec, next_run_at: datetime) -> datetime | None:
     """The slot whose dispatch time is `next_run_at` (the inverse of `dispatch_at`).
 
     Jitter is validated to be at most the shortest gap between slots, so the slot is the latest grid
     slot at or before the dispatch time; the offset check confirms it. A `next_run_at` set off the grid
     by hand (or with a stale offset, after a rename) maps to the first grid slot at or after it, whose
-    own dispatch time the scheduler then waits for. Without jitter a slot is its dispatch time.
+    own dispatch time the scheduler then waits for. Without jitter a slot is its dispatch time. None when
+    no slot is left in the range.
     """
     if spec.jitter_seconds <= 0:
         return next_run_at
     if spec.schedule_type == "interval":
         anchor = spec.start_at or _EPOCH
-        candidate = _grid_floor(spec, next_run_at) if next_run_at >= anchor else None
+        candidate = _in_range(spec, _grid_floor(spec, next_run_at)) if next_run_at >= anchor else None
     else:
         candidate = prev_slot(spec, at_or_before=next_run_at)
     if candidate is not None and dispatch_at(spec, candidate) == next_run_at:
         return candidate
+    before = max(next_run_at, _FLOOR) - _TICK
     if spec.schedule_type == "interval":
-        return first_slot(dataclasses.replace(spec, end_at=None), now=next_run_at - _TICK)
-    return next_slot(spec, after=next_run_at - _TICK)
+        return first_slot(dataclasses.replace(spec, end_at=None), now=before)
+    return next_slot(spec, after=before)
 
 
-def next_dispatch(spec: ScheduleSpec, slot: datetime) -> datetime | None:
-    """The dispatch time of `slot`, or None when the slot lies past `end_at` (the schedule has ended)."""
-    return dispatch_at(spec, slot) if within_bounds(spec, slot) else None
+def next_dispatch(spec: ScheduleSpec, slot: datetime | None) -> datetime | None:
+    """The dispatch time of `slot`, or None when there is no slot or it lies past `end_at` (the schedule
+    has ended)."""
+    return dispatch_at(spec, slot) if slot is not None and within_bounds(spec, slot) else None
 
 
 def run_times(
@@ -299,10 +364,26 @@ def run_times(
     limit = n if runs_left is None else max(0, min(n, runs_left))
     times: list[datetime] = []
     slot = slot_of(spec, next_run_at)
-    while len(times) < limit and within_bounds(spec, slot):
+    while slot is not None and len(times) < limit and within_bounds(spec, slot):
         times.append(dispatch_at(spec, slot))
         slot = next_slot(spec, after=slot)
     return times
+
+
+def upcoming_runs(schedule, *, n: int) -> list[datetime]:
+    """The next `n` run times of a schedule (a model instance, or anything with its fields): the one
+    answer the API's `upcoming`, the admin, the dashboard and a preview give (issue 31).
+
+    They are the times the scheduler dispatches: `next_run_at` (the dispatch time of the next slot,
+    never the slot before it) and the slots after it, jitter applied, within start_at/end_at, at most
+    the runs max_runs leaves. A disabled schedule, or one with no next run (ended, max_runs completed,
+    past the range), has none: enabling computes its next run from then.
+    """
+    if not schedule.enabled or schedule.next_run_at is None:
+        return []
+    max_runs = getattr(schedule, "max_runs", None)
+    runs_left = None if max_runs is None else max(0, max_runs - (schedule.scheduled_run_count or 0))
+    return run_times(spec_of(schedule), next_run_at=schedule.next_run_at, n=n, runs_left=runs_left)
 
 
 def slots_between(
@@ -322,11 +403,14 @@ def slots_between(
         step = timedelta(minutes=spec.interval_minutes)
         if _on_grid(spec) or anchor is None:
             anchor = spec.start_at or _EPOCH
-        slot = anchor + step * -((anchor - start) // step)  # the first chain slot at or after start
+        try:  # the first chain slot at or after start (None when past the range)
+            slot = _in_range(spec, anchor + step * -((anchor - start) // step))
+        except OverflowError:
+            slot = None
     else:
-        slot = next_slot(spec, after=start - _TICK)
+        slot = next_slot(spec, after=max(start, _FLOOR) - _TICK)
     slots: list[datetime] = []
-    while slot < end and len(slots) < limit:
+    while slot is not None and slot < end and len(slots) < limit:
         if within_bounds(spec, slot):
             slots.append(slot.astimezone(UTC))
         elif spec.end_at is not None and slot > spec.end_at:
@@ -340,10 +424,12 @@ def shortest_gap(spec: ScheduleSpec, *, after: datetime, n: int = 100) -> timede
     if spec.schedule_type == "interval":
         return timedelta(minutes=spec.interval_minutes)
     slots = upcoming(spec, after=after, n=n)
+    if len(slots) < 2:
+        raise ValueError("fewer than two slots left before the end of the range")
     return min(b - a for a, b in itertools.pairwise(slots))
 
 
-def _prev_cron(expr: str, zone: ZoneInfo, at: datetime, key: str = "") -> datetime:
+def _prev_cron(expr: str, zone: ZoneInfo, at: datetime, key: str = "") -> datetime | None:
     """The latest slot at or before `at` (UTC): the mirror image of `_next_cron`, same DST rules."""
     expr = expand_cron(expr)
     wildcard_hour = _hour_is_wildcard(expr)
@@ -351,8 +437,9 @@ def _prev_cron(expr: str, zone: ZoneInfo, at: datetime, key: str = "") -> dateti
     # Fast path: away from any transition, the latest wall time at or before the local time is the
     # latest instant (croniter's get_prev is strict, hence the microsecond).
     if _steady(at, zone):
-        walls = _walls(expr, local + timedelta(microseconds=1), key)
-        wall = walls.get_prev(datetime)
+        wall = _step(_walls(expr, local + timedelta(microseconds=1), key), forward=False)
+        if wall is None or wall < _FIRST_WALL:
+            return None
         candidate = wall.replace(tzinfo=zone).astimezone(UTC)
         if candidate <= at and _steady(candidate, zone):
             return candidate
@@ -363,8 +450,8 @@ def _prev_cron(expr: str, zone: ZoneInfo, at: datetime, key: str = "") -> dateti
     best: datetime | None = None
     horizon: datetime | None = None
     while True:
-        wall = walls.get_prev(datetime)
-        if horizon is not None and wall < horizon:
+        wall = _step(walls, forward=False)
+        if wall is None or wall < _FIRST_WALL or (horizon is not None and wall < horizon):
             return best
         for instant in _instants(wall, zone, wildcard_hour):
             if instant <= at and (best is None or instant > best):
@@ -372,31 +459,36 @@ def _prev_cron(expr: str, zone: ZoneInfo, at: datetime, key: str = "") -> dateti
                 horizon = wall - _SHIFT_BOUND
 
 
-def prev_slot(spec: ScheduleSpec, *, at_or_before: datetime) -> datetime:
+def prev_slot(spec: ScheduleSpec, *, at_or_before: datetime) -> datetime | None:
     """The latest cron slot at or before `at_or_before` (aware), in UTC: the inverse of `next_slot`, so
-    `prev_slot(at_or_before=t) <= t < next_slot(prev_slot(at_or_before=t))`. Interval schedules have no
-    grid without an anchor: see `missed_slots`."""
+    `prev_slot(at_or_before=t) <= t < next_slot(prev_slot(at_or_before=t))`; None when there is none
+    after the start of the range datetime holds (year 1). Interval schedules have no grid without an
+    anchor: see `missed_slots`."""
     if at_or_before.tzinfo is None:
         raise ValueError("prev_slot needs an aware datetime")
     if spec.schedule_type != "cron":
         raise ValueError("prev_slot is for cron schedules")
-    return _prev_cron(spec.cron_expr, _zone(spec.timezone), at_or_before.astimezone(UTC), spec.key)
+    at = min(at_or_before.astimezone(UTC), _CEILING - timedelta(seconds=spec.jitter_seconds))
+    if at < _FLOOR:
+        return None
+    return _in_range(spec, _prev_cron(spec.cron_expr, _zone(spec.timezone), at, spec.key))
 
 
 def _slots_back(spec: ScheduleSpec, *, first: datetime, now: datetime) -> Iterator[datetime]:
     """Slots from the latest at or before `now` down to `first` (a slot by contract, even one set off
     the grid by hand), newest first. Each costs one step, whatever the time since `first`."""
+    now = min(now, _CEILING - timedelta(seconds=spec.jitter_seconds))  # no slot lies beyond
     if first > now:
         return
     if spec.schedule_type == "interval":
         step = timedelta(minutes=spec.interval_minutes)
-        slot = first + step * ((now - first) // step)
-        while slot >= first:
-            yield slot.astimezone(UTC)
-            slot -= step
+        k = (now - first) // step  # counted down, never stepped below `first` (nor below year 1)
+        while k >= 0:
+            yield (first + step * k).astimezone(UTC)
+            k -= 1
         return
     slot = prev_slot(spec, at_or_before=now)
-    while slot > first:
+    while slot is not None and slot > first:
         yield slot
         slot = prev_slot(spec, at_or_before=slot - _TICK)
     yield first.astimezone(UTC)
@@ -409,9 +501,9 @@ _TICK = timedelta(microseconds=1)
 
 def missed_slots(
     spec: ScheduleSpec, *, first: datetime, now: datetime, limit: int
-) -> tuple[list[datetime], datetime]:
+) -> tuple[list[datetime], datetime | None]:
     """Slots from `first` (itself a slot) up to and including `now`: the latest `limit` of them,
-    ascending, and the first slot after `now`.
+    ascending, and the first slot after `now` (None: none is left in the range).
 
     The cost is that of the slots returned, never of the time since `first`: interval schedules are
     computed on their anchored grid, cron ones walk back from the latest slot at or before `now`, so a
@@ -430,7 +522,7 @@ class DueSlots:
 
     on_time: list[datetime]  # ascending, at most `limit` (the latest ones)
     latest_missed: datetime | None  # None if no slot is missed (or `limit` on-time ones came first)
-    following: datetime  # the first slot after `now`
+    following: datetime | None  # the first slot after `now`; None: none is left in the range
 
 
 def split_due(

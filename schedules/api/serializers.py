@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from orchestrator.api.serializers import DirectiveRefField, job_key_field
 from project.api import StrictFieldsMixin
-from schedules import timing
-from schedules.models import Schedule, ScheduleChange, ScheduledRun
+from schedules import services
+from schedules.models import OverlapPolicy, Schedule, ScheduleChange, ScheduledRun
 from schedules.services import MAX_DIRECTIVE_TEXT, MAX_PREVIEW_COUNT, PAUSE_NOTE_MAX, PREVIEW_COUNT
 
 UPCOMING_COUNT = 5
@@ -131,22 +130,11 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
 
     @extend_schema_field(serializers.ListField(child=serializers.DateTimeField()))
     def get_upcoming(self, schedule: Schedule) -> list[str]:
-        """The next run times: next_run_at and the runs after it, jitter applied, within end_at and the
-        runs max_runs leaves."""
-        spec = timing.spec_of(schedule)
-        try:
-            first = schedule.next_run_at
-            if first is None and not _ended(schedule):
-                slot = timing.first_slot(spec, now=timezone.now())
-                first = None if slot is None else timing.next_dispatch(spec, slot)
-            times = timing.run_times(
-                spec, next_run_at=first, n=UPCOMING_COUNT, runs_left=self.get_runs_remaining(schedule)
-            )
-        except Exception:
-            # A row written around the API (a shell, an old release) must not make the listing fail.
-            return []
+        """The next run times, as the admin, the dashboard and a preview show them
+        (timing.upcoming_runs): next_run_at and the runs after it, jitter applied, within the bounds and
+        the runs max_runs leaves; none while disabled."""
         field = serializers.DateTimeField()
-        return [field.to_representation(t) for t in times]
+        return [field.to_representation(t) for t in services.upcoming_runs(schedule, UPCOMING_COUNT)]
 
     def get_alert_webhook_set(self, schedule: Schedule) -> bool:
         """Whether the schedule has a webhook of its own (instead of ALERT_WEBHOOK_URLS)."""
@@ -162,12 +150,14 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
         """Why there is no next run, when there is none: past end_at, max_runs completed, disabled."""
         if schedule.pk is None:
             return None
-        if _ended(schedule):
-            return f"ended: no slot left before end_at ({schedule.end_at.isoformat()})"
         if schedule.max_runs is not None and schedule.scheduled_run_count >= schedule.max_runs:
             return f"completed: {schedule.scheduled_run_count} of max_runs {schedule.max_runs} runs"
+        if _ended(schedule):
+            return f"ended: no slot left before end_at ({schedule.end_at.isoformat()})"
         if not schedule.enabled:
             return "disabled" + (f": {schedule.paused_note}" if schedule.paused_note else "")
+        if schedule.next_run_at is None:
+            return "ended: no slot left before the end of year 9999"
         return None
 
 
@@ -216,6 +206,11 @@ class BackfillSerializer(StrictFieldsMixin, serializers.Serializer):
 
     start = serializers.DateTimeField()
     end = serializers.DateTimeField()
+    overlap_policy = serializers.ChoiceField(
+        choices=OverlapPolicy.choices,
+        default=OverlapPolicy.ALLOW,
+        help_text="For the backfilled slots (not the schedule's): allow (default) runs each one.",
+    )
 
 
 class BackfillResultSerializer(serializers.Serializer):

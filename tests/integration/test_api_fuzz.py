@@ -10,8 +10,14 @@ Path parameters are steered, part of the time, to rows that exist (a schedule, a
 with findings, the registered jobs), and a body's `job_key` to a registered job, so the fuzzer gets
 past 404 and "no such job" into the real code paths.
 
-CI form (part of `make test`; deterministic: derandomized Hypothesis, fixed seed; about 1,100 cases,
-about 20 s):
+Dates (issue 31.2): the operations that take one (preview, create, patch, backfill) get, half the time,
+a body that passes their other rules and carries dates at and beyond the ends of the accepted range
+(1970-01-01 .. 9000-01-01) and of datetime's (years 1 and 9999), with offsets of +14:00 and -12:00, in
+zones at the ends of the offsets or with DST; test_dates_and_zones_at_the_ends_of_the_range fuzzes them
+again with FUZZ_DATE_EXAMPLES (default 100) examples each. Every one must be a 2xx or a 4xx.
+
+CI form (part of `make test`; deterministic: derandomized Hypothesis, fixed seed; about 2,100 cases,
+800 of them with dates; about 45 s of CPU, 2 minutes on a busy 2-core machine):
 
     .venv/bin/pytest tests/integration/test_api_fuzz.py -q
 
@@ -45,17 +51,25 @@ from project.wsgi import application
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "8"))
 FUZZ_SEED = int(os.environ.get("FUZZ_SEED", "20261128"))
 
+FUZZ_DATE_EXAMPLES = int(os.environ.get("FUZZ_DATE_EXAMPLES", "100"))
+
+CONFIG = {
+    "seed": FUZZ_SEED,
+    # No NUL in generated strings: DRF refuses it in every CharField (PostgreSQL text cannot
+    # hold it), a 400 the schema does not state, since a pattern there makes generation ~100x
+    # slower. test_nul_in_a_string_is_a_400_naming_the_field covers it instead.
+    "generation": {"deterministic": True, "database": "none", "allow-x00": False},
+}
 schema = schemathesis.openapi.from_wsgi(
+    "/api/schema/?format=json", application, config=schemathesis.Config.from_dict(CONFIG)
+)
+# The operations that take dates, fuzzed again with more examples (the fuzzing phase only: the
+# coverage phase's cases are the same as above), half of them with extreme dates and zones.
+dated_schema = schemathesis.openapi.from_wsgi(
     "/api/schema/?format=json",
     application,
     config=schemathesis.Config.from_dict(
-        {
-            "seed": FUZZ_SEED,
-            # No NUL in generated strings: DRF refuses it in every CharField (PostgreSQL text cannot
-            # hold it), a 400 the schema does not state, since a pattern there makes generation ~100x
-            # slower. test_nul_in_a_string_is_a_400_naming_the_field covers it instead.
-            "generation": {"deterministic": True, "database": "none", "allow-x00": False},
-        }
+        {**CONFIG, "phases": {"examples": {"enabled": False}, "coverage": {"enabled": False}}}
     ),
 )
 
@@ -87,11 +101,86 @@ def _steer(case, location, name, value):
     return steered
 
 
+# Issue 31.2: dates at and beyond the ends of the range a client may give (1970-01-01 .. 9000-01-01)
+# and of what a datetime can hold, with offsets at the ends of the real ones (+14:00, -12:00), and
+# zones with odd offsets or DST. Any of them must be a 200/201 or a 400 naming the field, never a 500.
+EXTREME_DATES = st.sampled_from(
+    [
+        "0001-01-01T00:00:00Z",
+        "0001-01-01T00:00:00+14:00",
+        "0001-01-01T23:59:59-12:00",
+        "1969-12-31T23:59:59Z",
+        "1970-01-01T00:00:00Z",
+        "1970-01-01T00:00:00+01:00",
+        "1970-01-01T11:59:59-12:00",
+        "2027-03-14T07:30:00Z",  # 02:30 New York, the hour that does not exist
+        "9000-01-01T00:00:00Z",
+        "9000-01-01T00:00:00-12:00",
+        "9000-01-01T13:59:59+14:00",
+        "9999-12-30T00:00:00Z",
+        "9999-12-31T00:00:00Z",
+        "9999-12-31T23:59:59.999999-12:00",
+        "9999-12-31T23:59:59+14:00",
+    ]
+) | st.datetimes(timezones=st.timezones()).map(lambda value: value.isoformat())
+EXTREME_ZONES = st.sampled_from(
+    [
+        "UTC",
+        "Pacific/Kiritimati",  # UTC+14
+        "Etc/GMT+12",  # UTC-12
+        "Etc/GMT-14",
+        "America/New_York",
+        "Australia/Lord_Howe",  # 30-minute DST
+        "Asia/Kathmandu",  # +05:45
+        "Pacific/Chatham",  # +12:45 / +13:45
+        "America/St_Johns",  # -03:30 with DST
+    ]
+)
+CRONS = st.sampled_from(
+    ["0 2 * * *", "*/5 * * * *", "30 2 * * 0", "0 0 29 2 *", "H H * * *", "@yearly", "0 0 L * *"]
+)
+TIMING = st.tuples(
+    st.fixed_dictionaries(
+        {"schedule_type": st.just("interval"), "interval_minutes": st.sampled_from([1, 60, 525_600])}
+    )
+    | st.fixed_dictionaries({"schedule_type": st.just("cron"), "cron_expr": CRONS}),
+    st.fixed_dictionaries({"timezone": EXTREME_ZONES}, optional={"jitter_seconds": st.sampled_from([0, 59])}),
+).map(lambda parts: parts[0] | parts[1])
+
+
+def _timing_and(required: dict, optional: dict) -> st.SearchStrategy:
+    """A body of timing fields (a valid interval or cron, an extreme zone) and these fields."""
+    more = st.fixed_dictionaries(required, optional=optional)
+    return st.tuples(TIMING, more).map(lambda parts: parts[0] | parts[1])
+
+
+DATES = {"start_at": EXTREME_DATES, "end_at": EXTREME_DATES}
+# The operations that take dates, and a body for each that gets past the other rules to the dates.
+DATED_BODIES = {
+    "POST /api/schedules/preview/": _timing_and(
+        {}, {"after": EXTREME_DATES, **DATES, "count": st.just(100), "max_runs": st.just(3)}
+    ),
+    "POST /api/schedules/": _timing_and(
+        {"name": st.uuids().map(str), "job_key": st.just("log_triage")}, DATES
+    ),
+    "PATCH /api/schedules/{id}/": _timing_and({}, DATES),
+    "POST /api/schedules/{id}/backfill/": st.fixed_dictionaries(
+        {"start": EXTREME_DATES, "end": EXTREME_DATES},
+        optional={"overlap_policy": st.sampled_from(["allow", "skip", "buffer_one"])},
+    ),
+}
+
+
+def _with_body(case, body):
+    steered = case.derive(keep_auth=True)
+    steered.body = body
+    return steered
+
+
 def _valid_at(case, location) -> bool:
     return not (case.meta and case.meta.is_negative_at(location))
 
 
-@schema.hook
 def flatmap_case(context, case):
     """Part of the time (Hypothesis chooses, deterministically), name rows that exist.
 
@@ -108,16 +197,29 @@ def flatmap_case(context, case):
     if isinstance(case.body, dict) and "job_key" in case.body and _valid_at(case, ParameterLocation.BODY):
         steer = partial(_steer, case, ParameterLocation.BODY, "job_key")
         choices.append(st.sampled_from(KNOWN["key"]).map(steer))
-    return st.one_of(*choices)
+    steered = st.one_of(*choices)
+    if case.operation.label in DATED_BODIES and _valid_at(case, ParameterLocation.BODY):
+        # Half the time, a body that gets past the other rules to the dates, with extreme dates and zones.
+        bodies = DATED_BODIES[case.operation.label]
+        dated = steered.flatmap(lambda chosen: bodies.map(partial(_with_body, chosen)))
+        return st.one_of(steered, dated)
+    return steered
+
+
+schema.hook(flatmap_case)
+dated_schema.hook(flatmap_case)
+dated_schema = dated_schema.include(name=list(DATED_BODIES))
 
 
 STATUSES: Counter[int] = Counter()
+DATED: Counter[int] = Counter()  # the cases whose body carried a date
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_case_count(request):
     """One line after the run: how many requests were made, by status code (for docs/RELIABILITY.md)."""
     STATUSES.clear()
+    DATED.clear()
     yield
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None and STATUSES:
@@ -125,6 +227,11 @@ def _report_case_count(request):
         total = STATUSES.total()
         with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
             reporter.write_line(f"\napi fuzz: {total} cases (FUZZ_EXAMPLES={FUZZ_EXAMPLES}); {by_code}")
+            dated = ", ".join(f"{code}: {n}" for code, n in sorted(DATED.items()))
+            reporter.write_line(
+                f"api fuzz: {DATED.total()} of them with dates (FUZZ_DATE_EXAMPLES={FUZZ_DATE_EXAMPLES});"
+                f" {dated} (a 5xx fails the test)"
+            )
 
 
 @pytest.fixture
@@ -194,9 +301,29 @@ def existing_rows(redis_client):
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 def test_api_conforms_to_its_schema(case, token, existing_rows):
+    _call(case, token)
+
+
+def _call(case, token) -> None:
     excluded = [positive_data_acceptance] if case.operation.label in BUSINESS_RULES else []
     response = case.call_and_validate(headers={"Authorization": f"Token {token}"}, excluded_checks=excluded)
     STATUSES[response.status_code] += 1
+    if isinstance(case.body, dict) and case.body.keys() & {"after", "start_at", "end_at", "start", "end"}:
+        DATED[response.status_code] += 1
+
+
+@pytest.mark.django_db(transaction=True)
+@dated_schema.parametrize()
+@settings(
+    max_examples=FUZZ_DATE_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_dates_and_zones_at_the_ends_of_the_range(case, token, existing_rows):
+    """Issue 31.2: no 500 on dates, ever (preview, create, patch, backfill)."""
+    _call(case, token)
 
 
 @pytest.mark.django_db

@@ -321,8 +321,12 @@ def test_backfill__creates_each_missing_slot_once_and_a_second_call_none(api):
 
 
 def test_backfill__the_overlap_policy_applies(api):
-    s = make_schedule("backfill-skip", next_run_at=db_now(), overlap_policy="skip")
-    body = {"start": (s.next_run_at - timedelta(minutes=30)).isoformat(), "end": s.next_run_at.isoformat()}
+    s = make_schedule("backfill-skip", next_run_at=db_now())
+    body = {
+        "start": (s.next_run_at - timedelta(minutes=30)).isoformat(),
+        "end": s.next_run_at.isoformat(),
+        "overlap_policy": "skip",  # the backfill's own (issue 31; the default is allow)
+    }
     result = api.post(f"/api/schedules/{s.pk}/backfill", body, format="json").json()
     assert result == {"created": 1, "skipped": 0, "overlap_skipped": 2, "slots": 3}
     reasons = ScheduledRun.objects.filter(schedule=s, status="skipped").values_list(
