@@ -26,7 +26,6 @@ from worker.semaphore import (
     job_scope,
     schedule_scope,
     semaphore_acquire,
-    semaphore_behind,
     semaphore_rebuild,
     semaphore_release,
     semaphore_sweep_parked,
@@ -161,10 +160,3 @@ def wake_lost_waiters() -> int:
     """The maintenance tick's safety net: wake parked runs a lost wake-up left behind a free slot."""
     return wake(semaphore_sweep_parked())
 
-
-def check_leases() -> bool:
-    """Rebuild the lease sets if Redis lost lease state the database still counts; True if rebuilt."""
-    if semaphore_behind(runstate.running_lease_floor()):
-        rebuild_leases()
-        return True
-    return False

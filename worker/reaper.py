@@ -6,12 +6,14 @@ Each tick:
 2. broker check: if the broker's Redis lost its data (restart without persistence), re-publish the runs
    still waiting (queued or throttled), whose messages went with it;
 3. stalled throttled runs: re-publish those whose retries stopped (the worker holding the retry died);
-4. leases: if Redis lost lease state the database still counts, rebuild the lease sets from the
-   database's running runs (acquires also do this, so a rebuild never waits for this tick).
+4. lost wake-ups: wake parked runs that a free slot left behind.
 
-All of it is safe with any number of worker processes and schedulers: the reap is one conditional UPDATE
-(a run is failed once, by whichever instance gets there first), the broker check is a SET NX (one
-instance re-publishes), and the rebuild only adds leases that are missing.
+Lease sets Redis lost are rebuilt by the first acquire that finds it behind the database (worker/caps.py),
+not here: running runs re-take their own leases at their next renewal meanwhile.
+
+All of it is safe with any number of worker processes and schedulers: the reap is fenced (a run is
+failed once, by whichever instance gets there first), the broker check is a SET NX (one instance
+re-publishes), and a wake-up marks the runs it woke.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from project.dbsession import apply_worker_timeouts
 from schedules.models import ScheduledRun, ScheduledRunStatus
 from schedules.runstate import reap_lost_runs
 from worker import semaphore
-from worker.caps import check_leases, waiter_id, wake_lost_waiters
+from worker.caps import waiter_id, wake_lost_waiters
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +157,6 @@ def maintenance_tick() -> dict[str, Any]:
         ("reaped", reap_lost_runs),
         ("republished", check_broker_data),
         ("stalled", republish_stalled_throttled),
-        ("leases_rebuilt", check_leases),
         ("woken", wake_lost_waiters),
     ):
         try:
@@ -219,9 +220,7 @@ def _on_worker_init(**kwargs: Any) -> None:
     # pool processes inherit it. A statement that hits the limit fails like any transient database
     # error (retried: worker/lifecycle.DATABASE_AWAY holds lock_timeout's and statement_timeout's errors).
     apply_worker_timeouts()
-    # Before the pool and the consumer start: lease state Redis lost is rebuilt before the first message.
     try:
-        check_leases()
         _warn_if_visibility_too_short()
         _warn_if_redis_may_evict()
     except Exception as exc:

@@ -453,12 +453,6 @@ def semaphore_parked(waiters: list[str]) -> set[str]:
     return {waiter for waiter, record in zip(waiters, found, strict=True) if record is not None}
 
 
-def semaphore_behind(floor: int) -> bool:
-    """True when Redis lost lease state the database still counts (or never had any)."""
-    seq = semaphore_client().get(SEQ_KEY)
-    return seq is None or int(seq) < floor
-
-
 def semaphore_rebuild(holders: list[tuple[int, str, list[Cap]]], *, floor: int) -> int:
     """Put back the leases of the database's running runs: (run id, owner, caps) each; then admit again.
 
