@@ -159,4 +159,3 @@ def release_and_wake(caps: list[Cap], *, owner: str, run_id: int, settled: bool 
 def wake_lost_waiters() -> int:
     """The maintenance tick's safety net: wake parked runs a lost wake-up left behind a free slot."""
     return wake(semaphore_sweep_parked())
-

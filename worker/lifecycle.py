@@ -47,11 +47,7 @@ logger = logging.getLogger(__name__)
 DATABASE_AWAY = (OperationalError, InterfaceError)
 
 
-class WorkerError(Exception):
-    """Base for the worker's domain errors."""
-
-
-class CapReached(WorkerError):
+class CapReached(Exception):
     """A cap is full; the run waits as `throttled`. The message (shown in Flower) says which cap."""
 
 

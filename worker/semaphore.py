@@ -43,7 +43,6 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-import redis
 from django.conf import settings
 from redis.commands.core import Script
 
@@ -95,15 +94,7 @@ local lease_ms, waiter_ms, floor = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumbe
 local message = ARGV[7]
 local seq_key, run_key = KEYS[3 * n + 1], KEYS[3 * n + 2]
 local parked, woken, parked_caps = KEYS[3 * n + 3], KEYS[3 * n + 4], KEYS[3 * n + 5]
-local seq = redis.call('GET', seq_key)
-if not seq then
-  if floor > 0 then
-    return {-2}
-  end
-  redis.call('SET', seq_key, 0)
-  seq = 0
-end
-if tonumber(seq) < floor then
+if tonumber(redis.call('GET', seq_key) or 0) < floor then
   return {-2}
 end
 for i = 1, n do
@@ -282,9 +273,7 @@ for i = 2, #KEYS do
     redis.call('SET', KEYS[i], owner, 'PX', lease_ms, 'NX')
   end
 end
--- Set even when nothing runs (floor 0): a missing counter means "behind" to every reader.
-local seq = redis.call('GET', KEYS[1])
-if not seq or tonumber(seq) < floor then
+if tonumber(redis.call('GET', KEYS[1]) or 0) < floor then
   redis.call('SET', KEYS[1], floor)
 end
 return added
@@ -344,10 +333,7 @@ class Renewal:
     lost: Cap | None  # the cap whose slot another run took while this run's lease was gone
 
 
-def semaphore_client() -> redis.Redis:
-    """The process's lease client (runleases.client): its timeouts are well inside a lease, so a
-    heartbeat blocked on a blackholed Redis still notices in time that its lease is running out."""
-    return runleases.client()
+semaphore_client = runleases.client  # the process's one client for lease traffic
 
 
 @functools.cache
