@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis
 from django.conf import settings
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 FENCE_AFTER = 0.6
 
 
+@dataclass(eq=False, kw_only=True)
 class Heartbeat:
     """While a run executes (the `with` block): renew its Redis leases every quarter lease, stamp
     heartbeat_at, and fence.
@@ -43,22 +45,15 @@ class Heartbeat:
     not for the database thread, whose beat may block for long on a cut database and is harmless late.
     """
 
-    def __init__(
-        self,
-        *,
-        run_id: int,
-        scheduled_run_id: int | None,
-        attempt: int,
-        caps: list[Cap],
-        owner: str,
-        fence: TaskFence,
-    ):
-        self.run_id = run_id
-        self.scheduled_run_id = scheduled_run_id
-        self.attempt = attempt
-        self.caps = caps
-        self.owner = owner
-        self.fence = fence
+    run_id: int
+    scheduled_run_id: int | None
+    attempt: int
+    caps: list[Cap]
+    owner: str
+    fence: TaskFence
+
+    def __post_init__(self) -> None:
+        self.lease = float(settings.WORKER_LEASE_SECONDS)
         self.last_renewed = time.monotonic()  # the grant itself was a renewal
         self._ended = threading.Event()
         self._lease_thread = threading.Thread(
@@ -73,10 +68,6 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._ended.set()
         self._lease_thread.join()  # a renewal in progress ends first: none lands after the release
-
-    @property
-    def lease(self) -> float:
-        return float(settings.WORKER_LEASE_SECONDS)
 
     def _loop(self, beat: Callable[[], float | None]) -> None:
         """Beat a quarter lease after the start, then after what each beat returns (None: no more)."""
