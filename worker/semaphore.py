@@ -302,10 +302,6 @@ class Cap:
     def waiter_expiry_key(self) -> str:
         return f"{KEY_PREFIX}:{self.scope}:waiters-exp"
 
-    def describe(self, held: int) -> str:
-        subject = f" for {self.subject}" if self.subject else ""
-        return f"{self.label} {held}/{self.limit}{subject}"
-
 
 @dataclass(frozen=True)
 class Grant:
@@ -322,8 +318,10 @@ class Grant:
             return ""
         if self.blocking is None:
             return "waiting: concurrency caps being rebuilt after Redis lost lease state"
+        cap = self.blocking
+        subject = f" for {cap.subject}" if cap.subject else ""
         behind = f", {self.ahead} waiting ahead" if self.ahead else ""
-        return f"waiting: {self.blocking.describe(self.held)}{behind}"
+        return f"waiting: {cap.label} {self.held}/{cap.limit}{subject}{behind}"
 
 
 @dataclass(frozen=True)
@@ -343,10 +341,6 @@ def _script(source: str) -> Script:
 
 def lease_ms() -> int:
     return int(settings.WORKER_LEASE_SECONDS * 1000)
-
-
-def _ms(value: datetime) -> int:
-    return int(value.timestamp() * 1000)
 
 
 # A parked run keeps its place in line this long without news (its entry is renewed whenever it tries).
@@ -381,7 +375,8 @@ def semaphore_acquire(
         + [SEQ_KEY, runleases.run_lease_key(run_id), PARKED_KEY, WOKEN_KEY, PARKED_CAPS_KEY]
     )
     waiter_ttl_ms = PARK_TTL_MS if park else int(settings.WORKER_THROTTLE_MAX_SECONDS * 1000 * 3) + 10_000
-    argv = [owner, waiter, _ms(due), lease_ms(), waiter_ttl_ms, int(floor), park, *[c.limit for c in caps]]
+    due_ms = int(due.timestamp() * 1000)
+    argv = [owner, waiter, due_ms, lease_ms(), waiter_ttl_ms, int(floor), park, *[c.limit for c in caps]]
     result = _script(ACQUIRE_LUA)(keys=keys, args=argv)
     code = int(result[0])
     if code == 1:
