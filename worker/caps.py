@@ -52,12 +52,8 @@ def caps_for(job: Job, schedule: Schedule | None) -> list[Cap]:
     `max_per_job` / `max_global`, else `Job.max_concurrency` (per job), else `SCHEDULER_MAX_GLOBAL`
     (global). A limit of None means no such cap.
     """
-    per_job = schedule.max_per_job if schedule is not None and schedule.max_per_job else job.max_concurrency
-    global_ = (
-        schedule.max_global
-        if schedule is not None and schedule.max_global
-        else getattr(settings, "SCHEDULER_MAX_GLOBAL", None)
-    )
+    per_job = (schedule and schedule.max_per_job) or job.max_concurrency
+    global_ = (schedule and schedule.max_global) or getattr(settings, "SCHEDULER_MAX_GLOBAL", None)
     caps = []
     if schedule is not None and schedule.overlap_policy != OverlapPolicy.ALLOW:
         caps.append(

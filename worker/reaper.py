@@ -56,7 +56,8 @@ def republish_waiting_runs(run_ids: list[int] | None = None) -> int:
 
     Duplicates are harmless: the start is a conditional update, so a run executes at most once.
     """
-    from schedules.publishing import RunMessage, publish_messages
+    from schedules.dispatch import message_for
+    from schedules.publishing import publish_messages
 
     waiting = Run.objects.filter(status=RunStatus.QUEUED)
     if run_ids is not None:
@@ -66,23 +67,14 @@ def republish_waiting_runs(run_ids: list[int] | None = None) -> int:
     )
     if not runs:
         return 0
-    scheduled = dict(
-        ScheduledRun.objects.filter(
+    scheduled = {
+        sr.run_id: sr
+        for sr in ScheduledRun.objects.filter(
             run_id__in=[r.pk for r in runs],
             status__in=[ScheduledRunStatus.QUEUED, ScheduledRunStatus.THROTTLED],
-        ).values_list("run_id", "id")
-    )
-    messages = [
-        RunMessage.build(
-            task_id=run.task_id,
-            run_id=run.pk,
-            scheduled_run_id=scheduled.get(run.pk),
-            job_key=run.job.key,
-            job_queue=run.job.queue,
-        )
-        for run in runs
-    ]
-    return len(publish_messages(messages))
+        ).only("id", "run_id")
+    }
+    return len(publish_messages([message_for(run.job, run, scheduled.get(run.pk)) for run in runs]))
 
 
 # Throttled runs nothing will wake: a run parked in Redis is woken by a release or the parked sweep, but
