@@ -38,6 +38,8 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from orchestrator import taskrunner  # stdlib only at import: what every task runs first, loaded here
+
 TEMPLATE_MODULE = "orchestrator.template"
 # Room in the template's argv for its children's titles: with SPT_NOENV setproctitle rewrites the argv
 # area only, so /proc/<pid>/environ stays readable (the soak and the chaos tests read it).
@@ -222,7 +224,6 @@ def _preload() -> None:
     django.setup()
     from django.db import connections
 
-    from orchestrator import taskrunner  # noqa: F401  (what every task runs first)
     from orchestrator.jobs.registry import all_job_specs
 
     log = logging.getLogger("orchestrator.template")
@@ -300,8 +301,6 @@ class _Template:
                     os.close(fd)
                 os.write(ready_w, b"\0")
                 os.close(ready_w)
-                from orchestrator import taskrunner
-
                 code = taskrunner.run(request, template_pid=self.pid)
             except BaseException:
                 import traceback
@@ -335,8 +334,6 @@ class _Template:
 
 
 def main(argv: list[str]) -> None:
-    from orchestrator import taskrunner
-
     pool_pid, channel = int(argv[0]), Connection(int(argv[1]))
     template = _Template(channel)
     signal.signal(signal.SIGTERM, template.kill_all_and_exit)

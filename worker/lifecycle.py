@@ -29,14 +29,7 @@ from schedules import runleases, runstate
 from schedules.dispatch import message_for
 from schedules.publishing import time_limits
 from schedules.runstate import ERROR_SUMMARY_MAX, WORKER_LOST
-from worker.caps import (
-    caps_for,
-    lease_owner,
-    park_message,
-    release_and_wake,
-    semaphore_take,
-    waiter_id,
-)
+from worker.caps import caps_for, lease_owner, park_message, release_and_wake, semaphore_take, waiter_id
 from worker.heartbeat import Heartbeat
 from worker.loading import load_delivery
 from worker.semaphore import semaphore_forget_waiter
