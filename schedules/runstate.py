@@ -98,7 +98,6 @@ def run_start(
     `lease_seq` is the semaphore's grant number (worker/semaphore.py): the highest one among running
     runs tells a Redis that came back behind the database (a restore, a failover) from a current one.
     `attempt`: the attempt the caller read with the run; the gate then also requires it unchanged.
-    A run whose slot was settled elsewhere (skipped, cancelled) is not started behind its back.
     """
     params = {"run": run_id, "sr": scheduled_run_id, "worker": worker, "seq": lease_seq, "attempt": attempt}
     # An explicit transaction, as for the finish: a start whose process dies while it waits on a lock
@@ -188,8 +187,6 @@ def run_finish(
     return bool(ended)
 
 
-# queued -> cancelled: only a run that has not started (waiting for a slot included); one that started
-# meanwhile is left to finish. The mirror follows whether it is `queued` or `throttled`.
 _CANCEL_SQL = """
 UPDATE orchestrator_run
    SET status = 'cancelled', finished_at = now(), error_summary = %(reason)s
@@ -199,12 +196,9 @@ RETURNING id
 
 
 def run_cancel(run_ids: list[int], reason: str) -> list[int]:
-    """End runs that have not started as `cancelled` (Run and ScheduledRun); return the ids cancelled.
-
-    The start gate (`run_start`) takes only a `queued` run, so a cancelled run's message, delivered
-    later or already waiting in the broker, is dropped by the worker; a run already running is not
-    touched and finishes as usual.
-    """
+    """End runs that have not started (waiting for a slot included) as `cancelled`, Run and its mirror;
+    return the ids cancelled. A run that started meanwhile is left to finish; a cancelled run's
+    message, delivered later, finds no `queued` run at the start gate and is dropped."""
     if not run_ids:
         return []
     reason = reason[:ERROR_SUMMARY_MAX]
@@ -313,8 +307,7 @@ def reap_lost_runs() -> list[int]:
 
     First writes the outcomes workers recorded in Redis, so a run that ended during a PostgreSQL outage
     gets its own outcome, not "worker lost". Raises redis.RedisError when Redis cannot be asked: then
-    nothing is reaped (a run is never failed on the database's word alone). Each reap is a finish
-    fenced by the attempt read, so any number of reapers fail a run once.
+    nothing is reaped (a run is never failed on the database's word alone).
     """
     apply_pending_outcomes()
     # Asked at every pass, not only once a run is overdue: a Redis that lost its data starts its one

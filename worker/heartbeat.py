@@ -35,14 +35,12 @@ FENCE_AFTER = 0.6
 
 @dataclass(eq=False, kw_only=True)
 class Heartbeat:
-    """While a run executes (the `with` block): renew its Redis leases every quarter lease, stamp
-    heartbeat_at, and fence.
-
-    Two threads of its own, so that neither side can delay the other: the lease thread talks to Redis
-    only (a PostgreSQL outage, or a connect hanging on a blackholed database, must not let the leases
-    lapse), the database thread stamps `heartbeat_at` and learns whether the run is still ours. Leaving
-    the block waits for the lease thread, so that no renewal re-takes a lease after the run released it;
-    not for the database thread, whose beat may block for long on a cut database and is harmless late.
+    """One run's heartbeat, for the `with` block. Two threads, so that neither side can delay the other:
+    the lease thread talks to Redis only (a PostgreSQL outage, or a connect hanging on a blackholed
+    database, must not let the leases lapse), the database thread stamps `heartbeat_at` and learns
+    whether the run is still ours. Leaving the block waits for the lease thread, so that no renewal
+    re-takes a lease after the run released it; not for the database thread, whose beat may block for
+    long on a cut database and is harmless late.
     """
 
     run_id: int

@@ -1,11 +1,10 @@
 """The run lifecycle on a worker: take the caps, start (at most once), execute under a heartbeat, finish.
 
-Every status write goes through schedules/runstate.py (the one writer of run state, fenced by attempt).
-What this module adds is the worker's side of the promises of DESIGN 6.5 and 6.7: caps before the start
-(worker/caps.py), liveness and fencing while the run executes (worker/heartbeat.py), and nothing lost at
-the end: an outcome is kept in Redis (schedules/runleases.py) before it is written, and written with
-retries; a database still away after `WORKER_FINISH_RETRY_SECONDS` leaves it to the reapers, which write
-it when the database returns.
+Every status write goes through schedules/runstate.py. This module is the worker's side of DESIGN 6.5
+and 6.7: caps before the start (worker/caps.py), liveness and fencing while the run executes
+(worker/heartbeat.py), and nothing lost at the end: the outcome is kept in Redis (schedules/runleases.py),
+then written with retries; a database still away after `WORKER_FINISH_RETRY_SECONDS` leaves it to the
+reapers.
 """
 
 from __future__ import annotations
@@ -45,11 +44,8 @@ class CapReached(Exception):
 
 
 def worker_identity(hostname: str, pid: int) -> str:
-    """Who executes a run: the Celery node name and the pool process id (`w1@host:4242`).
-
-    The pid makes it unique per delivery in flight, so the parent process can tell which run a dead
-    pool child was executing.
-    """
+    """Who executes a run, `w1@host:4242`: the Celery node name and the pool process id, unique per
+    delivery in flight, so the parent can tell which run a dead pool process was executing."""
     return f"{hostname}:{pid}"
 
 
@@ -66,10 +62,9 @@ class Outcome:
     written: bool = True
 
     def result(self) -> dict[str, Any]:
-        # Small by design: counts only, never LLM text (django-celery-results stores it).
+        # A succeeded run's (a failed one raises RunFailed). Small by design: counts only, never LLM text
+        # (django-celery-results stores it).
         data: dict[str, Any] = {"run_id": self.run_id, "status": self.status}
-        if self.reason:
-            data["error"] = self.reason
         if self.counts:
             data["counts"] = self.counts
         return data

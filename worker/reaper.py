@@ -8,8 +8,7 @@ Each tick:
 3. stalled throttled runs: re-publish those whose retries stopped (the worker holding the retry died);
 4. lost wake-ups: wake parked runs that a free slot left behind.
 
-Lease sets Redis lost are rebuilt by the first acquire that finds it behind the database (worker/caps.py),
-not here: running runs re-take their own leases at their next renewal meanwhile.
+Lease sets Redis lost are rebuilt by the first acquire that finds it behind the database, not here.
 
 All of it is safe with any number of worker processes and schedulers: the reap is fenced (a run is
 failed once, by whichever instance gets there first), the broker check is a SET NX (one instance
