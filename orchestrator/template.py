@@ -2,8 +2,8 @@
 process per task (docs/ARCHITECTURE.md, "Guardrails": per-task workers stay ephemeral; fork, don't exec).
 
 Each pool process starts its template at its first task, with `python -m orchestrator.template` (a clean
-exec: it inherits no database or Redis socket of the pool process), and talks to it over a socketpair in
-JSON lines:
+exec: it inherits no database or Redis socket of the pool process), and talks to it over a socketpair
+carrying `multiprocessing.connection` messages (dicts):
 - pool process -> template, per task: `{"title", "argv", "payload"}` (the payload carries the pool
   process's database name and the settings a task may read; the task applies them before any connection
   opens);
@@ -27,7 +27,6 @@ A template started from a thread other than the pool process's main thread dies 
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -36,7 +35,10 @@ import subprocess
 import sys
 import threading
 import time
+from multiprocessing.connection import Connection
 from typing import Any
+
+from orchestrator import taskrunner  # stdlib only at import: what every task runs first, loaded here
 
 TEMPLATE_MODULE = "orchestrator.template"
 # Room in the template's argv for its children's titles: with SPT_NOENV setproctitle rewrites the argv
@@ -54,12 +56,11 @@ class TemplateUnavailable(RuntimeError):
 class TaskTemplate:
     """The pool process's handle on its template: start it, have it fork a task, collect exit codes."""
 
-    def __init__(self, proc: subprocess.Popen, sock: socket.socket) -> None:
+    def __init__(self, proc: subprocess.Popen, channel: Connection) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.owner_pid = os.getpid()
-        self._sock = sock
-        self._buffer = b""
+        self._channel = channel
         self._lock = threading.Lock()
         self._waiting: set[int] = set()
         self._exited: dict[int, int] = {}
@@ -91,7 +92,7 @@ class TaskTemplate:
             )
         finally:
             theirs.close()
-        template = cls(proc, ours)
+        template = cls(proc, Connection(ours.detach()))
         try:
             if "ready" not in template._read(deadline):
                 raise TemplateUnavailable("unexpected first message from the task template")
@@ -107,7 +108,7 @@ class TaskTemplate:
         """Fork a task's process; its pid, which is also its process group's id."""
         with self._lock:
             try:
-                self._sock.sendall(json.dumps(request).encode() + b"\n")
+                self._channel.send(request)
                 while True:
                     message = self._read(deadline)
                     if "forked" in message:
@@ -148,24 +149,20 @@ class TaskTemplate:
 
     def _read(self, deadline: float) -> dict[str, Any]:
         """The next message; TimeoutError at the deadline; TemplateUnavailable once the template is gone."""
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self._sock], [], [], remaining)[0]:
-                raise TimeoutError("the task template did not answer in time")
-            chunk = self._sock.recv(65536)
-            if not chunk:
-                self.close()
-                raise TemplateUnavailable("the task template process exited")
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return json.loads(line)
+        if not self._channel.poll(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("the task template did not answer in time")
+        try:
+            return self._channel.recv()
+        except EOFError:
+            self.close()
+            raise TemplateUnavailable("the task template process exited") from None
 
     def close(self) -> None:
         """Close the channel and end the template (it kills any task group it still has)."""
         if self._closed:
             return
         self._closed = True
-        self._sock.close()
+        self._channel.close()
         if self.owner_pid != os.getpid():
             return  # a forked copy of the handle: the template belongs to the process that started it
         try:
@@ -227,7 +224,6 @@ def _preload() -> None:
     django.setup()
     from django.db import connections
 
-    from orchestrator import taskrunner  # noqa: F401  (what every task runs first)
     from orchestrator.jobs.registry import all_job_specs
 
     log = logging.getLogger("orchestrator.template")
@@ -253,12 +249,12 @@ def _preload() -> None:
 
 
 class _Template:
-    def __init__(self, channel: socket.socket) -> None:
+    def __init__(self, channel: Connection) -> None:
         self.channel = channel
         self.pid = os.getpid()
         self.tasks: set[int] = set()
+        # SIGCHLD writes a byte here (signal.set_wakeup_fd), which wakes `serve` to reap.
         self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
 
     def kill_all_and_exit(self, signum: int = 0, frame: object = None) -> None:
@@ -271,7 +267,7 @@ class _Template:
 
     def send(self, message: dict[str, Any]) -> None:
         try:
-            self.channel.sendall(json.dumps(message).encode() + b"\n")
+            self.channel.send(message)
         except OSError:
             self.kill_all_and_exit()
 
@@ -288,9 +284,8 @@ class _Template:
                 self.tasks.discard(pid)
                 self.send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
 
-    def fork(self, request: bytes) -> None:
-        """Fork the task's process (`request`: its JSON, decoded there); report it once it leads its own
-        session and group."""
+    def fork(self, request: dict[str, Any]) -> None:
+        """Fork the task's process; report it once it leads its own session and group."""
         ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -302,13 +297,11 @@ class _Template:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
-                for fd in (self.channel.detach(), self.wake_r, self.wake_w):
+                for fd in (self.channel.fileno(), self.wake_r, self.wake_w):
                     os.close(fd)
                 os.write(ready_w, b"\0")
                 os.close(ready_w)
-                from orchestrator import taskrunner
-
-                code = taskrunner.run(json.loads(request), template_pid=self.pid)
+                code = taskrunner.run(request, template_pid=self.pid)
             except BaseException:
                 import traceback
 
@@ -327,30 +320,21 @@ class _Template:
             self.send({"error": "the task process died before it started"})
 
     def serve(self) -> None:
-        buffer = b""
         while True:
             ready, _, _ = select.select([self.channel, self.wake_r], [], [])
             if self.wake_r in ready:
-                while True:
-                    try:
-                        os.read(self.wake_r, 4096)
-                    except BlockingIOError:
-                        break
+                os.read(self.wake_r, 4096)  # wake-ups left over keep the pipe readable: we come back
             self.reap()
             if self.channel in ready:
-                chunk = self.channel.recv(65536)
-                if not chunk:
+                try:
+                    request = self.channel.recv()
+                except EOFError:
                     self.kill_all_and_exit()  # the pool process is gone or let us go
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, _, buffer = buffer.partition(b"\n")
-                    self.fork(line)
+                self.fork(request)
 
 
 def main(argv: list[str]) -> None:
-    from orchestrator import taskrunner
-
-    pool_pid, channel = int(argv[0]), socket.socket(fileno=int(argv[1]))
+    pool_pid, channel = int(argv[0]), Connection(int(argv[1]))
     template = _Template(channel)
     signal.signal(signal.SIGTERM, template.kill_all_and_exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

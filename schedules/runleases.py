@@ -42,17 +42,14 @@ def lease_seconds() -> float:
     return float(settings.WORKER_LEASE_SECONDS)
 
 
-def redis_timeout() -> float:
-    """Socket timeouts for lease traffic: well inside a lease, so a blackholed Redis is noticed in time
-    to stop a run before its lease can expire (a heartbeat renews every quarter lease)."""
-    return max(0.2, min(5.0, lease_seconds() / 8))
-
-
 @functools.cache
 def client() -> redis.Redis:
     """One client per process for all lease traffic (the semaphore's scripts included). redis-py gives a
-    forked process connections of its own (its pool checks the pid), so pool children may share it."""
-    timeout = redis_timeout()
+    forked process connections of its own (its pool checks the pid), so pool children may share it.
+
+    Its socket timeouts are well inside a lease, so a blackholed Redis is noticed in time to stop a run
+    before its lease can expire (a heartbeat renews every quarter lease)."""
+    timeout = max(0.2, min(5.0, lease_seconds() / 8))
     return redis.Redis.from_url(
         settings.REDIS_URL, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=15
     )

@@ -12,7 +12,8 @@ run inside the caller's transaction (or its own when there is none), so the data
 - every later write (heartbeat, finish, reap) is fenced by `status = running` and the run's `attempt`
   (or, for the worker's parent, which never learns the attempt, by `worker`: node name + pool pid), so a
   stale worker can never overwrite a newer outcome, and an outcome is written once;
-- reap: only a run whose Redis liveness lease expired (schedules/runleases.py) is failed "worker lost".
+- reap: only a run whose Redis liveness lease expired (schedules/runleases.py) is failed "worker lost",
+  by the same fenced finish.
 
 Times come from the database clock (`now()`).
 """
@@ -98,7 +99,6 @@ def run_start(
     `lease_seq` is the semaphore's grant number (worker/semaphore.py): the highest one among running
     runs tells a Redis that came back behind the database (a restore, a failover) from a current one.
     `attempt`: the attempt the caller read with the run; the gate then also requires it unchanged.
-    A run whose slot was settled elsewhere (skipped, cancelled) is not started behind its back.
     """
     params = {"run": run_id, "sr": scheduled_run_id, "worker": worker, "seq": lease_seq, "attempt": attempt}
     # An explicit transaction, as for the finish: a start whose process dies while it waits on a lock
@@ -188,8 +188,6 @@ def run_finish(
     return bool(ended)
 
 
-# queued -> cancelled: only a run that has not started (waiting for a slot included); one that started
-# meanwhile is left to finish. The mirror follows whether it is `queued` or `throttled`.
 _CANCEL_SQL = """
 UPDATE orchestrator_run
    SET status = 'cancelled', finished_at = now(), error_summary = %(reason)s
@@ -199,12 +197,9 @@ RETURNING id
 
 
 def run_cancel(run_ids: list[int], reason: str) -> list[int]:
-    """End runs that have not started as `cancelled` (Run and ScheduledRun); return the ids cancelled.
-
-    The start gate (`run_start`) takes only a `queued` run, so a cancelled run's message, delivered
-    later or already waiting in the broker, is dropped by the worker; a run already running is not
-    touched and finishes as usual.
-    """
+    """End runs that have not started (waiting for a slot included) as `cancelled`, Run and its mirror;
+    return the ids cancelled. A run that started meanwhile is left to finish; a cancelled run's
+    message, delivered later, finds no `queued` run at the start gate and is dropped."""
     if not run_ids:
         return []
     reason = reason[:ERROR_SUMMARY_MAX]
@@ -236,46 +231,44 @@ def running_lease_floor() -> int:
         return int(cursor.fetchone()[0])
 
 
-# --- outcomes kept in Redis while PostgreSQL was away ------------------------------------------------
+# --- outcomes kept in Redis while PostgreSQL was away, and reaping ---------------------------------
 
 
-def apply_outcome(record: dict[str, Any]) -> bool:
-    """Write one recorded outcome, fenced as recorded; True if this call wrote it (False: the run had
-    ended otherwise, or was not that delivery's). Either way the record is settled."""
-    run_id = int(record["run_id"])
-    written = run_finish(
-        run_id,
-        record.get("scheduled_run_id"),
-        status=record["status"],
-        error_summary=record.get("error_summary") or "",
-        stats=record.get("stats"),
-        attempt=record.get("attempt"),
-        worker=record.get("worker"),
-    )
-    if written:
-        logger.info("recorded outcome written", extra={"run_id": run_id, "status": record["status"]})
-        _store_task_result(record.get("task_id"), run_id, record["status"], record.get("error_summary") or "")
-    return written
+def _finish_unless_locked(run_id: int, **finish: Any) -> bool | None:
+    """`run_finish`, waiting at most a second for the run's row; None when another session holds it
+    (left for the next pass): a finish stuck behind a lock must not stall the reaper of every scheduler."""
+    try:
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '1s'")
+            return run_finish(run_id, **finish)
+    except OperationalError as exc:
+        if getattr(exc.__cause__, "pgcode", None) == LOCK_NOT_AVAILABLE:
+            logger.info("run's row locked; left for the next pass", extra={"run_id": run_id})
+            return None
+        raise
 
 
 def apply_pending_outcomes(run_ids: list[int] | None = None) -> list[int]:
-    """Write the outcomes workers kept in Redis while the database was away; return the runs settled.
-
-    A run whose row another session holds is left for the next pass (a short lock_timeout): a finish
-    stuck behind a lock must not stall the reaper of every scheduler behind it.
-    """
+    """Write the outcomes workers kept in Redis while the database was away, each fenced as recorded;
+    return the runs settled (written, or found ended otherwise or not that delivery's)."""
     settled = []
     for run_id, record in runleases.outcomes_pending(run_ids).items():
-        try:
-            with transaction.atomic():
-                with connection.cursor() as cursor:
-                    cursor.execute("SET LOCAL lock_timeout = '1s'")
-                apply_outcome(record)
-        except OperationalError as exc:
-            if getattr(exc.__cause__, "pgcode", None) == LOCK_NOT_AVAILABLE:
-                logger.info("recorded outcome waits for a row lock", extra={"run_id": run_id})
-                continue
-            raise
+        summary = record.get("error_summary") or ""
+        written = _finish_unless_locked(
+            run_id,
+            scheduled_run_id=record.get("scheduled_run_id"),
+            status=record["status"],
+            error_summary=summary,
+            stats=record.get("stats"),
+            attempt=record.get("attempt"),
+            worker=record.get("worker"),
+        )
+        if written is None:
+            continue
+        if written:
+            logger.info("recorded outcome written", extra={"run_id": run_id, "status": record["status"]})
+            _store_task_result(record.get("task_id"), run_id, record["status"], summary)
         runleases.outcome_clear(run_id)
         settled.append(run_id)
     return settled
@@ -300,8 +293,6 @@ def _store_task_result(task_id: str | None, run_id: int, status: str, summary: s
         logger.exception("could not store the task result", extra={"task_id": task_id})
 
 
-# --- reaping -------------------------------------------------------------------------------------------
-
 # Candidates: running with no database heartbeat for a lease. The heartbeat alone never condemns a run
 # (during a PostgreSQL outage live runs cannot stamp it); the Redis lease decides, below.
 _CANDIDATES_SQL = """
@@ -309,29 +300,6 @@ SELECT id, attempt, worker, task_id FROM orchestrator_run
  WHERE status = 'running'
    AND COALESCE(heartbeat_at, started_at, created_at) < now() - make_interval(secs => %(lease)s)
  ORDER BY id LIMIT 1000
-"""
-
-# One conditional UPDATE, safe with any number of reapers: fenced by attempt, skipping rows another
-# session holds (a worker's finish blocked on a lock must not stall a scheduler's loop).
-_REAP_SQL = """
-WITH dead AS (
-    SELECT r.id FROM orchestrator_run r
-      JOIN unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS v(id, attempt)
-        ON r.id = v.id AND r.attempt = v.attempt
-     WHERE r.status = 'running'
-       AND COALESCE(r.heartbeat_at, r.started_at, r.created_at) < now() - make_interval(secs => %(lease)s)
-       FOR UPDATE OF r SKIP LOCKED
-)
-UPDATE orchestrator_run r
-   SET status = 'failed', finished_at = now(), error_summary = %(summary)s
-  FROM dead WHERE r.id = dead.id
-RETURNING r.id, r.worker, r.task_id
-"""
-
-_REAP_MIRROR_SQL = """
-UPDATE schedules_scheduledrun
-   SET status = 'failed', finished_at = now(), error_summary = %(summary)s
- WHERE run_id = ANY(%(run_ids)s) AND status = 'running'
 """
 
 
@@ -359,25 +327,15 @@ def reap_lost_runs() -> list[int]:
     # A worker that ended its run while the database was away recorded the outcome before it let its
     # lease go: look once more, after the liveness check.
     settled = set(apply_pending_outcomes([row[0] for row in dead]))
-    dead = [row for row in dead if row[0] not in settled]
-    if not dead:
-        return []
     summary = f"{WORKER_LOST} (lease of {lease:g}s expired)"
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(
-            _REAP_SQL,
-            {
-                "ids": [row[0] for row in dead],
-                "attempts": [row[1] for row in dead],
-                "lease": lease,
-                "summary": summary,
-            },
-        )
-        reaped = cursor.fetchall()
-        if reaped:
-            cursor.execute(_REAP_MIRROR_SQL, {"summary": summary, "run_ids": [row[0] for row in reaped]})
-    for run_id, worker, task_id in reaped:
+    reaped = []
+    for run_id, attempt, worker, task_id in dead:
+        if run_id in settled or not _finish_unless_locked(
+            run_id, scheduled_run_id=None, status=RunStatus.FAILED, error_summary=summary, attempt=attempt
+        ):
+            continue
         logger.warning("run reaped: worker lost", extra={"run_id": run_id, "worker": worker})
         # Its worker is gone (or cut off: should it come back, its task stores nothing over this).
         _store_task_result(task_id, run_id, RunStatus.FAILED, summary)
-    return [row[0] for row in reaped]
+        reaped.append(run_id)
+    return reaped

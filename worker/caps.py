@@ -27,7 +27,6 @@ from worker.semaphore import (
     job_scope,
     schedule_scope,
     semaphore_acquire,
-    semaphore_behind,
     semaphore_rebuild,
     semaphore_release,
     semaphore_sweep_parked,
@@ -55,12 +54,8 @@ def caps_for(job: Job, schedule: Schedule | None) -> list[Cap]:
     `max_per_job` / `max_global`, else `Job.max_concurrency` (per job), else `SCHEDULER_MAX_GLOBAL`
     (global). A limit of None means no such cap.
     """
-    per_job = schedule.max_per_job if schedule is not None and schedule.max_per_job else job.max_concurrency
-    global_ = (
-        schedule.max_global
-        if schedule is not None and schedule.max_global
-        else getattr(settings, "SCHEDULER_MAX_GLOBAL", None)
-    )
+    per_job = (schedule and schedule.max_per_job) or job.max_concurrency
+    global_ = (schedule and schedule.max_global) or getattr(settings, "SCHEDULER_MAX_GLOBAL", None)
     caps = []
     if schedule is not None and schedule.overlap_policy != OverlapPolicy.ALLOW:
         caps.append(
@@ -162,11 +157,3 @@ def release_and_wake(caps: list[Cap], *, owner: str, run_id: int, settled: bool 
 def wake_lost_waiters() -> int:
     """The maintenance tick's safety net: wake parked runs a lost wake-up left behind a free slot."""
     return wake(semaphore_sweep_parked())
-
-
-def check_leases() -> bool:
-    """Rebuild the lease sets if Redis lost lease state the database still counts; True if rebuilt."""
-    if semaphore_behind(runstate.running_lease_floor()):
-        rebuild_leases()
-        return True
-    return False

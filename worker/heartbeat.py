@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis
 from django.conf import settings
@@ -32,33 +33,25 @@ logger = logging.getLogger(__name__)
 FENCE_AFTER = 0.6
 
 
+@dataclass(eq=False, kw_only=True)
 class Heartbeat:
-    """While a run executes (the `with` block): renew its Redis leases every quarter lease, stamp
-    heartbeat_at, and fence.
-
-    Two threads of its own, so that neither side can delay the other: the lease thread talks to Redis
-    only (a PostgreSQL outage, or a connect hanging on a blackholed database, must not let the leases
-    lapse), the database thread stamps `heartbeat_at` and learns whether the run is still ours. Leaving
-    the block waits for the lease thread, so that no renewal re-takes a lease after the run released it;
-    not for the database thread, whose beat may block for long on a cut database and is harmless late.
+    """One run's heartbeat, for the `with` block. Two threads, so that neither side can delay the other:
+    the lease thread talks to Redis only (a PostgreSQL outage, or a connect hanging on a blackholed
+    database, must not let the leases lapse), the database thread stamps `heartbeat_at` and learns
+    whether the run is still ours. Leaving the block waits for the lease thread, so that no renewal
+    re-takes a lease after the run released it; not for the database thread, whose beat may block for
+    long on a cut database and is harmless late.
     """
 
-    def __init__(
-        self,
-        *,
-        run_id: int,
-        scheduled_run_id: int | None,
-        attempt: int,
-        caps: list[Cap],
-        owner: str,
-        fence: TaskFence,
-    ):
-        self.run_id = run_id
-        self.scheduled_run_id = scheduled_run_id
-        self.attempt = attempt
-        self.caps = caps
-        self.owner = owner
-        self.fence = fence
+    run_id: int
+    scheduled_run_id: int | None
+    attempt: int
+    caps: list[Cap]
+    owner: str
+    fence: TaskFence
+
+    def __post_init__(self) -> None:
+        self.lease = float(settings.WORKER_LEASE_SECONDS)
         self.last_renewed = time.monotonic()  # the grant itself was a renewal
         self._ended = threading.Event()
         self._lease_thread = threading.Thread(
@@ -73,10 +66,6 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._ended.set()
         self._lease_thread.join()  # a renewal in progress ends first: none lands after the release
-
-    @property
-    def lease(self) -> float:
-        return float(settings.WORKER_LEASE_SECONDS)
 
     def _loop(self, beat: Callable[[], float | None]) -> None:
         """Beat a quarter lease after the start, then after what each beat returns (None: no more)."""

@@ -1,12 +1,10 @@
 """The run lifecycle on a worker: take the caps, start (at most once), execute under a heartbeat, finish.
 
-Every status write goes through schedules/runstate.py (the one writer of run state, fenced by attempt).
-What this module adds is the worker's side of the promises of docs/ARCHITECTURE.md, guarantees 5 and 7: caps
-before the start
-(worker/caps.py), liveness and fencing while the run executes (worker/heartbeat.py), and nothing lost at
-the end: an outcome is kept in Redis (schedules/runleases.py) before it is written, and written with
-retries; a database still away after `WORKER_FINISH_RETRY_SECONDS` leaves it to the reapers, which write
-it when the database returns.
+Every status write goes through schedules/runstate.py. This module is the worker's side of guarantees 5
+and 7 (docs/ARCHITECTURE.md): caps before the start (worker/caps.py), liveness and fencing while the run
+executes (worker/heartbeat.py), and nothing lost at the end: the outcome is kept in Redis
+(schedules/runleases.py), then written with retries; a database still away after
+`WORKER_FINISH_RETRY_SECONDS` leaves it to the reapers.
 """
 
 from __future__ import annotations
@@ -30,14 +28,7 @@ from schedules import runleases, runstate
 from schedules.dispatch import message_for
 from schedules.publishing import time_limits
 from schedules.runstate import ERROR_SUMMARY_MAX, WORKER_LOST
-from worker.caps import (
-    caps_for,
-    lease_owner,
-    park_message,
-    release_and_wake,
-    semaphore_take,
-    waiter_id,
-)
+from worker.caps import caps_for, lease_owner, park_message, release_and_wake, semaphore_take, waiter_id
 from worker.heartbeat import Heartbeat
 from worker.loading import load_delivery
 from worker.semaphore import semaphore_forget_waiter
@@ -48,20 +39,13 @@ logger = logging.getLogger(__name__)
 DATABASE_AWAY = (OperationalError, InterfaceError)
 
 
-class WorkerError(Exception):
-    """Base for the worker's domain errors."""
-
-
-class CapReached(WorkerError):
+class CapReached(Exception):
     """A cap is full; the run waits as `throttled`. The message (shown in Flower) says which cap."""
 
 
 def worker_identity(hostname: str, pid: int) -> str:
-    """Who executes a run: the Celery node name and the pool process id (`w1@host:4242`).
-
-    The pid makes it unique per delivery in flight, so the parent process can tell which run a dead
-    pool child was executing.
-    """
+    """Who executes a run, `w1@host:4242`: the Celery node name and the pool process id, unique per
+    delivery in flight, so the parent can tell which run a dead pool process was executing."""
     return f"{hostname}:{pid}"
 
 
@@ -78,10 +62,9 @@ class Outcome:
     written: bool = True
 
     def result(self) -> dict[str, Any]:
-        # Small by design: counts only, never LLM text (django-celery-results stores it).
+        # A succeeded run's (a failed one raises RunFailed). Small by design: counts only, never LLM text
+        # (django-celery-results stores it).
         data: dict[str, Any] = {"run_id": self.run_id, "status": self.status}
-        if self.reason:
-            data["error"] = self.reason
         if self.counts:
             data["counts"] = self.counts
         return data

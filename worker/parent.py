@@ -24,12 +24,9 @@ logger = logging.getLogger(__name__)
 
 
 class ParentWriter(BackgroundQueue):
-    """The worker parent's writes, off its event loop: a write blocked on a row lock or a database away
-    must not stall the process that hands out messages and enforces time limits.
-
-    Each job is retried with backoff; the outcome it writes is recorded in Redis first, so one the
-    parent never gets to write is written by a reaper.
-    """
+    """The worker parent's writes, off its event loop (a row lock or a database away must not stall the
+    process that hands out messages and enforces time limits), each retried with backoff. The outcome it
+    writes is recorded in Redis first: one the parent never gets to write is written by a reaper."""
 
     thread_name = "worker-parent-writer"
 
@@ -65,12 +62,9 @@ PARENT_KILL_WAIT_SECONDS = 5.0
 
 
 def _wait_gone(pool_pid: int | None, run_id: int, *, timeout: float = PARENT_KILL_WAIT_SECONDS) -> bool:
-    """Wait until the pool process and every process of the run are gone (True), or timeout.
-
-    Celery calls the hard-limit callback before it kills the pool process, and a dead pool process's
-    task processes outlive it by a few ms: the slot is freed only after both (docs/ARCHITECTURE.md, guarantee
-    5).
-    """
+    """Wait until the pool process and every process of the run are gone (True), or timeout. Celery calls
+    the hard-limit callback before it kills the pool process, and a dead pool process's task processes
+    outlive it by a few ms: the slot is freed only after both (docs/ARCHITECTURE.md, guarantee 5)."""
     deadline = time.monotonic() + timeout
     while (pool_pid is not None and _alive(pool_pid)) or processes_of_run(run_id):
         if time.monotonic() > deadline:
@@ -100,9 +94,8 @@ def run_end_from_parent(
     Fenced by `worker` (node name + the pool process id): only the delivery that process started is
     ended, never a run another process took; if that process had already recorded its own outcome (it
     finished, and was killed while writing it), that outcome is written instead, unless `overrule`
-    (the hard time limit: the run overran, whatever it had recorded). The write happens on the
-    parent's writer thread; its leases are released there.
-    """
+    (the hard time limit: the run overran, whatever it had recorded). Written, and the leases
+    released, on the parent's writer thread."""
     try:
         runleases.outcome_record(
             run_id=run_id,

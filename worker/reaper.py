@@ -6,12 +6,13 @@ Each tick:
 2. broker check: if the broker's Redis lost its data (restart without persistence), re-publish the runs
    still waiting (queued or throttled), whose messages went with it;
 3. stalled throttled runs: re-publish those whose retries stopped (the worker holding the retry died);
-4. leases: if Redis lost lease state the database still counts, rebuild the lease sets from the
-   database's running runs (acquires also do this, so a rebuild never waits for this tick).
+4. lost wake-ups: wake parked runs that a free slot left behind.
 
-All of it is safe with any number of worker processes and schedulers: the reap is one conditional UPDATE
-(a run is failed once, by whichever instance gets there first), the broker check is a SET NX (one
-instance re-publishes), and the rebuild only adds leases that are missing.
+Lease sets Redis lost are rebuilt by the first acquire that finds it behind the database, not here.
+
+All of it is safe with any number of worker processes and schedulers: the reap is fenced (a run is
+failed once, by whichever instance gets there first), the broker check is a SET NX (one instance
+re-publishes), and a wake-up marks the runs it woke.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from project.dbsession import apply_worker_timeouts
 from schedules.models import ScheduledRun, ScheduledRunStatus
 from schedules.runstate import reap_lost_runs
 from worker import semaphore
-from worker.caps import check_leases, waiter_id, wake_lost_waiters
+from worker.caps import waiter_id, wake_lost_waiters
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ def republish_waiting_runs(run_ids: list[int] | None = None) -> int:
 
     Duplicates are harmless: the start is a conditional update, so a run executes at most once.
     """
-    from schedules.publishing import RunMessage, publish_messages
+    from schedules.dispatch import message_for
+    from schedules.publishing import publish_messages
 
     waiting = Run.objects.filter(status=RunStatus.QUEUED)
     if run_ids is not None:
@@ -64,23 +66,14 @@ def republish_waiting_runs(run_ids: list[int] | None = None) -> int:
     )
     if not runs:
         return 0
-    scheduled = dict(
-        ScheduledRun.objects.filter(
+    scheduled = {
+        sr.run_id: sr
+        for sr in ScheduledRun.objects.filter(
             run_id__in=[r.pk for r in runs],
             status__in=[ScheduledRunStatus.QUEUED, ScheduledRunStatus.THROTTLED],
-        ).values_list("run_id", "id")
-    )
-    messages = [
-        RunMessage.build(
-            task_id=run.task_id,
-            run_id=run.pk,
-            scheduled_run_id=scheduled.get(run.pk),
-            job_key=run.job.key,
-            job_queue=run.job.queue,
-        )
-        for run in runs
-    ]
-    return len(publish_messages(messages))
+        ).only("id", "run_id")
+    }
+    return len(publish_messages([message_for(run.job, run, scheduled.get(run.pk)) for run in runs]))
 
 
 # Throttled runs nothing will wake: a run parked in Redis is woken by a release or the parked sweep, but
@@ -160,7 +153,6 @@ def maintenance_tick() -> dict[str, Any]:
         ("reaped", reap_lost_runs),
         ("republished", check_broker_data),
         ("stalled", republish_stalled_throttled),
-        ("leases_rebuilt", check_leases),
         ("woken", wake_lost_waiters),
     ):
         try:
@@ -224,9 +216,7 @@ def _on_worker_init(**kwargs: Any) -> None:
     # pool processes inherit it. A statement that hits the limit fails like any transient database
     # error (retried: worker/lifecycle.DATABASE_AWAY holds lock_timeout's and statement_timeout's errors).
     apply_worker_timeouts()
-    # Before the pool and the consumer start: lease state Redis lost is rebuilt before the first message.
     try:
-        check_leases()
         _warn_if_visibility_too_short()
         _warn_if_redis_may_evict()
     except Exception as exc:

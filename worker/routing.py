@@ -14,8 +14,7 @@ from schedules.publishing import RUN_TASK_NAME  # the task name is the publisher
 
 
 class UnknownJobs(ValueError):
-    def __init__(self, keys: list[str]) -> None:
-        super().__init__(f"unknown or disabled jobs: {', '.join(keys)}")
+    """Jobs named to a worker that do not exist or are disabled."""
 
 
 def route_run(name: str, args: Any, kwargs: Any, options: dict, task: Any = None, **kw: Any) -> dict | None:
@@ -34,5 +33,5 @@ def worker_queue_names(job_keys: list[str] | None = None) -> list[str]:
         return sorted(set(enabled.values()))
     missing = [key for key in job_keys if key not in enabled]
     if missing:
-        raise UnknownJobs(missing)
+        raise UnknownJobs(f"unknown or disabled jobs: {', '.join(missing)}")
     return sorted({enabled[key] for key in job_keys})

@@ -43,7 +43,6 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-import redis
 from django.conf import settings
 from redis.commands.core import Script
 
@@ -95,15 +94,7 @@ local lease_ms, waiter_ms, floor = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumbe
 local message = ARGV[7]
 local seq_key, run_key = KEYS[3 * n + 1], KEYS[3 * n + 2]
 local parked, woken, parked_caps = KEYS[3 * n + 3], KEYS[3 * n + 4], KEYS[3 * n + 5]
-local seq = redis.call('GET', seq_key)
-if not seq then
-  if floor > 0 then
-    return {-2}
-  end
-  redis.call('SET', seq_key, 0)
-  seq = 0
-end
-if tonumber(seq) < floor then
+if tonumber(redis.call('GET', seq_key) or 0) < floor then
   return {-2}
 end
 for i = 1, n do
@@ -282,9 +273,7 @@ for i = 2, #KEYS do
     redis.call('SET', KEYS[i], owner, 'PX', lease_ms, 'NX')
   end
 end
--- Set even when nothing runs (floor 0): a missing counter means "behind" to every reader.
-local seq = redis.call('GET', KEYS[1])
-if not seq or tonumber(seq) < floor then
+if tonumber(redis.call('GET', KEYS[1]) or 0) < floor then
   redis.call('SET', KEYS[1], floor)
 end
 return added
@@ -313,10 +302,6 @@ class Cap:
     def waiter_expiry_key(self) -> str:
         return f"{KEY_PREFIX}:{self.scope}:waiters-exp"
 
-    def describe(self, held: int) -> str:
-        subject = f" for {self.subject}" if self.subject else ""
-        return f"{self.label} {held}/{self.limit}{subject}"
-
 
 @dataclass(frozen=True)
 class Grant:
@@ -333,8 +318,10 @@ class Grant:
             return ""
         if self.blocking is None:
             return "waiting: concurrency caps being rebuilt after Redis lost lease state"
+        cap = self.blocking
+        subject = f" for {cap.subject}" if cap.subject else ""
         behind = f", {self.ahead} waiting ahead" if self.ahead else ""
-        return f"waiting: {self.blocking.describe(self.held)}{behind}"
+        return f"waiting: {cap.label} {self.held}/{cap.limit}{subject}{behind}"
 
 
 @dataclass(frozen=True)
@@ -344,10 +331,7 @@ class Renewal:
     lost: Cap | None  # the cap whose slot another run took while this run's lease was gone
 
 
-def semaphore_client() -> redis.Redis:
-    """The process's lease client (runleases.client): its timeouts are well inside a lease, so a
-    heartbeat blocked on a blackholed Redis still notices in time that its lease is running out."""
-    return runleases.client()
+semaphore_client = runleases.client  # the process's one client for lease traffic
 
 
 @functools.cache
@@ -357,10 +341,6 @@ def _script(source: str) -> Script:
 
 def lease_ms() -> int:
     return int(settings.WORKER_LEASE_SECONDS * 1000)
-
-
-def _ms(value: datetime) -> int:
-    return int(value.timestamp() * 1000)
 
 
 # A parked run keeps its place in line this long without news (its entry is renewed whenever it tries).
@@ -395,7 +375,8 @@ def semaphore_acquire(
         + [SEQ_KEY, runleases.run_lease_key(run_id), PARKED_KEY, WOKEN_KEY, PARKED_CAPS_KEY]
     )
     waiter_ttl_ms = PARK_TTL_MS if park else int(settings.WORKER_THROTTLE_MAX_SECONDS * 1000 * 3) + 10_000
-    argv = [owner, waiter, _ms(due), lease_ms(), waiter_ttl_ms, int(floor), park, *[c.limit for c in caps]]
+    due_ms = int(due.timestamp() * 1000)
+    argv = [owner, waiter, due_ms, lease_ms(), waiter_ttl_ms, int(floor), park, *[c.limit for c in caps]]
     result = _script(ACQUIRE_LUA)(keys=keys, args=argv)
     code = int(result[0])
     if code == 1:
@@ -451,12 +432,6 @@ def semaphore_parked(waiters: list[str]) -> set[str]:
         return set()
     found = semaphore_client().hmget(PARKED_KEY, waiters)
     return {waiter for waiter, record in zip(waiters, found, strict=True) if record is not None}
-
-
-def semaphore_behind(floor: int) -> bool:
-    """True when Redis lost lease state the database still counts (or never had any)."""
-    seq = semaphore_client().get(SEQ_KEY)
-    return seq is None or int(seq) < floor
 
 
 def semaphore_rebuild(holders: list[tuple[int, str, list[Cap]]], *, floor: int) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -38,23 +39,17 @@ class Supervisor:
         max_restarts: int | None = None,
     ) -> None:
         self.argv = list(argv)
-        self.sleep = sleep or self._pause
+        self.stopping = threading.Event()
+        self.sleep = sleep or self.stopping.wait  # a backoff that a stop signal ends early
         self.max_restarts = max_restarts
         self.child: subprocess.Popen | None = None
-        self.stopping = False
         self.restarts = 0
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self.stopping = True
+        self.stopping.set()
         forward = signal.SIGQUIT if signum == signal.SIGQUIT else signal.SIGTERM
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(forward)
-
-    def _pause(self, seconds: float) -> None:
-        """Sleep, but end early once a stop was asked for (a signal does not cut time.sleep short)."""
-        deadline = time.monotonic() + seconds
-        while not self.stopping and time.monotonic() < deadline:
-            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def install_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
@@ -66,7 +61,7 @@ class Supervisor:
             started = time.monotonic()
             self.child = subprocess.Popen(self.argv)
             code = self.child.wait()
-            if self.stopping:
+            if self.stopping.is_set():
                 return code
             uptime = time.monotonic() - started
             if self.max_restarts is not None and self.restarts >= self.max_restarts:
@@ -80,6 +75,6 @@ class Supervisor:
             )
             self.restarts += 1
             self.sleep(backoff)
-            if self.stopping:
+            if self.stopping.is_set():
                 return code
             backoff = min(backoff * 2, BACKOFF_MAX)

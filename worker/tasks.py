@@ -36,13 +36,10 @@ logger = logging.getLogger(__name__)
 
 
 class RunRequest(Request):
-    """The worker parent's view of one run message (installed as `Task.Request`, Celery's hook).
-
-    It runs in the parent process, which outlives its pool processes: when one dies (SIGKILL, OOM) or is
-    killed at the hard time limit, it ends that process's run and frees its leases at once instead of
-    leaving them to the reaper and the lease TTL. The write goes to a background thread: the parent's
-    loop must never wait on the database.
-    """
+    """The worker parent's view of one run message (Celery's `Task.Request` hook). The parent outlives
+    its pool processes: when one dies (SIGKILL, OOM) or is killed at the hard time limit, it ends that
+    process's run and frees its leases at once, not a lease TTL later, on a background thread (the
+    parent's loop must never wait on the database)."""
 
     def on_timeout(self, soft, timeout):
         if not soft:

@@ -13,7 +13,6 @@ from worker import semaphore
 from worker.semaphore import (
     Cap,
     semaphore_acquire,
-    semaphore_behind,
     semaphore_holders,
     semaphore_rebuild,
     semaphore_release,
@@ -120,13 +119,11 @@ def test_renew__takes_a_lost_lease_again_only_under_the_limit(sem):
     assert semaphore_holders(job_cap()) == ["newcomer"]  # not added blindly over the limit
 
 
-def test_rebuild_with_nothing_running__redis_is_not_behind_any_more(sem):
-    """A fresh (or emptied) Redis with no run in the database: one rebuild, not one every reaper pass."""
+def test_acquire__a_fresh_redis_with_nothing_running_admits_without_a_rebuild(sem):
+    """A fresh (or emptied) Redis with no run in the database starts its grant counter at once."""
     sem.flushdb()
-    assert semaphore_behind(0)
-    semaphore_rebuild([], floor=0)
-    assert not semaphore_behind(0)
-    assert acquire([job_cap()], "first").acquired
+    grant = acquire([job_cap()], "first")
+    assert (grant.acquired, grant.rebuild, grant.seq) == (True, False, 1)
 
 
 def test_acquire__admits_nobody_while_redis_is_behind_the_database(sem):
@@ -138,7 +135,6 @@ def test_acquire__admits_nobody_while_redis_is_behind_the_database(sem):
     assert second.seq == first.seq + 1
     floor = second.seq
     sem.flushdb()  # as if Redis came back from a snapshot taken before both started
-    assert semaphore_behind(floor)
     grant = acquire([job_cap(limit=2)], "r3", floor=floor)
     assert (grant.acquired, grant.rebuild) == (False, True)
     assert "rebuilt" in grant.reason
@@ -147,7 +143,6 @@ def test_acquire__admits_nobody_while_redis_is_behind_the_database(sem):
         [(run_id_of("r1"), "r1", [job_cap(limit=2)]), (run_id_of("r2"), "r2", [job_cap(limit=2)])],
         floor=floor,
     )
-    assert not semaphore_behind(floor)
     assert sorted(semaphore_holders(job_cap())) == ["r1", "r2"]
     grant = acquire([job_cap(limit=2)], "r3", floor=floor)
     assert (grant.acquired, grant.rebuild) == (False, False)
