@@ -6,8 +6,7 @@ run inside the caller's transaction (or its own when there is none), so the data
 
 - throttle: `queued` stays `queued` on the Run (its mirror goes `throttled`), once per wait;
 - start: `queued` -> `running` with `attempt = attempt + 1`; a second delivery of the same message finds
-  zero rows and does nothing (at most once, docs/ARCHITECTURE.md, guarantee 4), and so does the message of a
-  cancelled run;
+  zero rows and does nothing (at most once, guarantee 4), and so does the message of a cancelled run;
 - cancel: `queued` -> `cancelled` (its schedule was deleted), never a run that started;
 - every later write (heartbeat, finish, reap) is fenced by `status = running` and the run's `attempt`
   (or, for the worker's parent, which never learns the attempt, by `worker`: node name + pool pid), so a

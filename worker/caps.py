@@ -2,8 +2,7 @@
 
 The lease sets themselves live in Redis (worker/semaphore.py); this module decides what a run asks for
 (docs/ARCHITECTURE.md, guarantee 6), rebuilds Redis's view from the database when Redis lost it, and
-publishes the messages of
-parked runs again when a slot frees.
+publishes the messages of parked runs again when a slot frees.
 """
 
 from __future__ import annotations
@@ -48,8 +47,7 @@ def waiter_id(run_id: int) -> str:
 def caps_for(job: Job, schedule: Schedule | None) -> list[Cap]:
     """The caps a run takes, narrow to wide: per schedule, per job, then global.
 
-    Limits: one at a time per schedule unless its `overlap_policy` is `allow` (docs/ARCHITECTURE.md,
-    guarantee 6: with
+    Limits: one at a time per schedule unless its `overlap_policy` is `allow` (guarantee 6: with
     `buffer_one` the waiting run starts only once the one before it ends); the schedule's
     `max_per_job` / `max_global`, else `Job.max_concurrency` (per job), else `SCHEDULER_MAX_GLOBAL`
     (global). A limit of None means no such cap.

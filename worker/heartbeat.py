@@ -132,8 +132,7 @@ class Heartbeat:
             )
 
     def stop_run(self, reason: str) -> None:
-        """Kill the run's task processes, then let its slots go: in that order (docs/ARCHITECTURE.md,
-        guarantee 5)."""
+        """Kill the run's task processes, then let its slots go: in that order (guarantee 5)."""
         if self.fence.reason:
             return
         logger.warning("run fenced: task processes killed", extra={"run_id": self.run_id, "reason": reason})

@@ -136,12 +136,9 @@ def check_broker_data() -> int:
     finally:
         client.close()
     count = republish_waiting_runs()
-    # A warning only when something was waiting: on a first start (or a loss with nothing queued) there
-    # is nothing wrong to report.
+    # A warning only when something was waiting: a first start has nothing wrong to report.
     level = logging.WARNING if count else logging.INFO
-    logger.log(
-        level, "broker data was lost (or first start): waiting runs re-published", extra={"count": count}
-    )
+    logger.log(level, "broker data lost (or first start): waiting runs re-published", extra={"count": count})
     return count
 
 

@@ -449,11 +449,8 @@ def semaphore_rebuild(holders: list[tuple[int, str, list[Cap]]], *, floor: int) 
         argv.append(f"s:{owner}")
     added = int(_script(REBUILD_LUA)(keys=keys, args=argv))
     # A warning only when leases had to be put back (Redis lost them); a first start adds none.
-    logger.log(
-        logging.WARNING if added else logging.INFO,
-        "semaphore lease sets rebuilt from the database",
-        extra={"runs": len(holders), "added": added},
-    )
+    level = logging.WARNING if added else logging.INFO
+    logger.log(level, "lease sets rebuilt from the database", extra={"runs": len(holders), "added": added})
     return added
 
 

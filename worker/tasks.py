@@ -84,8 +84,6 @@ class RunTask(Task):
     # traceback (`throws`: the run's failure is the job's, not the worker's; its log says why).
     acks_on_failure = True
     throws = (RunFailed,)
-    track_started = False  # see project/celery.py
-    ignore_result = False
 
 
 @task_prerun.connect
