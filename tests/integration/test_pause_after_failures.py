@@ -222,6 +222,15 @@ def test_sync_declares_it_and_refuses_a_bad_value(tmp_path):
         call_command("sync_schedules", str(path))
     assert Schedule.objects.get(name="synced").pause_after_failures == 4
 
+    pytest.importorskip("yaml", reason="YAML schedules files need PyYAML")
+    path = tmp_path / "schedules.yaml"
+    path.write_text(
+        "schedules:\n  - name: synced\n    job_key: log_triage\n    schedule_type: interval\n"
+        "    interval_minutes: 10\n    pause_after_failures: 2\n"
+    )
+    call_command("sync_schedules", str(path))
+    assert Schedule.objects.get(name="synced").pause_after_failures == 2
+
 
 @pytest.mark.django_db(transaction=True)
 def test_admin_form_takes_it_and_the_dashboard_shows_the_pause(quiet, django_user_model):
