@@ -5,8 +5,12 @@ Kinds (schedules.models.AlertKind):
 - `missed` (dead-man): an enabled schedule's slot did not start within its grace: it was never
   dispatched, it was recorded as missed (scheduler down, misfire_policy skip), or its run is still
   waiting for a worker. Grace: `catchup_window_seconds`, else ALERT_MISSED_GRACE_SECONDS (plus jitter).
-- `failing`: the schedule's last `alert_after_failures` finished runs all failed (0 = off).
+- `failing`: the schedule's last `alert_after_failures` finished runs all failed (0 = off), or its
+  last `pause_after_failures` when that is lower.
 - `overdue`: a run has been running longer than `alert_after_seconds` (null = off).
+
+The same evaluation pauses schedules after `pause_after_failures` consecutive failed slots (PAUSE_SQL),
+recording each pause in the schedule's change history (source `system`).
 
 Several schedulers may evaluate at once; the database decides. Opening is an INSERT that the partial
 unique constraint `alert_one_open_per_kind` turns into a no-op for an alert already open; resolving
@@ -83,23 +87,57 @@ SELECT s.id, jsonb_build_object(
         OR (l.status IN ('queued', 'throttled') AND l.scheduled_for < now() - g.grace))
 """
 
-# Only a schedule with a failed run in its history can be failing.
+# Only a schedule with a failed run in its history can be failing. The threshold is
+# alert_after_failures, or pause_after_failures when that is lower (or the alert is off): a schedule
+# that pauses itself always has a `failing` alert open, which its first success resolves.
 FAILING_SQL = """
 SELECT s.id, jsonb_build_object(
-         'consecutive_failures', f.n, 'threshold', s.alert_after_failures,
+         'consecutive_failures', f.n, 'threshold', t.k,
          'last_run_id', f.last_run_id, 'last_finished_at', f.last_at)
   FROM schedules_schedule s
+ CROSS JOIN LATERAL (SELECT least(nullif(s.alert_after_failures, 0), s.pause_after_failures) AS k) t
  CROSS JOIN LATERAL (
        SELECT count(*) AS n, count(*) FILTER (WHERE status = 'failed') AS failed,
               (array_agg(run_id ORDER BY scheduled_for DESC, id DESC))[1] AS last_run_id,
               max(finished_at) AS last_at
          FROM (SELECT id, status, run_id, scheduled_for, finished_at FROM schedules_scheduledrun
                 WHERE schedule_id = s.id AND status IN ('succeeded', 'failed')
-                ORDER BY scheduled_for DESC, id DESC LIMIT s.alert_after_failures) AS last) f
- WHERE s.alert_after_failures > 0
+                ORDER BY scheduled_for DESC, id DESC LIMIT t.k) AS last) f
+ WHERE t.k IS NOT NULL
    AND s.id IN (SELECT schedule_id FROM schedules_scheduledrun WHERE status = 'failed')
-   AND f.n = s.alert_after_failures AND f.failed = f.n
+   AND f.n = t.k AND f.failed = f.n
 """
+
+# pause_after_failures: an enabled schedule whose last N finished slots created since its last enable
+# (failures_counted_since) all failed disables itself. A slot counts by its final status (succeeded
+# or failed); skipped and cancelled slots neither count nor break the streak. One statement: the
+# UPDATE re-checks `enabled` and the count's start on the row as it is when it gets the row lock, so
+# of several schedulers evaluating at once one pauses it, and an enable (which moves
+# failures_counted_since) that commits meanwhile is never undone by a pause evaluated before it.
+PAUSE_SQL = """
+WITH due AS (
+    SELECT s.id, s.pause_after_failures AS n, s.failures_counted_since AS since,
+           s.paused_note AS old_note, s.paused_at AS old_at, s.paused_by AS old_by
+      FROM schedules_schedule s
+     CROSS JOIN LATERAL (
+           SELECT count(*) AS n, count(*) FILTER (WHERE status = 'failed') AS failed
+             FROM (SELECT status FROM schedules_scheduledrun
+                    WHERE schedule_id = s.id AND status IN ('succeeded', 'failed')
+                      AND (s.failures_counted_since IS NULL OR created_at >= s.failures_counted_since)
+                    ORDER BY scheduled_for DESC, id DESC LIMIT s.pause_after_failures) AS last) f
+     WHERE s.enabled AND s.pause_after_failures IS NOT NULL
+       AND s.id IN (SELECT schedule_id FROM schedules_scheduledrun WHERE status = 'failed')
+       AND f.n = s.pause_after_failures AND f.failed = f.n
+)
+UPDATE schedules_schedule s
+   SET enabled = false, paused_note = 'paused after ' || d.n || ' consecutive failures',
+       paused_at = now(), paused_by = %(by)s, updated_at = now()
+  FROM due d
+ WHERE s.id = d.id AND s.enabled AND s.failures_counted_since IS NOT DISTINCT FROM d.since
+RETURNING s.id, s.name, s.paused_note, s.paused_at, d.old_note, d.old_at, d.old_by
+"""
+# Who paused it, as paused_by and as the change's actor (a max_runs completion says the same).
+PAUSED_BY = "scheduler"
 
 OVERDUE_SQL = """
 SELECT s.id, jsonb_build_object(
@@ -157,6 +195,7 @@ class Evaluation:
     opened: int = 0
     resolved: int = 0
     claimed: int = 0
+    paused: int = 0
 
 
 def evaluate(*, grace: float | None = None) -> Evaluation:
@@ -164,6 +203,7 @@ def evaluate(*, grace: float | None = None) -> Evaluation:
     grace = float(settings.ALERT_MISSED_GRACE_SECONDS if grace is None else grace)
     result = Evaluation()
     with transaction.atomic(), connection.cursor() as cursor:
+        result.paused = pause_failing_schedules(cursor)
         for kind, sql in CONDITIONS.items():
             cursor.execute(sql, {"grace": grace})
             holding = cursor.fetchall()
@@ -175,10 +215,41 @@ def evaluate(*, grace: float | None = None) -> Evaluation:
                 result.opened += cursor.rowcount
             cursor.execute(RESOLVE_SQL, {"kind": kind, "ids": ids})
             result.resolved += cursor.rowcount
-    if result.opened or result.resolved:
-        logger.info("alerts evaluated", extra={"opened": result.opened, "resolved": result.resolved})
+    if result.opened or result.resolved or result.paused:
+        logger.info(
+            "alerts evaluated",
+            extra={"opened": result.opened, "resolved": result.resolved, "paused": result.paused},
+        )
     result.claimed = claim_notifications()
     return result
+
+
+def pause_failing_schedules(cursor) -> int:
+    """Disable the schedules due a pause (PAUSE_SQL), each recorded as a `disable` change by the system,
+    in the caller's transaction; the number paused."""
+    from monitoring.metrics import count_pauses
+    from schedules import changes as change_log
+    from schedules.models import ChangeSource, Schedule
+
+    cursor.execute(PAUSE_SQL, {"by": PAUSED_BY})
+    rows = cursor.fetchall()
+    for schedule_id, name, note, paused_at, old_note, old_at, old_by in rows:
+        before = {"enabled": True, "paused_note": old_note, "paused_at": old_at, "paused_by": old_by}
+        after = {"enabled": False, "paused_note": note, "paused_at": paused_at, "paused_by": PAUSED_BY}
+        change_log.record(
+            Schedule(pk=schedule_id, name=name),
+            action="disable",
+            source=ChangeSource.SYSTEM,
+            actor=PAUSED_BY,
+            changes=change_log.diff(
+                {f: change_log.json_value(f, v) for f, v in before.items()},
+                {f: change_log.json_value(f, v) for f, v in after.items()},
+            ),
+        )
+        logger.warning("schedule paused after failures", extra={"schedule_id": schedule_id, "note": note})
+    if rows:
+        transaction.on_commit(lambda: count_pauses(len(rows)), robust=True)
+    return len(rows)
 
 
 def _json_text(value) -> str:
@@ -257,6 +328,8 @@ def payload_for(alert, transition: str) -> dict:
         FAILING: f"{alert.details.get('consecutive_failures', '?')} consecutive failed runs",
         OVERDUE: f"a run has been running {alert.details.get('running_seconds', '?')}s",
     }.get(alert.kind, alert.kind)
+    if transition == "open" and alert.kind == FAILING and is_paused_after_failures(schedule):
+        what += f"; the schedule is {schedule.paused_note}"
     text = f"[{verb}] {alert.kind} alert on schedule {schedule.name!r} (job {schedule.job.key}): {what}"
     if transition == "resolved":
         text = f"[{verb}] {alert.kind} alert on schedule {schedule.name!r} (job {schedule.job.key}) cleared"
@@ -274,6 +347,15 @@ def payload_for(alert, transition: str) -> dict:
             "details": alert.details,
         },
     }
+
+
+def is_paused_after_failures(schedule) -> bool:
+    """Disabled by PAUSE_SQL (its own note, never a person's: notifications carry no free text)."""
+    return (
+        not schedule.enabled
+        and schedule.paused_by == PAUSED_BY
+        and schedule.paused_note.startswith("paused after ")
+    )
 
 
 def targets_for(schedule) -> list[str]:

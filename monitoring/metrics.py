@@ -45,7 +45,7 @@ from worker.semaphore import GLOBAL_SCOPE, holders_key, job_scope
 logger = logging.getLogger(__name__)
 
 # Redis keys the scheduler writes (monitoring.scheduler.after_pass).
-SCHEDULER_COUNTERS_KEY = "cb:metrics:scheduler"  # hash: ticks, claimed
+SCHEDULER_COUNTERS_KEY = "cb:metrics:scheduler"  # hash: ticks, claimed, paused
 SCHEDULER_INSTANCES_KEY = "cb:metrics:scheduler-instances"  # zset: claimant -> unix seconds it is alive until
 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
@@ -272,6 +272,11 @@ class DatabaseCollector:
             "Schedules claimed by scheduler passes, all instances.",
             value=counters.get("claimed", 0),
         )
+        yield CounterMetricFamily(
+            "cb_schedules_paused_after_failures",
+            "Schedules the scheduler disabled after pause_after_failures consecutive failed slots.",
+            value=counters.get("paused", 0),
+        )
         yield GaugeMetricFamily(
             "cb_scheduler_instances", "Scheduler instances that completed a pass recently.", value=instances
         )
@@ -381,6 +386,15 @@ def record_scheduler_pass(*, claimant: str, claimed: int, alive_for: float) -> N
         pipe.zremrangebyscore(SCHEDULER_INSTANCES_KEY, "-inf", time.time() - 86400)
         pipe.execute()
     compact_totals_if_due()
+
+
+def count_pauses(paused: int) -> None:
+    """Count schedules paused after failures (called once their pause committed); never raises: a
+    metric must not undo or fail a pause."""
+    try:
+        redis_client().hincrby(SCHEDULER_COUNTERS_KEY, "paused", paused)
+    except Exception as exc:
+        logger.warning("pause not counted", extra={"error": type(exc).__name__})
 
 
 _next_compaction = 0.0

@@ -99,6 +99,10 @@ class ScheduleAdminForm(forms.ModelForm):
     class Meta:
         model = Schedule
         fields = list(services.SCHEDULE_FIELDS)
+        help_texts = {
+            "pause_after_failures": "Disable the schedule after this many consecutive failed runs (blank: "
+            "never); enabling it clears the note and counts afresh.",
+        }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -239,6 +243,7 @@ class ScheduleAdmin(admin.ModelAdmin):
             {
                 "fields": [
                     "alert_after_failures",
+                    "pause_after_failures",
                     "alert_after_seconds",
                     "alert_webhook_url",
                     "alert_webhook_clear",

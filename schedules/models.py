@@ -80,6 +80,11 @@ class Schedule(models.Model):
     alert_after_failures = models.PositiveIntegerField(default=1, db_default=1)
     alert_after_seconds = models.PositiveIntegerField(null=True, blank=True)
     alert_webhook_url = models.URLField(max_length=500, blank=True, default="", db_default="")
+    # After this many consecutive failed slots the schedule disables itself (null = never), evaluated
+    # with the alerts (monitoring/alerts.py). Only slots created at or after failures_counted_since
+    # count: enabling sets it, so a schedule enabled again starts a fresh count.
+    pause_after_failures = models.PositiveIntegerField(null=True, blank=True)
+    failures_counted_since = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -109,6 +114,10 @@ class Schedule(models.Model):
             models.CheckConstraint(
                 condition=Q(max_per_job__isnull=True) | Q(max_per_job__gte=1),
                 name="schedule_max_per_job_positive",
+            ),
+            models.CheckConstraint(
+                condition=Q(pause_after_failures__isnull=True) | Q(pause_after_failures__gte=1),
+                name="schedule_pause_after_failures_positive",
             ),
         ]
         indexes = [
@@ -212,6 +221,8 @@ class ChangeSource(models.TextChoices):
     API = "api", "api"
     ADMIN = "admin", "admin"
     SYNC = "sync", "sync"
+    # The scheduler itself (a pause after failures).
+    SYSTEM = "system", "system"
 
 
 class ScheduleChange(models.Model):

@@ -65,6 +65,7 @@ SCHEDULE_FIELDS = (
     "alert_after_failures",
     "alert_after_seconds",
     "alert_webhook_url",
+    "pause_after_failures",
 )
 TIMING_FIELDS = frozenset(
     {"schedule_type", "interval_minutes", "cron_expr", "timezone", "jitter_seconds", "start_at", "end_at"}
@@ -100,6 +101,7 @@ _CONSTRAINT_FIELDS = {
     "schedule_directive_xor_custom_text": "directive",
     "schedule_max_global_positive": "max_global",
     "schedule_max_per_job_positive": "max_per_job",
+    "schedule_pause_after_failures_positive": "pause_after_failures",
 }
 _CONSTRAINT_PREFIX_FIELDS = {
     "schedules_schedule_job_id_": "job",
@@ -225,6 +227,9 @@ def limit_errors(
         errors["max_runs"] = [
             f"The schedule completed {run_count} of {max_runs} runs; raise or clear max_runs to enable it."
         ]
+    pause = values.get("pause_after_failures")
+    if pause is not None and pause < 1:
+        errors["pause_after_failures"] = ["Must be at least 1, or null to never pause."]
     overdue = values.get("alert_after_seconds")
     if overdue is not None and overdue < 1:
         errors["alert_after_seconds"] = ["Must be at least 1 second, or null for no overdue alert."]
@@ -483,10 +488,19 @@ def update_schedule(
     for field, value in extra.items():
         setattr(current, field, value)
     update_fields = set(changed) | set(extra)
-    if _timing_changed(current, changed) or (current.enabled and not was_enabled):
+    enabling = current.enabled and not was_enabled
+    if _timing_changed(current, changed) or enabling:
         current.next_run_at = _first_slot(current, now)
         update_fields.add("next_run_at")
+    if enabling:
+        # pause_after_failures counts afresh: only slots created from here on (the database's clock,
+        # as the slots' created_at). The scheduler's pause checks this too, so a pause evaluated
+        # before this enable committed cannot disable the schedule again.
+        current.failures_counted_since = Now()
+        update_fields.add("failures_counted_since")
     _save(current, update_fields=sorted(update_fields | {"updated_at"}))
+    if enabling:
+        current.refresh_from_db(fields=["failures_counted_since"])
     after = change_log.snapshot(current, fields)
     change_log.record(
         current, action=action, source=source, actor=actor, changes=change_log.diff(before, after)

@@ -70,3 +70,22 @@ FAILING = register(
         timeout_seconds=60,
     )
 )
+
+
+def fail_while_the_file_exists(ctx):
+    import os
+
+    if os.path.exists(ctx.directive_text.strip()):
+        raise RuntimeError("the file says fail")
+    return {}
+
+
+FLAKY = register(
+    JobSpec(
+        key="flaky",
+        name="Flaky (tests only)",
+        description="Fails while the file its directive names exists: for pause and recovery tests.",
+        tasks=(sleep.JOB.tasks[0], TaskSpec("check", fail_while_the_file_exists), sleep.JOB.tasks[2]),
+        timeout_seconds=60,
+    )
+)

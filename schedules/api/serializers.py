@@ -89,6 +89,7 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "alert_after_seconds",
             "alert_webhook_url",
             "alert_webhook_set",
+            "pause_after_failures",
             "paused_note",
             "paused_at",
             "paused_by",
@@ -118,6 +119,11 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "updated_at",
         ]
         extra_kwargs = {
+            "pause_after_failures": {
+                "min_value": 1,
+                "help_text": "Disable the schedule after this many consecutive failed slots, with the note"
+                " 'paused after N consecutive failures' (null: never). Enable clears it and counts afresh.",
+            },
             # Uniqueness is a service rule (shared with the admin, and raced-for in the database).
             "name": {"validators": []},
             # A webhook URL carries its token: written, never read back (alert_webhook_set says if any).
