@@ -80,6 +80,9 @@ class Schedule(models.Model):
     alert_after_failures = models.PositiveIntegerField(default=1, db_default=1)
     alert_after_seconds = models.PositiveIntegerField(null=True, blank=True)
     alert_webhook_url = models.URLField(max_length=500, blank=True, default="", db_default="")
+    # Inputs for each run (a JSON object, checked against the job's params_schema on save); a run-now
+    # may override keys. Stored and shown in history: never a secret.
+    params = models.JSONField(default=dict, blank=True, db_default=models.Value({}, models.JSONField()))
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
