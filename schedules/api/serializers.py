@@ -175,8 +175,12 @@ def _ended(schedule: Schedule) -> bool:
     return schedule.end_at is not None and schedule.next_run_at is None
 
 
-class RunNowSerializer(StrictFieldsMixin, serializers.Serializer):
-    """POST /api/schedules/{id}/run-now: optional params; their keys replace the schedule's for this run."""
+class RunNowSerializer(serializers.Serializer):
+    """POST /api/schedules/{id}/run-now: optional params; their keys replace the schedule's for this run.
+
+    Not strict about other keys, as DisableSerializer: run-now took no body before params existed, and
+    clients that send one (a schedule's own fields, say) must keep working. `params` itself is checked.
+    """
 
     params = ParamsField(
         required=False,
