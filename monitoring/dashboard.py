@@ -8,6 +8,7 @@ the same services as the API (schedules.services, schedules.dispatch.run_now).
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from functools import wraps
 
@@ -286,6 +287,8 @@ def run_page(request: HttpRequest, pk: int) -> HttpResponse:
             "scheduled": scheduled,
             "tasks": _task_rows(stats, _task_order(run.job.key)),
             "llm": stats.get("llm") if isinstance(stats.get("llm"), dict) else {},
+            # The run's params as stored (a run-now's override included); escaped by the template.
+            "params_json": json.dumps(run.params, sort_keys=True),
             "flower_url": settings.FLOWER_URL,
             "may_press": _may_press(request.user),
         },

@@ -62,8 +62,9 @@ class JobAdmin(admin.ModelAdmin):
     list_display = ["key", "name", "enabled", "queue", "max_concurrency", "timeout_seconds"]
     list_filter = ["enabled"]
     search_fields = ["key", "name"]
-    readonly_fields = ["key", "queue"]
-    fields = ["key", "queue", *JOB_SETTINGS]
+    # params_schema is the job's code's (orchestrator/jobs/registry.py), synced at migrate.
+    readonly_fields = ["key", "queue", "params_schema"]
+    fields = ["key", "queue", *JOB_SETTINGS, "params_schema"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         # A job is code (orchestrator.jobs); a row without it could never run.

@@ -40,6 +40,11 @@ class Job(models.Model):
     max_concurrency = models.PositiveIntegerField(null=True, blank=True)
     timeout_seconds = models.PositiveIntegerField(default=600)
     task3_allowlist = models.JSONField(default=list, blank=True)
+    # What a run's params may hold (JSON Schema), the job code's declaration (registry.JobSpec), copied
+    # here by the job sync: not editable, because the code reads the params.
+    params_schema = models.JSONField(
+        default=dict, blank=True, db_default=models.Value({}, models.JSONField())
+    )
 
     class Meta:
         ordering = ["key"]
@@ -122,6 +127,13 @@ class Run(models.Model):
     # Set when the run found a concurrency cap full and waits for a slot (its status stays `queued`, the
     # reason is in error_summary; its ScheduledRun is `throttled`); cleared when it starts.
     waiting_since = models.DateTimeField(null=True, blank=True)
+    # The run's inputs, fixed at launch and handed to its tasks in TaskContext (docs/SCHEDULES.md, "Run
+    # inputs"): its params (the schedule's, a run-now's override merged over them, or a launch's), the
+    # slot it is for and the schedule's previous slot that launched a run (null without a schedule).
+    # Stored and shown in history: never a secret.
+    params = models.JSONField(default=dict, blank=True, db_default=models.Value({}, models.JSONField()))
+    scheduled_for = models.DateTimeField(null=True, blank=True)
+    previous_scheduled_for = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]

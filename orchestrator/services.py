@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from django.db.models import F
 from orchestrator import taskrunner
 from orchestrator.jobs.registry import TaskContext, TaskSpec, get_job_spec
 from orchestrator.models import Directive, Job, Run, RunStatus, Task3Scope, Trigger
+from orchestrator.params import params_errors
 from orchestrator.taskprocs import runner_argv
 from orchestrator.template import TemplateUnavailable, task_template
 
@@ -44,6 +46,17 @@ class TaskFailed(OrchestratorError):
         self.stats = stats if stats is not None else {}
 
 
+class ParamsInvalid(TaskFailed):
+    """The run's params no longer fit its job's `params_schema` (the job's code changed since they were
+    checked): the run fails before its first task, saying which paths."""
+
+    def __init__(self, problems: list[str]) -> None:
+        summary = "; ".join(problems)
+        super().__init__("params", summary)
+        # The run's error_summary: no task ran, so not "task params failed".
+        self.args = (f"params do not fit the job's params_schema: {summary}"[:500],)
+
+
 class OrchestratorService:
     @staticmethod
     def launch(
@@ -54,11 +67,15 @@ class OrchestratorService:
         trigger: str = Trigger.MANUAL,
         task3_scope: str = Task3Scope.ALLOWLIST,
         task_id: str | None = None,
+        params: dict[str, Any] | None = None,
+        scheduled_for: datetime | None = None,
+        previous_scheduled_for: datetime | None = None,
     ) -> Run:
         """Create a queued `Run`, the one launch path of every run (the scheduler's batch: `launch_many`).
         The caller publishes its message after commit, under `task_id` (a new one unless given).
 
-        Directive and custom text are exclusive; the database constraint holds it too.
+        Directive and custom text are exclusive; the database constraint holds it too. `params` are
+        the caller's to check (orchestrator.params.params_errors); the run checks them again at start.
         """
         if directive is not None and custom_directive_text:
             raise ValueError("a run takes a directive or custom directive text, not both")
@@ -70,6 +87,9 @@ class OrchestratorService:
             task3_scope=task3_scope,
             status=RunStatus.QUEUED,
             task_id=task_id if task_id is not None else str(uuid.uuid4()),
+            params=params if params is not None else {},
+            scheduled_for=scheduled_for,
+            previous_scheduled_for=previous_scheduled_for,
         )
 
     @staticmethod
@@ -93,6 +113,9 @@ class OrchestratorService:
                     task3_scope=item.get("task3_scope", Task3Scope.ALLOWLIST),
                     status=RunStatus.QUEUED,
                     task_id=item.get("task_id", ""),
+                    params=item.get("params") or {},
+                    scheduled_for=item.get("scheduled_for"),
+                    previous_scheduled_for=item.get("previous_scheduled_for"),
                 )
             )
         return Run.objects.bulk_create(runs) if runs else []
@@ -106,12 +129,15 @@ class OrchestratorService:
         with that reason.
 
         Raises `TaskFailed` (with `.stats` so far) when a task raises, crashes, runs out of memory or
-        overruns the run's time limit (`Job.timeout_seconds`, shared by the three tasks). The caller
+        overruns the run's time limit (`Job.timeout_seconds`, shared by the three tasks), and
+        `ParamsInvalid` before any task when the run's params no longer fit the job's schema. The caller
         (the worker) owns the run's status transitions; this does the work and the counters: the LLM
         counters and `report_path` that tasks report are written to the run row (and the instance).
         """
         spec = get_job_spec(run.job.key)
         job = run.job
+        if problems := params_errors(job.params_schema, run.params):
+            raise ParamsInvalid(problems)
         memory_limit_mb = int(getattr(settings, "ORCHESTRATOR_TASK_MEMORY_MB", 0) or spec.memory_limit_mb)
         deadline = time.monotonic() + job.timeout_seconds
         previous: dict[str, dict[str, Any]] = {}
@@ -127,6 +153,11 @@ class OrchestratorService:
                     task3_scope=run.task3_scope,
                     previous=dict(previous),
                     work_dir=work_dir,
+                    params=run.params,
+                    scheduled_for=run.scheduled_for,
+                    previous_scheduled_for=run.previous_scheduled_for,
+                    # The worker's instance carries the attempt its start returned.
+                    attempt=run.attempt,
                 )
                 remaining = deadline - time.monotonic()
                 if fence is not None and fence.reason:

@@ -133,6 +133,11 @@ class ScheduleAdminForm(forms.ModelForm):
         value = self.cleaned_data.get("alert_after_failures")
         return Schedule._meta.get_field("alert_after_failures").default if value is None else value
 
+    def clean_params(self) -> Any:
+        # Blank: no params (the service refuses anything but an object, naming the path).
+        value = self.cleaned_data.get("params")
+        return {} if value is None else value
+
     def clean_history_keep(self) -> int:
         value = self.cleaned_data.get("history_keep")
         return Schedule._meta.get_field("history_keep").default if value is None else value
@@ -204,7 +209,7 @@ class ScheduleAdmin(admin.ModelAdmin):
     ]
     fieldsets = [
         (None, {"fields": ["name", "job", "enabled", "managed"]}),
-        ("Instructions", {"fields": ["directive", "custom_directive_text", "task3_scope"]}),
+        ("Instructions", {"fields": ["directive", "custom_directive_text", "task3_scope", "params"]}),
         (
             "Timing",
             {

@@ -37,6 +37,8 @@ def json_value(field: str, value: Any) -> Any:
         return value
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, dict | list):
+        return value  # params: JSON already (bounded by orchestrator.params.MAX_PARAMS_BYTES)
     if field in ("job", "directive"):
         return getattr(value, "key", str(value))
     text = str(value)

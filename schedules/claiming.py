@@ -85,7 +85,7 @@ LOCK_CLAIMED_SQL = """
 SELECT s.id, s.name, s.schedule_type, s.interval_minutes, s.cron_expr, s.timezone, s.misfire_policy,
        s.overlap_policy, s.last_run_at, s.next_run_at, s.directive_id, s.custom_directive_text,
        s.task3_scope, s.job_id, s.jitter_seconds, s.start_at, s.end_at, s.max_runs,
-       s.scheduled_run_count, s.catchup_window_seconds, now()
+       s.scheduled_run_count, s.catchup_window_seconds, s.params, now()
   FROM schedules_schedule s
  WHERE s.id = ANY(%(ids)s) AND s.enabled
    AND s.claimed_by = %(claimant)s AND s.claimed_until > now()

@@ -13,6 +13,7 @@ slot that is already there (dispatched, or backfilled) is never inserted twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -165,12 +166,13 @@ class _Locked:
     job_id: int
     runs_left: int | None  # max_runs - scheduled_run_count; None without max_runs
     catchup_window: timedelta | None  # the schedule's own grace; None: the scheduler's
+    params: dict
     now: datetime
 
     @classmethod
     def from_row(cls, row: tuple) -> _Locked:
         (sid, name, stype, minutes, cron_expr, tz, misfire, overlap, last, nxt, directive_id, text, scope,
-         job_id, jitter, start_at, end_at, max_runs, run_count, catchup, now) = row  # fmt: skip
+         job_id, jitter, start_at, end_at, max_runs, run_count, catchup, params, now) = row  # fmt: skip
         spec = timing.ScheduleSpec(
             schedule_type=stype,
             interval_minutes=minutes,
@@ -183,8 +185,10 @@ class _Locked:
         )
         runs_left = None if max_runs is None else max(0, max_runs - run_count)
         window = None if catchup is None else timedelta(seconds=catchup)
+        # Raw SQL: jsonb comes back as text (Django leaves its decoding to JSONField).
+        params = json.loads(params) if isinstance(params, str) else (params or {})
         return cls(sid, name, spec, misfire, overlap, last, nxt, directive_id, text or "", scope, job_id,
-                   runs_left, window, now)  # fmt: skip
+                   runs_left, window, params, now)  # fmt: skip
 
 
 @dataclass
@@ -308,6 +312,10 @@ def _launch_runs(batch: _Batch) -> dict[str, list]:
     directives = Directive.objects.in_bulk(
         {s.directive_id for s in batch.locked if s.directive_id is not None}
     )
+    dispatched = [
+        (s, decision.slot) for s, plan in batch.planned for decision in plan.decisions if decision.dispatch
+    ]
+    previous = previous_slots([(s.id, slot) for s, slot in dispatched])
     launches = [
         {
             "job": batch.jobs[s.job_id],
@@ -316,16 +324,51 @@ def _launch_runs(batch: _Batch) -> dict[str, list]:
             "trigger": Trigger.SCHEDULE,
             "task3_scope": s.task3_scope,
             "task_id": str(uuid.uuid4()),
+            "params": s.params,
+            "scheduled_for": slot,
+            "previous_scheduled_for": previous[(s.id, slot)],
         }
-        for s, plan in batch.planned
-        for decision in plan.decisions
-        if decision.dispatch
+        for s, slot in dispatched
     ]
     runs = OrchestratorService.launch_many(launches)
     pairs = [(s.id, decision) for s, plan in batch.planned for decision in plan.decisions]
     columns, run_for = slot_columns(pairs, runs)
     batch.run_for.update(run_for)
     return columns
+
+
+# For each (schedule, slot): the latest earlier slot of that schedule that launched a run (a scheduled or
+# backfilled one, not a skipped one): a run's `previous_scheduled_for`. One probe of
+# scheduledrun_history_idx per slot.
+PREVIOUS_SLOTS_SQL = """
+SELECT v.schedule_id, v.slot,
+       (SELECT max(r.scheduled_for) FROM schedules_scheduledrun r
+         WHERE r.schedule_id = v.schedule_id AND r.trigger IN ('schedule', 'backfill')
+           AND r.run_id IS NOT NULL AND r.scheduled_for < v.slot)
+  FROM unnest(%(ids)s::bigint[], %(slots)s::timestamptz[]) AS v(schedule_id, slot)
+"""
+
+
+def previous_slots(pairs: list[tuple[int, datetime]]) -> dict[tuple[int, datetime], datetime | None]:
+    """(schedule id, slot) -> the schedule's latest earlier slot that launched a run, counting the other
+    slots of `pairs` (launched together, not yet inserted) as launched; None for the first."""
+    if not pairs:
+        return {}
+    with connection.cursor() as cursor:
+        cursor.execute(PREVIOUS_SLOTS_SQL, {"ids": [p[0] for p in pairs], "slots": [p[1] for p in pairs]})
+        stored = {(sid, slot): prev for sid, slot, prev in cursor.fetchall()}
+    launched: dict[int, set[datetime]] = {}
+    for sid, slot in pairs:
+        launched.setdefault(sid, set()).add(slot)
+    result: dict[tuple[int, datetime], datetime | None] = {}
+    for sid, slots in launched.items():
+        before = None  # the previous slot of this call
+        for slot in sorted(slots):
+            result[(sid, slot)] = max(
+                (t for t in (stored[(sid, slot)], before) if t is not None), default=None
+            )
+            before = slot
+    return result
 
 
 def slot_columns(pairs: list[tuple[int, SlotDecision]], runs: list[Run]) -> tuple[dict[str, list], dict]:
@@ -476,8 +519,10 @@ _HOLD_SCHEDULE_SQL = "SELECT now() FROM schedules_schedule WHERE id = %s FOR KEY
 
 
 @transaction.atomic
-def run_now(schedule: Schedule) -> ScheduledRun:
+def run_now(schedule: Schedule, *, params: dict | None = None) -> ScheduledRun:
     """Launch the schedule's job now, outside its slots. Works on a disabled schedule; caps still apply.
+    The run takes `params` (the caller checked them; schedules.services.run_now merges an override)
+    or else the schedule's.
 
     Raises Http404 when the schedule was deleted meanwhile (the API's answer for a deleted schedule)."""
     with connection.cursor() as cursor:
@@ -491,6 +536,9 @@ def run_now(schedule: Schedule) -> ScheduledRun:
         custom_directive_text=schedule.custom_directive_text,
         trigger=Trigger.MANUAL,
         task3_scope=schedule.task3_scope,
+        params=schedule.params if params is None else params,
+        scheduled_for=held[0],
+        previous_scheduled_for=previous_slots([(schedule.pk, held[0])])[(schedule.pk, held[0])],
     )
     scheduled_run = ScheduledRun.objects.create(
         schedule=schedule,

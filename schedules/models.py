@@ -85,6 +85,9 @@ class Schedule(models.Model):
     # count: enabling sets it, so a schedule enabled again starts a fresh count.
     pause_after_failures = models.PositiveIntegerField(null=True, blank=True)
     failures_counted_since = models.DateTimeField(null=True, blank=True)
+    # Inputs for each run (a JSON object, checked against the job's params_schema on save); a run-now
+    # may override keys. Stored and shown in history: never a secret.
+    params = models.JSONField(default=dict, blank=True, db_default=models.Value({}, models.JSONField()))
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -21,11 +21,13 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from orchestrator.models import Directive, Job, Run, Task3Scope, Trigger
+from orchestrator.params import params_errors
 from orchestrator.services import OrchestratorService
 from project import outbound
 from schedules import changes as change_log
 from schedules import runstate, timing
 from schedules.dispatch import SchedulerError, message_for
+from schedules.dispatch import run_now as dispatch_run_now
 from schedules.models import (
     SCHEDULED_RUN_UNFINISHED,
     ChangeSource,
@@ -66,6 +68,7 @@ SCHEDULE_FIELDS = (
     "alert_after_seconds",
     "alert_webhook_url",
     "pause_after_failures",
+    "params",
 )
 TIMING_FIELDS = frozenset(
     {"schedule_type", "interval_minutes", "cron_expr", "timezone", "jitter_seconds", "start_at", "end_at"}
@@ -144,6 +147,12 @@ def launch_errors(
     return errors
 
 
+def run_params_errors(job: Job, params: Any) -> dict[str, list[str]]:
+    """`params` against the job's `params_schema`: {"params": ["$.path: message", ...]} or {}."""
+    problems = params_errors(job.params_schema, params)
+    return {"params": problems} if problems else {}
+
+
 def _choice_error(value: Any, choices: type) -> list[str] | None:
     if value not in choices.values:
         return [f'"{value}" is not a valid choice; expected one of {", ".join(choices.values)}.']
@@ -195,6 +204,10 @@ def schedule_errors(
         if cap is not None and cap < 1:
             errors[field] = ["Must be a positive integer (at least 1), or null for no cap."]
 
+    # Checked when they or the job change: a job whose schema changed later must not block a disable
+    # (its runs fail at start instead, saying why).
+    if changed & {"params", "job"} and values.get("job") is not None:
+        errors.update(run_params_errors(values["job"], values.get("params")))
     errors.update(limit_errors(values, run_count=run_count, enabling="enabled" in changed))
     errors.update(timing_errors(values, now=now))
     if values.get("alert_webhook_url") and "alert_webhook_url" in changed:
@@ -574,15 +587,23 @@ def delete_schedule(schedule: Schedule) -> None:
 
 @transaction.atomic
 def launch_run_manually(
-    *, job: Job, directive: Directive | None = None, custom_directive_text: str = "", task3_scope: str
+    *,
+    job: Job,
+    directive: Directive | None = None,
+    custom_directive_text: str = "",
+    task3_scope: str,
+    params: dict[str, Any] | None = None,
 ) -> Run:
     """POST /api/runs/: validate, create the run through the orchestrator (the path every run takes)
     and publish its message once the transaction commits."""
+    params = {} if params is None else params
     errors = launch_errors(
         job=job, directive=directive, custom_directive_text=custom_directive_text, check_job_enabled=True
     )
     if (problem := _choice_error(task3_scope, Task3Scope)) is not None:
         errors["task3_scope"] = problem
+    if job is not None:
+        errors.update(run_params_errors(job, params))
     if errors:
         raise ScheduleInvalid(errors)
     run = OrchestratorService.launch(
@@ -591,10 +612,23 @@ def launch_run_manually(
         custom_directive_text=custom_directive_text,
         trigger=Trigger.MANUAL,
         task3_scope=task3_scope,
+        params=params,
     )
     publish_on_commit([message_for(job, run, None)], limits={job.key: time_limits(job.timeout_seconds)})
     logger.info("manual run launched", extra={"run_id": run.pk, "job": job.key})
     return run
+
+
+def run_now(schedule: Schedule, *, params: dict[str, Any] | None = None) -> ScheduledRun:
+    """POST /api/schedules/{id}/run-now: a manual run with the schedule's params, the keys of `params`
+    (an override) replacing theirs; the result is checked against the job's schema (a 400 naming the
+    path, also when the schedule's own params no longer fit a changed schema)."""
+    if params is not None and not isinstance(params, dict):
+        raise ScheduleInvalid({"params": params_errors({}, params)})
+    effective = {**schedule.params, **(params or {})}
+    if errors := run_params_errors(schedule.job, effective):
+        raise ScheduleInvalid(errors)
+    return dispatch_run_now(schedule, params=effective)
 
 
 # --- Preview and backfill -----------------------------------------------------------------------------
@@ -770,6 +804,8 @@ def backfill_schedule(
 
 def _backfill_insert(current: Schedule, decisions: list, dispatch: Any) -> tuple[int, int]:
     """Insert the backfill's runs and scheduled runs; publish the created ones on commit."""
+    slots = [decision.slot for decision in decisions if decision.dispatch]
+    previous = dispatch.previous_slots([(current.pk, slot) for slot in slots])
     runs = OrchestratorService.launch_many(
         [
             {
@@ -779,9 +815,11 @@ def _backfill_insert(current: Schedule, decisions: list, dispatch: Any) -> tuple
                 "trigger": Trigger.BACKFILL,
                 "task3_scope": current.task3_scope,
                 "task_id": str(uuid.uuid4()),
+                "params": current.params,
+                "scheduled_for": slot,
+                "previous_scheduled_for": previous[(current.pk, slot)],
             }
-            for decision in decisions
-            if decision.dispatch
+            for slot in slots
         ]
     )
     columns, by_key = dispatch.slot_columns([(current.pk, decision) for decision in decisions], runs)

@@ -85,7 +85,7 @@ def _load_yaml(raw: bytes, path: Path) -> Any:
 def _default(name: str) -> Any:
     model_field = Schedule._meta.get_field(name)
     if model_field.default is not NOT_PROVIDED:
-        return model_field.default
+        return model_field.get_default()  # a fresh {} for params
     return "" if model_field.empty_strings_allowed and not model_field.null else None
 
 
@@ -100,6 +100,8 @@ def _type_error(name: str, value: Any) -> str | None:
         return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
     if isinstance(model_field, models.DateTimeField):
         return None if isinstance(value, str | datetime) else "must be a date-time"
+    if isinstance(model_field, models.JSONField):
+        return None if isinstance(value, Mapping) else "must be a table (a mapping)"
     return None if isinstance(value, str) else "must be a string"
 
 

@@ -89,3 +89,48 @@ FLAKY = register(
         timeout_seconds=60,
     )
 )
+
+
+def record_context(ctx):
+    """Append what this task received (params, slot, previous slot, attempt) as a JSON line to the file
+    its `out` param names: for the test of run inputs (tests/acceptance/test_run_inputs.py)."""
+    import json
+    import os
+
+    seen = {
+        "run_id": ctx.run_id,
+        "pid": os.getpid(),
+        "params": ctx.params,
+        "scheduled_for": ctx.scheduled_for.isoformat() if ctx.scheduled_for else None,
+        "previous_scheduled_for": (
+            ctx.previous_scheduled_for.isoformat() if ctx.previous_scheduled_for else None
+        ),
+        "attempt": ctx.attempt,
+    }
+    with open(ctx.params["out"], "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(seen) + "\n")
+    return {}
+
+
+CONTEXT_RECORDER = register(
+    JobSpec(
+        key="context_recorder",
+        name="Context recorder (tests only)",
+        description="Each task appends the TaskContext inputs it received to the file its `out` param names.",
+        tasks=(
+            TaskSpec("first", record_context),
+            TaskSpec("second", record_context),
+            TaskSpec("third", record_context),
+        ),
+        timeout_seconds=60,
+        params_schema={
+            "type": "object",
+            "properties": {
+                "out": {"type": "string", "minLength": 1},
+                "label": {"enum": ["scheduled", "manual"]},
+            },
+            "required": ["out"],
+            "additionalProperties": False,
+        },
+    )
+)

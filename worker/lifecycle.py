@@ -159,7 +159,7 @@ def run_execute(
         return Outcome(status="parked", run_id=run_id, reason=grant.reason)
 
     try:
-        attempt = runstate.run_start(
+        attempt = run.attempt = runstate.run_start(
             run_id, scheduled_run_id, worker=worker, lease_seq=grant.seq, attempt=run.attempt
         )
     except BaseException:
@@ -219,8 +219,8 @@ def _execute_started(
     """Run the job; (status, error summary, stats). Raised outside the job itself too (a soft time
     limit landing in a database read, a lost connection), the run must still end."""
     try:
-        # The row read before the start serves: the job reads the directive, scope and job from it,
-        # and the counters it reports are added in the database (F expressions).
+        # The row read before the start serves (with the started attempt): the job reads its directive,
+        # scope, params and job from it; its counters are added in the database (F expressions).
         stats = OrchestratorService.execute(run, fence=fence)
     except Exception as exc:  # SystemExit and friends pass: the parent reports a lost worker
         summary = fence.reason or _summary(exc, started, soft_limit)

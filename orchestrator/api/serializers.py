@@ -42,6 +42,12 @@ class DirectiveRefField(serializers.RelatedField):
         return value.pk
 
 
+@extend_schema_field({"type": "object", "additionalProperties": True})
+class ParamsField(serializers.JSONField):
+    """A run's inputs: a JSON object, checked against the job's `params_schema` by the services (a 400
+    naming the failing path: `{"params": ["$.min_severity: 'x' is not one of [...]"]}`)."""
+
+
 class JobKeyField(serializers.SlugRelatedField):
     """SlugRelatedField, except that only a non-empty string is a key.
 
@@ -89,8 +95,10 @@ class JobSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "max_concurrency",
             "timeout_seconds",
             "task3_allowlist",
+            "params_schema",
         ]
-        read_only_fields = ["key", "queue"]
+        # params_schema is the job's code's (orchestrator/jobs/registry.py), synced at migrate.
+        read_only_fields = ["key", "queue", "params_schema"]
 
 
 class DirectiveSerializer(StrictFieldsMixin, serializers.ModelSerializer):
@@ -136,6 +144,9 @@ class RunSerializer(serializers.ModelSerializer):
             "heartbeat_at",
             "attempt",
             "published_at",
+            "params",
+            "scheduled_for",
+            "previous_scheduled_for",
         ]
         read_only_fields = fields
 
@@ -149,3 +160,8 @@ class RunLaunchSerializer(StrictFieldsMixin, serializers.Serializer):
         required=False, allow_blank=True, default="", max_length=MAX_DIRECTIVE_TEXT, trim_whitespace=False
     )
     task3_scope = serializers.ChoiceField(choices=Task3Scope.choices, default=Task3Scope.ALLOWLIST)
+    params = ParamsField(
+        required=False,
+        default=dict,
+        help_text="The run's inputs, checked against the job's params_schema. Stored and shown: no secrets.",
+    )

@@ -6,7 +6,9 @@ plus one line in `_BUILTIN_MODULES` (README, "Adding a job"). Each task runs in 
 plain module-level functions taking a `TaskContext` and returning a small JSON-able dict.
 
 `Job` rows mirror the registry: a post-migrate step creates the missing ones
-and leaves the operator's edits (enabled, caps, timeout, allowlist) alone.
+and leaves the operator's edits (enabled, caps, timeout, allowlist) alone. `params_schema` is the code's
+alone: the sync writes it to every row whenever the code's differs (the row is what the API, the admin
+and the worker check `params` against).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 # One line per job module. Each module defines `JOB: JobSpec`.
@@ -35,6 +38,14 @@ class TaskContext:
     # A scratch directory private to the run, removed when the run ends: tasks hand bulky data (such as
     # collected log lines) to the next task here, never through results or `Run.stats`.
     work_dir: str = ""
+    # The run's inputs (docs/SCHEDULES.md, "Run inputs"): its params (checked against the job's
+    # params_schema), the slot it is for (a run-now: when it was asked for; None for a run launched
+    # through /api/runs/), the schedule's previous slot that launched a run (None for the first), and
+    # which start of the run this is (1, then 2, ... when the run is started again).
+    params: dict[str, Any] = field(default_factory=dict)
+    scheduled_for: datetime | None = None
+    previous_scheduled_for: datetime | None = None
+    attempt: int = 0
 
 
 TaskFunc = Callable[[TaskContext], dict[str, Any]]
@@ -68,6 +79,9 @@ class JobSpec:
     max_concurrency: int | None = None
     # Address-space limit of each task's child process (RLIMIT_AS), in MiB.
     memory_limit_mb: int = 1024
+    # What `TaskContext.params` may hold (JSON Schema; empty: any object). Schedules and launches are
+    # checked against it; the tasks read their inputs from `ctx.params`.
+    params_schema: dict[str, Any] = field(default_factory=dict)
 
 
 class UnknownJob(LookupError):
@@ -85,6 +99,9 @@ def register(spec: JobSpec) -> JobSpec:
         # The child process imports the function by name: closures and lambdas cannot be found there.
         if "<" in task.func.__qualname__ or "." in task.func.__qualname__:
             raise ValueError(f"task {task.name!r} of job {spec.key!r} must be a module-level function")
+    from orchestrator.params import check_schema
+
+    check_schema(spec.params_schema)
     _registry[spec.key] = spec
     return spec
 
@@ -120,22 +137,26 @@ def get_job_spec(key: str) -> JobSpec:
 
 
 def sync_jobs(job_model: Any, using: str = "default") -> int:
-    """Create a `Job` row for every registered job that lacks one; return how many were created."""
+    """Create a `Job` row for every registered job that lacks one, and bring every row's `params_schema`
+    to the code's; return how many were created."""
     from orchestrator.models import default_queue
 
+    has_schema = any(f.name == "params_schema" for f in job_model._meta.get_fields())
     created = 0
     for spec in all_job_specs():
-        _, was_created = job_model.objects.using(using).get_or_create(
-            key=spec.key,
-            defaults={
-                "name": spec.name,
-                "description": spec.description,
-                "queue": default_queue(spec.key),
-                "timeout_seconds": spec.timeout_seconds,
-                "max_concurrency": spec.max_concurrency,
-            },
-        )
+        defaults = {
+            "name": spec.name,
+            "description": spec.description,
+            "queue": default_queue(spec.key),
+            "timeout_seconds": spec.timeout_seconds,
+            "max_concurrency": spec.max_concurrency,
+        }
+        if has_schema:  # a migration state before the field (post_migrate runs mid-history too)
+            defaults["params_schema"] = spec.params_schema
+        job, was_created = job_model.objects.using(using).get_or_create(key=spec.key, defaults=defaults)
         created += int(was_created)
+        if has_schema and not was_created and job.params_schema != spec.params_schema:
+            job_model.objects.using(using).filter(pk=job.pk).update(params_schema=spec.params_schema)
     return created
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from orchestrator.api.serializers import DirectiveRefField, job_key_field
+from orchestrator.api.serializers import DirectiveRefField, ParamsField, job_key_field
 from project.api import StrictFieldsMixin
 from schedules import services
 from schedules.models import OverlapPolicy, Schedule, ScheduleChange, ScheduledRun
@@ -16,6 +16,8 @@ UPCOMING_COUNT = 5
 
 class ScheduledRunSerializer(serializers.ModelSerializer):
     run_status = serializers.CharField(source="run.status", read_only=True, default=None, allow_null=True)
+    # The params the run was launched with (a run-now's override included); null for a skipped slot.
+    params = ParamsField(source="run.params", read_only=True, default=None, allow_null=True)
 
     class Meta:
         model = ScheduledRun
@@ -35,6 +37,7 @@ class ScheduledRunSerializer(serializers.ModelSerializer):
             "started_at",
             "finished_at",
             "error_summary",
+            "params",
         ]
         read_only_fields = fields
 
@@ -51,6 +54,11 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
     )
     custom_directive_text = serializers.CharField(
         required=False, allow_blank=True, max_length=MAX_DIRECTIVE_TEXT, trim_whitespace=False
+    )
+    params = ParamsField(
+        required=False,
+        help_text="Inputs for each run, checked against the job's params_schema (a 400 names the failing"
+        " path). Stored and shown in history: never put secrets here.",
     )
     upcoming = serializers.SerializerMethodField()
     runs_remaining = serializers.SerializerMethodField()
@@ -90,6 +98,7 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "alert_webhook_url",
             "alert_webhook_set",
             "pause_after_failures",
+            "params",
             "paused_note",
             "paused_at",
             "paused_by",
@@ -170,6 +179,20 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
 def _ended(schedule: Schedule) -> bool:
     """Past end_at: no slot is left (the scheduler or a save set next_run_at to null)."""
     return schedule.end_at is not None and schedule.next_run_at is None
+
+
+class RunNowSerializer(serializers.Serializer):
+    """POST /api/schedules/{id}/run-now: optional params; their keys replace the schedule's for this run.
+
+    Not strict about other keys, as DisableSerializer: run-now took no body before params existed, and
+    clients that send one (a schedule's own fields, say) must keep working. `params` itself is checked.
+    """
+
+    params = ParamsField(
+        required=False,
+        help_text="Keys replacing the schedule's params for this run only; the result is checked against"
+        " the job's params_schema.",
+    )
 
 
 class DisableSerializer(serializers.Serializer):

@@ -17,13 +17,14 @@ from orchestrator.api.serializers import RunLaunchSerializer, RunSerializer
 from orchestrator.api.views import RunViewSet
 from project.api import ApiViewMixin
 from schedules import changes as change_log
-from schedules import dispatch, services
+from schedules import services
 from schedules.api.serializers import (
     BackfillResultSerializer,
     BackfillSerializer,
     DisableSerializer,
     PreviewResultSerializer,
     PreviewSerializer,
+    RunNowSerializer,
     ScheduleChangeSerializer,
     ScheduledRunSerializer,
     ScheduleSerializer,
@@ -167,11 +168,16 @@ class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
             change_log.record_delete(instance, source=ChangeSource.API, actor=_actor(self.request))
             services.delete_schedule(instance)
 
-    @extend_schema(request=None, responses={202: ScheduledRunSerializer})
+    @extend_schema(request=RunNowSerializer, responses={202: ScheduledRunSerializer})
     @action(detail=True, methods=["post"], url_path="run-now")
     def run_now(self, request: Request, pk: str | None = None) -> Response:
-        """Launch the schedule's job now (trigger `manual`); works on a disabled schedule too."""
-        scheduled_run = dispatch.run_now(self.get_object())
+        """Launch the schedule's job now (trigger `manual`); works on a disabled schedule too. An
+        optional `params` object overrides keys of the schedule's params for this run."""
+        body = RunNowSerializer(data=request.data or {})
+        body.is_valid(raise_exception=True)
+        scheduled_run = call_service(
+            services.run_now, self.get_object(), params=body.validated_data.get("params")
+        )
         # The message went out on commit and stamped published_at in the database; show that.
         scheduled_run.refresh_from_db()
         return Response(ScheduledRunSerializer(scheduled_run).data, status=status.HTTP_202_ACCEPTED)

@@ -319,8 +319,22 @@ def test_api_conforms_to_its_schema(case, token, existing_rows):
     _call(case, token)
 
 
+def _unmutated_negative(case) -> bool:
+    """Schemathesis at times marks a case negative although it mutated nothing (its phase data says
+    "Positive test case", no mutation): the request is valid, and accepting it is right."""
+    data = case.meta.phase.data if case.meta else None
+    return bool(
+        case.meta
+        and case.meta.generation.mode.is_negative
+        and getattr(data, "mutations", None) == ()
+        and getattr(data, "parameter", None) is None
+    )
+
+
 def _call(case, token, *, excluded=()) -> None:
     excluded = [*excluded, *([positive_data_acceptance] if case.operation.label in BUSINESS_RULES else [])]
+    if _unmutated_negative(case):
+        excluded.append(negative_data_rejection)
     response = case.call_and_validate(headers={"Authorization": f"Token {token}"}, excluded_checks=excluded)
     STATUSES[response.status_code] += 1
     if isinstance(case.body, dict) and case.body.keys() & {"after", "start_at", "end_at", "start", "end"}:

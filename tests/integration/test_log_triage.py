@@ -286,3 +286,27 @@ def test_overlapping_runs_triage_each_line_once(dirs, tmp_path):
     assert second["findings"] == 0
     assert second["files_raced"] == 4
     assert Finding.objects.count() == 19
+
+
+def test_params__files_and_min_severity_choose_what_is_read_and_stored(dirs):
+    """log_triage's params (issue 32.6): `files` narrows what is read, and a file left out keeps its
+    cursor for a later run; `min_severity` drops lower findings before they are stored or reported."""
+    job = Job.objects.get(key="log_triage")
+    run = OrchestratorService.launch(
+        job=job, task3_scope="all", params={"files": ["auth.log"], "min_severity": "medium"}
+    )
+    stats = OrchestratorService.execute(run)
+    run.refresh_from_db()
+
+    auth = {finding for finding in EXPECTED if finding[3] == "auth.log"}
+    stored = findings_of(run)
+    assert stored == auth - {("ssh_failed_login", "192.0.2.10", 2, "auth.log")}  # the low one dropped
+    assert {f.severity for f in run.findings.all()} <= {"medium", "high", "critical"}
+    assert stats["tasks"]["collect"]["files_read"] == 1
+    assert stats["tasks"]["collect"]["not_selected"] == 3
+    assert stats["tasks"]["respond"]["reported"] == len(stored)
+
+    rest, stats2 = triage_run()  # no params: every file, every severity
+    assert findings_of(rest) == EXPECTED - auth  # auth.log was read; the others from their start
+    assert stats2["tasks"]["collect"]["not_selected"] == 0
+    assert lines_read(stats) + lines_read(stats2) == SAMPLE_LINES

@@ -18,6 +18,7 @@ checking that nobody moved them since this plan, so each line is triaged once ev
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import hashlib
 import json
@@ -72,6 +73,7 @@ class CollectStats:
     unreadable: int = 0
     long_lines: int = 0
     budget_exhausted: int = 0
+    not_selected: int = 0  # left out by the run's `files` params
 
 
 @dataclass
@@ -85,6 +87,21 @@ def _within(path: str, root: str) -> bool:
 
 def log_roots() -> list[Path]:
     return [Path(settings.CYBER_BRAIN_LOGS), Path(settings.UPLOADS_DIR)]
+
+
+def selected(path: str, roots: list[Path], patterns: list[str]) -> bool:
+    """Whether the run's `files` patterns take `path` (a real path under one of `roots`): a pattern
+    without `/` matches the file's name, one with `/` its path relative to the root; none takes all."""
+    if not patterns:
+        return True
+    relative = [os.path.relpath(path, real) for real in map(os.path.realpath, roots) if _within(path, real)]
+    name = os.path.basename(path)
+    return any(
+        fnmatch.fnmatchcase(name, pattern)
+        if "/" not in pattern
+        else any(fnmatch.fnmatchcase(rel, pattern.lstrip("/")) for rel in relative)
+        for pattern in patterns
+    )
 
 
 def iter_log_files(roots: list[Path], skip: list[Path], stats: CollectStats) -> Iterator[str]:
@@ -230,14 +247,22 @@ def _plan_start(
     return 0, expected
 
 
-def collect_files(*, work_dir: str, max_bytes: int, max_line: int) -> tuple[Manifest, CollectStats]:
+def collect_files(
+    *, work_dir: str, max_bytes: int, max_line: int, patterns: list[str] | None = None
+) -> tuple[Manifest, CollectStats]:
     from orchestrator.models import LogCursor
 
     stats = CollectStats()
     manifest = Manifest()
     spool_dir = Path(work_dir) / SPOOL_DIR
     spool_dir.mkdir(parents=True, exist_ok=True)
-    files = list(iter_log_files(log_roots(), [Path(settings.UPLOADS_DIR) / "reports"], stats))
+    roots = log_roots()
+    files = []
+    for path in iter_log_files(roots, [Path(settings.UPLOADS_DIR) / "reports"], stats):
+        if selected(path, roots, patterns or []):
+            files.append(path)
+        else:
+            stats.not_selected += 1
     cursors = {c.path: c for c in LogCursor.objects.filter(path__in=files)}
     budget = max_bytes
     for index, path in enumerate(files):
@@ -338,6 +363,7 @@ def collect(ctx: TaskContext) -> dict[str, Any]:
         work_dir=ctx.work_dir,
         max_bytes=int(getattr(settings, "LOG_TRIAGE_MAX_BYTES_PER_RUN", DEFAULT_MAX_BYTES_PER_RUN)),
         max_line=int(getattr(settings, "LOG_TRIAGE_MAX_LINE_BYTES", DEFAULT_MAX_LINE_BYTES)),
+        patterns=ctx.params.get("files"),
     )
     write_manifest(ctx.work_dir, manifest)
     return asdict(stats)

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from orchestrator import llm
 from orchestrator.jobs.log_triage.collect import SPOOL_DIR, read_manifest
-from orchestrator.jobs.log_triage.detectors import SEVERITIES, Thresholds, Triage
+from orchestrator.jobs.log_triage.detectors import SEVERITIES, Thresholds, Triage, at_or_above
 from orchestrator.jobs.log_triage.scoring import score_findings
 from orchestrator.jobs.registry import TaskContext, TaskError
 
@@ -79,7 +79,9 @@ def triage(ctx: TaskContext) -> dict[str, Any]:
                 LogCursor.objects.create(path=entry.path, **values)
             else:
                 LogCursor.objects.filter(pk=cursor.pk).update(updated_at=timezone.now(), **values)
-        found = engine.findings()
+        # The run's `min_severity` param: lower findings are not stored (nor reported).
+        min_severity = ctx.params.get("min_severity", SEVERITIES[0])
+        found = [f for f in engine.findings() if at_or_above(f.severity, min_severity)]
         Finding.objects.bulk_create(
             [
                 Finding(
