@@ -36,3 +36,16 @@ def api(user):
 @pytest.fixture
 def anon():
     return APIClient()
+
+
+@pytest.fixture
+def staff(django_user_model):
+    """A test client logged in to the admin and the dashboard as a superuser."""
+    from django.test import Client
+
+    user = django_user_model.objects.create_superuser(
+        username="root", password="pw-root-123", email="r@x.test"
+    )
+    client = Client()
+    client.force_login(user)
+    return client

@@ -94,3 +94,30 @@ def rendered_logs(records: Iterable[logging.LogRecord]) -> str:
         lines.append(formatter.format(record))
         lines.append(repr(record.args))
     return "\n".join(lines)
+
+
+def admin_schedule_form(**overrides) -> dict:
+    """The admin's schedule add/change form as a browser posts it: a 15-minute log_triage schedule named
+    "admin-made"; an override of None leaves that field out."""
+    from orchestrator.models import Job
+
+    data = {
+        "name": "admin-made",
+        "job": Job.objects.get(key="log_triage").pk,
+        "directive": "",
+        "custom_directive_text": "",
+        "enabled": "on",
+        "schedule_type": "interval",
+        "interval_minutes": "15",
+        "cron_expr": "",
+        "timezone": "UTC",
+        "task3_scope": "allowlist",
+        "max_global": "",
+        "max_per_job": "",
+        "misfire_policy": "run_once",
+        "overlap_policy": "buffer_one",
+        "alert_webhook_url": "",
+        "_save": "Save",
+        **overrides,
+    }
+    return {k: v for k, v in data.items() if v is not None}

@@ -13,7 +13,7 @@ from orchestrator.models import Directive, Job, Run
 from schedules import services
 from schedules.models import Schedule, ScheduledRun
 from schedules.timing import ScheduleSpec, describe
-from tests.support import wait_for
+from tests.support import admin_schedule_form, wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -26,41 +26,9 @@ CHANGELISTS = [
 ]
 
 
-@pytest.fixture
-def staff(django_user_model) -> Client:
-    user = django_user_model.objects.create_superuser(
-        username="root", password="pw-root-123", email="r@x.test"
-    )
-    client = Client()
-    client.force_login(user)
-    return client
-
-
 def _schedule(name="every-10", **fields) -> Schedule:
     base = {"job": Job.objects.get(key="log_triage"), "schedule_type": "interval", "interval_minutes": 10}
     return services.create_schedule(name=name, **{**base, **fields})
-
-
-def _form(**overrides) -> dict:
-    data = {
-        "name": "admin-made",
-        "job": Job.objects.get(key="log_triage").pk,
-        "directive": "",
-        "custom_directive_text": "",
-        "enabled": "on",
-        "schedule_type": "interval",
-        "interval_minutes": "15",
-        "cron_expr": "",
-        "timezone": "UTC",
-        "task3_scope": "allowlist",
-        "max_global": "",
-        "max_per_job": "",
-        "misfire_policy": "run_once",
-        "overlap_policy": "buffer_one",
-        "_save": "Save",
-    }
-    data.update(overrides)
-    return {k: v for k, v in data.items() if v is not None}
 
 
 def test_every_model_is_registered():
@@ -120,7 +88,7 @@ def test_schedule_change_page_shows_upcoming_and_recent_runs(staff):
 
 
 def test_admin_add__computes_next_run_at(staff):
-    response = staff.post("/admin/schedules/schedule/add/", _form())
+    response = staff.post("/admin/schedules/schedule/add/", admin_schedule_form())
     assert response.status_code == 302, response.content.decode()[:2000]
     schedule = Schedule.objects.get(name="admin-made")
     assert timedelta(minutes=14) < schedule.next_run_at - timezone.now() <= timedelta(minutes=15)
@@ -149,7 +117,7 @@ def test_admin_add__invalid_is_shown_on_the_form_and_nothing_saved(staff, overri
         overrides = {**overrides, "job": Job.objects.get(key="sleep").pk}
     if overrides.get("directive") == "__directive__":
         overrides = {**overrides, "directive": Directive.objects.create(key="d", name="D", text="t").pk}
-    response = staff.post("/admin/schedules/schedule/add/", _form(**overrides))
+    response = staff.post("/admin/schedules/schedule/add/", admin_schedule_form(**overrides))
     assert response.status_code == 200
     assert message in response.content.decode()
     assert not Schedule.objects.exists()
@@ -157,7 +125,7 @@ def test_admin_add__invalid_is_shown_on_the_form_and_nothing_saved(staff, overri
 
 def test_admin_add__duplicate_name_is_refused(staff):
     _schedule(name="admin-made")
-    response = staff.post("/admin/schedules/schedule/add/", _form())
+    response = staff.post("/admin/schedules/schedule/add/", admin_schedule_form())
     assert response.status_code == 200
     assert Schedule.objects.count() == 1
 
@@ -165,7 +133,7 @@ def test_admin_add__duplicate_name_is_refused(staff):
 def test_admin_change__timing_change_recomputes_next_run_other_changes_do_not(staff):
     schedule = _schedule()
     url = f"/admin/schedules/schedule/{schedule.pk}/change/"
-    data = _form(name=schedule.name, interval_minutes="10", max_global="4")
+    data = admin_schedule_form(name=schedule.name, interval_minutes="10", max_global="4")
     assert staff.post(url, data).status_code == 302
     schedule_after = Schedule.objects.get(pk=schedule.pk)
     assert (schedule_after.max_global, schedule_after.next_run_at) == (4, schedule.next_run_at)
@@ -179,7 +147,10 @@ def test_admin_change__keeps_the_schedulers_fields(staff):
     schedule = _schedule()
     last = timezone.now().replace(microsecond=0) - timedelta(minutes=3)
     Schedule.objects.filter(pk=schedule.pk).update(last_run_at=last, claimed_by="beat-9")
-    staff.post(f"/admin/schedules/schedule/{schedule.pk}/change/", _form(name=schedule.name, max_per_job="2"))
+    staff.post(
+        f"/admin/schedules/schedule/{schedule.pk}/change/",
+        admin_schedule_form(name=schedule.name, max_per_job="2"),
+    )
     schedule_after = Schedule.objects.get(pk=schedule.pk)
     assert (schedule_after.max_per_job, schedule_after.last_run_at, schedule_after.claimed_by) == (
         2,

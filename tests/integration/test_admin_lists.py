@@ -20,16 +20,6 @@ from tests.support import wait_for
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def staff(django_user_model) -> Client:
-    user = django_user_model.objects.create_superuser(
-        username="root", password="pw-root-123", email="r@x.test"
-    )
-    client = Client()
-    client.force_login(user)
-    return client
-
-
 def _schedule(name="every-10", **fields) -> Schedule:
     base = {"job": Job.objects.get(key="log_triage"), "schedule_type": "interval", "interval_minutes": 10}
     return services.create_schedule(name=name, **{**base, **fields})

@@ -11,7 +11,6 @@ import re
 
 import pytest
 from django.db import connection
-from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from orchestrator.models import Job, Run
@@ -57,16 +56,6 @@ def history():
         for table in BIG_TABLES:
             cursor.execute(f"ANALYZE {table}")
     return schedule
-
-
-@pytest.fixture
-def staff(django_user_model) -> Client:
-    user = django_user_model.objects.create_superuser(
-        username="root", password="pw-root-123", email="r@x.test"
-    )
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def _pages(schedule_id: int) -> list[str]:

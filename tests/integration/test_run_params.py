@@ -9,7 +9,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from django.test import Client
 
 from orchestrator.models import Job, Run
 from orchestrator.params import MAX_PARAMS_BYTES
@@ -17,6 +16,7 @@ from orchestrator.services import OrchestratorService, ParamsInvalid
 from schedules import services
 from schedules.models import Schedule, ScheduleChange, ScheduledRun
 from tests.scheduler_support import db_now
+from tests.support import admin_schedule_form
 
 pytestmark = pytest.mark.django_db
 
@@ -248,44 +248,23 @@ def test_sync__params_declared_in_a_file_are_checked_saved_and_recorded(tmp_path
     assert Schedule.objects.get(name="auth-only").params["min_severity"] == "high"
 
 
-@pytest.fixture
-def staff(django_user_model) -> Client:
-    user = django_user_model.objects.create_superuser(
-        username="root", password="pw-root-123", email="r@x.test"
-    )
-    client = Client()
-    client.force_login(user)
-    return client
-
-
-def _admin_form(**overrides) -> dict:
-    return {
-        "name": "admin-made",
-        "job": Job.objects.get(key="log_triage").pk,
-        "enabled": "on",
-        "schedule_type": "interval",
-        "interval_minutes": "15",
-        "timezone": "UTC",
-        "task3_scope": "allowlist",
-        "misfire_policy": "run_once",
-        "overlap_policy": "buffer_one",
-        "_save": "Save",
-        **overrides,
-    }
-
-
 def test_admin__params_checked_against_the_schema_saved_and_shown_on_the_run(staff, redis_client):
-    response = staff.post("/admin/schedules/schedule/add/", _admin_form(params='{"min_severity": "urgent"}'))
+    response = staff.post(
+        "/admin/schedules/schedule/add/", admin_schedule_form(params='{"min_severity": "urgent"}')
+    )
     assert response.status_code == 200
     assert "$.min_severity: &#x27;urgent&#x27; is not one of" in response.content.decode()
     assert not Schedule.objects.exists()
 
-    response = staff.post("/admin/schedules/schedule/add/", _admin_form(params='{"min_severity": "high"}'))
+    response = staff.post(
+        "/admin/schedules/schedule/add/", admin_schedule_form(params='{"min_severity": "high"}')
+    )
     assert response.status_code == 302, response.content.decode()[:3000]
     schedule = Schedule.objects.get(name="admin-made")
     assert schedule.params == {"min_severity": "high"}
     assert (
-        staff.post("/admin/schedules/schedule/add/", _admin_form(name="blank", params="")).status_code == 302
+        staff.post("/admin/schedules/schedule/add/", admin_schedule_form(name="blank", params="")).status_code
+        == 302
     )
     assert Schedule.objects.get(name="blank").params == {}
 

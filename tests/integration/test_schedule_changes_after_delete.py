@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from django.test import Client
 
 from schedules.models import ScheduleChange
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def staff(django_user_model) -> Client:
-    user = django_user_model.objects.create_superuser(
-        username="root", password="pw-root-123", email="r@x.test"
-    )
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def create_update_delete(api) -> int:

@@ -480,18 +480,6 @@ def test_sync__reads_yaml_too(tmp_path):
 # --- the admin -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def staff(django_user_model):
-    from django.test import Client
-
-    user = django_user_model.objects.create_superuser(
-        username="root", password="pw-root-123", email="r@x.test"
-    )
-    client = Client()
-    client.force_login(user)
-    return client
-
-
 def test_admin__shows_the_new_fields_and_the_change_history(staff, api):
     created = create(api, jitter_seconds=30, max_runs=4)
     api.post(f"/api/schedules/{created['id']}/disable", {"note": "holiday freeze"}, format="json")

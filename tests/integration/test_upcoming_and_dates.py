@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from django.test import Client
 from django.utils.dateparse import parse_datetime
 
 from orchestrator.models import Run
@@ -23,14 +22,6 @@ pytestmark = pytest.mark.django_db
 
 ME = "me:1"
 NO_NEXT_RUNS = "Next runs (UTC)</th><td>\u2013</td>"  # the dashboard's schedule page, with none
-
-
-@pytest.fixture
-def staff(django_user_model) -> Client:
-    user = django_user_model.objects.create_superuser(username="root", password="pw-root-123", email="r@x.t")
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def _next_transition(zone: str, after: datetime, forward: bool) -> datetime:

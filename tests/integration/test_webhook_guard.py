@@ -24,14 +24,13 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError, SystemCheckError
-from django.test import Client
 
 from monitoring import alerts
 from orchestrator.models import Job
 from project import outbound
 from schedules import services
 from schedules.models import Alert, Schedule
-from tests.support import process_env, wait_for
+from tests.support import admin_schedule_form, process_env, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "s3cr3t-T0KEN-in-the-path"
@@ -228,40 +227,12 @@ def test_api__a_public_name_and_an_allowed_internal_host_are_accepted(api, dns, 
     assert response.status_code == 201, response.content
 
 
-def _admin_form(**overrides) -> dict:
-    data = {
-        "name": "admin-guarded",
-        "job": Job.objects.get(key="log_triage").pk,
-        "directive": "",
-        "custom_directive_text": "",
-        "enabled": "on",
-        "schedule_type": "interval",
-        "interval_minutes": "15",
-        "cron_expr": "",
-        "timezone": "UTC",
-        "task3_scope": "allowlist",
-        "max_global": "",
-        "max_per_job": "",
-        "misfire_policy": "run_once",
-        "overlap_policy": "buffer_one",
-        "alert_webhook_url": "",
-        "_save": "Save",
-    }
-    data.update(overrides)
-    return data
-
-
-@pytest.fixture
-def staff(django_user_model) -> Client:
-    user = django_user_model.objects.create_superuser(username="root", password="pw-root-123")
-    client = Client()
-    client.force_login(user)
-    return client
-
-
 @pytest.mark.django_db
 def test_admin__refuses_the_metadata_address(staff):
-    response = staff.post("/admin/schedules/schedule/add/", _admin_form(alert_webhook_url=METADATA))
+    response = staff.post(
+        "/admin/schedules/schedule/add/",
+        admin_schedule_form(name="admin-guarded", alert_webhook_url=METADATA),
+    )
     assert response.status_code == 200  # the form again, with the error
     assert "169.254.169.254" in response.content.decode()
     assert not Schedule.objects.filter(name="admin-guarded").exists()
@@ -271,7 +242,9 @@ def test_admin__refuses_the_metadata_address(staff):
 def test_admin__the_webhook_is_masked_and_other_edits_keep_it(staff, dns):
     dns.table["hooks.example.test"] = [PUBLIC_IP]
     hook = f"https://hooks.example.test/services/{TOKEN}"
-    response = staff.post("/admin/schedules/schedule/add/", _admin_form(alert_webhook_url=hook))
+    response = staff.post(
+        "/admin/schedules/schedule/add/", admin_schedule_form(name="admin-guarded", alert_webhook_url=hook)
+    )
     assert response.status_code == 302, response.content.decode()[:3000]
     schedule = Schedule.objects.get(name="admin-guarded")
     assert schedule.alert_webhook_url == hook
@@ -283,24 +256,30 @@ def test_admin__the_webhook_is_masked_and_other_edits_keep_it(staff, dns):
     assert "(set)" in page
 
     # Another field edited, the webhook left blank: kept.
-    response = staff.post(change, _admin_form(interval_minutes="20"))
+    response = staff.post(change, admin_schedule_form(name="admin-guarded", interval_minutes="20"))
     assert response.status_code == 302, response.content.decode()[:3000]
     schedule.refresh_from_db()
     assert (schedule.interval_minutes, schedule.alert_webhook_url) == (20, hook)
 
     # A new one typed: replaced (and checked).
-    response = staff.post(change, _admin_form(interval_minutes="20", alert_webhook_url=METADATA))
+    response = staff.post(
+        change, admin_schedule_form(name="admin-guarded", interval_minutes="20", alert_webhook_url=METADATA)
+    )
     assert response.status_code == 200
     schedule.refresh_from_db()
     assert schedule.alert_webhook_url == hook
     other = "https://hooks.example.test/other"
-    response = staff.post(change, _admin_form(interval_minutes="20", alert_webhook_url=other))
+    response = staff.post(
+        change, admin_schedule_form(name="admin-guarded", interval_minutes="20", alert_webhook_url=other)
+    )
     assert response.status_code == 302, response.content.decode()[:3000]
     schedule.refresh_from_db()
     assert schedule.alert_webhook_url == other
 
     # Removed with the checkbox.
-    response = staff.post(change, _admin_form(interval_minutes="20", alert_webhook_clear="on"))
+    response = staff.post(
+        change, admin_schedule_form(name="admin-guarded", interval_minutes="20", alert_webhook_clear="on")
+    )
     assert response.status_code == 302, response.content.decode()[:3000]
     schedule.refresh_from_db()
     assert schedule.alert_webhook_url == ""
