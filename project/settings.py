@@ -267,6 +267,9 @@ ALERT_RETRY_BASE_SECONDS = float(env_str("ALERT_RETRY_BASE_SECONDS", "5"))
 ALERT_RETRY_MAX_SECONDS = float(env_str("ALERT_RETRY_MAX_SECONDS", "300"))
 # Flower, for links from the dashboard and the admin to a run's task.
 FLOWER_URL = env_str("FLOWER_URL", "http://127.0.0.1:5555").rstrip("/")
+# Where the scheduler and the worker stamp each round of their loops for `manage.py health` (the
+# Kubernetes probes; project/health.py). Empty: a directory of this user's under the temporary directory.
+HEALTH_DIR = env_str("HEALTH_DIR", "")
 # `text` (default): one readable line with key=value fields; `json`: one JSON object per line.
 LOG_FORMAT = env_str("LOG_FORMAT", "text")
 LOGIN_URL = "/admin/login/"

@@ -22,6 +22,8 @@ from datetime import timedelta
 
 from celery.beat import Scheduler
 
+from project.health import record_tick
+
 logger = logging.getLogger(__name__)
 
 WAKE_CHANNEL = "schedules_wake"
@@ -354,6 +356,9 @@ class DatabaseScheduler(Scheduler):
         from schedules.retention import prune_history_if_due
         from schedules.signals import scheduler_pass_done
 
+        # Liveness for `manage.py health --scheduler`: stamped whatever the pass then meets (an outage
+        # backs the loop off, at most `interval`; it does not stop it).
+        record_tick("scheduler", interval=self.interval)
         close_old_connections()
         claimed_ids: list[int] = []
         try:
