@@ -1,21 +1,26 @@
-"""The Kubernetes probes of the scheduler and the worker (deploy/kubernetes/), run as the manifests write
-them against real processes: `manage.py health --scheduler` passes while a run_scheduler loop goes round
-and fails once it stops (frozen with SIGSTOP, or killed); `manage.py health --worker` passes while a
-Celery worker's event loop sends heartbeats and Redis answers, and fails when either stops.
+"""The Kubernetes probes (deploy/kubernetes/), run as the manifests write them against real processes:
+`manage.py health --scheduler` passes while a run_scheduler loop goes round and fails once it stops
+(frozen with SIGSTOP, or killed); `manage.py health --worker` passes while a Celery worker's event loop
+sends heartbeats and Redis answers, and fails when either stops; gunicorn answers the web probe's request
+(path and Host header) and Flower its probe's, without the login its dashboard asks for.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import urllib.error
+import urllib.request
 
 import pytest
 
-from tests.kubernetes_support import exec_probe, local_argv, named, rendered
-from tests.scheduler_support import REPO, Processes
+from tests.kubernetes_support import exec_probe, local_argv, main_container, named, rendered
+from tests.scheduler_support import REPO, Processes, free_port
 from tests.support import process_env, wait_for
-from tests.workerproc import start_worker
+from tests.webproc import start_web
+from tests.workerproc import CELERY, start_worker
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -105,3 +110,64 @@ def test_worker_probe__passes_on_heartbeats_with_redis_and_fails_without_either(
         assert "has exited" in result.stderr
     finally:
         worker.stop()
+
+
+def http_status(url: str, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def http_probes(deployment: str) -> list[tuple[str, dict[str, str]]]:
+    container = main_container(named(rendered("ha"), "Deployment", deployment))
+    found = []
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = container[kind]["httpGet"]
+        found.append((get["path"], {h["name"]: h["value"] for h in get.get("httpHeaders", [])}))
+    return found
+
+
+def test_web_probe__gunicorn_answers_its_path_and_host_header_with_debug_off(tmp_path, redis_client):
+    config = named(rendered("ha"), "ConfigMap", "cyber-brain-config")["data"]
+    # 127.0.0.1 too: start_web waits for the health check at that address.
+    allowed = f"{config['ALLOWED_HOSTS']},127.0.0.1"
+    web = start_web(process_env(DEBUG="0", ALLOWED_HOSTS=allowed), tmp_path)
+    try:
+        for path, headers in http_probes("cyber-brain-web"):
+            assert http_status(web.url + path, headers) == 200, web.log()[-2000:]
+        # What the header is for: a kubelet would send the pod's address, which Django refuses.
+        assert http_status(web.url + path, {"Host": "10.1.2.3:9595"}) == 400
+    finally:
+        web.stop()
+
+
+def test_flower_probe__answers_without_the_dashboard_login(tmp_path, redis_client):
+    port = free_port()
+    with open(tmp_path / "flower.log", "wb") as log:
+        proc = subprocess.Popen(
+            [CELERY, "-A", "project", "flower", "--address=127.0.0.1", f"--port={port}"],
+            cwd=REPO,
+            env=process_env(FLOWER_BASIC_AUTH="ops:probe-test-password"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def answers() -> bool:
+            assert proc.poll() is None, (tmp_path / "flower.log").read_text()[-3000:]
+            try:
+                return http_status(base + "/", {}) == 401
+            except OSError:
+                return False
+
+        wait_for(answers, timeout=60, what="flower asking for its login")
+        for path, headers in http_probes("cyber-brain-flower"):
+            assert http_status(base + path, headers) == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
