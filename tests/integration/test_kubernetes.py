@@ -365,3 +365,30 @@ def test_docs_describe_every_manifest():
         assert str(path.relative_to(KUBERNETES)) in text, path
     assert "docs/KUBERNETES.md" in (ROOT / "README.md").read_text()
     assert Path(KUBERNETES / "render").stat().st_mode & 0o111
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_process_starts_before_the_migration_job_has_migrated(overlay):
+    docs = rendered(overlay)
+    (job,) = of_kind(docs, "Job")
+    (migrate,) = job["spec"]["template"]["spec"]["containers"]
+    assert migrate["command"][:3] == ["python", "manage.py", "migrate"]
+    for name in PROCESSES:
+        deployment = named(docs, "Deployment", f"cyber-brain-{name}")
+        (wait,) = deployment["spec"]["template"]["spec"]["initContainers"]
+        assert "manage.py migrate --check" in " ".join(wait["command"])
+        # The same image as the Job and the process: a new release waits for its own migrations.
+        assert wait["image"] == migrate["image"] == main_container(deployment)["image"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_get_time_to_drain_before_they_are_killed(overlay):
+    docs = rendered(overlay)
+    config = named(docs, "ConfigMap", "cyber-brain-config")["data"]
+    for deployment in of_kind(docs, "Deployment"):
+        if not deployment["metadata"]["name"].startswith("cyber-brain-worker-"):
+            continue
+        grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace >= 300
+        if "WORKER_DRAIN_SECONDS" in config:
+            assert float(config["WORKER_DRAIN_SECONDS"]) < grace
