@@ -28,6 +28,7 @@ from schedules import changes as change_log
 from schedules import runstate, timing
 from schedules.dispatch import SchedulerError, message_for
 from schedules.dispatch import run_now as dispatch_run_now
+from schedules.labels import label_errors
 from schedules.models import (
     SCHEDULED_RUN_UNFINISHED,
     ChangeSource,
@@ -69,6 +70,7 @@ SCHEDULE_FIELDS = (
     "alert_webhook_url",
     "pause_after_failures",
     "params",
+    "labels",
 )
 TIMING_FIELDS = frozenset(
     {"schedule_type", "interval_minutes", "cron_expr", "timezone", "jitter_seconds", "start_at", "end_at"}
@@ -208,6 +210,8 @@ def schedule_errors(
     # (its runs fail at start instead, saying why).
     if changed & {"params", "job"} and values.get("job") is not None:
         errors.update(run_params_errors(values["job"], values.get("params")))
+    if "labels" in changed and (problems := label_errors(values.get("labels"))):
+        errors["labels"] = problems
     errors.update(limit_errors(values, run_count=run_count, enabling="enabled" in changed))
     errors.update(timing_errors(values, now=now))
     if values.get("alert_webhook_url") and "alert_webhook_url" in changed:
