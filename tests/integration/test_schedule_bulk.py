@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from orchestrator.models import Job
 from schedules import services
-from schedules.bulk import MAX_BULK
+from schedules.bulk import MAX_BULK, MAX_RUN_NOW
 from schedules.models import Schedule, ScheduleChange, ScheduledRun
 
 pytestmark = pytest.mark.django_db
@@ -351,6 +351,7 @@ def test_bulk__delete_records_every_field_and_cancels_queued_runs(api, redis_cli
         ({"action": "disable", "ids": [1], "dry_run": "yes"}, "dry_run"),
         ({"action": "disable", "ids": [1], "extra": 1}, "extra"),
         ({"action": "disable", "ids": list(range(1, MAX_BULK + 2))}, "ids"),
+        ({"action": "run-now", "ids": list(range(1, MAX_RUN_NOW + 2))}, "ids"),
     ],
 )
 def test_bulk__bad_request_is_a_400_naming_the_field(api, body, field):
@@ -370,6 +371,11 @@ def test_bulk__a_selector_matching_more_than_the_bound_is_a_400(api, monkeypatch
     assert response.status_code == 400, response.content
     assert "selector" in response.json()
     assert Schedule.objects.filter(enabled=False).count() == 0
+    monkeypatch.setattr(bulk, "MAX_RUN_NOW", 3)
+    response = api.post(BULK, {"action": "run-now", "selector": {"name_prefix": "bulk-0000"}}, format="json")
+    assert response.status_code == 400, response.content
+    assert "more than 3" in response.json()["selector"][0]
+    assert not ScheduledRun.objects.exists()
 
 
 def test_bulk__a_viewer_may_not(api, user):
