@@ -411,6 +411,24 @@ def test_admin_disable_action__all_or_none_through_bulk(staff):
     assert ScheduleChange.objects.filter(schedule_id=free.pk, action="disable", source="admin").count() == 1
 
 
+def test_admin_delete_selected__records_each_delete_and_cancels_queued_runs(staff, redis_client):
+    ids = [_schedule(f"adm-del-{i}", {"team": "payments"}).pk for i in range(2)]
+    keep = _schedule("adm-keep", {"team": "payments"}).pk
+    staff.post(f"/admin/schedules/schedule/{ids[0]}/run-now/")
+    response = staff.post(
+        "/admin/schedules/schedule/",
+        {"action": "delete_selected", "_selected_action": ids, "post": "yes"},
+        follow=True,
+    )
+    assert response.status_code == 200
+    assert list(Schedule.objects.values_list("pk", flat=True)) == [keep]
+    records = ScheduleChange.objects.filter(schedule_id__in=ids, action="delete")
+    assert set(records.values_list("schedule_id", "source", "actor")) == {(i, "admin", "root") for i in ids}
+    from orchestrator.models import Run
+
+    assert set(Run.objects.values_list("status", flat=True)) == {"cancelled"}
+
+
 def test_admin_list__label_filter_and_column(staff):
     _schedule("adm-pay", {"team": "payments"})
     _schedule("adm-risk", {"team": "risk"})
