@@ -13,19 +13,23 @@ from datetime import timedelta
 from functools import wraps
 
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Q
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
 from monitoring.permissions import is_viewer
 from orchestrator.models import Run
 from project.pagination import EstimatedCountPaginator as Paginator
-from schedules import services, timing
+from schedules import bulk, services, timing
 from schedules.dispatch import run_now as dispatch_run_now
+from schedules.labels import parse_selector
 from schedules.models import (
     Alert,
     ChangeSource,
@@ -138,6 +142,12 @@ def _page(request: HttpRequest):
     query = request.GET.get("q", "").strip()
     if query:
         schedules = schedules.filter(Q(name__icontains=query) | Q(job__key__icontains=query))
+    label = request.GET.get("label", "").strip()
+    if label:
+        try:
+            schedules = schedules.filter(parse_selector([label]))
+        except ValueError as exc:
+            messages.error(request, f"Label selector: {exc}")
     return Paginator(schedules, PAGE_SIZE).get_page(request.GET.get("page"))
 
 
@@ -166,6 +176,8 @@ def index(request: HttpRequest) -> HttpResponse:
             "rows": rows,
             "page": page,
             "query": request.GET.get("q", ""),
+            "label": request.GET.get("label", ""),
+            "bulk_actions": bulk.BulkAction.choices,
             "open_alerts": counts["n"],
             "may_press": _may_press(request.user),
             "flower_url": settings.FLOWER_URL,
@@ -332,3 +344,35 @@ def disable(request: HttpRequest, pk: int) -> JsonResponse:
     except services.ScheduleInvalid as exc:
         return JsonResponse(exc.errors, status=400)
     return JsonResponse(_schedule_state(schedule, []))
+
+
+@action_view
+def bulk_action(request: HttpRequest) -> HttpResponse:
+    """The list's multi-select form: one action on the ticked schedules, all or none (schedules.bulk, as
+    POST /api/schedules/bulk); the outcome shows as a message on the page it came from."""
+    raw = request.POST.getlist("ids")
+    action = request.POST.get("action", "")
+    note = request.POST.get("note", "").strip() if action == bulk.BulkAction.DISABLE else ""
+    if not raw:
+        messages.error(request, "Tick at least one schedule.")
+    elif not all(part.isascii() and part.isdigit() for part in raw):
+        messages.error(request, "Schedule ids are numbers.")
+    else:
+        try:
+            result = bulk.bulk_apply(
+                action,
+                ids=[int(part) for part in raw],
+                note=note,
+                source=ChangeSource.ADMIN,
+                actor=request.user.get_username(),
+            )
+        except bulk.BulkRefused as exc:
+            messages.error(request, bulk.describe_refusals(exc.result))
+        except services.ScheduleInvalid as exc:
+            messages.error(request, f"Nothing was changed: {exc}")
+        else:
+            messages.success(request, bulk.describe(result))
+    back = request.POST.get("next", "")
+    if not url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()}):
+        back = reverse("dashboard:index")
+    return HttpResponseRedirect(back)

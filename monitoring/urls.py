@@ -9,6 +9,7 @@ app_name = "dashboard"
 urlpatterns = [
     path("", dashboard.index, name="index"),
     path("state.json", dashboard.state, name="state"),
+    path("schedules/bulk", dashboard.bulk_action, name="bulk"),
     path("schedules/<int:pk>/", dashboard.schedule_page, name="schedule"),
     path("schedules/<int:pk>/run-now", dashboard.run_now, name="run-now"),
     path("schedules/<int:pk>/enable", dashboard.enable, name="enable"),

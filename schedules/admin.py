@@ -6,8 +6,9 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
@@ -17,8 +18,9 @@ from django.utils.html import format_html, format_html_join
 
 from orchestrator.admin import format_duration
 from project.pagination import EstimatedCountPaginator, bounded_count
+from schedules import bulk, dispatch, services, timing
 from schedules import changes as change_log
-from schedules import dispatch, services, timing
+from schedules.labels import format_labels, parse_selector
 from schedules.models import ChangeSource, OverlapPolicy, Schedule, ScheduleChange, ScheduledRun
 
 RECENT_RUNS_SHOWN = 10
@@ -138,6 +140,11 @@ class ScheduleAdminForm(forms.ModelForm):
         value = self.cleaned_data.get("params")
         return {} if value is None else value
 
+    def clean_labels(self) -> Any:
+        # Blank: no labels (the service checks the syntax, naming the key).
+        value = self.cleaned_data.get("labels")
+        return {} if value is None else value
+
     def clean_history_keep(self) -> int:
         value = self.cleaned_data.get("history_keep")
         return Schedule._meta.get_field("history_keep").default if value is None else value
@@ -176,12 +183,52 @@ def change_value(value: Any) -> str:
     return str(value)
 
 
+# The label filter's choices: the most used key=value pairs among (at most) 5,000 labelled schedules, so
+# the list page's cost stays bounded at any number of schedules; any other pair works typed in the URL.
+LABEL_CHOICES_SQL = """
+SELECT l.key, l.value, count(*)
+  FROM (SELECT labels FROM schedules_schedule WHERE labels <> '{}'::jsonb LIMIT 5000) AS s,
+       jsonb_each_text(s.labels) AS l
+ GROUP BY l.key, l.value ORDER BY count(*) DESC, l.key, l.value LIMIT 30
+"""
+
+
+class LabelFilter(admin.SimpleListFilter):
+    """By label: the most used pairs to click, and any selector typed in the URL (?label=tier!=batch)."""
+
+    title = "label"
+    parameter_name = "label"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        with connection.cursor() as cursor:
+            cursor.execute(LABEL_CHOICES_SQL)
+            return [(f"{key}={value}", f"{key}={value} ({count})") for key, value, count in cursor.fetchall()]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> QuerySet[Schedule]:
+        if not self.value():
+            return queryset
+        try:
+            return queryset.filter(parse_selector([self.value()]))
+        except ValueError as exc:
+            raise IncorrectLookupParameters(str(exc)) from exc
+
+
 @admin.register(Schedule)
 class ScheduleAdmin(admin.ModelAdmin):
     form = ScheduleAdminForm
     # `enabled` second, so it stays on screen at 1,400 px whatever the timing's description takes.
-    list_display = ["name", "enabled", "last_status", "timing", "timezone", "next_run_at", "job", "managed"]
-    list_filter = ["enabled", "managed", "schedule_type", "job"]
+    list_display = [
+        "name",
+        "enabled",
+        "last_status",
+        "timing",
+        "timezone",
+        "next_run_at",
+        "job",
+        "labels_shown",
+        "managed",
+    ]
+    list_filter = ["enabled", "managed", "schedule_type", "job", LabelFilter]
     list_select_related = ["job"]
     # Every column but the last status (a subquery per row) sorts; no count(*) of every schedule.
     sortable_by = ["name", "enabled", "timezone", "next_run_at", "job", "managed"]
@@ -208,7 +255,7 @@ class ScheduleAdmin(admin.ModelAdmin):
         "change_history",
     ]
     fieldsets = [
-        (None, {"fields": ["name", "job", "enabled", "managed"]}),
+        (None, {"fields": ["name", "job", "enabled", "managed", "labels"]}),
         ("Instructions", {"fields": ["directive", "custom_directive_text", "task3_scope", "params"]}),
         (
             "Timing",
@@ -276,6 +323,10 @@ class ScheduleAdmin(admin.ModelAdmin):
         # The status of each schedule's newest run: one probe of scheduledrun_history_idx per row shown.
         newest = ScheduledRun.objects.filter(schedule=OuterRef("pk")).order_by("-scheduled_for", "-id")
         return super().get_queryset(request).annotate(last_status=Subquery(newest.values("status")[:1]))
+
+    @admin.display(description="labels")
+    def labels_shown(self, schedule: Schedule) -> str:
+        return format_labels(schedule.labels) or "-"
 
     @admin.display(description="last status")
     def last_status(self, schedule: Schedule) -> str:
@@ -432,30 +483,34 @@ class ScheduleAdmin(admin.ModelAdmin):
             services.delete_schedule(obj)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
-        managed = [schedule.name for schedule in queryset if schedule.managed]
-        if managed:
-            self.message_user(
-                request, f"Not deleted (managed by sync_schedules): {', '.join(managed)}.", messages.WARNING
+        # "Delete selected schedules": all or none, as POST /api/schedules/bulk (a managed one refuses).
+        self._bulk(request, queryset, bulk.BulkAction.DELETE)
+
+    def _bulk(self, request: HttpRequest, queryset: QuerySet[Schedule], action: str, note: str = "") -> None:
+        """The selected schedules through bulk.bulk_apply: all change, or none and the refusals show."""
+        try:
+            result = bulk.bulk_apply(
+                action,
+                ids=list(queryset.values_list("pk", flat=True)),
+                note=note,
+                source=ChangeSource.ADMIN,
+                actor=request.user.get_username(),
             )
-        for schedule in queryset.filter(managed=False):
-            self.delete_model(request, schedule)
+        except bulk.BulkRefused as exc:
+            self.message_user(request, bulk.describe_refusals(exc.result), messages.ERROR)
+            return
+        except services.ScheduleInvalid as exc:
+            self.message_user(request, f"Nothing was changed: {exc}", messages.ERROR)
+            return
+        self.message_user(request, bulk.describe(result), messages.SUCCESS)
 
     @admin.action(description="Run selected schedules now")
     def run_now(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
-        for schedule in queryset.select_related("job", "directive"):
-            dispatch.run_now(schedule)
-        self.message_user(request, f"Queued {queryset.count()} run(s).", messages.SUCCESS)
+        self._bulk(request, queryset, bulk.BulkAction.RUN_NOW)
 
     @admin.action(description="Enable selected schedules (next run computed from now)")
     def enable(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
-        for schedule in queryset:
-            try:
-                services.enable_schedule(
-                    schedule, source=ChangeSource.ADMIN, actor=request.user.get_username()
-                )
-            except services.ScheduleInvalid as exc:
-                self.message_user(request, f"{schedule.name}: {exc}", messages.ERROR)
-        self.message_user(request, f"Enabled {queryset.count()} schedule(s).", messages.SUCCESS)
+        self._bulk(request, queryset, bulk.BulkAction.ENABLE)
 
     @admin.action(description="Disable selected schedules with a note...")
     def disable_with_note(self, request: HttpRequest, queryset: QuerySet[Schedule]):
@@ -465,14 +520,7 @@ class ScheduleAdmin(admin.ModelAdmin):
                 request, queryset, form, action="disable_with_note", submit="Disable",
                 intro="Disable these schedules; the note shows until they are enabled again.",
             )  # fmt: skip
-        for schedule in queryset:
-            services.disable_schedule(
-                schedule,
-                note=form.cleaned_data["note"],
-                source=ChangeSource.ADMIN,
-                actor=request.user.get_username(),
-            )
-        self.message_user(request, f"Disabled {queryset.count()} schedule(s).", messages.SUCCESS)
+        self._bulk(request, queryset, bulk.BulkAction.DISABLE, note=form.cleaned_data["note"])
         return None
 
     @admin.action(description="Backfill selected schedules...")
@@ -504,9 +552,7 @@ class ScheduleAdmin(admin.ModelAdmin):
 
     @admin.action(description="Disable selected schedules")
     def disable(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
-        for schedule in queryset:
-            services.disable_schedule(schedule, source=ChangeSource.ADMIN, actor=request.user.get_username())
-        self.message_user(request, f"Disabled {queryset.count()} schedule(s).", messages.SUCCESS)
+        self._bulk(request, queryset, bulk.BulkAction.DISABLE)
 
 
 def _action_form(request: HttpRequest, queryset: QuerySet[Schedule], form: forms.Form, **context: str):

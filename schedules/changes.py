@@ -71,9 +71,23 @@ def record(
     changes: Mapping[str, Mapping[str, Any]],
 ) -> ScheduleChange:
     """Write one history row. `source` is api | admin | sync; `actor` the user (or file) behind it."""
+    change = build(schedule, action=action, source=source, actor=actor, changes=changes)
+    change.save()
+    return change
+
+
+def build(
+    schedule: Schedule,
+    *,
+    action: str,
+    source: str,
+    actor: str = "",
+    changes: Mapping[str, Mapping[str, Any]],
+) -> ScheduleChange:
+    """The history row `record` writes, unsaved: a bulk operation writes many in one INSERT."""
     if source not in ChangeSource.values:
         raise ValueError(f"unknown change source {source!r}")
-    return ScheduleChange.objects.create(
+    return ScheduleChange(
         schedule_id=schedule.pk,
         schedule_name=schedule.name,
         action=action,
@@ -90,10 +104,17 @@ def history(schedule_id: int):
 
 def record_delete(schedule: Schedule, *, source: str, actor: str = "") -> ScheduleChange:
     """The record of a delete: every field's last value (the row is about to go)."""
+    change = build_delete(schedule, source=source, actor=actor)
+    change.save()
+    return change
+
+
+def build_delete(schedule: Schedule, *, source: str, actor: str = "") -> ScheduleChange:
+    """`record_delete`'s row, unsaved."""
     from schedules.services import SCHEDULE_FIELDS
 
     before = snapshot(schedule, (*SCHEDULE_FIELDS, "managed"))
-    return record(
+    return build(
         schedule,
         action="delete",
         source=source,

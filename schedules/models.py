@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.contrib.postgres.indexes import GinIndex
 from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Greatest, Now
@@ -88,6 +89,8 @@ class Schedule(models.Model):
     # Inputs for each run (a JSON object, checked against the job's params_schema on save); a run-now
     # may override keys. Stored and shown in history: never a secret.
     params = models.JSONField(default=dict, blank=True, db_default=models.Value({}, models.JSONField()))
+    # key=value pairs as in Kubernetes (schedules/labels.py): what ?label= and a bulk selector match.
+    labels = models.JSONField(default=dict, blank=True, db_default=models.Value({}, models.JSONField()))
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -132,6 +135,9 @@ class Schedule(models.Model):
                 name="schedule_due_idx",
                 condition=Q(enabled=True),
             ),
+            # Label selectors (`labels @> '{"team": "payments"}'`, `labels ? 'team'`): one index scan
+            # over any number of schedules.
+            GinIndex(fields=["labels"], name="schedule_labels_idx"),
         ]
 
     def __str__(self) -> str:

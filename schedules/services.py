@@ -28,6 +28,7 @@ from schedules import changes as change_log
 from schedules import runstate, timing
 from schedules.dispatch import SchedulerError, message_for
 from schedules.dispatch import run_now as dispatch_run_now
+from schedules.labels import label_errors
 from schedules.models import (
     SCHEDULED_RUN_UNFINISHED,
     ChangeSource,
@@ -69,6 +70,7 @@ SCHEDULE_FIELDS = (
     "alert_webhook_url",
     "pause_after_failures",
     "params",
+    "labels",
 )
 TIMING_FIELDS = frozenset(
     {"schedule_type", "interval_minutes", "cron_expr", "timezone", "jitter_seconds", "start_at", "end_at"}
@@ -208,6 +210,8 @@ def schedule_errors(
     # (its runs fail at start instead, saying why).
     if changed & {"params", "job"} and values.get("job") is not None:
         errors.update(run_params_errors(values["job"], values.get("params")))
+    if "labels" in changed and (problems := label_errors(values.get("labels"))):
+        errors["labels"] = problems
     errors.update(limit_errors(values, run_count=run_count, enabling="enabled" in changed))
     errors.update(timing_errors(values, now=now))
     if values.get("alert_webhook_url") and "alert_webhook_url" in changed:
@@ -570,19 +574,41 @@ def delete_schedule(schedule: Schedule) -> None:
     Its runs that have not started end `cancelled` on their Run (they never start: the worker's start
     gate takes only queued runs); a running one finishes and keeps its outcome on its Run.
     """
-    # Lock the row first: a dispatch holds it while it inserts the slot's runs, so the delete waits for
-    # that commit and then sees (and cancels) what it made. Without the lock the delete could read the
-    # scheduled runs before the dispatch committed one more, and fail at commit on the foreign key.
-    locked = Schedule.objects.select_for_update().filter(pk=schedule.pk).first()
-    if locked is None:
-        return  # deleted meanwhile: the outcome the caller asked for
-    waiting = ScheduledRun.objects.filter(
-        schedule_id=locked.pk, status__in=WAITING_STATUSES, run_id__isnull=False
-    ).values_list("run_id", flat=True)
-    cancelled = runstate.run_cancel(list(waiting), f"cancelled: schedule {locked.name!r} was deleted")
-    schedule_id = locked.pk
-    locked.delete()
-    logger.info("schedule deleted", extra={"schedule_id": schedule_id, "runs_cancelled": len(cancelled)})
+    delete_schedules([schedule.pk])
+
+
+@transaction.atomic
+def delete_schedules(schedule_ids: list[int]) -> int:
+    """`delete_schedule` for many schedules in a few statements (a bulk delete); returns how many went.
+    Ids deleted meanwhile are skipped: the outcome the caller asked for."""
+    # Lock the rows first (in id order: two deletes of overlapping sets cannot deadlock): a dispatch
+    # holds a row while it inserts the slot's runs, so the delete waits for that commit and then sees
+    # (and cancels) what it made. Without the lock the delete could read the scheduled runs before the
+    # dispatch committed one more, and fail at commit on the foreign key.
+    names = dict(
+        Schedule.objects.select_for_update()
+        .filter(pk__in=schedule_ids)
+        .order_by("pk")
+        .values_list("pk", "name")
+    )
+    if not names:
+        return 0
+    waiting: dict[int, list[int]] = {}
+    for schedule_id, run_id in ScheduledRun.objects.filter(
+        schedule_id__in=list(names), status__in=WAITING_STATUSES, run_id__isnull=False
+    ).values_list("schedule_id", "run_id"):
+        waiting.setdefault(schedule_id, []).append(run_id)
+    cancelled = 0
+    for schedule_id, run_ids in waiting.items():
+        reason = f"cancelled: schedule {names[schedule_id]!r} was deleted"
+        cancelled += len(runstate.run_cancel(run_ids, reason))
+    Schedule.objects.filter(pk__in=list(names)).delete()
+    for schedule_id in names:
+        logger.info(
+            "schedule deleted",
+            extra={"schedule_id": schedule_id, "runs_cancelled": len(waiting.get(schedule_id, ()))},
+        )
+    return len(names)
 
 
 @transaction.atomic

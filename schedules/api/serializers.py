@@ -8,10 +8,29 @@ from rest_framework import serializers
 from orchestrator.api.serializers import DirectiveRefField, ParamsField, job_key_field
 from project.api import StrictFieldsMixin
 from schedules import services
+from schedules.bulk import MAX_BULK, BulkAction
+from schedules.labels import label_errors
 from schedules.models import OverlapPolicy, Schedule, ScheduleChange, ScheduledRun
 from schedules.services import MAX_DIRECTIVE_TEXT, MAX_PREVIEW_COUNT, PAUSE_NOTE_MAX, PREVIEW_COUNT
 
 UPCOMING_COUNT = 5
+
+
+@extend_schema_field(
+    {
+        "type": "object",
+        "additionalProperties": {"type": "string", "maxLength": 63},
+        "example": {"team": "payments", "tier": "batch"},
+    }
+)
+class LabelsField(serializers.JSONField):
+    """key=value labels with Kubernetes' syntax (schedules/labels.py); a bad one is a 400 naming its key."""
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        if problems := label_errors(value):
+            raise serializers.ValidationError(problems)
+        return value
 
 
 class ScheduledRunSerializer(serializers.ModelSerializer):
@@ -60,6 +79,11 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
         help_text="Inputs for each run, checked against the job's params_schema (a 400 names the failing"
         " path). Stored and shown in history: never put secrets here.",
     )
+    labels = LabelsField(
+        required=False,
+        help_text='key=value pairs as in Kubernetes, e.g. {"team": "payments"}: what ?label= and a bulk'
+        " selector match.",
+    )
     upcoming = serializers.SerializerMethodField()
     runs_remaining = serializers.SerializerMethodField()
     next_run_note = serializers.SerializerMethodField()
@@ -99,6 +123,7 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "alert_webhook_set",
             "pause_after_failures",
             "params",
+            "labels",
             "paused_note",
             "paused_at",
             "paused_by",
@@ -254,3 +279,68 @@ class ScheduleChangeSerializer(serializers.ModelSerializer):
         model = ScheduleChange
         fields = ["id", "schedule_id", "schedule_name", "action", "source", "actor", "at", "changes"]
         read_only_fields = fields
+
+
+class SelectorSerializer(StrictFieldsMixin, serializers.Serializer):
+    """Which schedules a bulk operation acts on: every given part must match (AND)."""
+
+    labels = LabelsField(required=False, help_text="Schedules carrying all of these labels.")
+    job_key = serializers.CharField(required=False, max_length=100, help_text="Schedules of this job.")
+    name_prefix = serializers.CharField(
+        required=False, max_length=200, help_text="Schedules whose name starts with this."
+    )
+
+
+class BulkSerializer(StrictFieldsMixin, serializers.Serializer):
+    """POST /api/schedules/bulk: one action on the schedules named by `ids` or matched by `selector`."""
+
+    action = serializers.ChoiceField(choices=BulkAction.choices)
+    ids = serializers.ListField(
+        child=serializers.IntegerField(min_value=1),
+        required=False,
+        allow_empty=False,
+        max_length=MAX_BULK,
+        help_text=f"Schedule ids (at most {MAX_BULK}); give this or selector.",
+    )
+    selector = SelectorSerializer(
+        required=False, help_text=f"Give this or ids; it may match at most {MAX_BULK} schedules."
+    )
+    note = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=PAUSE_NOTE_MAX,
+        default="",
+        help_text="For disable: why (shown as each schedule's paused_note until enable clears it).",
+    )
+    dry_run = serializers.BooleanField(
+        required=False, default=False, help_text="Judge and answer as a real call would; write nothing."
+    )
+
+
+class BulkItemSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    scheduled_run = serializers.IntegerField(
+        required=False, allow_null=True, help_text="run-now: the new scheduled run (null in a dry run)."
+    )
+
+
+class BulkRefusedItemSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField(allow_null=True, help_text="Null for an id that names no schedule.")
+    reasons = serializers.DictField(
+        child=serializers.ListField(child=serializers.CharField()),
+        help_text='Why, by field: {"managed": ["..."]}.',
+    )
+
+
+class BulkResultSerializer(serializers.Serializer):
+    action = serializers.CharField()
+    dry_run = serializers.BooleanField()
+    changed = BulkItemSerializer(many=True, help_text="Changed (would be, in a dry run or a 409).")
+    unchanged = BulkItemSerializer(many=True, help_text="Already as asked: nothing to do.")
+    refused = BulkRefusedItemSerializer(many=True, help_text="Refused, and why; empty unless 409.")
+
+
+class BulkRefusedSerializer(BulkResultSerializer):
+    detail = serializers.CharField()

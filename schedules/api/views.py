@@ -16,11 +16,14 @@ from rest_framework.response import Response
 from orchestrator.api.serializers import RunLaunchSerializer, RunSerializer
 from orchestrator.api.views import RunViewSet
 from project.api import ApiViewMixin
+from schedules import bulk, services
 from schedules import changes as change_log
-from schedules import services
 from schedules.api.serializers import (
     BackfillResultSerializer,
     BackfillSerializer,
+    BulkRefusedSerializer,
+    BulkResultSerializer,
+    BulkSerializer,
     DisableSerializer,
     PreviewResultSerializer,
     PreviewSerializer,
@@ -29,6 +32,7 @@ from schedules.api.serializers import (
     ScheduledRunSerializer,
     ScheduleSerializer,
 )
+from schedules.labels import parse_selector
 from schedules.models import ChangeSource, Schedule, ScheduledRunStatus
 
 T = TypeVar("T")
@@ -93,7 +97,19 @@ SCHEDULE_EXAMPLES = [
 ]
 
 
+LABEL_PARAMETER = OpenApiParameter(
+    "label",
+    str,
+    many=True,
+    required=False,
+    description="Label selector terms, combined with AND (repeat the parameter, or separate terms with"
+    " commas): key=value, key!=value (also schedules without the key), key (has it), !key (has it not)."
+    " E.g. ?label=team=payments&label=tier!=batch.",
+)
+
+
 @extend_schema_view(
+    list=extend_schema(parameters=[LABEL_PARAMETER]),
     create=extend_schema(examples=SCHEDULE_EXAMPLES),
     partial_update=extend_schema(
         examples=[_example("caps", {"max_per_job": 2, "jitter_seconds": 30}, "Cap and spread its runs")]
@@ -131,6 +147,25 @@ SCHEDULE_EXAMPLES = [
     ),
     changes=extend_schema(summary="A schedule's change history"),
     history=extend_schema(summary="A schedule's runs"),
+    bulk=extend_schema(
+        summary="Enable, disable, run or delete many schedules",
+        examples=[
+            _example(
+                "disable-by-label",
+                {"action": "disable", "selector": {"labels": {"team": "payments"}}, "note": "freeze"},
+                "Disable every schedule labelled team=payments",
+            ),
+            _example(
+                "dry-run",
+                {
+                    "action": "run-now",
+                    "selector": {"job_key": "log_triage", "name_prefix": "triage-"},
+                    "dry_run": True,
+                },
+                "What a run-now of the log_triage schedules named triage-* would do, writing nothing",
+            ),
+        ],
+    ),
 )
 class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
     """Interval and cron schedules of jobs: each write is validated like the admin's and recorded in the
@@ -140,6 +175,15 @@ class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
     serializer_class = ScheduleSerializer
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
     lookup_value_regex = "[0-9]+"
+
+    def filter_queryset(self, queryset):
+        queryset = super().filter_queryset(queryset)
+        if self.action == "list" and (terms := self.request.query_params.getlist("label")):
+            try:
+                queryset = queryset.filter(parse_selector(terms))
+            except ValueError as exc:
+                raise ValidationError({"label": [str(exc)]}) from exc
+        return queryset
 
     def perform_create(self, serializer: ScheduleSerializer) -> None:
         serializer.instance = call_service(
@@ -206,6 +250,31 @@ class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
             actor=_actor(request),
         )
         return Response(self.get_serializer(schedule).data)
+
+    @extend_schema(request=BulkSerializer, responses={200: BulkResultSerializer, 409: BulkRefusedSerializer})
+    @action(detail=False, methods=["post"])
+    def bulk(self, request: Request) -> Response:
+        """One action on many schedules, all or none: 200 with what changed; 409 with what would change
+        and what was refused, and why (nothing changed); 400 for a malformed request. `dry_run` answers
+        the same and writes nothing."""
+        body = BulkSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        try:
+            result = call_service(
+                bulk.bulk_apply,
+                data["action"],
+                ids=data.get("ids"),
+                selector=data.get("selector"),
+                note=data["note"],
+                dry_run=data["dry_run"],
+                source=ChangeSource.API,
+                actor=_actor(request),
+            )
+        except bulk.BulkRefused as exc:
+            payload = BulkResultSerializer(exc.result).data
+            return Response({"detail": str(exc), **payload}, status=status.HTTP_409_CONFLICT)
+        return Response(BulkResultSerializer(result).data)
 
     @extend_schema(request=PreviewSerializer, responses={200: PreviewResultSerializer})
     @action(detail=False, methods=["post"])

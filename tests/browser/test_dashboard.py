@@ -103,3 +103,37 @@ def test_run_now_succeeds_live_and_disable_shows_the_note(
     finally:
         worker.stop()
     assert Schedule.objects.count() == 2
+
+
+def test_bulk_form_disables_the_ticked_schedules_by_label(
+    live_server, browser_page, django_user_model, tmp_path
+):
+    """Issue 33.4: filter the list by a label, tick "all on this page", disable with a note: every ticked
+    schedule is disabled in one call (schedules.bulk), the others stay as they were."""
+    django_user_model.objects.create_user("ops", password="pw-ops-12345", is_staff=True)
+    job = Job.objects.get(key="sleep")
+    for name, team in (("pay-a", "payments"), ("pay-b", "payments"), ("risk-a", "risk")):
+        services.create_schedule(
+            name=name, job=job, schedule_type="interval", interval_minutes=10, labels={"team": team}
+        )
+    page = browser_page
+    page.goto(f"{live_server.url}/dashboard/")
+    page.fill("input[name=username]", "ops")
+    page.fill("input[name=password]", "pw-ops-12345")
+    page.click("input[type=submit]")
+    page.wait_for_url(f"{live_server.url}/dashboard/")
+    page.click("a.label:has-text('team=payments')")
+    page.wait_for_url("**label=team*")
+    assert page.locator("tr[data-schedule]").count() == 2
+    page.check("input[data-select-all]")
+    page.select_option("form#bulk select[name=action]", "disable")
+    page.fill("form#bulk input[name=note]", "payments freeze")
+    page.click("form#bulk button[type=submit]")
+    page.locator(".messages li").wait_for()
+    assert "Disabled 2 schedule(s)" in page.inner_text(".messages")
+    shot(page, "dashboard-bulk", tmp_path)
+    states = dict(Schedule.objects.values_list("name", "enabled"))
+    assert states == {"pay-a": False, "pay-b": False, "risk-a": True}
+    assert set(Schedule.objects.filter(enabled=False).values_list("paused_note", flat=True)) == {
+        "payments freeze"
+    }

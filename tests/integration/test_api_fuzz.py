@@ -94,6 +94,10 @@ BUSINESS_RULES = {
     # Timing rules (zones, cron syntax, bounds) and backfill ranges are business rules too.
     "POST /api/schedules/preview/",
     "POST /api/schedules/{id}/backfill/",
+    # Label syntax (Kubernetes': alphanumeric at both ends, at most 63 characters) in ?label= and in a
+    # bulk selector; a bulk's ids must name schedules (else a 409 listing the refused ones).
+    "GET /api/schedules/",
+    "POST /api/schedules/bulk/",
 }
 
 # Ids of the rows the `existing_rows` fixture created, by path parameter name; read while generating.

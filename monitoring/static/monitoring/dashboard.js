@@ -89,6 +89,20 @@
   document.addEventListener("click", function (event) {
     var button = event.target.closest("button[data-action]");
     if (button) { event.preventDefault(); press(button); }
+    // The list's "select all on this page" box ticks the rows' boxes for the bulk form.
+    if (event.target.matches("[data-select-all]")) {
+      document.querySelectorAll("input[name=ids]").forEach(function (box) { box.checked = event.target.checked; });
+    }
   });
+  var bulk = document.getElementById("bulk");
+  if (bulk) {
+    bulk.addEventListener("submit", function (event) {
+      var count = document.querySelectorAll("input[name=ids]:checked").length;
+      var action = bulk.querySelector("select[name=action]").value;
+      if (action === "delete" && !window.confirm("Delete " + count + " schedule(s)? Their history goes too.")) {
+        event.preventDefault();
+      }
+    });
+  }
   window.setTimeout(poll, POLL_MS);
 })();
