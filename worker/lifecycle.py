@@ -129,6 +129,7 @@ def run_execute(
         logger.info("run already taken; message dropped", extra={"run_id": run_id, "status": run.status})
         try:
             semaphore_forget_waiter(caps, waiter=waiter_id(run_id))
+            ratelimit.forget(run.job, waiter=waiter_id(run_id))
         except redis.RedisError:
             pass  # the waiter entry expires by itself
         return Outcome(status="skipped", run_id=run_id, reason=f"already {run.status}")

@@ -1,26 +1,20 @@
 """`Job.rate_limit` across all workers: an exact sliding window of run starts in Redis, one Lua call each.
 
-Per job, a sorted set of its starts (member = one attempt's lease owner, score = when, Redis ms): a run
-may start while fewer than N starts fall in the last window (`10/m`: 10 in any 60 s). A start counts
-from the moment it is admitted, as *pending* (as if starting now, for as long as it is pending), until
-the run's first task process exists (`confirm`, called from the fence once the process is forked);
-then it is recorded at that later instant. So the window holds for the task processes' own start
-times (as /proc shows them) and for `started_at`, however long the admission took to become a
-process: every start is recorded no earlier than it happened. A pending start whose worker died
-counts as made at its expiry (`PENDING_MS`): conservative, never an extra start.
+Per job, a sorted set of its starts (member = one attempt's lease owner, score = Redis ms): a run may
+start while fewer than N starts fall in the last window. An admitted start is *pending*, counted as
+made now, until its first task process exists (`RateFence`); then it is recorded at that instant. So
+every start is recorded no earlier than it happened, and the window holds for the task processes' own
+start times (/proc) and for `started_at`. A pending start whose worker died counts as made at its
+expiry (`pending_ms`): it can cost a start, never add one.
 
-A run beyond the limit *parks* like a run behind a full cap (worker/semaphore.py: its message in
-`cb:sem:parked`, its task acknowledged, `throttled` written once) in the job's line of waiters, by
-when it came due. Room in a window appears at a known instant (the oldest start leaves it), so the line
-needs a timer, not a release: one run at a time, the head of the line, has its message published with
-a countdown to that instant (a Celery ETA), marked by the line's timer key. The head that arrives
-starts (and arms the timer for the next head) or, early, parks again and re-arms. A timer that is
-lost (the worker holding the ETA message died, the publish failed) expires `wake_ms` after its
-instant, and the worker maintenance sweep (`ratelimit_sweep`) arms it again; a parked entry that is
-gone altogether (Redis lost it) is the reaper's stalled-throttled re-publish (worker/reaper.py).
-
-Redis losing its data loses the window: the next starts see an empty one, so at worst one window
-admits twice its limit (docs/OPERATIONS.md). The line and the timers recover as above.
+A run beyond the limit parks like a run behind a full cap (worker/semaphore.py: its message in
+`cb:sem:parked`, its task acknowledged, `throttled` written once), in the job's line by due time. Room
+appears at a known instant (the oldest start leaves the window), so the line's head alone is published,
+with a countdown to that instant (a Celery ETA), under the line's timer key; it starts and arms the
+timer for the next head, or, early, parks again and re-arms. A lost timer (its worker died holding the
+message) expires `wake_ms` after its instant and the maintenance sweep re-arms it; a parked entry Redis
+lost is the reaper's stalled-run re-publish. Redis losing the window lets at most one window hold twice
+the limit (docs/OPERATIONS.md, "Rate limits").
 """
 
 from __future__ import annotations
@@ -45,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "cb:rate"
 LINES_KEY = f"{KEY_PREFIX}:lines"  # job prefix -> "<count>|<window ms>" for every job with waiters
+LIMITED_KEY = f"{KEY_PREFIX}:limited"  # job key -> runs that joined its line (cb_rate_limited_total)
 
 
 def job_prefix(job_key: str) -> str:
@@ -109,14 +104,14 @@ end
 """
 )
 
-# KEYS: starts, pending, waiters, timer, the parked hash, the lines hash. ARGV: member, waiter, due
-# (ms), limit, window ms, pending ms, message, wake ms, job prefix, clock.
+# KEYS: starts, pending, waiters, timer, the parked hash, the lines hash, the limited counts. ARGV:
+# member, waiter, due (ms), limit, window ms, pending ms, message, wake ms, job prefix, clock, job key.
 # Returns {1, delay, message} admitted | {0, used, ahead, delay, message} parked; delay/message: a
 # head of the line to publish (with that countdown), absent if none.
 TAKE_LUA = (
     _LINE_LUA
     + """
-local starts, pending, waiters, timer, parked, lines = unpack(KEYS)
+local starts, pending, waiters, timer, parked, lines, limited = unpack(KEYS)
 local member, waiter, due = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local limit, window, pending_ms = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local message, wake, prefix, now = ARGV[7], tonumber(ARGV[8]), ARGV[9], clock(ARGV[10])
@@ -135,7 +130,9 @@ if n + ahead < limit then
   redis.call('HDEL', parked, waiter)
   result = {1}
 else
-  redis.call('ZADD', waiters, due, waiter)
+  if redis.call('ZADD', waiters, due, waiter) == 1 then
+    redis.call('HINCRBY', limited, ARGV[11], 1)
+  end
   redis.call('HSET', parked, waiter, limit .. '|' .. message)
   redis.call('HSET', lines, prefix, limit .. '|' .. window)
   result = {0, n, ahead}
@@ -159,6 +156,23 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[1], 'GT', now, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], 2 * (tonumber(ARGV[2]) + tonumber(ARGV[3])) + 60000)
 return now
+"""
+)
+
+# KEYS: starts, pending, waiters, timer, the parked hash. ARGV: waiter, limit, window ms, wake ms, clock.
+# A run that will not start (cancelled, started elsewhere) leaves the line; if the timer was its, the
+# next head gets it at once, not after the timer expires. Returns {delay, message} or {}.
+FORGET_LUA = (
+    _LINE_LUA
+    + """
+local starts, pending, waiters, timer, parked = unpack(KEYS)
+redis.call('ZREM', waiters, ARGV[1])
+redis.call('HDEL', parked, ARGV[1])
+if redis.call('GET', timer) == ARGV[1] then
+  redis.call('DEL', timer)
+end
+local limit, window, wake, now = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), clock(ARGV[5])
+return arm(starts, pending, waiters, timer, parked, limit, window, now, wake) or {}
 """
 )
 
@@ -224,8 +238,8 @@ def ratelimit_take(
     """Admit one start under `rate`, or park the run (`park`: its message) in the job's line."""
     prefix = job_prefix(job_key)
     argv = [member, waiter, int(due.timestamp() * 1000), rate.count, rate.window_seconds * 1000]
-    argv += [pending_ms(), park, wake_ms(), prefix, clock]
-    result = _script(TAKE_LUA)(keys=[*_keys(prefix), PARKED_KEY, LINES_KEY], args=argv)
+    argv += [pending_ms(), park, wake_ms(), prefix, clock, job_key]
+    result = _script(TAKE_LUA)(keys=[*_keys(prefix), PARKED_KEY, LINES_KEY, LIMITED_KEY], args=argv)
     admitted = int(result[0]) == 1
     rest = result[1:] if admitted else result[3:]
     head = (int(rest[0]) / 1000, rest[1].decode()) if rest else None
@@ -241,16 +255,24 @@ def ratelimit_confirm(rate: RateLimit, *, job_key: str, member: str, clock: str 
     return int(_script(CONFIRM_LUA)(keys=[starts, pending], args=argv))
 
 
+def ratelimit_forget(
+    rate: RateLimit, *, job_key: str, waiter: str, clock: str = ""
+) -> tuple[float, str] | None:
+    """Take `waiter` out of the job's line; (countdown s, message) of the next head to publish, if any."""
+    keys = [*_keys(job_prefix(job_key)), PARKED_KEY]
+    argv = [waiter, rate.count, rate.window_seconds * 1000, wake_ms(), clock]
+    result = _script(FORGET_LUA)(keys=keys, args=argv)
+    return (int(result[0]) / 1000, result[1].decode()) if result else None
+
+
 def ratelimit_sweep(clock: str = "") -> list[tuple[float, str]]:
     """(countdown s, message) of the line heads whose timer was lost: the maintenance tick's safety net."""
     result = _script(SWEEP_LUA)(keys=[PARKED_KEY, LINES_KEY], args=[wake_ms(), clock])
     return [(int(result[i]) / 1000, result[i + 1].decode()) for i in range(0, len(result), 2)]
 
 
-def ratelimit_starts(job_key: str) -> list[tuple[str, int]]:
-    """(member, Redis ms) of the job's recorded starts (for tests and diagnostics)."""
-    starts = _keys(job_prefix(job_key))[0]
-    return [(m.decode(), int(s)) for m, s in runleases.client().zrange(starts, 0, -1, withscores=True)]
+def waiters_key(job_key: str) -> str:
+    return _keys(job_prefix(job_key))[2]
 
 
 class RateFence(TaskFence):
@@ -285,6 +307,14 @@ def admit(job: Job, *, member: str, waiter: str, due: datetime, park: str) -> tu
     if admission.head is not None:
         wake([admission.head[1]], countdown=admission.head[0])
     return admission, RateFence(rate, job_key=job.key, member=member)
+
+
+def forget(job: Job, *, waiter: str) -> None:
+    """A run that will not start leaves its job's line (raises RedisError like the caps' forget)."""
+    rate = parse_rate_limit(job.rate_limit)
+    head = rate and ratelimit_forget(rate, job_key=job.key, waiter=waiter)
+    if head:
+        wake([head[1]], countdown=head[0])
 
 
 def wake_rate_lines() -> int:

@@ -21,7 +21,12 @@ from hypothesis import strategies as st
 
 from orchestrator.rates import RateLimit, parse_rate_limit
 from worker import ratelimit
-from worker.ratelimit import ratelimit_confirm, ratelimit_starts, ratelimit_sweep, ratelimit_take
+from worker.ratelimit import (
+    ratelimit_confirm,
+    ratelimit_forget,
+    ratelimit_sweep,
+    ratelimit_take,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 CLOCK0 = 1_800_000_000_000  # fake Redis ms
@@ -31,6 +36,12 @@ CLOCK0 = 1_800_000_000_000  # fake Redis ms
 def rl(redis_client, settings):
     settings.WORKER_LEASE_SECONDS = 30  # pending_ms = 120 s
     return redis_client
+
+
+def recorded_starts(client, job="j") -> list[tuple[str, int]]:
+    """(member, Redis ms) of the job's recorded starts."""
+    found = client.zrange(f"{ratelimit.job_prefix(job)}:starts", 0, -1, withscores=True)
+    return [(member.decode(), int(score)) for member, score in found]
 
 
 def take(rate, member, *, now, due_ms=0, waiter=None, job="j"):
@@ -112,7 +123,7 @@ def test_take__pending_start_counts_as_now_until_its_process_exists(rl):
     # Not confirmed: after a whole window it still counts (its process may start any moment).
     assert not take(rate, "b", now=CLOCK0 + 5000).admitted
     ratelimit_confirm(rate, job_key="j", member="a", clock=str(CLOCK0 + 5500))
-    assert ratelimit_starts("j") == [("a", CLOCK0 + 5500)]
+    assert recorded_starts(rl) == [("a", CLOCK0 + 5500)]
     assert not take(rate, "b", now=CLOCK0 + 6499).admitted
     assert take(rate, "b", now=CLOCK0 + 6500).admitted
 
@@ -128,6 +139,18 @@ def test_sweep__arms_a_line_whose_timer_was_lost(rl, settings):
     assert take(rate, "b", now=CLOCK0 + 1000).admitted
     assert ratelimit_sweep(clock=str(CLOCK0 + 1001)) == []
     assert rl.hlen(ratelimit.LINES_KEY) == 0  # an empty line is dropped
+
+
+def test_forget__a_cancelled_head_hands_the_timer_to_the_next_at_once(rl):
+    rate = RateLimit(1, 1)
+    assert take(rate, "a", now=CLOCK0).admitted
+    ratelimit_confirm(rate, job_key="j", member="a", clock=str(CLOCK0))
+    assert take(rate, "b", now=CLOCK0 + 10, due_ms=1).head == (0.99, '{"m":"b"}')
+    assert take(rate, "c", now=CLOCK0 + 20, due_ms=2).head is None
+    # b's run was cancelled: its delivery leaves the line, and c is the head now, for the same instant.
+    assert ratelimit_forget(rate, job_key="j", waiter="w:b", clock=str(CLOCK0 + 30)) == (0.97, '{"m":"c"}')
+    assert not rl.hexists(ratelimit.PARKED_KEY, "w:b")
+    assert take(rate, "c", now=CLOCK0 + 1000, due_ms=2).admitted
 
 
 OPS = st.lists(
@@ -159,6 +182,6 @@ def test_take__matches_the_oracle_and_never_records_more_than_n_per_window(rl, c
             admitted = take(rate, member, now=now, due_ms=due, waiter=f"w{run}").admitted
             assert admitted == oracle.take(member, f"w{run}", due, now), (run, now - CLOCK0)
     # The recorded starts (those still pending as if made now) hold the limit, whatever the order.
-    recorded = sorted([t for _, t in ratelimit_starts("j")] + [now] * len(oracle.pending))
+    recorded = sorted([t for _, t in recorded_starts(rl)] + [now] * len(oracle.pending))
     for i in range(len(recorded) - count):
         assert recorded[i + count] - recorded[i] >= seconds * 1000, recorded
