@@ -201,6 +201,7 @@ def run_execute(
                 stats=stats,
             )
     finally:
+        fence.settle()  # a rate-limited start no task process confirmed (it failed before) counts now
         # The outcome's copy in Redis goes with the leases once the finish was written (`settled`).
         release_and_wake(caps, owner=owner, run_id=run_id, settled=settled)
     if ended is False:

@@ -176,6 +176,23 @@ return arm(starts, pending, waiters, timer, parked, limit, window, now, wake) or
 """
 )
 
+# KEYS: waiters, timer, the parked hash, the lines hash. ARGV: job prefix. The job's limit was lifted:
+# its whole line goes, and every parked message in it is returned, to be published now.
+DROP_LUA = """
+local waiters, timer, parked, lines = unpack(KEYS)
+local out = {}
+for _, waiter in ipairs(redis.call('ZRANGE', waiters, 0, -1)) do
+  local record = redis.call('HGET', parked, waiter)
+  if record then
+    out[#out + 1] = string.sub(record, string.find(record, '|', 1, true) + 1)
+    redis.call('HDEL', parked, waiter)
+  end
+end
+redis.call('DEL', waiters, timer)
+redis.call('HDEL', lines, ARGV[1])
+return out
+"""
+
 # KEYS: the parked hash, the lines hash. ARGV: wake ms, clock. Arms the timer of every line that lost
 # it; drops lines that are empty. Returns {delay, message, ...}.
 SWEEP_LUA = (
@@ -265,6 +282,14 @@ def ratelimit_forget(
     return (int(result[0]) / 1000, result[1].decode()) if result else None
 
 
+def ratelimit_drop_line(job_key: str) -> list[str]:
+    """Empty the job's line (its limit was lifted); the parked messages it held, to publish now."""
+    prefix = job_prefix(job_key)
+    _, _, waiters, timer = _keys(prefix)
+    result = _script(DROP_LUA)(keys=[waiters, timer, PARKED_KEY, LINES_KEY], args=[prefix])
+    return [message.decode() for message in result]
+
+
 def ratelimit_sweep(clock: str = "") -> list[tuple[float, str]]:
     """(countdown s, message) of the line heads whose timer was lost: the maintenance tick's safety net."""
     result = _script(SWEEP_LUA)(keys=[PARKED_KEY, LINES_KEY], args=[wake_ms(), clock])
@@ -276,34 +301,40 @@ def waiters_key(job_key: str) -> str:
 
 
 class RateFence(TaskFence):
-    """The run's fence, which also records its rate-limited start once its first task process exists."""
+    """The run's fence, which also records its rate-limited start (`rate`; None: no limit) once its
+    first task process exists, or at `settle` (the run's end) if none did: `started_at` was written."""
 
-    def __init__(self, rate: RateLimit, *, job_key: str, member: str) -> None:
+    def __init__(self, rate: RateLimit | None = None, *, job_key: str = "", member: str = "") -> None:
         super().__init__()
-        self.rate, self.job_key, self.member, self.confirmed = rate, job_key, member, False
+        self.rate, self.job_key, self.member, self.confirmed = rate, job_key, member, rate is None
 
     def enter(self, pgid: int) -> bool:
         entered = super().enter(pgid)
-        if entered and not self.confirmed:
-            self.confirmed = True
-            try:
-                ratelimit_confirm(self.rate, job_key=self.job_key, member=self.member)
-            except redis.RedisError:
-                # Still pending: it counts as made now until it expires, never less.
-                logger.warning("rate limit start not recorded", extra={"job": self.job_key})
+        if entered:
+            self.settle()
         return entered
 
+    def settle(self) -> None:
+        if self.confirmed or self.rate is None:
+            return
+        self.confirmed = True
+        try:
+            ratelimit_confirm(self.rate, job_key=self.job_key, member=self.member)
+        except redis.RedisError:
+            # Still pending: it counts as made now until it expires, never less.
+            logger.warning("rate limit start not recorded", extra={"job": self.job_key})
 
-def admit(job: Job, *, member: str, waiter: str, due: datetime, park: str) -> tuple[Admission, TaskFence]:
+
+def admit(job: Job, *, member: str, waiter: str, due: datetime, park: str) -> tuple[Admission, RateFence]:
     """The run path's one call: admit the start under the job's rate limit (or park it), publish the
     line's head if one is due a wake-up, and the fence the run executes under."""
     rate = parse_rate_limit(job.rate_limit)
     if rate is None:
-        return Admission(admitted=True), TaskFence()
+        return Admission(admitted=True), RateFence()
     try:
         admission = ratelimit_take(rate, job_key=job.key, member=member, waiter=waiter, due=due, park=park)
     except redis.RedisError:
-        return Admission(admitted=False, rate=rate, unavailable=True), TaskFence()
+        return Admission(admitted=False, rate=rate, unavailable=True), RateFence()
     if admission.head is not None:
         wake([admission.head[1]], countdown=admission.head[0])
     return admission, RateFence(rate, job_key=job.key, member=member)
@@ -318,5 +349,10 @@ def forget(job: Job, *, waiter: str) -> None:
 
 
 def wake_rate_lines() -> int:
-    """The maintenance tick's part: publish the heads of lines whose timer was lost; return how many."""
-    return sum(wake([message], countdown=countdown) for countdown, message in ratelimit_sweep())
+    """The maintenance tick's part: publish the heads of lines whose timer was lost, and every run
+    waiting behind a limit that was lifted (`rate_limit` set to null); return how many."""
+    lines = [p.decode().removeprefix(job_prefix("")) for p in runleases.client().hkeys(LINES_KEY)]
+    woken = 0
+    for key in Job.objects.filter(key__in=lines, rate_limit=None).values_list("key", flat=True):
+        woken += wake(ratelimit_drop_line(key))
+    return woken + sum(wake([message], countdown=countdown) for countdown, message in ratelimit_sweep())

@@ -153,6 +153,45 @@ def test_forget__a_cancelled_head_hands_the_timer_to_the_next_at_once(rl):
     assert take(rate, "c", now=CLOCK0 + 1000, due_ms=2).admitted
 
 
+def test_rate_fence__records_the_start_at_the_first_task_process_or_at_the_end_if_none(rl):
+    rate = RateLimit(2, 60)
+    pending = f"{ratelimit.job_prefix('j')}:pending"
+    for member in ("forked", "failed-before-fork"):
+        assert take(rate, member, now=CLOCK0).admitted
+    forked = ratelimit.RateFence(rate, job_key="j", member="forked")
+    assert forked.enter(2**22 + 12345)  # no such group: entering still records the start
+    forked.leave(2**22 + 12345)
+    assert rl.zrange(pending, 0, -1) == [b"failed-before-fork"]
+    ratelimit.RateFence(rate, job_key="j", member="failed-before-fork").settle()
+    assert rl.zcard(pending) == 0
+    assert sorted(m for m, _ in recorded_starts(rl)) == ["failed-before-fork", "forked"]
+    ratelimit.RateFence().settle()  # no limit: nothing to record
+
+
+@pytest.mark.django_db
+def test_wake_rate_lines__a_lifted_limit_publishes_its_whole_line_at_once(rl):
+    from orchestrator.models import Job
+    from orchestrator.services import OrchestratorService
+    from schedules.dispatch import message_for
+    from worker.caps import park_message
+
+    Job.objects.filter(key="sleep").update(rate_limit="1/h")
+    job = Job.objects.get(key="sleep")
+    rate = RateLimit(1, 3600)
+    runs = [OrchestratorService.launch(job=job, trigger="manual", task3_scope="allowlist") for _ in range(3)]
+    for i, run in enumerate(runs):
+        park = park_message(message_for(job, run, None), limits=(None, None), schedule_name=None)
+        args = {"job_key": "sleep", "member": f"m{i}", "waiter": f"run:{run.pk}", "due": T0, "park": park}
+        assert ratelimit_take(rate, **args).admitted is (i == 0)
+    assert ratelimit.wake_rate_lines() == 0  # limited: the head has its timer, nobody else is woken
+
+    Job.objects.filter(key="sleep").update(rate_limit=None)
+    assert ratelimit.wake_rate_lines() == 2  # both waiting runs published at once, not one a timer
+    assert rl.zcard(f"{ratelimit.job_prefix('sleep')}:waiters") == 0
+    assert not rl.hexists(ratelimit.PARKED_KEY, f"run:{runs[1].pk}")
+    assert rl.hlen(ratelimit.LINES_KEY) == 0
+
+
 OPS = st.lists(
     st.tuples(
         st.sampled_from(["take", "take", "confirm"]),
