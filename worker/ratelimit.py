@@ -60,10 +60,12 @@ local function clock(arg)
 end
 """
 
-# used(): settles the window at `now` (pending past expiry become starts at their expiry; starts at or
-# before now - window leave) and returns the starts in it, pending included. arm(): unless the timer
-# is set, the head of the line (with a parked message) gets it, for the instant its start fits;
-# returns {delay ms, message} or nothing.
+# used(): settles the window at `now` (pending past expiry become starts at their expiry; starts before
+# now - window leave) and returns the starts in it, pending included. A start exactly a window old
+# still counts: Redis's clock is in whole ms, so two starts a hair under a window apart can read as a
+# whole window apart; counting one ms more keeps them apart by at least a window in real time.
+# arm(): unless the timer is set, the head of the line (with a parked message) gets it, for the instant
+# its start fits; returns {delay ms, message} or nothing.
 _LINE_LUA = (
     _CLOCK_LUA
     + """
@@ -73,7 +75,7 @@ local function used(starts, pending, window, now)
     redis.call('ZADD', starts, late[i + 1], late[i])
   end
   redis.call('ZREMRANGEBYSCORE', pending, '-inf', now)
-  redis.call('ZREMRANGEBYSCORE', starts, '-inf', now - window)
+  redis.call('ZREMRANGEBYSCORE', starts, '-inf', '(' .. (now - window))
   return redis.call('ZCARD', starts) + redis.call('ZCARD', pending)
 end
 local function arm(starts, pending, waiters, timer, parked, limit, window, now, wake)
@@ -92,7 +94,7 @@ local function arm(starts, pending, waiters, timer, parked, limit, window, now, 
         local oldest = redis.call('ZRANGE', starts, over - 1, over - 1, 'WITHSCORES')
         delay = window
         if #oldest > 0 then
-          delay = tonumber(oldest[2]) + window - now
+          delay = tonumber(oldest[2]) + window + 1 - now
         end
       end
       redis.call('SET', timer, head, 'PX', delay + wake)

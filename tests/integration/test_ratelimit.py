@@ -70,7 +70,7 @@ class Oracle:
             if expiry <= now:
                 self.starts[member] = expiry
                 del self.pending[member]
-        return sum(1 for t in self.starts.values() if t > now - self.window) + len(self.pending)
+        return sum(1 for t in self.starts.values() if t >= now - self.window) + len(self.pending)
 
     def take(self, member: str, waiter: str, due: int, now: int) -> bool:
         ahead = sum(1 for w, d in self.waiters.items() if d < due and w != waiter)
@@ -107,14 +107,15 @@ def test_take__admits_n_per_window_then_parks_with_the_instant_a_start_leaves(rl
     assert (parked.used, parked.ahead) == (3, 0)
     assert "rate limit 3/s" in parked.reason
     # It is the head of the line: its own message, due when the first start leaves the window.
-    assert parked.head == (0.5, '{"m":"m3"}')
+    assert parked.head == (0.501, '{"m":"m3"}')
     # The timer is set: a second waiter gets no wake-up of its own.
     assert take(rate, "m4", now=CLOCK0 + 600, due_ms=10).head is None
-    assert not take(rate, "m3", now=CLOCK0 + 999).admitted  # early: parks again, re-armed
-    arrived = take(rate, "m3", now=CLOCK0 + 1000)
+    # A start exactly a window old still counts (Redis's whole ms): early, it parks again, re-armed.
+    assert not take(rate, "m3", now=CLOCK0 + 1000).admitted
+    arrived = take(rate, "m3", now=CLOCK0 + 1001)
     assert arrived.admitted
     # m4 is next: its start fits when m1 leaves, at +1100.
-    assert arrived.head == (0.1, '{"m":"m4"}')
+    assert arrived.head == (0.1, '{"m":"m4"}')  # m1 leaves at +1101
 
 
 def test_take__pending_start_counts_as_now_until_its_process_exists(rl):
@@ -124,8 +125,8 @@ def test_take__pending_start_counts_as_now_until_its_process_exists(rl):
     assert not take(rate, "b", now=CLOCK0 + 5000).admitted
     ratelimit_confirm(rate, job_key="j", member="a", clock=str(CLOCK0 + 5500))
     assert recorded_starts(rl) == [("a", CLOCK0 + 5500)]
-    assert not take(rate, "b", now=CLOCK0 + 6499).admitted
-    assert take(rate, "b", now=CLOCK0 + 6500).admitted
+    assert not take(rate, "b", now=CLOCK0 + 6500).admitted
+    assert take(rate, "b", now=CLOCK0 + 6501).admitted
 
 
 def test_sweep__arms_a_line_whose_timer_was_lost(rl, settings):
@@ -135,9 +136,9 @@ def test_sweep__arms_a_line_whose_timer_was_lost(rl, settings):
     assert take(rate, "b", now=CLOCK0 + 10).head is not None
     assert ratelimit_sweep(clock=str(CLOCK0 + 20)) == []  # its timer is set
     rl.delete(f"{ratelimit.job_prefix('j')}:timer")  # as if it expired: the ETA message was lost
-    assert ratelimit_sweep(clock=str(CLOCK0 + 20)) == [(0.98, '{"m":"b"}')]
-    assert take(rate, "b", now=CLOCK0 + 1000).admitted
-    assert ratelimit_sweep(clock=str(CLOCK0 + 1001)) == []
+    assert ratelimit_sweep(clock=str(CLOCK0 + 20)) == [(0.981, '{"m":"b"}')]
+    assert take(rate, "b", now=CLOCK0 + 1001).admitted
+    assert ratelimit_sweep(clock=str(CLOCK0 + 1002)) == []
     assert rl.hlen(ratelimit.LINES_KEY) == 0  # an empty line is dropped
 
 
@@ -145,12 +146,12 @@ def test_forget__a_cancelled_head_hands_the_timer_to_the_next_at_once(rl):
     rate = RateLimit(1, 1)
     assert take(rate, "a", now=CLOCK0).admitted
     ratelimit_confirm(rate, job_key="j", member="a", clock=str(CLOCK0))
-    assert take(rate, "b", now=CLOCK0 + 10, due_ms=1).head == (0.99, '{"m":"b"}')
+    assert take(rate, "b", now=CLOCK0 + 10, due_ms=1).head == (0.991, '{"m":"b"}')
     assert take(rate, "c", now=CLOCK0 + 20, due_ms=2).head is None
     # b's run was cancelled: its delivery leaves the line, and c is the head now, for the same instant.
-    assert ratelimit_forget(rate, job_key="j", waiter="w:b", clock=str(CLOCK0 + 30)) == (0.97, '{"m":"c"}')
+    assert ratelimit_forget(rate, job_key="j", waiter="w:b", clock=str(CLOCK0 + 30)) == (0.971, '{"m":"c"}')
     assert not rl.hexists(ratelimit.PARKED_KEY, "w:b")
-    assert take(rate, "c", now=CLOCK0 + 1000, due_ms=2).admitted
+    assert take(rate, "c", now=CLOCK0 + 1001, due_ms=2).admitted
 
 
 def test_rate_fence__records_the_start_at_the_first_task_process_or_at_the_end_if_none(rl):
@@ -195,14 +196,16 @@ def test_wake_rate_lines__a_lifted_limit_publishes_its_whole_line_at_once(rl):
 OPS = st.lists(
     st.tuples(
         st.sampled_from(["take", "take", "confirm"]),
-        st.integers(0, 7),  # which run
-        st.one_of(st.integers(0, 400), st.integers(0, 8000)),  # ms since the last call
+        st.integers(0, 3),  # which run
+        # ms since the last call: round numbers often, so that starts land exactly a window apart
+        st.one_of(st.sampled_from([0, 1, 100, 200, 250, 500, 999, 1000, 1001, 2000]), st.integers(0, 8000)),
     ),
+    min_size=10,
     max_size=60,
 )
 
 
-@hsettings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@hsettings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(count=st.integers(1, 4), seconds=st.sampled_from([1, 2]), ops=OPS)
 def test_take__matches_the_oracle_and_never_records_more_than_n_per_window(rl, count, seconds, ops):
     rl.flushdb()
@@ -223,4 +226,4 @@ def test_take__matches_the_oracle_and_never_records_more_than_n_per_window(rl, c
     # The recorded starts (those still pending as if made now) hold the limit, whatever the order.
     recorded = sorted([t for _, t in recorded_starts(rl)] + [now] * len(oracle.pending))
     for i in range(len(recorded) - count):
-        assert recorded[i + count] - recorded[i] >= seconds * 1000, recorded
+        assert recorded[i + count] - recorded[i] > seconds * 1000, recorded
