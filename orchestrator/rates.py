@@ -14,7 +14,7 @@ from django.core.exceptions import ValidationError
 MAX_RATE_COUNT = 10_000  # the limiter keeps one entry per start in its window: keep that set small
 WINDOW_SECONDS = {"s": 1, "m": 60, "h": 3600}
 RATE_LIMIT_PATTERN = r"^[1-9][0-9]*/[smh]$"  # the canonical form, as stored (also a CheckConstraint)
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*([smh])\s*$")
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*([smh])\s*$", re.ASCII)
 RATE_LIMIT_HELP = f"N/s, N/m or N/h with N from 1 to {MAX_RATE_COUNT}, e.g. 10/m; empty for no limit."
 
 

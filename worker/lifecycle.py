@@ -158,6 +158,7 @@ def run_execute(
             countdown = settings.WORKER_THROTTLE_BASE_SECONDS * random.uniform(0.5, 1.0)
             return Outcome(status="throttled", run_id=run_id, reason=grant.reason, countdown=countdown)
         logger.info("run parked", extra={"run_id": run_id, "job": job_key, "reason": grant.reason})
+        ratelimit.forget(run.job, waiter=waiter_id(run_id))  # a cap holds it now, not the rate
         return Outcome(status="parked", run_id=run_id, reason=grant.reason)
     # Last before the start: a run that will not start gives its caps back, never a rate-limited start.
     member = f"{owner}#{run.attempt}"

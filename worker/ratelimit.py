@@ -162,14 +162,14 @@ return now
 )
 
 # KEYS: starts, pending, waiters, timer, the parked hash. ARGV: waiter, limit, window ms, wake ms, clock.
-# A run that will not start (cancelled, started elsewhere) leaves the line; if the timer was its, the
-# next head gets it at once, not after the timer expires. Returns {delay, message} or {}.
+# A run that will not start (cancelled, started elsewhere) or now waits for a cap leaves the line (its
+# parked message stays: a cap's line may hold it); if the timer was its, the next head gets it at once,
+# not after the timer expires. Returns {delay, message} or {}.
 FORGET_LUA = (
     _LINE_LUA
     + """
 local starts, pending, waiters, timer, parked = unpack(KEYS)
 redis.call('ZREM', waiters, ARGV[1])
-redis.call('HDEL', parked, ARGV[1])
 if redis.call('GET', timer) == ARGV[1] then
   redis.call('DEL', timer)
 end
@@ -343,9 +343,12 @@ def admit(job: Job, *, member: str, waiter: str, due: datetime, park: str) -> tu
 
 
 def forget(job: Job, *, waiter: str) -> None:
-    """A run that will not start leaves its job's line (raises RedisError like the caps' forget)."""
+    """A run that will not start, or waits for a cap now, leaves its job's line."""
     rate = parse_rate_limit(job.rate_limit)
-    head = rate and ratelimit_forget(rate, job_key=job.key, waiter=waiter)
+    try:
+        head = rate and ratelimit_forget(rate, job_key=job.key, waiter=waiter)
+    except redis.RedisError:
+        return  # its timer expires by itself and the sweep arms the next
     if head:
         wake([head[1]], countdown=head[0])
 

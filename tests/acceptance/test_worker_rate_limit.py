@@ -18,7 +18,7 @@ from orchestrator.models import Job, Run
 from schedules.dispatch import run_now
 from schedules.models import Schedule, ScheduledRun
 from tests.support import wait_for
-from tests.workerproc import TAG_ENV, RunningSampler, start_worker
+from tests.workerproc import TAG_ENV, ProcSampler, RunningSampler, start_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -92,3 +92,46 @@ def test_rate_limit__100_runs_across_two_workers_never_start_more_than_5_in_any_
     # The limit was binding: runs waited as throttled, and the starts spread over the 19 s it takes.
     assert waiting.maxima.get("throttled", 0) > 0
     assert max(proc_starts) - min(proc_starts) >= (RUNS - LIMIT) / LIMIT * WINDOW - EPSILON
+
+
+def test_rate_limit_and_cap_together__both_hold_and_runs_move_between_their_lines(redis_client, tmp_path):
+    """A job under `5/s` and a per-job cap of one: a run the window admits may find the cap full and wait
+    for it, and the other way round; every run still ends once, and neither limit is exceeded."""
+    runs = 30
+    job, _ = Job.objects.get_or_create(
+        key="start_stamp", defaults={"name": "Start stamp", "queue": "jobs.start_stamp"}
+    )
+    Job.objects.filter(pk=job.pk).update(rate_limit=f"{LIMIT}/s", max_concurrency=1)
+    stamps = tmp_path / "starts.jsonl"
+    schedule = Schedule.objects.create(
+        name="rate-and-cap",
+        job=job,
+        enabled=False,
+        schedule_type="interval",
+        interval_minutes=60,
+        custom_directive_text=str(stamps),
+        overlap_policy="allow",
+    )
+    tag = uuid.uuid4().hex
+    common = {"tmp_path": tmp_path, "concurrency": 2, "include": "tests.worker_jobs", "env": {TAG_ENV: tag}}
+    workers = [start_worker(["jobs.start_stamp"], name=name, **common) for name in ("c1", "c2")]
+    try:
+        with ProcSampler(tag) as procs:
+            for _ in range(runs):
+                run_now(schedule)
+            wait_for(
+                lambda: Run.objects.filter(status__in=["succeeded", "failed", "cancelled"]).count() == runs,
+                timeout=300,
+                interval=0.5,
+                what=f"all {runs} runs ended",
+            )
+    finally:
+        for worker in workers:
+            worker.stop()
+    logs = "\n".join(worker.log()[-3000:] for worker in workers)
+    assert Run.objects.filter(status="succeeded", attempt=1).count() == runs, logs
+    records = [json.loads(line) for line in stamps.read_text().splitlines()]
+    assert sorted(r["run_id"] for r in records) == sorted(Run.objects.values_list("pk", flat=True))
+    assert _crowded_windows([r["start"] for r in records]) == []
+    assert procs.error is None, procs.error
+    assert procs.max_live_of("start_stamp") <= 1, procs.over_cap(1)[:5]

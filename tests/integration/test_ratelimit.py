@@ -150,7 +150,7 @@ def test_forget__a_cancelled_head_hands_the_timer_to_the_next_at_once(rl):
     assert take(rate, "c", now=CLOCK0 + 20, due_ms=2).head is None
     # b's run was cancelled: its delivery leaves the line, and c is the head now, for the same instant.
     assert ratelimit_forget(rate, job_key="j", waiter="w:b", clock=str(CLOCK0 + 30)) == (0.971, '{"m":"c"}')
-    assert not rl.hexists(ratelimit.PARKED_KEY, "w:b")
+    assert rl.zrange(f"{ratelimit.job_prefix('j')}:waiters", 0, -1) == [b"w:c"]
     assert take(rate, "c", now=CLOCK0 + 1001, due_ms=2).admitted
 
 
