@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -178,41 +179,39 @@ return arm(starts, pending, waiters, timer, parked, limit, window, now, wake) or
 """
 )
 
-# KEYS: waiters, timer, the parked hash, the lines hash. ARGV: job prefix. The job's limit was lifted:
-# its whole line goes, and every parked message in it is returned, to be published now.
-DROP_LUA = """
-local waiters, timer, parked, lines = unpack(KEYS)
-local out = {}
-for _, waiter in ipairs(redis.call('ZRANGE', waiters, 0, -1)) do
-  local record = redis.call('HGET', parked, waiter)
-  if record then
-    out[#out + 1] = string.sub(record, string.find(record, '|', 1, true) + 1)
-    redis.call('HDEL', parked, waiter)
-  end
-end
-redis.call('DEL', waiters, timer)
-redis.call('HDEL', lines, ARGV[1])
-return out
-"""
-
-# KEYS: the parked hash, the lines hash. ARGV: wake ms, clock. Arms the timer of every line that lost
-# it; drops lines that are empty. Returns {delay, message, ...}.
+# KEYS: the parked hash, the lines hash. ARGV: wake ms, clock, then the prefixes of jobs whose limit
+# was lifted. Arms the timer of every line that lost it; drops lines that are empty; empties the lines
+# of lifted limits (every parked message in them, to publish now). Returns {delay, message, ...}.
 SWEEP_LUA = (
     _LINE_LUA
     + """
 local parked, lines, wake, now = KEYS[1], KEYS[2], tonumber(ARGV[1]), clock(ARGV[2])
-local out = {}
+local lifted, out = {}, {}
+for i = 3, #ARGV do
+  lifted[ARGV[i]] = true
+end
 local all = redis.call('HGETALL', lines)
 for i = 1, #all, 2 do
   local prefix, conf = all[i], all[i + 1]
   local bar = string.find(conf, '|', 1, true)
   local limit, window = tonumber(string.sub(conf, 1, bar - 1)), tonumber(string.sub(conf, bar + 1))
-  local waiters = prefix .. ':waiters'
+  local waiters, timer = prefix .. ':waiters', prefix .. ':timer'
+  if lifted[prefix] then
+    for _, waiter in ipairs(redis.call('ZRANGE', waiters, 0, -1)) do
+      local record = redis.call('HGET', parked, waiter)
+      if record then
+        out[#out + 1] = 0
+        out[#out + 1] = string.sub(record, string.find(record, '|', 1, true) + 1)
+        redis.call('HDEL', parked, waiter)
+      end
+    end
+    redis.call('DEL', waiters, timer)
+  end
   if redis.call('ZCARD', waiters) == 0 then
     redis.call('HDEL', lines, prefix)
   else
-    local woken = arm(prefix .. ':starts', prefix .. ':pending', waiters, prefix .. ':timer', parked,
-      limit, window, now, wake)
+    local starts, pending = prefix .. ':starts', prefix .. ':pending'
+    local woken = arm(starts, pending, waiters, timer, parked, limit, window, now, wake)
     if woken then
       out[#out + 1] = woken[1]
       out[#out + 1] = woken[2]
@@ -284,17 +283,11 @@ def ratelimit_forget(
     return (int(result[0]) / 1000, result[1].decode()) if result else None
 
 
-def ratelimit_drop_line(job_key: str) -> list[str]:
-    """Empty the job's line (its limit was lifted); the parked messages it held, to publish now."""
-    prefix = job_prefix(job_key)
-    _, _, waiters, timer = _keys(prefix)
-    result = _script(DROP_LUA)(keys=[waiters, timer, PARKED_KEY, LINES_KEY], args=[prefix])
-    return [message.decode() for message in result]
-
-
-def ratelimit_sweep(clock: str = "") -> list[tuple[float, str]]:
-    """(countdown s, message) of the line heads whose timer was lost: the maintenance tick's safety net."""
-    result = _script(SWEEP_LUA)(keys=[PARKED_KEY, LINES_KEY], args=[wake_ms(), clock])
+def ratelimit_sweep(*, lifted: Iterable[str] = (), clock: str = "") -> list[tuple[float, str]]:
+    """(countdown s, message) to publish: the heads of lines whose timer was lost (the maintenance
+    tick's safety net), and everyone in the lines of `lifted` jobs (their limit is null now)."""
+    argv = [wake_ms(), clock, *[job_prefix(key) for key in lifted]]
+    result = _script(SWEEP_LUA)(keys=[PARKED_KEY, LINES_KEY], args=argv)
     return [(int(result[i]) / 1000, result[i + 1].decode()) for i in range(0, len(result), 2)]
 
 
@@ -354,10 +347,9 @@ def forget(job: Job, *, waiter: str) -> None:
 
 
 def wake_rate_lines() -> int:
-    """The maintenance tick's part: publish the heads of lines whose timer was lost, and every run
-    waiting behind a limit that was lifted (`rate_limit` set to null); return how many."""
+    """The maintenance tick's part (see ratelimit_sweep); return how many runs it published."""
     lines = [p.decode().removeprefix(job_prefix("")) for p in runleases.client().hkeys(LINES_KEY)]
-    woken = 0
-    for key in Job.objects.filter(key__in=lines, rate_limit=None).values_list("key", flat=True):
-        woken += wake(ratelimit_drop_line(key))
-    return woken + sum(wake([message], countdown=countdown) for countdown, message in ratelimit_sweep())
+    lifted = list(Job.objects.filter(key__in=lines, rate_limit=None).values_list("key", flat=True))
+    woken = ratelimit_sweep(lifted=lifted)
+    now = [message for countdown, message in woken if not countdown]
+    return wake(now) + sum(wake([message], countdown=countdown) for countdown, message in woken if countdown)
