@@ -40,6 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from worker.ratelimit import LIMITED_KEY, waiters_key
 from worker.semaphore import GLOBAL_SCOPE, holders_key, job_scope
 
 logger = logging.getLogger(__name__)
@@ -251,12 +252,16 @@ class DatabaseCollector:
 
         client = redis_client()
         jobs = list(Job.objects.values_list("key", "max_concurrency"))
+        rated = list(Job.objects.exclude(rate_limit=None).values_list("key", "rate_limit"))
         scopes = [GLOBAL_SCOPE] + [job_scope(key) for key, _ in jobs]
         with client.pipeline(transaction=False) as pipe:
             pipe.time()
             pipe.hgetall(SCHEDULER_COUNTERS_KEY)
+            pipe.hgetall(LIMITED_KEY)
+            for key, _ in rated:
+                pipe.zcard(waiters_key(key))
             results = pipe.execute()
-        (seconds, micros), counters = results
+        (seconds, micros), counters, limited, *rate_waiting = results
         now_ms = seconds * 1000 + micros // 1000
         with client.pipeline(transaction=False) as pipe:
             pipe.zcount(SCHEDULER_INSTANCES_KEY, seconds, "+inf")
@@ -291,6 +296,25 @@ class DatabaseCollector:
             if max_concurrency:
                 limit.add_metric([job_scope(key)], max_concurrency)
         yield limit
+        yield from _rate_limits(rated, limited, rate_waiting)
+
+
+def _rate_limits(rated: list[tuple[str, str]], limited: dict, waiting: list[int]) -> Iterator:
+    """Rate limits (worker/ratelimit.py): runs that waited behind one (counted in Redis as they join
+    the line; a Redis that lost its data starts again from 0, which Prometheus reads as a reset), and
+    how many wait now."""
+    counts = {key.decode(): int(value) for key, value in limited.items()}
+    total = CounterMetricFamily(
+        "cb_rate_limited", "Runs that waited as throttled behind their job's rate limit.", labels=["job"]
+    )
+    now = GaugeMetricFamily(
+        "cb_rate_limit_waiting", "Runs waiting for their job's rate limit now.", labels=["job"]
+    )
+    for (key, _), count in zip(rated, waiting, strict=True):
+        total.add_metric([key], counts.get(key, 0))
+        now.add_metric([key], count)
+    yield total
+    yield now
 
 
 _redis: redis.Redis | None = None

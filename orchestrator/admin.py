@@ -35,7 +35,15 @@ def format_duration(started: datetime | None, finished: datetime | None) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-JOB_SETTINGS = ["name", "description", "enabled", "max_concurrency", "timeout_seconds", "task3_allowlist"]
+JOB_SETTINGS = [
+    "name",
+    "description",
+    "enabled",
+    "max_concurrency",
+    "timeout_seconds",
+    "rate_limit",
+    "task3_allowlist",
+]
 
 
 class JobAdminForm(forms.ModelForm):
@@ -53,13 +61,15 @@ class JobAdminForm(forms.ModelForm):
         if not serializer.is_valid():
             for field, problems in serializer.errors.items():
                 self.add_error(field if field in self.fields else None, [str(p) for p in problems])
+        elif "rate_limit" in serializer.validated_data:
+            cleaned["rate_limit"] = serializer.validated_data["rate_limit"]  # canonical: ` 10 / m` -> `10/m`
         return cleaned
 
 
 @admin.register(models.Job)
 class JobAdmin(admin.ModelAdmin):
     form = JobAdminForm
-    list_display = ["key", "name", "enabled", "queue", "max_concurrency", "timeout_seconds"]
+    list_display = ["key", "name", "enabled", "queue", "max_concurrency", "rate_limit", "timeout_seconds"]
     list_filter = ["enabled"]
     search_fields = ["key", "name"]
     # params_schema is the job's code's (orchestrator/jobs/registry.py), synced at migrate.

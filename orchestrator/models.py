@@ -6,6 +6,8 @@ from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Now
 
+from orchestrator.rates import RATE_LIMIT_HELP, RATE_LIMIT_PATTERN, validate_rate_limit
+
 
 class Trigger(models.TextChoices):
     MANUAL = "manual", "manual"
@@ -40,6 +42,10 @@ class Job(models.Model):
     max_concurrency = models.PositiveIntegerField(null=True, blank=True)
     timeout_seconds = models.PositiveIntegerField(default=600)
     task3_allowlist = models.JSONField(default=list, blank=True)
+    # Starts per second, minute or hour across all workers (`10/m`), or null for none (worker/ratelimit.py).
+    rate_limit = models.CharField(
+        max_length=16, null=True, blank=True, validators=[validate_rate_limit], help_text=RATE_LIMIT_HELP
+    )
     # What a run's params may hold (JSON Schema), the job code's declaration (registry.JobSpec), copied
     # here by the job sync: not editable, because the code reads the params.
     params_schema = models.JSONField(
@@ -54,6 +60,10 @@ class Job(models.Model):
                 name="job_max_concurrency_positive",
             ),
             models.CheckConstraint(condition=Q(timeout_seconds__gte=1), name="job_timeout_positive"),
+            models.CheckConstraint(
+                condition=Q(rate_limit__isnull=True) | Q(rate_limit__regex=RATE_LIMIT_PATTERN),
+                name="job_rate_limit_form",
+            ),
         ]
 
     def __str__(self) -> str:

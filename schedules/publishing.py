@@ -70,13 +70,18 @@ Names = dict[int, str]
 
 
 def send_messages(
-    messages: list[RunMessage], *, limits: Limits | None = None, names: Names | None = None
+    messages: list[RunMessage],
+    *,
+    limits: Limits | None = None,
+    names: Names | None = None,
+    countdown: float | None = None,
 ) -> None:
     """Hand the messages to the broker on one producer connection, pipelined; raise if the broker fails.
 
     Publishing the same task id twice is safe (the worker's duplicate check); losing one is not, so a
     failure raises and the caller leaves `published_at` unset for the outbox sweep. `limits` and
     `names`, when the caller has them for every message (run-now does), save their two reads.
+    `countdown`: deliver not before so many seconds (a Celery ETA; a rate-limited run's wake-up).
     """
     if not messages:
         return
@@ -103,6 +108,7 @@ def send_messages(
                 producer=producer,
                 time_limit=hard,
                 soft_time_limit=soft,
+                countdown=countdown,
                 # What Flower's task list shows (issue 17.4): the job and schedule as the name, the run
                 # as the arguments, instead of "worker.execute_run" for every run.
                 shadow=f"{message.job_key}: {schedule}" if schedule else f"{message.job_key}: manual run",

@@ -134,3 +134,33 @@ CONTEXT_RECORDER = register(
         },
     )
 )
+
+
+def stamp_start(ctx):
+    """Append this task process's start time as the kernel recorded it (/proc/self/stat, field 22, read
+    by psutil) to the file the directive names: for the rate-limit test, which must not depend on
+    sampling a process that lives for a few milliseconds."""
+    import json
+    import os
+
+    import psutil
+
+    line = json.dumps({"run_id": ctx.run_id, "pid": os.getpid(), "start": psutil.Process().create_time()})
+    with open(ctx.directive_text.strip(), "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+    return {}
+
+
+def nothing(ctx):
+    return {}
+
+
+START_STAMP = register(
+    JobSpec(
+        key="start_stamp",
+        name="Start stamp (tests only)",
+        description="Near no-op: its first task appends its start time to the file its directive names.",
+        tasks=(TaskSpec("stamp", stamp_start), TaskSpec("nothing", nothing), sleep.JOB.tasks[2]),
+        timeout_seconds=60,
+    )
+)

@@ -113,8 +113,9 @@ def park_message(
     )
 
 
-def wake(messages: list[str]) -> int:
+def wake(messages: list[str], *, countdown: float | None = None) -> int:
     """Publish the messages of parked runs a release (or the safety sweep) woke; return how many.
+    `countdown`: not before so many seconds (a rate limit's next start, worker/ratelimit.py).
 
     A wake-up that cannot be published is not lost for good: the sweep wakes the run again once the
     woken mark expires (`semaphore.wake_ms`)."""
@@ -133,7 +134,7 @@ def wake(messages: list[str]) -> int:
             stale |= carried is None or limits.setdefault(run.job_key, tuple(carried)) != tuple(carried)
             if name is not None:
                 names[run.scheduled_run_id] = name
-        send_messages(runs, limits=None if stale else limits, names=names)
+        send_messages(runs, limits=None if stale else limits, names=names, countdown=countdown)
     except Exception as exc:
         logger.warning("wake-up publish failed", extra={"count": len(messages), "error": type(exc).__name__})
         return 0

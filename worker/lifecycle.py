@@ -28,6 +28,7 @@ from schedules import runleases, runstate
 from schedules.dispatch import message_for
 from schedules.publishing import time_limits
 from schedules.runstate import ERROR_SUMMARY_MAX, WORKER_LOST
+from worker import ratelimit
 from worker.caps import caps_for, lease_owner, park_message, release_and_wake, semaphore_take, waiter_id
 from worker.heartbeat import Heartbeat
 from worker.loading import load_delivery
@@ -128,6 +129,7 @@ def run_execute(
         logger.info("run already taken; message dropped", extra={"run_id": run_id, "status": run.status})
         try:
             semaphore_forget_waiter(caps, waiter=waiter_id(run_id))
+            ratelimit.forget(run.job, waiter=waiter_id(run_id))
         except redis.RedisError:
             pass  # the waiter entry expires by itself
         return Outcome(status="skipped", run_id=run_id, reason=f"already {run.status}")
@@ -156,7 +158,17 @@ def run_execute(
             countdown = settings.WORKER_THROTTLE_BASE_SECONDS * random.uniform(0.5, 1.0)
             return Outcome(status="throttled", run_id=run_id, reason=grant.reason, countdown=countdown)
         logger.info("run parked", extra={"run_id": run_id, "job": job_key, "reason": grant.reason})
+        ratelimit.forget(run.job, waiter=waiter_id(run_id))  # a cap holds it now, not the rate
         return Outcome(status="parked", run_id=run_id, reason=grant.reason)
+    # Last before the start: a run that will not start gives its caps back, never a rate-limited start.
+    member = f"{owner}#{run.attempt}"
+    admission, fence = ratelimit.admit(run.job, member=member, waiter=waiter_id(run_id), due=due, park=park)
+    if not admission.admitted:
+        release_and_wake(caps, owner=owner, run_id=run_id)
+        runstate.run_mark_throttled(run_id, scheduled_run_id, admission.reason)
+        countdown = settings.WORKER_THROTTLE_MAX_SECONDS * random.uniform(0.5, 1.0)
+        status = "throttled" if admission.unavailable else "parked"
+        return Outcome(status=status, run_id=run_id, reason=admission.reason, countdown=countdown)
 
     try:
         attempt = run.attempt = runstate.run_start(
@@ -172,7 +184,6 @@ def run_execute(
 
     logger.info("run started", extra={"run_id": run_id, "job": job_key, "attempt": attempt, "worker": worker})
     started = time.monotonic()
-    fence = TaskFence()
     heartbeat = Heartbeat(
         run_id=run_id, scheduled_run_id=scheduled_run_id, attempt=attempt, caps=caps, owner=owner, fence=fence
     )
@@ -191,6 +202,7 @@ def run_execute(
                 stats=stats,
             )
     finally:
+        fence.settle()  # a rate-limited start no task process confirmed (it failed before) counts now
         # The outcome's copy in Redis goes with the leases once the finish was written (`settled`).
         release_and_wake(caps, owner=owner, run_id=run_id, settled=settled)
     if ended is False:

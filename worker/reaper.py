@@ -6,7 +6,8 @@ Each tick:
 2. broker check: if the broker's Redis lost its data (restart without persistence), re-publish the runs
    still waiting (queued or throttled), whose messages went with it;
 3. stalled throttled runs: re-publish those whose retries stopped (the worker holding the retry died);
-4. lost wake-ups: wake parked runs that a free slot left behind.
+4. lost wake-ups: wake parked runs that a free slot left behind, and re-arm rate-limit lines whose
+   timer was lost (worker/ratelimit.py).
 
 Lease sets Redis lost are rebuilt by the first acquire that finds it behind the database, not here.
 
@@ -32,6 +33,7 @@ from schedules.models import ScheduledRun, ScheduledRunStatus
 from schedules.runstate import reap_lost_runs
 from worker import semaphore
 from worker.caps import waiter_id, wake_lost_waiters
+from worker.ratelimit import wake_rate_lines
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +153,7 @@ def maintenance_tick() -> dict[str, Any]:
         ("republished", check_broker_data),
         ("stalled", republish_stalled_throttled),
         ("woken", wake_lost_waiters),
+        ("rate_woken", wake_rate_lines),
     ):
         try:
             report[name] = step()

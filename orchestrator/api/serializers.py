@@ -8,6 +8,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from orchestrator.models import Directive, Job, Run, Task3Scope
+from orchestrator.rates import RATE_LIMIT_HELP, parse_rate_limit
 from project.api import StrictFieldsMixin
 
 # Directive text is instructions, not a payload (the same bound as schedules.services.MAX_DIRECTIVE_TEXT).
@@ -83,6 +84,9 @@ class JobSerializer(StrictFieldsMixin, serializers.ModelSerializer):
         max_length=MAX_ALLOWLIST_ITEMS,
         required=False,
     )
+    rate_limit = serializers.CharField(
+        max_length=32, allow_null=True, allow_blank=True, required=False, help_text=RATE_LIMIT_HELP
+    )
 
     class Meta:
         model = Job
@@ -95,10 +99,19 @@ class JobSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "max_concurrency",
             "timeout_seconds",
             "task3_allowlist",
+            "rate_limit",
             "params_schema",
         ]
         # params_schema is the job's code's (orchestrator/jobs/registry.py), synced at migrate.
         read_only_fields = ["key", "queue", "params_schema"]
+
+    def validate_rate_limit(self, value: str | None) -> str | None:
+        """Stored in its canonical form (`10/m`); blank means no limit."""
+        try:
+            rate = parse_rate_limit(value)
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+        return None if rate is None else str(rate)
 
 
 class DirectiveSerializer(StrictFieldsMixin, serializers.ModelSerializer):

@@ -218,6 +218,29 @@ def test_job_admin__refuses_a_zero_cap_and_cannot_add(staff):
     assert staff.get("/admin/orchestrator/job/add/").status_code == 403
 
 
+def test_job_admin__rate_limit_is_validated_and_stored_canonical(staff):
+    job = Job.objects.get(key="sleep")
+    url = f"/admin/orchestrator/job/{job.pk}/change/"
+    data = {
+        "name": job.name,
+        "description": job.description,
+        "enabled": "on",
+        "timeout_seconds": "60",
+        "task3_allowlist": "[]",
+        "rate_limit": "5 a second",
+        "_save": "Save",
+    }
+    response = staff.post(url, data)
+    assert response.status_code == 200
+    assert "N/s, N/m or N/h" in response.content.decode()
+    assert Job.objects.get(pk=job.pk).rate_limit is None
+
+    assert staff.post(url, {**data, "rate_limit": " 5 / s"}).status_code == 302
+    assert Job.objects.get(pk=job.pk).rate_limit == "5/s"
+    assert staff.post(url, {**data, "rate_limit": ""}).status_code == 302
+    assert Job.objects.get(pk=job.pk).rate_limit is None
+
+
 def test_run_admin__is_view_only(staff):
     run = Run.objects.create(job=Job.objects.get(key="sleep"))
     url = f"/admin/orchestrator/run/{run.pk}/change/"

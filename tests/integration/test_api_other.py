@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import socket
+from unittest import mock
 
 import pytest
 from django.core.management import call_command
@@ -44,6 +45,7 @@ def test_jobs__list_and_get_by_key(api):
         "max_concurrency",
         "timeout_seconds",
         "task3_allowlist",
+        "rate_limit",
         "params_schema",
     }
     assert api.get("/api/jobs/no_such_job/").status_code == 404
@@ -82,6 +84,12 @@ def test_jobs__patch_editable_settings(api):
         ({"max_concurrency": 0}, "max_concurrency"),
         ({"timeout_seconds": 0}, "timeout_seconds"),
         ({"timeout_seconds": None}, "timeout_seconds"),
+        ({"rate_limit": "10"}, "rate_limit"),
+        ({"rate_limit": "0/s"}, "rate_limit"),
+        ({"rate_limit": "10/d"}, "rate_limit"),
+        ({"rate_limit": "10001/h"}, "rate_limit"),
+        ({"rate_limit": 5}, "rate_limit"),
+        ({"rate_limit": ["5/s"]}, "rate_limit"),
         ({"task3_allowlist": "alice"}, "task3_allowlist"),
         ({"task3_allowlist": {"a": 1}}, "task3_allowlist"),
         ({"task3_allowlist": [""]}, "task3_allowlist"),
@@ -101,6 +109,19 @@ def test_jobs__invalid_patch_is_400_naming_the_field(api, changes, field):
         before.max_concurrency,
         before.timeout_seconds,
     )
+
+
+def test_jobs__rate_limit_is_stored_canonical_and_cleared_by_null_or_blank(api):
+    response = api.patch("/api/jobs/sleep/", {"rate_limit": " 10 / m "}, format="json")
+    assert response.status_code == 200, response.content
+    assert response.json()["rate_limit"] == "10/m"
+    assert Job.objects.get(key="sleep").rate_limit == "10/m"
+    assert api.patch("/api/jobs/sleep/", {"rate_limit": None}, format="json").json()["rate_limit"] is None
+    api.patch("/api/jobs/sleep/", {"rate_limit": "1/h"}, format="json")
+    assert api.patch("/api/jobs/sleep/", {"rate_limit": ""}, format="json").json()["rate_limit"] is None
+    refused = api.patch("/api/jobs/sleep/", {"rate_limit": "5 per second"}, format="json")
+    assert refused.json() == {"rate_limit": [mock.ANY]}
+    assert "N/s, N/m or N/h" in refused.json()["rate_limit"][0]
 
 
 def test_jobs__cannot_be_created_or_deleted(api):

@@ -179,3 +179,29 @@ def test_a_run_waiting_for_a_slot_counts_in_runs_waiting_until_it_starts(api, re
     assert waiting() == 1
     runstate.run_start(run.pk, None, worker="w@h:1", lease_seq=1)
     assert waiting() == 0
+
+
+@pytest.mark.django_db
+@override_settings(METRICS_MAX_AGE_SECONDS=0)
+def test_runs_parked_behind_a_rate_limit_count_once_each_and_show_waiting(api, redis_client):
+    from datetime import UTC, datetime
+
+    from orchestrator.models import Job
+    from orchestrator.rates import RateLimit
+    from worker.ratelimit import ratelimit_take
+
+    Job.objects.filter(key="sleep").update(rate_limit="1/h")
+
+    def series() -> tuple[float, float]:
+        found = families(scrape(api)[1])
+        limited = next(s.value for s in found["cb_rate_limited"].samples if s.labels["job"] == "sleep")
+        waiting = next(s.value for s in found["cb_rate_limit_waiting"].samples if s.labels["job"] == "sleep")
+        return limited, waiting
+
+    assert series() == (0, 0)
+    due = datetime(2026, 1, 1, tzinfo=UTC)
+    take = {"job_key": "sleep", "due": due, "park": "{}"}
+    assert ratelimit_take(RateLimit(1, 3600), member="a", waiter="run:1", **take).admitted
+    for waiter in ("run:2", "run:3", "run:2"):  # run 2 woken early, parked again: counted once
+        assert not ratelimit_take(RateLimit(1, 3600), member=waiter, waiter=waiter, **take).admitted
+    assert series() == (2, 2)
