@@ -672,7 +672,7 @@ class CalendarAdmin(admin.ModelAdmin):
         from django.utils import timezone as django_timezone
 
         year = django_timezone.now().year
-        days = calendar_service.excluded_days(calendar, start=f"{year}-01-01", end=f"{year + 2}-01-01")
+        _, _, days = calendar_service.excluded_days(calendar, start=f"{year}-01-01", end=f"{year + 2}-01-01")
         return ", ".join(day.isoformat() for day in days[:400]) or "(none)"
 
     def save_model(self, request: HttpRequest, obj: Calendar, form: CalendarAdminForm, change: bool) -> None:

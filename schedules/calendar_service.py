@@ -160,24 +160,40 @@ def import_ics(
     return current, added
 
 
-def excluded_days(calendar: Calendar, *, start: Any, end: Any) -> list[date]:
-    """The days in [start, end) the calendar names (its windows are minutes, not days)."""
+# GET /api/calendars/{id}/days without an `end`: a year from `start`.
+DEFAULT_DAYS = 366
+
+
+def excluded_days(calendar: Calendar, *, start: Any, end: Any) -> tuple[date, date, list[date]]:
+    """The days in [start, end) the calendar names (its windows are minutes, not days), with the range:
+    `start` defaults to today in the calendar's zone, `end` to DEFAULT_DAYS after `start`."""
     errors: dict[str, list[str]] = {}
     parsed = {}
+    if start is None:
+        start = calendar.spec().local_date(_db_now()).isoformat()
+    if end is None and _iso(start) is not None:
+        end = (_iso(start) + timedelta(days=DEFAULT_DAYS)).isoformat()
     for field, value in (("start", start), ("end", end)):
         try:
             parsed[field] = date.fromisoformat(value) if isinstance(value, str) and len(value) == 10 else None
         except ValueError:
             parsed[field] = None
         if parsed[field] is None:
-            errors[field] = ["Required: a date, YYYY-MM-DD."]
+            errors[field] = ["Must be a date, YYYY-MM-DD."]
     if errors:
         raise CalendarInvalid(errors)
     if parsed["end"] <= parsed["start"]:
         raise CalendarInvalid({"end": ["Must be after start (end is exclusive)."]})
     if (parsed["end"] - parsed["start"]).days > calendars.MAX_DAYS_RANGE:
         raise CalendarInvalid({"end": [f"At most {calendars.MAX_DAYS_RANGE} days per call."]})
-    return calendar.spec().days_between(parsed["start"], parsed["end"])
+    return parsed["start"], parsed["end"], calendar.spec().days_between(parsed["start"], parsed["end"])
+
+
+def _iso(value: Any) -> date | None:
+    try:
+        return date.fromisoformat(value) if isinstance(value, str) and len(value) == 10 else None
+    except ValueError:
+        return None
 
 
 # --- A calendar edit moves the next runs of the schedules using it -------------------------------------

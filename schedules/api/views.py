@@ -350,7 +350,7 @@ class CalendarViewSet(ApiViewMixin, viewsets.ModelViewSet):
         """The days in [start, end) the calendar names (its windows are minutes, not days)."""
         calendar = self.get_object()
         start, end = request.query_params.get("start"), request.query_params.get("end")
-        days = call_service(calendar_service.excluded_days, calendar, start=start, end=end)
+        start, end, days = call_service(calendar_service.excluded_days, calendar, start=start, end=end)
         return Response(
             CalendarDaysSerializer({"calendar": calendar.pk, "start": start, "end": end, "days": days}).data
         )

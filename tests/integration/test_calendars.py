@@ -89,8 +89,11 @@ def test_days__lists_the_named_days_of_a_bounded_range(api):
     response = api.get(f"/api/calendars/{cal['id']}/days?start=2027-01-01&end=2027-01-11")
     assert response.status_code == 200
     assert response.json()["days"] == ["2027-01-02", "2027-01-03", "2027-01-06", "2027-01-09", "2027-01-10"]
+    year = api.get(f"/api/calendars/{cal['id']}/days?start=2027-01-01").json()
+    assert (year["end"], len(year["days"])) == ("2028-01-02", 106)  # 366 days: 52 weekends, 6 Jan, 1 Jan 2028
+    assert api.get(f"/api/calendars/{cal['id']}/days").status_code == 200  # from today, in its zone
     for query, field in [
-        ("start=2027-01-01", "end"),
+        ("start=2027-01-01&end=soon", "end"),
         ("start=2027-01-05&end=2027-01-01", "end"),
         ("start=2027-01-01&end=2040-01-01", "end"),
         ("start=tomorrow&end=2027-01-01", "start"),
@@ -259,3 +262,34 @@ def test_backfill__leaves_out_excluded_slots(api):
     slots = ScheduledRun.objects.filter(schedule_id=schedule["id"]).values_list("scheduled_for", flat=True)
     assert sorted(s.weekday() for s in slots) == [0, 1, 2, 3, 4]
     assert timing.MAX_CALENDAR_DAYS > 366 * 8
+
+
+def test_admin__calendars_are_saved_through_the_service_and_schedules_take_them(staff):
+    from tests.support import admin_schedule_form
+
+    form = {"name": "admin-cal", "timezone": "UTC", "rules": '[{"yearly": "02-30"}]', "holidays": "null"}
+    response = staff.post("/admin/schedules/calendar/add/", form)
+    assert response.status_code == 200
+    assert "rules[0].yearly" in response.content.decode()
+    assert not Calendar.objects.exists()
+    response = staff.post(
+        "/admin/schedules/calendar/add/", {**form, "rules": '[{"weekdays": ["sat", "sun"]}]'}
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    calendar = Calendar.objects.get(name="admin-cal")
+    assert calendar.rules == [{"weekdays": ["sat", "sun"]}]
+    assert "(none)" not in staff.get(f"/admin/schedules/calendar/{calendar.pk}/change/").content.decode()
+
+    data = admin_schedule_form(exclude_calendars=str(calendar.pk), calendar_policy="next_allowed")
+    response = staff.post("/admin/schedules/schedule/add/", data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    schedule = Schedule.objects.get(name="admin-made")
+    assert list(schedule.exclude_calendars.all()) == [calendar]
+    assert schedule.calendar_policy == "next_allowed"
+    # Editing the calendar through the admin recomputes and records, as through the API.
+    response = staff.post(
+        f"/admin/schedules/calendar/{calendar.pk}/change/", {**form, "rules": '[{"weekdays": ["mon"]}]'}
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    record = ScheduleChange.objects.get(schedule_id=schedule.pk, action="calendar")
+    assert record.source == "admin"
