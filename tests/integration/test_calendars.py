@@ -293,3 +293,43 @@ def test_admin__calendars_are_saved_through_the_service_and_schedules_take_them(
     assert response.status_code == 302, response.content.decode()[:2000]
     record = ScheduleChange.objects.get(schedule_id=schedule.pk, action="calendar")
     assert record.source == "admin"
+
+
+def test_a_calendar_edit__recomputes_in_batches_whatever_the_number_of_schedules(
+    api, django_assert_max_num_queries, monkeypatch
+):
+    from schedules import calendar_service, services
+    from tests.scheduler_support import sleep_job
+
+    monkeypatch.setattr(calendar_service, "RECOMPUTE_BATCH", 25)
+    calendar = calendar_service.create_calendar(name="many", rules=[])
+    job = sleep_job()
+    for i in range(60):
+        services.create_schedule(
+            name=f"s{i}", job=job, schedule_type="cron", cron_expr="0 9 * * *",
+            exclude_calendars=[calendar], calendar_policy="next_allowed",
+        )  # fmt: skip
+    first = Schedule.objects.first().next_run_at
+    # 3 batches of at most 25 rows: a handful of statements each, not one per schedule.
+    with django_assert_max_num_queries(25):
+        calendar_service.update_calendar(calendar, {"rules": [{"date": first.date().isoformat()}]})
+    assert set(Schedule.objects.values_list("next_run_at", flat=True)) == {first + timedelta(days=1)}
+    assert ScheduleChange.objects.filter(action="calendar").count() == 60
+
+
+def test_backfill_with_next_allowed__creates_the_moved_runs(api):
+    cal = make_calendar(api, name="weekend", rules=[{"weekdays": ["sat", "sun"]}])
+    schedule = make(api, cron_expr="0 9 * * 6", exclude_calendars=[cal["id"]], calendar_policy="next_allowed")
+    response = api.post(
+        f"/api/schedules/{schedule['id']}/backfill",
+        {"start": "2026-01-01T00:00:00Z", "end": "2026-01-20T00:00:00Z"},
+        format="json",
+    )
+    assert response.status_code == 200, response.content
+    slots = sorted(
+        ScheduledRun.objects.filter(schedule_id=schedule["id"]).values_list("scheduled_for", flat=True)
+    )
+    # Saturdays 3, 10 and 17 January 2026, each moved to the Monday after.
+    assert [s.isoformat() for s in slots] == [
+        "2026-01-05T09:00:00+00:00", "2026-01-12T09:00:00+00:00", "2026-01-19T09:00:00+00:00"
+    ]  # fmt: skip

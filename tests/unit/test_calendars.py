@@ -101,6 +101,11 @@ def oracle_runs(
     base = timing.ScheduleSpec(spec.schedule_type, spec.interval_minutes, spec.cron_expr, spec.timezone)
     slots = []
     slot = timing.next_slot(base, after=start)
+    if spec.schedule_type == "interval" and spec.calendar_policy == "next_allowed":
+        # With next_allowed an interval keeps to its grid from the Unix epoch (no start_at here).
+        step = timedelta(minutes=spec.interval_minutes)
+        epoch = utc(1970, 1, 1)
+        slot = epoch + step * ((start - epoch) // step + 1)
     while slot is not None and slot <= end + timedelta(days=60):
         slots.append(slot)
         slot = timing.next_slot(base, after=slot)
@@ -140,6 +145,7 @@ def implementation_runs(spec: ScheduleSpec, *, start: datetime, end: datetime) -
 # --- Strategies ------------------------------------------------------------------------------------------
 
 CRONS = ["0 9 * * *", "30 2 * * *", "0 * * * *", "30 9 * * 6", "15 1,13 * * *", "0 23 * * 1-5", "45 0 * * 0"]
+INTERVALS = [60, 90, 720, 1440, 2880]
 WINDOWS = ["* 22-23,0-1 * * *", "* 0-6 * * *", "* 12 * * 3", "* * * * 6", "0-29 * * * *"]
 
 
@@ -200,9 +206,14 @@ def scenarios(draw: st.DrawFn):
         {"name": f"o{i}", "timezone": draw(st.sampled_from(ZONES)), "rules": draw(rule_sets(around=around))}
         for i in range(draw(st.integers(0 if exclude else 1, 1)))
     ]
+    timing_fields = draw(
+        st.sampled_from(CRONS).map(lambda expr: {"schedule_type": "cron", "cron_expr": expr})
+        | st.sampled_from(INTERVALS).map(
+            lambda minutes: {"schedule_type": "interval", "interval_minutes": minutes}
+        )
+    )
     spec = ScheduleSpec(
-        schedule_type="cron",
-        cron_expr=draw(st.sampled_from(CRONS)),
+        **timing_fields,
         timezone=draw(st.sampled_from(ZONES)),
         exclude=tuple(spec_from(c["name"], c["timezone"], c["rules"], None) for c in exclude),
         only=tuple(spec_from(c["name"], c["timezone"], c["rules"], None) for c in only),
@@ -211,7 +222,7 @@ def scenarios(draw: st.DrawFn):
     return spec, exclude, only, start
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario=scenarios())
 def test_run_times_with_calendars__match_the_oracle(scenario) -> None:
     spec, exclude, only, start = scenario
