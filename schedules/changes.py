@@ -105,9 +105,9 @@ def history(schedule_id: int):
 
 def record_delete(schedule: Schedule, *, source: str, actor: str = "") -> ScheduleChange:
     """The record of a delete: every field's last value (the row is about to go)."""
-    from schedules.services import SCHEDULE_FIELDS
+    from schedules.services import CALENDAR_FIELDS, SCHEDULE_FIELDS
 
-    before = snapshot(schedule, (*SCHEDULE_FIELDS, "managed"))
+    before = snapshot(schedule, (*SCHEDULE_FIELDS, *CALENDAR_FIELDS, "managed"))
     return record(
         schedule,
         action="delete",

@@ -245,5 +245,6 @@ def plan_slots(
         decisions, completed = decisions[:max_slots], False
     if len(decisions) < planned:
         # Cut short: the next undecided slot follows the last decided one (still due, unless completed).
-        after = timing.next_slot(spec, after=decisions[-1].slot)
+        last = decisions[-1].slot
+        after = timing.next_run_time(spec, after=last) if spec.moves else timing.next_slot(spec, after=last)
     return SlotPlan(decisions=decisions, next_run_at=timing.next_dispatch(spec, after), completed=completed)

@@ -400,3 +400,31 @@ def test_window_matches__agrees_with_croniter() -> None:
         for minutes in range(0, 60 * 24 * 400, 97):
             wall = start + timedelta(minutes=minutes)
             assert calendars.window_matches(expr, wall) == croniter.match(expr, wall), (expr, wall)
+
+
+def test_plan_slots__decide_run_times_with_next_allowed_and_skips_naming_the_calendar() -> None:
+    from schedules.slots import plan_slots
+
+    weekend = spec_from("weekend", "UTC", [{"weekdays": ["sat", "sun"]}], None)
+    moving = ScheduleSpec(schedule_type="cron", cron_expr="0 9 * * *", exclude=(weekend,),
+                          calendar_policy="next_allowed")  # fmt: skip
+    friday, monday = utc(2027, 1, 8, 9), utc(2027, 1, 11, 9)
+    common = {"overlap_policy": "allow", "unfinished": 0, "grace": timedelta(days=5), "last_run_at": None,
+              "now": monday + timedelta(seconds=30)}  # fmt: skip
+    plan = plan_slots(moving, next_run_at=friday, misfire_policy="run_all",
+                      **common)  # fmt: skip
+    assert [(d.slot, d.dispatch) for d in plan.decisions] == [(friday, True), (monday, True)]
+    assert plan.next_run_at == utc(2027, 1, 12, 9)
+    cut = plan_slots(moving, next_run_at=friday, misfire_policy="run_all",
+                     max_slots=1, **common)  # fmt: skip
+    assert [d.slot for d in cut.decisions] == [friday]
+    assert cut.next_run_at == monday  # the next run time, not Saturday's ruled-out slot
+    skipping = dataclasses.replace(moving, calendar_policy="skip")
+    plan = plan_slots(skipping, next_run_at=friday, misfire_policy="run_all",
+                      **common)  # fmt: skip
+    assert [(d.slot.day, d.dispatch, d.reason) for d in plan.decisions] == [
+        (8, True, ""),
+        (9, False, "excluded by calendar 'weekend'"),
+        (10, False, "excluded by calendar 'weekend'"),
+        (11, True, ""),
+    ]
