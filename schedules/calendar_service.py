@@ -13,7 +13,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
+from django.db.models import Q, Value
 
 from schedules import calendars, timing
 from schedules import changes as change_log
@@ -295,20 +295,21 @@ def calendar_specs_for(schedule_ids: list[int]) -> dict[int, tuple[tuple, tuple,
     calendars (three queries, whatever the number): what the scheduler's dispatch adds to a row."""
     if not schedule_ids:
         return {}
-    exclude_through = Schedule.exclude_calendars.through
-    only_through = Schedule.only_calendars.through
-    pairs = {
-        "exclude": list(
-            exclude_through.objects.filter(schedule_id__in=schedule_ids).values_list(
-                "schedule_id", "calendar_id"
-            )
-        ),
-        "only": list(
-            only_through.objects.filter(schedule_id__in=schedule_ids).values_list(
-                "schedule_id", "calendar_id"
-            )
-        ),
-    }
+    # One statement for both sets, on every dispatch transaction: most schedules have no calendar.
+    rows = (
+        Schedule.exclude_calendars.through.objects.filter(schedule_id__in=schedule_ids)
+        .annotate(kind=Value("exclude"))
+        .values_list("kind", "schedule_id", "calendar_id")
+        .union(
+            Schedule.only_calendars.through.objects.filter(schedule_id__in=schedule_ids)
+            .annotate(kind=Value("only"))
+            .values_list("kind", "schedule_id", "calendar_id"),
+            all=True,
+        )
+    )
+    pairs: dict[str, list[tuple[int, int]]] = {"exclude": [], "only": []}
+    for kind, sid, cid in rows:
+        pairs[kind].append((sid, cid))
     used = {sid for rows in pairs.values() for sid, _ in rows}
     if not used:
         return {}

@@ -614,17 +614,29 @@ def calendar_verdict(spec: ScheduleSpec, instant: datetime) -> str | None:
     return None
 
 
+def _horizon(instant: datetime) -> datetime:
+    """How far a search from `instant` looks: MAX_CALENDAR_DAYS on, or the end of the slot math's range."""
+    return (
+        instant + timedelta(days=MAX_CALENDAR_DAYS)
+        if instant < _CEILING - timedelta(days=MAX_CALENDAR_DAYS)
+        else _CEILING
+    )
+
+
 def _excluded_span_end(calendar: CalendarSpec, instant: datetime) -> datetime:
     """The start of the first day after `instant`'s that `calendar` does not name by a day rule, when it
     names `instant`'s day (every instant before it is excluded by the calendar); else `instant`."""
     day = calendar.local_date(instant)
     if not calendar.day_matches(day):
         return instant
-    for _ in range(MAX_CALENDAR_DAYS):
-        day += timedelta(days=1)
-        if not calendar.day_matches(day):
-            break
-    return max(instant, calendar.day_start(day))
+    try:
+        for _ in range(MAX_CALENDAR_DAYS):
+            day += timedelta(days=1)
+            if not calendar.day_matches(day):
+                break
+        return max(instant, calendar.day_start(day))
+    except OverflowError:  # past the end of what a date holds: nothing is allowed before it
+        return _CEILING
 
 
 def _named_day_start(calendar: CalendarSpec, instant: datetime) -> datetime:
@@ -633,11 +645,14 @@ def _named_day_start(calendar: CalendarSpec, instant: datetime) -> datetime:
     day = calendar.local_date(instant)
     if calendar.has_windows() or calendar.day_matches(day):
         return instant
-    for _ in range(MAX_CALENDAR_DAYS):
-        day += timedelta(days=1)
-        if calendar.day_matches(day):
-            break
-    return max(instant, calendar.day_start(day))
+    try:
+        for _ in range(MAX_CALENDAR_DAYS):
+            day += timedelta(days=1)
+            if calendar.day_matches(day):
+                break
+        return max(instant, calendar.day_start(day))
+    except OverflowError:
+        return _CEILING
 
 
 def _blocked_until(spec: ScheduleSpec, instant: datetime) -> datetime:
@@ -708,7 +723,7 @@ def next_allowed_slot(spec: ScheduleSpec, slot: datetime | None) -> datetime | N
     when none lies within MAX_CALENDAR_DAYS / MAX_CALENDAR_SLOTS (or before end_at)."""
     if slot is None or not spec.calendared:
         return slot
-    horizon = slot + timedelta(days=MAX_CALENDAR_DAYS)
+    horizon = _horizon(slot)
     for _ in range(MAX_CALENDAR_SLOTS):
         if slot is None or slot > horizon or not within_bounds(spec, slot):
             return None
@@ -735,7 +750,7 @@ def next_run_time(spec: ScheduleSpec, *, after: datetime, since: datetime | None
         if moved is not None and moved > after:
             return moved
     slot = _base_after(spec, after)
-    horizon = after + timedelta(days=MAX_CALENDAR_DAYS)
+    horizon = _horizon(after)
     for _ in range(MAX_CALENDAR_SLOTS):
         if slot is None or slot > horizon or not within_bounds(spec, slot):
             return None
