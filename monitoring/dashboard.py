@@ -138,7 +138,11 @@ def _upcoming(schedule: Schedule, n: int = 3) -> list:
 
 
 def _page(request: HttpRequest):
-    schedules = Schedule.objects.select_related("job").order_by("name")
+    schedules = (
+        Schedule.objects.select_related("job")
+        .prefetch_related("exclude_calendars", "only_calendars")
+        .order_by("name")
+    )
     query = request.GET.get("q", "").strip()
     if query:
         schedules = schedules.filter(Q(name__icontains=query) | Q(job__key__icontains=query))

@@ -135,7 +135,13 @@ VALIDATION_ERROR_SCHEMA = {
 # Swagger's summary of the standard operations of a resource, by tag (its path segment after /api/).
 # Other operations name theirs with extend_schema(summary=...); tests/integration/test_api_docs.py checks
 # that every operation has one.
-RESOURCE_NOUNS = {"schedules": "schedule", "directives": "directive", "jobs": "job", "runs": "run"}
+RESOURCE_NOUNS = {
+    "schedules": "schedule",
+    "calendars": "calendar",
+    "directives": "directive",
+    "jobs": "job",
+    "runs": "run",
+}
 CRUD_SUMMARIES = {
     "list": "List {noun}s",
     "create": "Create a {noun}",

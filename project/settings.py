@@ -170,6 +170,11 @@ SPECTACULAR_SETTINGS = {
             "name": "schedules",
             "description": "Interval and cron schedules: create, preview, run now, backfill, history.",
         },
+        {
+            "name": "calendars",
+            "description": "Named sets of days (holidays, business days, windows) that schedules exclude or"
+            " keep to: create, list the days, import an iCalendar file.",
+        },
         {"name": "runs", "description": "Runs of jobs, however launched: list, read, launch by hand."},
         {
             "name": "jobs",

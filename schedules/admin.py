@@ -18,10 +18,18 @@ from django.utils.html import format_html, format_html_join
 
 from orchestrator.admin import format_duration
 from project.pagination import EstimatedCountPaginator, bounded_count
-from schedules import bulk, dispatch, services, timing
+from schedules import bulk, calendar_service, dispatch, services, timing
 from schedules import changes as change_log
 from schedules.labels import format_labels, parse_selector
-from schedules.models import ChangeSource, OverlapPolicy, Schedule, ScheduleChange, ScheduledRun
+from schedules.models import (
+    Calendar,
+    CalendarPolicy,
+    ChangeSource,
+    OverlapPolicy,
+    Schedule,
+    ScheduleChange,
+    ScheduledRun,
+)
 
 RECENT_RUNS_SHOWN = 10
 RECENT_CHANGES_SHOWN = 20
@@ -98,9 +106,17 @@ class ScheduleAdminForm(forms.ModelForm):
         help_text="Alerts of this schedule go to ALERT_WEBHOOK_URLS again.",
     )
 
+    # Optional (blank: skip), as in the API.
+    calendar_policy = forms.ChoiceField(
+        choices=CalendarPolicy.choices,
+        required=False,
+        initial=CalendarPolicy.SKIP,
+        help_text="What a slot its calendars rule out becomes: skipped, or run on the next allowed day.",
+    )
+
     class Meta:
         model = Schedule
-        fields = list(services.SCHEDULE_FIELDS)
+        fields = [*services.SCHEDULE_FIELDS, *services.CALENDAR_FIELDS]
         help_texts = {
             "pause_after_failures": "Disable the schedule after this many consecutive failed runs (blank: "
             "never); enabling it clears the note and counts afresh.",
@@ -127,6 +143,9 @@ class ScheduleAdminForm(forms.ModelForm):
     def clean_alert_webhook_url(self) -> str:
         # Blank keeps the stored URL; "Remove the webhook" clears it (clean() below).
         return self.cleaned_data.get("alert_webhook_url") or self.instance.alert_webhook_url
+
+    def clean_calendar_policy(self) -> str:
+        return self.cleaned_data.get("calendar_policy") or CalendarPolicy.SKIP
 
     def clean_jitter_seconds(self) -> int:
         return self.cleaned_data.get("jitter_seconds") or 0
@@ -164,6 +183,14 @@ class ScheduleAdminForm(forms.ModelForm):
         changed = self.changed_data if self.instance.pk else services.SCHEDULE_FIELDS
         errors = services.schedule_errors(
             values, changed=changed, pk=self.instance.pk, run_count=self.instance.scheduled_run_count or 0
+        )
+        errors.update(
+            services.calendar_errors(
+                policy=cleaned.get("calendar_policy", self.instance.calendar_policy),
+                exclude=list(cleaned.get("exclude_calendars") or []),
+                only=list(cleaned.get("only_calendars") or []),
+                jitter_seconds=values.get("jitter_seconds"),
+            )
         )
         for field, messages_ in errors.items():
             self.add_error(field if field in self.fields else None, messages_)
@@ -302,6 +329,7 @@ class ScheduleAdmin(admin.ModelAdmin):
                 ]
             },
         ),
+        ("Calendars", {"fields": ["exclude_calendars", "only_calendars", "calendar_policy"]}),
         ("Pause", {"fields": ["paused_note", "paused_at", "paused_by"]}),
         (
             "Scheduler state",
@@ -460,7 +488,7 @@ class ScheduleAdmin(admin.ModelAdmin):
         # admin's messages and redirect see what was saved.
         fields = {
             field: form.cleaned_data[field]
-            for field in services.SCHEDULE_FIELDS
+            for field in (*services.SCHEDULE_FIELDS, *services.CALENDAR_FIELDS)
             if field in form.cleaned_data
         }
         actor = request.user.get_username()
@@ -654,3 +682,63 @@ class ScheduleChangeAdmin(admin.ModelAdmin):
             "<table><tr><th>field</th><th>old</th><th>new</th></tr>{}</table>",
             format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", rows),
         )
+
+
+class CalendarAdminForm(forms.ModelForm):
+    class Meta:
+        model = Calendar
+        fields = list(calendar_service.CALENDAR_FIELDS)
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        if self.errors:
+            return cleaned
+        values = {field: cleaned.get(field) for field in calendar_service.CALENDAR_FIELDS}
+        values["rules"] = values["rules"] if values["rules"] is not None else []
+        for key, messages_ in calendar_service.calendar_errors(values, pk=self.instance.pk).items():
+            field = key.split("[")[0].split(".")[0]
+            self.add_error(field if field in self.fields else None, [f"{key}: {m}" for m in messages_])
+        return cleaned
+
+
+@admin.register(Calendar)
+class CalendarAdmin(admin.ModelAdmin):
+    """Calendars: saves go through schedules.calendar_service, so an edit recomputes the next runs of
+    the schedules using the calendar, as through the API."""
+
+    form = CalendarAdminForm
+    list_display = ["name", "timezone", "updated_at"]
+    search_fields = ["name"]
+    readonly_fields = ["days_this_year", "created_at", "updated_at"]
+
+    @admin.display(description="days it names this year and next")
+    def days_this_year(self, calendar: Calendar) -> str:
+        if calendar.pk is None:
+            return "-"
+        from django.utils import timezone as django_timezone
+
+        year = django_timezone.now().year
+        _, _, days = calendar_service.excluded_days(calendar, start=f"{year}-01-01", end=f"{year + 2}-01-01")
+        return ", ".join(day.isoformat() for day in days[:400]) or "(none)"
+
+    def save_model(self, request: HttpRequest, obj: Calendar, form: CalendarAdminForm, change: bool) -> None:
+        fields = {field: form.cleaned_data.get(field) for field in calendar_service.CALENDAR_FIELDS}
+        fields["rules"] = fields["rules"] if fields["rules"] is not None else []
+        actor = request.user.get_username()
+        if change:
+            saved = calendar_service.update_calendar(obj.pk, fields, source=ChangeSource.ADMIN, actor=actor)
+        else:
+            saved = calendar_service.create_calendar(**fields)
+        for field in Calendar._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(saved, field.attname))
+
+    def delete_model(self, request: HttpRequest, obj: Calendar) -> None:
+        try:
+            calendar_service.delete_calendar(obj)
+        except calendar_service.CalendarInUse as exc:
+            raise PermissionDenied(" ".join(m for ms in exc.errors.values() for m in ms)) from exc
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Calendar]) -> None:
+        with transaction.atomic():
+            for calendar in queryset:
+                self.delete_model(request, calendar)

@@ -48,9 +48,24 @@ def json_value(field: str, value: Any) -> Any:
     return text
 
 
+# Many-to-many fields: recorded as the sorted names of the calendars.
+CALENDAR_SETS = frozenset({"exclude_calendars", "only_calendars"})
+
+
 def snapshot(schedule: Schedule, fields: Iterable[str]) -> dict[str, Any]:
     """The JSON form of `fields` of `schedule`."""
-    return {field: json_value(field, getattr(schedule, field)) for field in fields}
+    return {
+        field: _names(schedule, field)
+        if field in CALENDAR_SETS
+        else json_value(field, getattr(schedule, field))
+        for field in fields
+    }
+
+
+def _names(schedule: Schedule, field: str) -> list[str]:
+    if schedule.pk is None:
+        return []
+    return sorted(calendar.name for calendar in getattr(schedule, field).all())
 
 
 def diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -111,9 +126,9 @@ def record_delete(schedule: Schedule, *, source: str, actor: str = "") -> Schedu
 
 def build_delete(schedule: Schedule, *, source: str, actor: str = "") -> ScheduleChange:
     """`record_delete`'s row, unsaved."""
-    from schedules.services import SCHEDULE_FIELDS
+    from schedules.services import CALENDAR_FIELDS, SCHEDULE_FIELDS
 
-    before = snapshot(schedule, (*SCHEDULE_FIELDS, "managed"))
+    before = snapshot(schedule, (*SCHEDULE_FIELDS, *CALENDAR_FIELDS, "managed"))
     return build(
         schedule,
         action="delete",

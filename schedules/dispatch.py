@@ -13,6 +13,7 @@ slot that is already there (dispatched, or backfilled) is never inserted twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from django.http import Http404
 from orchestrator.models import Directive, Job, Run, Trigger
 from orchestrator.services import OrchestratorService
 from schedules import claiming, timing
+from schedules.calendar_service import calendar_specs_for
 from schedules.claiming import renew
 from schedules.models import OverlapPolicy, Schedule, ScheduledRun, ScheduledRunStatus
 from schedules.publishing import RunMessage, publish_on_commit, send_messages, stamp_published, time_limits
@@ -231,6 +233,10 @@ def _dispatch_batch(
 def _lock_batch(schedule_ids: list[int], *, claimant: str, result: DispatchResult) -> list[_Locked]:
     """Lock the rows still claimed by us; sort the others into busy (kept) and lost (given back)."""
     locked = [_Locked.from_row(row) for row in claiming.lock_claimed(schedule_ids, claimant=claimant)]
+    # Calendars (issue 33): the slot math rules slots out (or moves them) by the schedule's calendars.
+    calendared = calendar_specs_for([s.id for s in locked])
+    if calendared:
+        locked = [_with_calendars(s, *calendared[s.id]) if s.id in calendared else s for s in locked]
     locked_ids = {s.id for s in locked}
     missing = [sid for sid in schedule_ids if sid not in locked_ids]
     if missing:
@@ -248,6 +254,11 @@ def _lock_batch(schedule_ids: list[int], *, claimant: str, result: DispatchResul
             claiming.release_claims(claimant=claimant, schedule_ids=gone)
             result.lost += gone
     return locked
+
+
+def _with_calendars(s: _Locked, exclude: tuple, only: tuple, policy: str) -> _Locked:
+    spec = dataclasses.replace(s.spec, exclude=exclude, only=only, calendar_policy=policy)
+    return dataclasses.replace(s, spec=spec)
 
 
 def _unfinished_counts(locked: list[_Locked]) -> dict[int, int]:

@@ -8,6 +8,7 @@ from django.db.models import Q
 from django.db.models.functions import Greatest, Now
 
 from orchestrator.models import Directive, Job, Run, Task3Scope, Trigger
+from schedules import calendars
 
 
 class ScheduleType(models.TextChoices):
@@ -25,6 +26,37 @@ class OverlapPolicy(models.TextChoices):
     BUFFER_ONE = "buffer_one", "buffer_one"
     SKIP = "skip", "skip"
     ALLOW = "allow", "allow"
+
+
+class CalendarPolicy(models.TextChoices):
+    # A slot the calendars rule out is not run and is recorded `skipped`, naming the calendar.
+    SKIP = "skip", "skip"
+    # It runs at the same local time on the next allowed day instead.
+    NEXT_ALLOWED = "next_allowed", "next_allowed"
+
+
+class Calendar(models.Model):
+    """A named set of days and windows (schedules/calendars.py), shared by schedules: as
+    `exclude_calendars` it rules their slots out, as `only_calendars` it is where they may run."""
+
+    name = models.CharField(max_length=200, unique=True)
+    timezone = models.CharField(max_length=64, default="UTC")
+    # [{"date": ...}, {"start": ..., "end": ...}, {"yearly": ...}, {"nth_weekday": {...}}, {"weekdays":
+    # [...]}, {"cron": ...}]: validated by schedules.calendar_service.
+    rules = models.JSONField(default=list, blank=True)
+    # {"country" | "market", "subdiv"?, "years"}: the days of the `holidays` package, or null.
+    holidays = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def spec(self) -> calendars.CalendarSpec:
+        return calendars.spec_from(self.name, self.timezone, self.rules or [], self.holidays)
 
 
 class Schedule(models.Model):
@@ -91,6 +123,12 @@ class Schedule(models.Model):
     params = models.JSONField(default=dict, blank=True, db_default=models.Value({}, models.JSONField()))
     # key=value pairs as in Kubernetes (schedules/labels.py): what ?label= and a bulk selector match.
     labels = models.JSONField(default=dict, blank=True, db_default=models.Value({}, models.JSONField()))
+    # Calendars (docs/SCHEDULES.md, "Calendars"): slots on their days are ruled out, or (only) kept.
+    exclude_calendars = models.ManyToManyField(Calendar, blank=True, related_name="excluding_schedules")
+    only_calendars = models.ManyToManyField(Calendar, blank=True, related_name="only_schedules")
+    calendar_policy = models.CharField(
+        max_length=16, choices=CalendarPolicy.choices, default=CalendarPolicy.SKIP, db_default="skip"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

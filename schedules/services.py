@@ -31,6 +31,8 @@ from schedules.dispatch import run_now as dispatch_run_now
 from schedules.labels import label_errors
 from schedules.models import (
     SCHEDULED_RUN_UNFINISHED,
+    Calendar,
+    CalendarPolicy,
     ChangeSource,
     MisfirePolicy,
     OverlapPolicy,
@@ -72,6 +74,11 @@ SCHEDULE_FIELDS = (
     "params",
     "labels",
 )
+# Calendars (issue 33): the calendars a schedule's slots are ruled out by (exclude) or kept to (only),
+# and what a ruled-out slot becomes. Set through the same services, recorded in the same history; not
+# declared by schedules files (sync_schedules leaves them as they are).
+CALENDAR_SETS = ("exclude_calendars", "only_calendars")
+CALENDAR_FIELDS = (*CALENDAR_SETS, "calendar_policy")
 TIMING_FIELDS = frozenset(
     {"schedule_type", "interval_minutes", "cron_expr", "timezone", "jitter_seconds", "start_at", "end_at"}
 )
@@ -341,6 +348,32 @@ class _Values:
         return self._values.get(name)
 
 
+def calendar_errors(
+    *, policy: Any, exclude: list, only: list, jitter_seconds: int | None
+) -> dict[str, list[str]]:
+    """The calendar fields: a known policy, and no jitter with next_allowed (a moved run is not one of
+    the schedule's slots, so its dispatch time could not be told back from a jittered one)."""
+    errors: dict[str, list[str]] = {}
+    if (problem := _choice_error(policy, CalendarPolicy)) is not None:
+        errors["calendar_policy"] = problem
+    elif policy == CalendarPolicy.NEXT_ALLOWED and (exclude or only) and (jitter_seconds or 0) > 0:
+        errors["calendar_policy"] = ["next_allowed takes no jitter: set jitter_seconds to 0 or use skip."]
+    return errors
+
+
+def _calendar_list(value: Any) -> list[Calendar]:
+    """A client's calendars (a list, a queryset or a related manager) as a list of rows."""
+    if value is None:
+        return []
+    if hasattr(value, "all"):
+        value = value.all()
+    return list(value)
+
+
+def _specs(exclude: list[Calendar], only: list[Calendar]) -> tuple[tuple, tuple]:
+    return tuple(c.spec() for c in exclude), tuple(c.spec() for c in only)
+
+
 def _normalise(values: dict[str, Any]) -> None:
     if isinstance(values.get("cron_expr"), str):
         # Spaces are not meaningful between cron fields; store the canonical form.
@@ -374,13 +407,15 @@ def _save(schedule: Schedule, **kwargs: Any) -> None:
         raise ScheduleInvalid({field: [message]}) from exc
 
 
-def _first_slot(schedule: Schedule, now: datetime) -> datetime | None:
+def _first_slot(schedule: Schedule, now: datetime, calendars: tuple | None = None) -> datetime | None:
     """`next_run_at` of a schedule created, re-timed or enabled at `now`: the dispatch time (jitter
     applied) of its first slot, or None when no slot is left before end_at."""
     # last_run_at is a high-water mark: the new first slot must lie after it even if a clock is behind.
     after = max(now, schedule.last_run_at) if schedule.last_run_at else now
     spec = timing.spec_of(schedule)
-    slot = timing.first_slot(spec, now=after)
+    if calendars is not None:
+        spec = dataclasses.replace(spec, exclude=calendars[0], only=calendars[1])
+    slot = timing.first_run(spec, now=after)
     return None if slot is None else timing.next_dispatch(spec, slot)
 
 
@@ -425,21 +460,33 @@ def create_schedule(
     **fields: Any,
 ) -> Schedule:  # fmt: skip
     """Validate and insert a schedule; `next_run_at` is its first slot after now (enabled or not)."""
-    unknown = set(fields) - set(SCHEDULE_FIELDS)
+    unknown = set(fields) - set(SCHEDULE_FIELDS) - set(CALENDAR_FIELDS)
     if unknown:
         raise TypeError(f"unknown schedule fields: {sorted(unknown)}")
     now = _now(now)
+    exclude = _calendar_list(fields.pop("exclude_calendars", None))
+    only = _calendar_list(fields.pop("only_calendars", None))
     schedule = Schedule(**fields, managed=managed)
     values = {field: getattr(schedule, field) for field in SCHEDULE_FIELDS}
     _normalise(values)
     errors = schedule_errors(values, changed=fields.keys(), now=now)
+    errors.update(
+        calendar_errors(
+            policy=schedule.calendar_policy,
+            exclude=exclude,
+            only=only,
+            jitter_seconds=values["jitter_seconds"],
+        )
+    )
     if errors:
         raise ScheduleInvalid(errors)
     for field, value in values.items():
         setattr(schedule, field, value)
-    schedule.next_run_at = _first_slot(schedule, now)
+    schedule.next_run_at = _first_slot(schedule, now, _specs(exclude, only))
     _save(schedule)
-    after = change_log.snapshot(schedule, (*SCHEDULE_FIELDS, "managed"))
+    schedule.exclude_calendars.set(exclude)
+    schedule.only_calendars.set(only)
+    after = change_log.snapshot(schedule, (*SCHEDULE_FIELDS, *CALENDAR_FIELDS, "managed"))
     change_log.record(
         schedule, action="create", source=source, actor=actor, changes=change_log.diff({}, after)
     )
@@ -468,7 +515,7 @@ def update_schedule(
     (ScheduleManaged, a 409). `extra` sets system fields besides (the pause record, `managed`); every
     change is recorded in the schedule's history with `source` and `actor`.
     """
-    unknown = set(changes) - set(SCHEDULE_FIELDS)
+    unknown = set(changes) - set(SCHEDULE_FIELDS) - set(CALENDAR_FIELDS)
     if unknown:
         raise TypeError(f"unknown schedule fields: {sorted(unknown)}")
     now = _now(now)
@@ -476,6 +523,16 @@ def update_schedule(
     # Lock and re-read: the caller's copy may be stale, and the scheduler writes next_run_at/last_run_at.
     current = Schedule.objects.select_for_update().select_related("job").get(pk=pk)
     changes = dict(changes)
+    calendar_changes = {field: changes.pop(field) for field in CALENDAR_FIELDS if field in changes}
+    calendar_sets = {
+        field: _calendar_list(calendar_changes.get(field, getattr(current, field))) for field in CALENDAR_SETS
+    }
+    policy = calendar_changes.get("calendar_policy", current.calendar_policy)
+    calendars_changed = {
+        field
+        for field in CALENDAR_SETS
+        if {c.pk for c in calendar_sets[field]} != {c.pk for c in getattr(current, field).all()}
+    } | ({"calendar_policy"} if policy != current.calendar_policy else set())
     # The type is the discriminator: switching it clears the other kind's field unless the client set it.
     new_type = changes.get("schedule_type", current.schedule_type)
     if new_type != current.schedule_type:
@@ -492,21 +549,35 @@ def update_schedule(
     errors = schedule_errors(
         values, changed=changed, pk=current.pk, now=now, run_count=current.scheduled_run_count
     )
+    if calendars_changed or "jitter_seconds" in changed:
+        errors.update(
+            calendar_errors(
+                policy=policy,
+                exclude=calendar_sets["exclude_calendars"],
+                only=calendar_sets["only_calendars"],
+                jitter_seconds=values["jitter_seconds"],
+            )
+        )
     if errors:
         raise ScheduleInvalid(errors)
     extra = {field: value for field, value in (extra or {}).items() if getattr(current, field) != value}
-    if not changed and not extra:
+    if not changed and not extra and not calendars_changed:
         return current
-    fields = (*SCHEDULE_FIELDS, "managed", *change_log.PAUSE_FIELDS)
+    fields = (*SCHEDULE_FIELDS, *CALENDAR_FIELDS, "managed", *change_log.PAUSE_FIELDS)
     before = change_log.snapshot(current, fields)
+    if calendars_changed:
+        current.exclude_calendars.set(calendar_sets["exclude_calendars"])
+        current.only_calendars.set(calendar_sets["only_calendars"])
+        current.calendar_policy = policy
+        changed = changed | calendars_changed
     was_enabled = current.enabled
-    for field in changed:
+    for field in changed - set(CALENDAR_FIELDS):
         setattr(current, field, values[field])
     for field, value in extra.items():
         setattr(current, field, value)
-    update_fields = set(changed) | set(extra)
+    update_fields = (set(changed) - set(CALENDAR_SETS)) | set(extra)
     enabling = current.enabled and not was_enabled
-    if _timing_changed(current, changed) or enabling:
+    if _timing_changed(current, changed) or enabling or calendars_changed:
         current.next_run_at = _first_slot(current, now)
         update_fields.add("next_run_at")
     if enabling:
@@ -670,6 +741,7 @@ PREVIEW_FIELDS = (
     "start_at",
     "end_at",
     "max_runs",
+    *CALENDAR_FIELDS,
 )
 
 
@@ -677,6 +749,8 @@ PREVIEW_FIELDS = (
 class Preview:
     times: list[datetime]  # dispatch times, jitter applied, within the bounds and max_runs
     description: str
+    # The schedule's own slots up to the last time shown that its calendars rule out, and why.
+    excluded: list[tuple[datetime, str]] = dataclasses.field(default_factory=list)
 
 
 def describe_schedule(spec: timing.ScheduleSpec) -> str:
@@ -699,9 +773,26 @@ def preview_schedule(
     unknown = set(fields) - set(PREVIEW_FIELDS)
     if unknown:
         raise TypeError(f"unknown preview fields: {sorted(unknown)}")
-    values: dict[str, Any] = {"name": "", "cron_expr": "", "timezone": "UTC", "jitter_seconds": 0, **fields}
+    values: dict[str, Any] = {
+        "name": "",
+        "cron_expr": "",
+        "timezone": "UTC",
+        "jitter_seconds": 0,
+        "calendar_policy": CalendarPolicy.SKIP,
+        **fields,
+    }
+    values["exclude_calendars"] = _calendar_list(values.get("exclude_calendars"))
+    values["only_calendars"] = _calendar_list(values.get("only_calendars"))
     _normalise(values)
     errors = timing_errors(values, now=now)
+    errors.update(
+        calendar_errors(
+            policy=values["calendar_policy"],
+            exclude=values["exclude_calendars"],
+            only=values["only_calendars"],
+            jitter_seconds=values["jitter_seconds"],
+        )
+    )
     errors.update(limit_errors({"max_runs": values.get("max_runs")}))
     if not 1 <= count <= MAX_PREVIEW_COUNT:
         errors["count"] = [f"Must be between 1 and {MAX_PREVIEW_COUNT}."]
@@ -710,12 +801,19 @@ def preview_schedule(
     if errors:
         raise ScheduleInvalid(errors)
     spec = timing.spec_of(_Values(values))
-    slot = timing.first_slot(spec, now=after.replace(microsecond=0) if after is not None else _now(now))
+    saved_at = after.replace(microsecond=0) if after is not None else _now(now)
+    slot = timing.first_run(spec, now=saved_at)
     # The schedule as saving it would make it, shown by the function every other screen uses.
     saved = _Values(
         {**values, "enabled": True, "next_run_at": timing.next_dispatch(spec, slot), "scheduled_run_count": 0}
     )
-    return Preview(times=timing.upcoming_runs(saved, n=count), description=describe_schedule(spec))
+    times = timing.upcoming_runs(saved, n=count)
+    excluded: list[tuple[datetime, str]] = []
+    first = timing.first_slot(spec, now=saved_at)
+    if spec.calendared and first is not None:
+        last = times[-1] if times else first + timedelta(days=timing.MAX_CALENDAR_DAYS)
+        excluded = timing.excluded_between(spec, start=first, end=last, limit=MAX_PREVIEW_COUNT)
+    return Preview(times=times, description=describe_schedule(spec), excluded=excluded)
 
 
 def upcoming_runs(schedule: Schedule, n: int) -> list[datetime]:

@@ -97,6 +97,34 @@ def _due_slots(
     return missed, on_time, after
 
 
+# The run times a next_allowed schedule walks through per plan: a far longer downtime is caught up from
+# its last stretch (the run times before it are the misfire policy's to drop anyway).
+MAX_RUN_TIMES_WALKED = 10_000
+
+
+def _due_run_times(
+    spec: timing.ScheduleSpec, *, first: datetime, now: datetime, cutoff: datetime
+) -> tuple[list[datetime], list[datetime], datetime | None]:
+    """`_due_slots` for calendar_policy next_allowed: the run times (moved ones included) from `first`
+    up to `now`, walked forward, split at `cutoff`, the latest MAX_CATCH_UP_SLOTS of them; and the
+    first run time after them."""
+    due: list[datetime] = []
+    current: datetime | None = first
+    for _ in range(MAX_RUN_TIMES_WALKED):
+        if current is None or current > now:
+            break
+        due.append(current)
+        if len(due) > MAX_CATCH_UP_SLOTS:
+            del due[0]
+        current = timing.next_run_time(spec, after=current)
+    else:
+        if current is not None and current <= now:
+            current = timing.next_run_time(spec, after=now)
+    missed = [t for t in due if t < cutoff]
+    on_time = [t for t in due if t >= cutoff]
+    return missed, on_time, current
+
+
 def decide_overlap(
     to_run: list[datetime], *, overlap_policy: str, unfinished: int, job_enabled: bool
 ) -> list[SlotDecision]:
@@ -171,9 +199,12 @@ def plan_slots(
     cutoff = missed_before(now=now, grace=grace, handover=handover)
     if spec.jitter_seconds:
         cutoff -= timedelta(seconds=spec.jitter_seconds)
-    missed, on_time, after = _due_slots(
-        spec, first=first, now=now, cutoff=cutoff, misfire_policy=misfire_policy
-    )
+    if spec.moves:
+        missed, on_time, after = _due_run_times(spec, first=first, now=now, cutoff=cutoff)
+    else:
+        missed, on_time, after = _due_slots(
+            spec, first=first, now=now, cutoff=cutoff, misfire_policy=misfire_policy
+        )
     if last_run_at is not None:
         # High-water mark: no slot at or before the last dispatched one is ever created again.
         missed = [slot for slot in missed if slot > last_run_at]
@@ -194,9 +225,17 @@ def plan_slots(
             decisions.append(SlotDecision(slot=missed[-1], dispatch=False, reason=MISSED_REASON))
     else:  # run_once
         to_run = on_time or missed[-1:]
+    ruled_out: list[SlotDecision] = []
+    if spec.calendared and not spec.moves:
+        # calendar_policy skip: a slot the calendars rule out is recorded skipped, naming the calendar.
+        verdicts = {slot: timing.calendar_verdict(spec, slot) for slot in to_run}
+        ruled_out = [SlotDecision(slot=s, dispatch=False, reason=r) for s, r in verdicts.items() if r]
+        to_run = [slot for slot in to_run if verdicts[slot] is None]
     decisions += decide_overlap(
         to_run, overlap_policy=overlap_policy, unfinished=unfinished, job_enabled=job_enabled
     )
+    if ruled_out:
+        decisions = sorted(decisions + ruled_out, key=lambda decision: decision.slot)
 
     planned = len(decisions)
     decisions, completed = (
@@ -206,5 +245,6 @@ def plan_slots(
         decisions, completed = decisions[:max_slots], False
     if len(decisions) < planned:
         # Cut short: the next undecided slot follows the last decided one (still due, unless completed).
-        after = timing.next_slot(spec, after=decisions[-1].slot)
+        last = decisions[-1].slot
+        after = timing.next_run_time(spec, after=last) if spec.moves else timing.next_slot(spec, after=last)
     return SlotPlan(decisions=decisions, next_run_at=timing.next_dispatch(spec, after), completed=completed)

@@ -45,6 +45,8 @@ from cron_descriptor import WrongArgumentException as CronArgumentError
 from cron_descriptor import get_description as get_cron_description
 from croniter import CroniterError, croniter
 
+from schedules.calendars import CalendarSpec
+
 # No real zone moves its clock by more than two hours; a window of three hours around a naive time
 # holds every instant that could share or swap order with it.
 _SHIFT_BOUND = timedelta(hours=3)
@@ -62,6 +64,21 @@ class ScheduleSpec:
     # What `H` fields and the jitter hash: the schedule's name (unique, and known before it is saved,
     # so a preview shows the very times the saved schedule keeps).
     key: str = ""
+    # Calendars (issue 33): slots on a day or in a window of an `exclude` calendar are ruled out, and
+    # with `only` calendars every slot none of them names. `calendar_policy` says what a ruled-out
+    # slot becomes: "skip" (recorded skipped) or "next_allowed" (moved; see `next_run_time`).
+    exclude: tuple[CalendarSpec, ...] = ()
+    only: tuple[CalendarSpec, ...] = ()
+    calendar_policy: str = "skip"
+
+    @property
+    def calendared(self) -> bool:
+        return bool(self.exclude or self.only)
+
+    @property
+    def moves(self) -> bool:
+        """Ruled-out slots move to the next allowed day (calendar_policy next_allowed)."""
+        return self.calendared and self.calendar_policy == "next_allowed"
 
 
 # The aliases croniter documents, as the five fields they stand for.
@@ -249,9 +266,26 @@ def upcoming(spec: ScheduleSpec, *, after: datetime, n: int = 5) -> list[datetim
     return slots
 
 
+def _calendar_specs(schedule, field: str) -> tuple[CalendarSpec, ...]:
+    """The calendars of a schedule's `field` (a model's many-to-many manager, or a list of Calendar
+    rows in validated data) as CalendarSpecs; none for an unsaved model instance."""
+    try:
+        value = getattr(schedule, field, None)
+    except ValueError:  # an unsaved model instance has no many-to-many rows yet
+        return ()
+    if value is None:
+        return ()
+    if hasattr(value, "all"):
+        value = value.all()
+    return tuple(calendar.spec() for calendar in value)
+
+
 def spec_of(schedule) -> ScheduleSpec:
     """The slot-math view of anything with the Schedule fields (a model instance or validated data)."""
     return ScheduleSpec(
+        exclude=_calendar_specs(schedule, "exclude_calendars"),
+        only=_calendar_specs(schedule, "only_calendars"),
+        calendar_policy=getattr(schedule, "calendar_policy", None) or "skip",
         schedule_type=schedule.schedule_type,
         interval_minutes=schedule.interval_minutes,
         cron_expr=schedule.cron_expr or "",
@@ -267,7 +301,9 @@ def _on_grid(spec: ScheduleSpec) -> bool:
     """Interval slots lie on a fixed grid (from start_at, else the epoch) rather than one interval from
     when the schedule was saved: with start_at (slots are start_at + k * interval), and with jitter (a
     slot must be recoverable from its dispatch time)."""
-    return spec.schedule_type == "interval" and (spec.start_at is not None or spec.jitter_seconds > 0)
+    return spec.schedule_type == "interval" and (
+        spec.start_at is not None or spec.jitter_seconds > 0 or spec.moves
+    )
 
 
 def _grid_floor(spec: ScheduleSpec, at: datetime) -> datetime:
@@ -364,6 +400,8 @@ def run_times(
     limit = n if runs_left is None else max(0, min(n, runs_left))
     times: list[datetime] = []
     slot = slot_of(spec, next_run_at)
+    if spec.calendared and slot is not None:
+        return [dispatch_at(spec, t) for t in calendar_runs(spec, start=slot, limit=limit)]
     while slot is not None and len(times) < limit and within_bounds(spec, slot):
         times.append(dispatch_at(spec, slot))
         slot = next_slot(spec, after=slot)
@@ -399,6 +437,14 @@ def slots_between(
         start = max(start, spec.start_at)
     if spec.end_at is not None:
         end = min(end, spec.end_at + _TICK)
+    if spec.moves:
+        # The run times (moved ones included) in [start, end).
+        times: list[datetime] = []
+        current = next_run_time(spec, after=max(start, _FLOOR) - _TICK)
+        while current is not None and current < end and len(times) < limit:
+            times.append(current)
+            current = next_run_time(spec, after=current)
+        return times
     if spec.schedule_type == "interval":
         step = timedelta(minutes=spec.interval_minutes)
         if _on_grid(spec) or anchor is None:
@@ -416,6 +462,8 @@ def slots_between(
         elif spec.end_at is not None and slot > spec.end_at:
             break
         slot = next_slot(spec, after=slot)
+    if spec.calendared:  # calendar_policy skip: a ruled-out slot is not backfilled
+        return [slot for slot in slots if calendar_verdict(spec, slot) is None]
     return slots
 
 
@@ -544,6 +592,228 @@ def split_due(
     newest = on_time[-1] if on_time else latest_missed
     following = next_slot(spec, after=newest) if newest is not None else first
     return DueSlots(on_time=on_time, latest_missed=latest_missed, following=following)
+
+
+# --- Calendars (issue 33): slots ruled out, and moved to the next allowed day ---------------------------
+
+# How far ahead a search for an allowed slot or day looks, and how many of the schedule's own slots it
+# examines: eight years holds the rarest day (29 February, 2096 to 2104); a schedule whose calendars
+# leave nothing within them has no next run (and says so), instead of searching forever.
+MAX_CALENDAR_DAYS = 366 * 8 + 2
+MAX_CALENDAR_SLOTS = 5000
+
+
+def calendar_verdict(spec: ScheduleSpec, instant: datetime) -> str | None:
+    """Why the calendars rule out a slot at `instant`, naming the calendar; None when it is allowed."""
+    for calendar in spec.exclude:
+        if calendar.matches(instant):
+            return f"excluded by calendar {calendar.name!r}"
+    if spec.only and not any(calendar.matches(instant) for calendar in spec.only):
+        names = ", ".join(repr(calendar.name) for calendar in spec.only)
+        return f"not on a day of calendar {names} (only_calendars)"
+    return None
+
+
+def _horizon(instant: datetime) -> datetime:
+    """How far a search from `instant` looks: MAX_CALENDAR_DAYS on, or the end of the slot math's range."""
+    return (
+        instant + timedelta(days=MAX_CALENDAR_DAYS)
+        if instant < _CEILING - timedelta(days=MAX_CALENDAR_DAYS)
+        else _CEILING
+    )
+
+
+def _excluded_span_end(calendar: CalendarSpec, instant: datetime) -> datetime:
+    """The start of the first day after `instant`'s that `calendar` does not name by a day rule, when it
+    names `instant`'s day (every instant before it is excluded by the calendar); else `instant`."""
+    day = calendar.local_date(instant)
+    if not calendar.day_matches(day):
+        return instant
+    try:
+        for _ in range(MAX_CALENDAR_DAYS):
+            day += timedelta(days=1)
+            if not calendar.day_matches(day):
+                break
+        return max(instant, calendar.day_start(day))
+    except OverflowError:  # past the end of what a date holds: nothing is allowed before it
+        return _CEILING
+
+
+def _named_day_start(calendar: CalendarSpec, instant: datetime) -> datetime:
+    """The first instant at or after `instant` that `calendar` could name: `instant` itself when its day
+    is named or the calendar has windows, else the start of the next named day."""
+    day = calendar.local_date(instant)
+    if calendar.has_windows() or calendar.day_matches(day):
+        return instant
+    try:
+        for _ in range(MAX_CALENDAR_DAYS):
+            day += timedelta(days=1)
+            if calendar.day_matches(day):
+                break
+        return max(instant, calendar.day_start(day))
+    except OverflowError:
+        return _CEILING
+
+
+def _blocked_until(spec: ScheduleSpec, instant: datetime) -> datetime:
+    """An instant before which nothing from `instant` on is allowed (day rules let a search jump whole
+    days; windows do not)."""
+    bound = instant
+    for calendar in spec.exclude:
+        bound = max(bound, _excluded_span_end(calendar, instant))
+    if spec.only:
+        bound = max(bound, min(_named_day_start(calendar, instant) for calendar in spec.only))
+    return bound
+
+
+def _base_after(spec: ScheduleSpec, slot: datetime) -> datetime | None:
+    """The schedule's own slot after `slot` (itself a slot, or any instant on a grid)."""
+    return _grid_next(spec, slot) if _on_grid(spec) else next_slot(spec, after=slot)
+
+
+def _base_at_or_before(spec: ScheduleSpec, at: datetime) -> datetime | None:
+    """The schedule's latest own slot at or before `at` (cron, or an interval on a grid)."""
+    if spec.schedule_type == "cron":
+        return prev_slot(spec, at_or_before=at)
+    if not _on_grid(spec) or (spec.start_at is not None and at < spec.start_at):
+        return None
+    return _in_range(spec, _grid_floor(spec, at))
+
+
+def _base_at_or_after(spec: ScheduleSpec, slot: datetime, bound: datetime) -> datetime | None:
+    """The first of the schedule's own slots at or after `bound`, continuing the chain through `slot`."""
+    if spec.schedule_type == "interval":
+        step = timedelta(minutes=spec.interval_minutes)
+        try:
+            return _in_range(spec, slot + step * -((slot - bound) // step))
+        except OverflowError:
+            return None
+    return next_slot(spec, after=bound - _TICK)
+
+
+def _wall_instant(wall: datetime, zone: ZoneInfo) -> datetime:
+    """The instant of a local wall time, as a fixed-hour cron reads it: the first of a fold, the
+    transition for a time in a gap."""
+    return _instants(wall, zone, False)[0]
+
+
+def moved_time(spec: ScheduleSpec, slot: datetime, *, before: datetime | None) -> datetime | None:
+    """Where calendar_policy next_allowed moves a ruled-out `slot`: the same local time (in the
+    schedule's zone, DST-exact) on the next day it is allowed, if that comes before `before` (the
+    schedule's next own slot: a run that would come later merges into the schedule's own runs) and
+    within MAX_CALENDAR_DAYS and end_at; else None."""
+    zone = _zone(spec.timezone)
+    wall = slot.astimezone(zone).replace(tzinfo=None)
+    for days in range(1, MAX_CALENDAR_DAYS + 1):
+        try:
+            instant = _wall_instant(wall + timedelta(days=days), zone)
+        except OverflowError:
+            return None
+        if (before is not None and instant >= before) or instant > _CEILING:
+            return None
+        if spec.end_at is not None and instant > spec.end_at:
+            return None
+        if calendar_verdict(spec, instant) is None:
+            return instant
+    return None
+
+
+def next_allowed_slot(spec: ScheduleSpec, slot: datetime | None) -> datetime | None:
+    """The first of the schedule's own slots at or after `slot` (a slot) that the calendars allow; None
+    when none lies within MAX_CALENDAR_DAYS / MAX_CALENDAR_SLOTS (or before end_at)."""
+    if slot is None or not spec.calendared:
+        return slot
+    horizon = _horizon(slot)
+    for _ in range(MAX_CALENDAR_SLOTS):
+        if slot is None or slot > horizon or not within_bounds(spec, slot):
+            return None
+        if calendar_verdict(spec, slot) is None:
+            return slot
+        bound = _blocked_until(spec, slot)
+        slot = _base_at_or_after(spec, slot, bound) if bound > slot else _base_after(spec, slot)
+    return None
+
+
+def next_run_time(spec: ScheduleSpec, *, after: datetime, since: datetime | None = None) -> datetime | None:
+    """calendar_policy next_allowed: the first run time strictly after `after`.
+
+    The run times are the schedule's own slots that the calendars allow, and for each ruled-out slot
+    its `moved_time`: the same local time on the next allowed day, unless the schedule's next own slot
+    comes first (then the run merges into the schedule's own). Each moved time lies between its slot
+    and the next, so the run times keep the slots' order. `since`: only slots after it count (a
+    schedule created at `since` has no earlier slot to move). None: no run within the search bounds.
+    """
+    prev = _base_at_or_before(spec, after)
+    if prev is not None and (since is None or prev > since) and calendar_verdict(spec, prev) is not None:
+        following = _base_after(spec, prev)
+        moved = moved_time(spec, prev, before=following)
+        if moved is not None and moved > after:
+            return moved
+    slot = _base_after(spec, after)
+    horizon = _horizon(after)
+    for _ in range(MAX_CALENDAR_SLOTS):
+        if slot is None or slot > horizon or not within_bounds(spec, slot):
+            return None
+        if calendar_verdict(spec, slot) is None:
+            return slot
+        bound = _blocked_until(spec, slot)
+        if bound > slot:
+            # Every slot before `bound` is ruled out, and each one's moved time (allowed, so at or after
+            # `bound`) is later than the next slot, except perhaps the last one's: go straight to it.
+            last = (
+                _base_at_or_before(spec, bound - _TICK)
+                if spec.schedule_type == "cron" or _on_grid(spec)
+                else None
+            )
+            if last is not None and last > slot:
+                slot = last
+        following = _base_after(spec, slot)
+        moved = moved_time(spec, slot, before=following)
+        if moved is not None:
+            return moved
+        slot = following
+    return None
+
+
+def first_run(spec: ScheduleSpec, *, now: datetime) -> datetime | None:
+    """The first slot of a schedule saved at `now` (`first_slot`), or with next_allowed its first run
+    time; with calendar_policy skip a ruled-out slot is still the next one (the scheduler records it
+    skipped when it comes)."""
+    slot = first_slot(spec, now=now)
+    if slot is None or not spec.moves or calendar_verdict(spec, slot) is None:
+        return slot
+    return next_run_time(spec, after=slot - _TICK, since=now)
+
+
+def calendar_runs(spec: ScheduleSpec, *, start: datetime, limit: int) -> list[datetime]:
+    """Up to `limit` run times from the slot (or, with next_allowed, the run time) `start` on, the
+    calendars applied: the allowed slots, or the run times."""
+    times: list[datetime] = []
+    current: datetime | None = start
+    if not spec.moves:
+        current = next_allowed_slot(spec, current)
+    while current is not None and len(times) < limit and within_bounds(spec, current):
+        times.append(current)
+        if spec.moves:
+            current = next_run_time(spec, after=current)
+        else:
+            current = next_allowed_slot(spec, _base_after(spec, current))
+    return times
+
+
+def excluded_between(
+    spec: ScheduleSpec, *, start: datetime, end: datetime, limit: int
+) -> list[tuple[datetime, str]]:
+    """The schedule's own slots in [start, end] the calendars rule out, with why (at most `limit`)."""
+    out: list[tuple[datetime, str]] = []
+    slot: datetime | None = start
+    for _ in range(MAX_CALENDAR_SLOTS):
+        if slot is None or slot > end or len(out) >= limit:
+            break
+        if (reason := calendar_verdict(spec, slot)) is not None:
+            out.append((slot, reason))
+        slot = _base_after(spec, slot)
+    return out
 
 
 # Files in the zone database that are not zones: `localtime` is whatever the host is set to (a schedule

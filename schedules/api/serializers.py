@@ -7,10 +7,10 @@ from rest_framework import serializers
 
 from orchestrator.api.serializers import DirectiveRefField, ParamsField, job_key_field
 from project.api import StrictFieldsMixin
-from schedules import services
+from schedules import calendars, services, timing
 from schedules.bulk import MAX_BULK, BulkAction
 from schedules.labels import label_errors
-from schedules.models import OverlapPolicy, Schedule, ScheduleChange, ScheduledRun
+from schedules.models import Calendar, CalendarPolicy, OverlapPolicy, Schedule, ScheduleChange, ScheduledRun
 from schedules.services import MAX_DIRECTIVE_TEXT, MAX_PREVIEW_COUNT, PAUSE_NOTE_MAX, PREVIEW_COUNT
 
 UPCOMING_COUNT = 5
@@ -124,6 +124,9 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "pause_after_failures",
             "params",
             "labels",
+            "exclude_calendars",
+            "only_calendars",
+            "calendar_policy",
             "paused_note",
             "paused_at",
             "paused_by",
@@ -153,6 +156,17 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "updated_at",
         ]
         extra_kwargs = {
+            "exclude_calendars": {
+                "help_text": "Calendar ids: a slot on one of their days or in one of their windows (read in"
+                " the calendar's zone) is ruled out.",
+            },
+            "only_calendars": {
+                "help_text": "Calendar ids: only the slots on one of their days (or in a window) are kept.",
+            },
+            "calendar_policy": {
+                "help_text": "What a ruled-out slot becomes: skip (recorded skipped, naming the calendar) or"
+                " next_allowed (run at the same local time on the next allowed day).",
+            },
             "pause_after_failures": {
                 "min_value": 1,
                 "help_text": "Disable the schedule after this many consecutive failed slots, with the note"
@@ -196,9 +210,23 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             return f"ended: no slot left before end_at ({schedule.end_at.isoformat()})"
         if not schedule.enabled:
             return "disabled" + (f": {schedule.paused_note}" if schedule.paused_note else "")
+        if schedule.next_run_at is None and _calendared(schedule):
+            return (
+                f"no run allowed by its calendars within {timing.MAX_CALENDAR_DAYS} days"
+                f" ({timing.MAX_CALENDAR_SLOTS} slots)"
+            )
         if schedule.next_run_at is None:
             return "ended: no slot left before the end of year 9999"
+        if _calendared(schedule) and not services.upcoming_runs(schedule, 1):
+            return (
+                f"every slot in the next {timing.MAX_CALENDAR_DAYS} days is ruled out by its calendars"
+                " (each is recorded skipped)"
+            )
         return None
+
+
+def _calendared(schedule: Schedule) -> bool:
+    return bool(schedule.exclude_calendars.all() or schedule.only_calendars.all())
 
 
 def _ended(schedule: Schedule) -> bool:
@@ -242,6 +270,13 @@ class PreviewSerializer(StrictFieldsMixin, serializers.Serializer):
     start_at = serializers.DateTimeField(required=False, allow_null=True)
     end_at = serializers.DateTimeField(required=False, allow_null=True)
     max_runs = serializers.IntegerField(required=False, allow_null=True)
+    exclude_calendars = serializers.PrimaryKeyRelatedField(
+        many=True, required=False, queryset=Calendar.objects.all(), help_text="Calendar ids."
+    )
+    only_calendars = serializers.PrimaryKeyRelatedField(
+        many=True, required=False, queryset=Calendar.objects.all(), help_text="Calendar ids."
+    )
+    calendar_policy = serializers.ChoiceField(choices=CalendarPolicy.choices, required=False)
     after = serializers.DateTimeField(
         required=False, help_text="Preview as if the schedule were saved at this instant (default: now)."
     )
@@ -250,9 +285,21 @@ class PreviewSerializer(StrictFieldsMixin, serializers.Serializer):
     )
 
 
+class ExcludedSlotSerializer(serializers.Serializer):
+    time = serializers.DateTimeField(help_text="The schedule's own slot.")
+    reason = serializers.CharField(help_text="Which calendar rules it out.")
+
+
 class PreviewResultSerializer(serializers.Serializer):
     times = serializers.ListField(child=serializers.DateTimeField())
     description = serializers.CharField()
+    excluded = serializers.SerializerMethodField()
+
+    @extend_schema_field(ExcludedSlotSerializer(many=True))
+    def get_excluded(self, preview: services.Preview) -> list[dict]:
+        """The schedule's own slots up to the last time shown that its calendars rule out (with
+        next_allowed, the slots whose runs moved), and which calendar did."""
+        return ExcludedSlotSerializer([{"time": t, "reason": r} for t, r in preview.excluded], many=True).data
 
 
 class BackfillSerializer(StrictFieldsMixin, serializers.Serializer):
@@ -344,3 +391,68 @@ class BulkResultSerializer(serializers.Serializer):
 
 class BulkRefusedSerializer(BulkResultSerializer):
     detail = serializers.CharField()
+
+
+# --- Calendars ------------------------------------------------------------------------------------------
+
+
+class CalendarSerializer(StrictFieldsMixin, serializers.ModelSerializer):
+    """Input and output of /api/calendars/: the rules are checked by schedules.calendar_service (a 400
+    names the rule and key, e.g. `rules[2].nth_weekday.n`)."""
+
+    rules = serializers.JSONField(
+        required=False,
+        help_text='A list of rules: {"date": "2026-12-25"}, {"start": "2026-12-24", "end": "2027-01-02"}'
+        ' (end exclusive), {"yearly": "12-25"}, {"nth_weekday": {"month": 11, "weekday": "thu", "n": 4}}'
+        ' (n = -1: the last), {"weekdays": ["sat", "sun"]}, {"cron": "* 0-6 * * *"} (a window).',
+    )
+    holidays = serializers.JSONField(
+        required=False,
+        allow_null=True,
+        help_text='Days of the holidays package: {"country": "US", "subdiv": "NY", "years": [2027]} or'
+        ' {"market": "NYSE", "years": [2027]}; null for none.',
+    )
+    schedules = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Calendar
+        fields = ["id", "name", "timezone", "rules", "holidays", "schedules", "created_at", "updated_at"]
+        read_only_fields = ["id", "created_at", "updated_at"]
+        # Uniqueness is a service rule (shared with the admin, and raced-for in the database).
+        extra_kwargs = {"name": {"validators": []}}
+
+    def get_schedules(self, calendar: Calendar) -> list[int]:
+        """Ids of the schedules that use it (exclude or only)."""
+        ids = {s.pk for s in calendar.excluding_schedules.all()} | {
+            s.pk for s in calendar.only_schedules.all()
+        }
+        return sorted(ids)
+
+
+class CalendarDaysSerializer(serializers.Serializer):
+    calendar = serializers.IntegerField()
+    start = serializers.DateField()
+    end = serializers.DateField()
+    days = serializers.ListField(
+        child=serializers.DateField(), help_text="The days it names, in [start, end)."
+    )
+
+
+class CalendarImportSerializer(StrictFieldsMixin, serializers.Serializer):
+    """POST /api/calendars/{id}/import: an iCalendar file, as text in `ics` (or as a multipart `file`)."""
+
+    ics = serializers.CharField(
+        max_length=2_000_000, trim_whitespace=False, help_text="The .ics file's text (BEGIN:VCALENDAR ...)."
+    )
+
+
+class CalendarUploadSerializer(serializers.Serializer):
+    file = serializers.FileField(help_text="An .ics file.")
+
+
+class CalendarImportResultSerializer(serializers.Serializer):
+    added = serializers.IntegerField(help_text="Rules the file added (those already present are kept once).")
+    calendar = CalendarSerializer()
+
+
+MAX_DAYS_RANGE = calendars.MAX_DAYS_RANGE

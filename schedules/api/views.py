@@ -6,17 +6,19 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from django.db import transaction
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import APIException, ValidationError
+from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from orchestrator.api.serializers import RunLaunchSerializer, RunSerializer
 from orchestrator.api.views import RunViewSet
-from project.api import ApiViewMixin
-from schedules import bulk, services
+from project.api import ApiViewMixin, BoundedJSONParser
+from schedules import bulk, calendar_service, services
 from schedules import changes as change_log
 from schedules.api.serializers import (
     BackfillResultSerializer,
@@ -24,6 +26,11 @@ from schedules.api.serializers import (
     BulkRefusedSerializer,
     BulkResultSerializer,
     BulkSerializer,
+    CalendarDaysSerializer,
+    CalendarImportResultSerializer,
+    CalendarImportSerializer,
+    CalendarSerializer,
+    CalendarUploadSerializer,
     DisableSerializer,
     PreviewResultSerializer,
     PreviewSerializer,
@@ -32,8 +39,9 @@ from schedules.api.serializers import (
     ScheduledRunSerializer,
     ScheduleSerializer,
 )
+from schedules.calendar_service import CalendarInUse, CalendarInvalid
 from schedules.labels import parse_selector
-from schedules.models import ChangeSource, Schedule, ScheduledRunStatus
+from schedules.models import Calendar, ChangeSource, Schedule, ScheduledRunStatus
 
 T = TypeVar("T")
 
@@ -57,6 +65,10 @@ def call_service(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise Conflict({_API_FIELD_NAMES.get(k, k): v for k, v in exc.errors.items()}) from exc
     except services.ScheduleInvalid as exc:
         raise ValidationError({_API_FIELD_NAMES.get(k, k): v for k, v in exc.errors.items()}) from exc
+    except CalendarInUse as exc:
+        raise Conflict(exc.errors) from exc
+    except CalendarInvalid as exc:
+        raise ValidationError(exc.errors) from exc
 
 
 def _actor(request: Request) -> str:
@@ -171,7 +183,9 @@ class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
     """Interval and cron schedules of jobs: each write is validated like the admin's and recorded in the
     schedule's change history."""
 
-    queryset = Schedule.objects.select_related("job", "directive")
+    queryset = Schedule.objects.select_related("job", "directive").prefetch_related(
+        "exclude_calendars", "only_calendars"
+    )
     serializer_class = ScheduleSerializer
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
     lookup_value_regex = "[0-9]+"
@@ -327,6 +341,122 @@ class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
             runs = runs.filter(status=wanted)
         page = self.paginate_queryset(runs)
         return self.get_paginated_response(ScheduledRunSerializer(page, many=True).data)
+
+
+CALENDAR_EXAMPLES = [
+    _example(
+        "holidays",
+        {
+            "name": "us-market-holidays",
+            "timezone": "America/New_York",
+            "holidays": {"market": "NYSE", "years": [2027]},
+            "rules": [{"date": "2027-12-24"}],
+        },
+        "NYSE holidays of 2027 and one more day",
+    ),
+    _example(
+        "weekends-and-night",
+        {
+            "name": "weekends-and-nights",
+            "timezone": "Europe/Berlin",
+            "rules": [
+                {"weekdays": ["sat", "sun"]},
+                {"yearly": "12-25"},
+                {"nth_weekday": {"month": 11, "weekday": "thu", "n": 4}},
+                {"cron": "* 0-5 * * *"},
+            ],
+        },
+        "Weekends, Christmas, Thanksgiving, and every night 00:00-05:59",
+    ),
+]
+
+
+@extend_schema_view(
+    create=extend_schema(examples=CALENDAR_EXAMPLES),
+    days=extend_schema(
+        summary="The days a calendar names",
+        parameters=[
+            OpenApiParameter(
+                "start", OpenApiTypes.DATE, required=True, description="First day (YYYY-MM-DD)."
+            ),
+            OpenApiParameter(
+                "end",
+                OpenApiTypes.DATE,
+                required=True,
+                description="Day after the last (at most 3,660 days on).",
+            ),
+        ],
+    ),
+    import_ics=extend_schema(summary="Import an iCalendar file"),
+)
+class CalendarViewSet(ApiViewMixin, viewsets.ModelViewSet):
+    """Calendars: named sets of days (and windows) that schedules exclude or keep to. An edit recomputes
+    the next run of every schedule using the calendar and records it in their change history."""
+
+    queryset = Calendar.objects.prefetch_related("excluding_schedules", "only_schedules").order_by("id")
+    serializer_class = CalendarSerializer
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
+    lookup_value_regex = "[0-9]+"
+
+    def perform_create(self, serializer: CalendarSerializer) -> None:
+        serializer.instance = call_service(calendar_service.create_calendar, **serializer.validated_data)
+
+    def perform_update(self, serializer: CalendarSerializer) -> None:
+        serializer.instance = call_service(
+            calendar_service.update_calendar,
+            serializer.instance,
+            serializer.validated_data,
+            source=ChangeSource.API,
+            actor=_actor(self.request),
+        )
+
+    def perform_destroy(self, instance: Calendar) -> None:
+        call_service(calendar_service.delete_calendar, instance)
+
+    @extend_schema(request=None, responses={200: CalendarDaysSerializer})
+    @action(detail=True, methods=["get"])
+    def days(self, request: Request, pk: str | None = None) -> Response:
+        """The days in [start, end) the calendar names (its windows are minutes, not days)."""
+        calendar = self.get_object()
+        start, end = request.query_params.get("start"), request.query_params.get("end")
+        start, end, days = call_service(calendar_service.excluded_days, calendar, start=start, end=end)
+        return Response(
+            CalendarDaysSerializer({"calendar": calendar.pk, "start": start, "end": end, "days": days}).data
+        )
+
+    @extend_schema(
+        request={
+            "application/json": CalendarImportSerializer,
+            "multipart/form-data": CalendarUploadSerializer,
+        },
+        responses={200: CalendarImportResultSerializer},
+    )
+    @action(
+        detail=True,
+        methods=["post"],
+        url_path="import",
+        parser_classes=[BoundedJSONParser, MultiPartParser],
+    )
+    def import_ics(self, request: Request, pk: str | None = None) -> Response:
+        """Add the events of an iCalendar file to the calendar's rules: all-day events as dates or
+        ranges, timed events as the days they touch, a plain yearly recurrence as a yearly rule."""
+        calendar = self.get_object()
+        if request.content_type.startswith("multipart/"):
+            body = CalendarUploadSerializer(data=request.data)
+            body.is_valid(raise_exception=True)
+            upload = body.validated_data["file"]
+            if upload.size > calendar_service.MAX_ICS_BYTES:
+                raise ValidationError({"file": [f"At most {calendar_service.MAX_ICS_BYTES} bytes."]})
+            data = upload.read()
+        else:
+            body = CalendarImportSerializer(data=request.data)
+            body.is_valid(raise_exception=True)
+            data = body.validated_data["ics"]
+        calendar, added = call_service(
+            calendar_service.import_ics, calendar, data, source=ChangeSource.API, actor=_actor(request)
+        )
+        calendar = self.get_queryset().get(pk=calendar.pk)
+        return Response(CalendarImportResultSerializer({"added": added, "calendar": calendar}).data)
 
 
 # Lives here, not in orchestrator.api, because launching publishes the run message through schedules

@@ -13,7 +13,7 @@ from schedules import services
 
 pytestmark = pytest.mark.django_db
 
-RESOURCES = {"schedules", "runs", "jobs", "directives", "alerts", "health"}
+RESOURCES = {"schedules", "calendars", "runs", "jobs", "directives", "alerts", "health"}
 METHODS = {"get", "post", "patch", "put", "delete"}
 
 

@@ -98,6 +98,12 @@ BUSINESS_RULES = {
     # bulk selector; a bulk's ids must name schedules (else a 409 listing the refused ones).
     "GET /api/schedules/",
     "POST /api/schedules/bulk/",
+    # Calendars: rules and holidays (dates, months, weekdays, countries, markets), an iCalendar file,
+    # a name not taken, and a days range of at most 3,660 days.
+    "POST /api/calendars/",
+    "PATCH /api/calendars/{id}/",
+    "POST /api/calendars/{id}/import/",
+    "GET /api/calendars/{id}/days/",
 }
 
 # Ids of the rows the `existing_rows` fixture created, by path parameter name; read while generating.
@@ -264,7 +270,7 @@ def token(user):
 def existing_rows(redis_client):
     """A directive, schedules (interval, cron, disabled), a run with findings and a scheduled run."""
     from orchestrator.models import Directive, Finding, Job, Run, Trigger
-    from schedules import services
+    from schedules import calendar_service, services
     from schedules.models import ScheduledRun
 
     jobs = list(Job.objects.order_by("key"))
@@ -286,6 +292,12 @@ def existing_rows(redis_client):
     disabled = services.create_schedule(
         name="fuzz-disabled", job=job, schedule_type="interval", interval_minutes=1, enabled=False
     )
+    calendar = calendar_service.create_calendar(
+        name="fuzz-calendar",
+        timezone="Europe/Paris",
+        rules=[{"weekdays": ["sat", "sun"]}, {"yearly": "12-25"}],
+    )
+    services.update_schedule(cron, {"exclude_calendars": [calendar]})
     now = timezone.now()
     run = Run.objects.create(job=job, trigger=Trigger.SCHEDULE, status="succeeded", finished_at=now)
     ScheduledRun.objects.create(
@@ -303,7 +315,7 @@ def existing_rows(redis_client):
         risk_score=8,
     )
     KNOWN.update(
-        id=[interval.pk, cron.pk, disabled.pk, directive.pk, run.pk],
+        id=[interval.pk, cron.pk, disabled.pk, directive.pk, run.pk, calendar.pk],
         run_id=[run.pk],
         key=[j.key for j in jobs],
     )

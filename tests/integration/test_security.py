@@ -48,7 +48,7 @@ from rest_framework.test import APIClient
 from orchestrator import llm
 from orchestrator.models import Directive, Job, Run
 from schedules import services
-from schedules.models import Schedule, ScheduledRun
+from schedules.models import Calendar, Schedule, ScheduledRun
 from tests.scheduler_support import free_port
 from tests.support import dump_all_tables, process_env, rendered_logs, wait_for
 
@@ -128,8 +128,10 @@ def path_values(user) -> dict[str, str]:
     run = Run.objects.create(job=job)
     ScheduledRun.objects.create(schedule=schedule, trigger="manual", scheduled_for=schedule.next_run_at)
     directive = Directive.objects.create(key="sec", name="Sec", text="Look at SSH.", job=job)
+    calendar = Calendar.objects.create(name="sec-weekends", rules=[{"weekdays": ["sat", "sun"]}])
     return {
         "schedules": str(schedule.pk),
+        "calendars": str(calendar.pk),
         "runs": str(run.pk),
         "directives": str(directive.pk),
         "jobs": job.key,
