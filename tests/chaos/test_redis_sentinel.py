@@ -45,12 +45,12 @@ MASTER = "cbmaster"
 
 
 class Replica(PrivateRedis):
-    def __init__(self, master_port: int) -> None:
-        super().__init__()
+    def __init__(self, master_port: int, data_dir: Path) -> None:
+        super().__init__(data_dir=data_dir)
         self.master_port = master_port
 
     def _dir_args(self) -> list[str]:
-        return ["--replicaof", "127.0.0.1", str(self.master_port)]
+        return [*super()._dir_args(), "--replicaof", "127.0.0.1", str(self.master_port)]
 
 
 class Sentinels:
@@ -118,9 +118,10 @@ def _started_counts(logs: list[str]) -> dict[int, int]:
 
 
 def test_master_killed_during_load__replica_promoted_every_run_ends_once_caps_hold(tmp_path):
-    master = PrivateRedis()
+    # Their own folders: a full sync writes an RDB file on both sides (still no persistence: no saves).
+    master = PrivateRedis(data_dir=tmp_path / "master")
     master.start()
-    replica = Replica(master.port)
+    replica = Replica(master.port, tmp_path / "replica")
     replica.start()
     sentinels = Sentinels(master.port, tmp_path)
     redis_url = f"redis://127.0.0.1:{master.port}/0"  # with sentinels set, only its database number counts
