@@ -13,7 +13,7 @@ redis-py's `Script` on its next call.
 
 from __future__ import annotations
 
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import redis
 from redis.sentinel import Sentinel
@@ -32,9 +32,10 @@ def parse_sentinels(value: str) -> list[tuple[str, int]]:
 
 def sentinel_broker_url(redis_url: str, sentinels: str) -> str:
     """kombu's Sentinel form of the broker URL: one `sentinel://` address per sentinel, each carrying
-    REDIS_URL's password and database number (the master's name goes in the transport options)."""
+    REDIS_URL's user, password and database number (the master's name goes in the transport options)."""
     parsed = urlparse(redis_url)
-    auth = f":{parsed.password}@" if parsed.password else ""
+    userinfo, at, _ = parsed.netloc.rpartition("@")
+    auth = f"{userinfo}{at}"
     path = parsed.path if parsed.path not in {"", "/"} else "/0"
     return ";".join(f"sentinel://{auth}{host}:{port}{path}" for host, port in parse_sentinels(sentinels))
 
@@ -50,7 +51,11 @@ def connect(url: str, *, sentinels: str = "", master: str = "", **options) -> re
     db = int(parsed.path.strip("/") or 0) if parsed.scheme != "unix" else 0
     timeouts = {k: v for k, v in options.items() if k in {"socket_timeout", "socket_connect_timeout"}}
     return Sentinel(parse_sentinels(sentinels), sentinel_kwargs=timeouts, **timeouts).master_for(
-        master, db=db, password=parsed.password, username=parsed.username or None, **options
+        master,
+        db=db,
+        password=unquote(parsed.password) if parsed.password else None,
+        username=unquote(parsed.username) if parsed.username else None,
+        **options,
     )
 
 

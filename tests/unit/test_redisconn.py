@@ -20,6 +20,7 @@ def test_sentinel_broker_url__one_address_per_sentinel_with_the_database_and_pas
     url = sentinel_broker_url("redis://:pw@ignored:6379/8", "s1:26379,s2:26380")
     assert url == "sentinel://:pw@s1:26379/8;sentinel://:pw@s2:26380/8"
     assert sentinel_broker_url("redis://ignored", "s1:1") == "sentinel://s1:1/0"
+    assert sentinel_broker_url("redis://u:p%40w@ignored/2", "s1:1") == "sentinel://u:p%40w@s1:1/2"
 
 
 def test_connect__without_sentinels_is_the_url_itself():
@@ -29,12 +30,12 @@ def test_connect__without_sentinels_is_the_url_itself():
 
 
 def test_connect__with_sentinels_asks_them_for_the_named_master_with_the_urls_database():
-    conn = connect("redis://:pw@ignored:1/5", sentinels="s1:26379,s2:26380", master="cb", socket_timeout=2)
+    conn = connect("redis://:p%40w@ignored:1/5", sentinels="s1:26379,s2:26380", master="cb", socket_timeout=2)
     pool = conn.connection_pool
     assert isinstance(pool, SentinelConnectionPool)
     assert pool.service_name == "cb"
     assert pool.connection_kwargs["db"] == 5
-    assert pool.connection_kwargs["password"] == "pw"
+    assert pool.connection_kwargs["password"] == "p@w"  # percent-decoded, as Redis.from_url does
 
 
 def test_client__a_sentinel_broker_url_names_the_configured_master(settings):
