@@ -40,6 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from project import redisconn
 from worker.ratelimit import LIMITED_KEY, waiters_key
 from worker.semaphore import GLOBAL_SCOPE, holders_key, job_scope
 
@@ -323,7 +324,7 @@ _redis: redis.Redis | None = None
 def redis_client() -> redis.Redis:
     global _redis
     if _redis is None:
-        _redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+        _redis = redisconn.client(socket_timeout=2, socket_connect_timeout=2)
     return _redis
 
 

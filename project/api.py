@@ -7,7 +7,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import redis
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
@@ -26,6 +25,7 @@ from rest_framework.routers import SimpleRouter
 from rest_framework.utils import json
 from rest_framework.views import APIView
 
+from project import redisconn
 from project.pagination import EstimatedCountPaginator
 
 logger = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ def _check_database() -> None:
 
 
 def _check_redis() -> None:
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+    client = redisconn.client(socket_connect_timeout=2, socket_timeout=2)
     try:
         client.ping()
     finally:

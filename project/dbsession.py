@@ -30,19 +30,26 @@ from django.conf import settings
 from django.db import connections
 from django.db.backends.signals import connection_created
 
-_OURS = re.compile(r"-c\s*(lock_timeout|statement_timeout)=\S+\s*")
+_OURS = re.compile(r"-c\s*(lock_timeout|statement_timeout|idle_in_transaction_session_timeout)=\S+\s*")
 
 
 def apply_session_timeouts(
-    *, lock_timeout_ms: int, statement_timeout_ms: int, alias: str = "default"
+    *,
+    lock_timeout_ms: int,
+    statement_timeout_ms: int,
+    idle_in_transaction_ms: int = 0,
+    alias: str = "default",
 ) -> None:
     """Give every connection `alias` opens from now on these limits (milliseconds; 0 = no limit).
+
+    `idle_in_transaction_ms`: PostgreSQL ends the session of a transaction left idle this long, and its
+    row locks go with it (a process frozen or cut off mid-transaction holds them until then).
 
     Call it at process start-up, before the first query; a connection already open is closed so the
     next query reconnects with the limits.
     """
     if settings.DB_TRANSACTION_POOLING:
-        _SET_LOCAL[alias] = (int(lock_timeout_ms), int(statement_timeout_ms))
+        _SET_LOCAL[alias] = (int(lock_timeout_ms), int(statement_timeout_ms), int(idle_in_transaction_ms))
         connection_created.connect(_install_set_local, dispatch_uid="dbsession.set_local")
         connections[alias].close()
         return
@@ -50,6 +57,8 @@ def apply_session_timeouts(
     options = settings_dict.setdefault("OPTIONS", {})
     kept = _OURS.sub("", options.get("options", "")).strip()
     ours = f"-c lock_timeout={int(lock_timeout_ms)} -c statement_timeout={int(statement_timeout_ms)}"
+    if idle_in_transaction_ms:
+        ours += f" -c idle_in_transaction_session_timeout={int(idle_in_transaction_ms)}"
     options["options"] = f"{kept} {ours}".strip()
     connections[alias].close()
 
@@ -59,6 +68,9 @@ def apply_scheduler_timeouts() -> None:
     apply_session_timeouts(
         lock_timeout_ms=settings.SCHEDULER_LOCK_TIMEOUT_MS,
         statement_timeout_ms=settings.SCHEDULER_STATEMENT_TIMEOUT_MS,
+        # A scheduler frozen or cut off mid-dispatch would keep its schedules' rows locked until TCP
+        # gives up (or forever, if only the process is stuck); the claim TTL must be what bounds them.
+        idle_in_transaction_ms=settings.SCHEDULER_IDLE_IN_TRANSACTION_TIMEOUT_MS,
     )
 
 
@@ -88,16 +100,19 @@ def set_connection_lock_timeout(connection: Any, lock_timeout_ms: int) -> None:
         cursor.execute("SELECT set_config('lock_timeout', %s, false)", [f"{int(lock_timeout_ms)}ms"])
 
 
-# alias -> (lock_timeout_ms, statement_timeout_ms) for connections behind a transaction pool.
-_SET_LOCAL: dict[str, tuple[int, int]] = {}
+# alias -> (lock_timeout_ms, statement_timeout_ms, idle_in_transaction_ms) behind a transaction pool.
+_SET_LOCAL: dict[str, tuple[int, int, int]] = {}
 
 
 class SetLocalTimeouts:
     """A Django execute wrapper: each statement carries its own `SET LOCAL` limits (see the module)."""
 
-    def __init__(self, lock_timeout_ms: int | None, statement_timeout_ms: int | None) -> None:
+    def __init__(
+        self, lock_timeout_ms: int | None, statement_timeout_ms: int | None, idle_in_transaction_ms: int = 0
+    ) -> None:
         self.lock_timeout_ms = lock_timeout_ms
         self.statement_timeout_ms = statement_timeout_ms
+        self.idle_in_transaction_ms = idle_in_transaction_ms
 
     def prefix(self) -> str:
         parts = []
@@ -105,6 +120,12 @@ class SetLocalTimeouts:
             parts.append(f"SET LOCAL lock_timeout = {int(self.lock_timeout_ms)}; ")
         if self.statement_timeout_ms is not None:
             parts.append(f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)}; ")
+        if self.idle_in_transaction_ms:
+            # Local to the transaction, which is what it limits: the server connection goes back to the
+            # pool without it.
+            parts.append(
+                f"SET LOCAL idle_in_transaction_session_timeout = {int(self.idle_in_transaction_ms)}; "
+            )
         return "".join(parts)
 
     def __call__(self, execute: Callable, sql: str, params: Any, many: bool, context: dict) -> Any:
@@ -118,6 +139,6 @@ def _install_set_local(sender: Any, connection: Any, **kwargs: Any) -> None:
         return
     for wrapper in connection.execute_wrappers:
         if isinstance(wrapper, SetLocalTimeouts):
-            wrapper.lock_timeout_ms, wrapper.statement_timeout_ms = limits
+            wrapper.lock_timeout_ms, wrapper.statement_timeout_ms, wrapper.idle_in_transaction_ms = limits
             return
     connection.execute_wrappers.append(SetLocalTimeouts(*limits))

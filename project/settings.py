@@ -18,6 +18,7 @@ from project.env import (
     env_list,
     env_str,
 )
+from project.redisconn import sentinel_broker_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -192,7 +193,17 @@ SPECTACULAR_SETTINGS = {
 
 # --- Redis and Celery -------------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
-CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
+# Redis Sentinel (project/redisconn.py): a comma-separated host:port list of sentinels and the name of
+# the master they watch. Set, every client asks them where the master is (REDIS_URL then gives only the
+# database number and the password), and the broker defaults to kombu's sentinel:// transport.
+REDIS_SENTINELS = env_str("REDIS_SENTINELS", "")
+REDIS_SENTINEL_MASTER = env_str("REDIS_SENTINEL_MASTER", "mymaster")
+# Unset or empty: REDIS_URL's Redis (or its master, through the sentinels).
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL") or (
+    sentinel_broker_url(REDIS_URL, REDIS_SENTINELS) if REDIS_SENTINELS else REDIS_URL
+)
+if CELERY_BROKER_URL.startswith("sentinel://"):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"master_name": REDIS_SENTINEL_MASTER}
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
 CELERY_TIMEZONE = "UTC"
@@ -208,6 +219,10 @@ SCHEDULER_MAX_GLOBAL = env_int("SCHEDULER_MAX_GLOBAL", 10)
 # the claim TTL (120 s), so a stuck statement never outlives the claims it works on.
 SCHEDULER_LOCK_TIMEOUT_MS = env_int("SCHEDULER_LOCK_TIMEOUT_MS", 5000)
 SCHEDULER_STATEMENT_TIMEOUT_MS = env_int("SCHEDULER_STATEMENT_TIMEOUT_MS", 30000)
+# A scheduler transaction idle this long (ms; 0 = no limit) ends its session, releasing its row locks:
+# a scheduler frozen or cut off mid-dispatch cannot hold its schedules past the claim TTL. Its dispatch
+# transactions are short (a few statements, no waiting on anything outside the database).
+SCHEDULER_IDLE_IN_TRANSACTION_TIMEOUT_MS = env_int("SCHEDULER_IDLE_IN_TRANSACTION_TIMEOUT_MS", 10000)
 
 # Retention (schedules/retention.py): finished history older than this many days is pruned by the
 # schedulers (ScheduledRun, Run, Finding, TaskResult), each schedule keeping at least its newest

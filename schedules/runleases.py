@@ -27,6 +27,8 @@ from typing import Any
 import redis
 from django.conf import settings
 
+from project import redisconn
+
 KEY_PREFIX = "cb:run"
 OUTCOMES_KEY = f"{KEY_PREFIX}:outcomes"
 EPOCH_KEY = f"{KEY_PREFIX}:epoch"
@@ -50,9 +52,7 @@ def client() -> redis.Redis:
     Its socket timeouts are well inside a lease, so a blackholed Redis is noticed in time to stop a run
     before its lease can expire (a heartbeat renews every quarter lease)."""
     timeout = max(0.2, min(5.0, lease_seconds() / 8))
-    return redis.Redis.from_url(
-        settings.REDIS_URL, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=15
-    )
+    return redisconn.client(socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=15)
 
 
 def redis_now_ms() -> int:

@@ -28,6 +28,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 
 from orchestrator.models import Run, RunStatus
+from project import redisconn
 from project.dbsession import apply_worker_timeouts
 from schedules.models import ScheduledRun, ScheduledRunStatus
 from schedules.runstate import reap_lost_runs
@@ -42,14 +43,13 @@ REPUBLISH_BATCH = 500
 
 
 def _broker_client() -> redis.Redis | None:
-    """The broker's Redis, or None for any other broker (RabbitMQ keeps its queues across restarts;
-    a message it does lose is the outbox sweep's, schedules/publishing.py)."""
-    from project.celery import app
+    """The broker's Redis (its master, through Sentinel), or None for any other broker (RabbitMQ keeps its
+    queues across restarts; a message it does lose is the outbox sweep's, schedules/publishing.py)."""
+    from project.celery import app, broker_is_redis
 
-    url = app.conf.broker_url or ""
-    if not url.startswith(("redis://", "rediss://", "unix://")):
+    if not broker_is_redis():
         return None
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    return redisconn.client(app.conf.broker_url, socket_timeout=5, socket_connect_timeout=5)
 
 
 def republish_waiting_runs(run_ids: list[int] | None = None) -> int:

@@ -100,11 +100,14 @@ def check_postgres(db: dict) -> str | None:
     return None
 
 
-def check_redis(url: str, name: str) -> str | None:
+def check_redis(url: str, name: str, *, sentinels: str = "", master: str = "") -> str | None:
+    """Ping `url`'s Redis, or the master `sentinels` name (REDIS_SENTINELS, REDIS_SENTINEL_MASTER)."""
     import redis
 
+    from project.redisconn import connect
+
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+        client = connect(url, sentinels=sentinels, master=master, socket_connect_timeout=3, socket_timeout=3)
         client.ping()
         client.close()
     except (redis.RedisError, OSError) as exc:
@@ -223,9 +226,13 @@ def main() -> int:
 
     db = database_settings()
     redis_url = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
-    broker_url = env_str("CELERY_BROKER_URL", redis_url)
-    problems = [p for p in (check_postgres(db), check_redis(redis_url, "REDIS_URL")) if p]
-    if broker_url != redis_url:
+    broker_url = env_str("CELERY_BROKER_URL") or redis_url
+    sentinels = env_str("REDIS_SENTINELS", "")
+    master = env_str("REDIS_SENTINEL_MASTER", "mymaster")
+    redis_problem = check_redis(redis_url, "REDIS_URL", sentinels=sentinels, master=master)
+    problems = [p for p in (check_postgres(db), redis_problem) if p]
+    # A sentinel:// broker is the master REDIS_URL's check just reached.
+    if broker_url != redis_url and not broker_url.startswith("sentinel://"):
         problems += [p for p in (check_broker(broker_url),) if p]
     if problems:
         print("[run] cannot start: a service this system needs is not reachable.", file=sys.stderr)

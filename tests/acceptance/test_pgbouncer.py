@@ -234,6 +234,8 @@ with connection.cursor() as cursor:
     print("lock_timeout", cursor.fetchone()[0])
     cursor.execute("SHOW statement_timeout")
     print("statement_timeout", cursor.fetchone()[0])
+    cursor.execute("SHOW idle_in_transaction_session_timeout")
+    print("idle_in_transaction_session_timeout", cursor.fetchone()[0])
     try:
         with transaction.atomic():
             cursor.execute("UPDATE schedules_schedule SET name = name WHERE id = %s", [{schedule_id}])
@@ -252,7 +254,12 @@ def test_pgbouncer__the_schedulers_timeouts_hold_per_transaction_and_never_leak(
         schedule = make_schedule("pgb-locked")
         with locker.cursor() as cursor:
             cursor.execute("SELECT 1 FROM schedules_schedule WHERE id = %s FOR UPDATE", [schedule.pk])
-        env = _env(solo, SCHEDULER_LOCK_TIMEOUT_MS="300", SCHEDULER_STATEMENT_TIMEOUT_MS="20000")
+        env = _env(
+            solo,
+            SCHEDULER_LOCK_TIMEOUT_MS="300",
+            SCHEDULER_STATEMENT_TIMEOUT_MS="20000",
+            SCHEDULER_IDLE_IN_TRANSACTION_TIMEOUT_MS="7000",
+        )
         out = subprocess.run(
             [PYTHON, "-c", _TIMEOUTS_SCRIPT.replace("{schedule_id}", str(schedule.pk))],
             cwd=REPO,
@@ -266,6 +273,7 @@ def test_pgbouncer__the_schedulers_timeouts_hold_per_transaction_and_never_leak(
         assert "no server-side cursors True" in lines  # .iterator() would DECLARE past the transaction
         assert "lock_timeout 300ms" in lines
         assert "statement_timeout 20s" in lines
+        assert "idle_in_transaction_session_timeout 7s" in lines
         assert "update stopped 55P03" in lines  # lock_not_available: it did not wait for the lock
         # Another client on the same server connection keeps PostgreSQL's defaults.
         other = solo.connect()
@@ -273,6 +281,8 @@ def test_pgbouncer__the_schedulers_timeouts_hold_per_transaction_and_never_leak(
             cursor.execute("SHOW lock_timeout")
             assert cursor.fetchone()[0] == "0"
             cursor.execute("SHOW statement_timeout")
+            assert cursor.fetchone()[0] == "0"
+            cursor.execute("SHOW idle_in_transaction_session_timeout")
             assert cursor.fetchone()[0] == "0"
         other.close()
     finally:

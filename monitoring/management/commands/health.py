@@ -13,14 +13,14 @@ process's own container, with the same HEALTH_DIR.
 from __future__ import annotations
 
 import redis
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from project import redisconn
 from project.health import Verdict, check_tick
 
 
 def redis_reachable() -> Verdict:
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=3, socket_timeout=3)
+    client = redisconn.client(socket_connect_timeout=3, socket_timeout=3)
     try:
         client.ping()
     except redis.RedisError as exc:
