@@ -35,13 +35,31 @@ def format_duration(started: datetime | None, finished: datetime | None) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-JOB_SETTINGS = ["name", "description", "enabled", "max_concurrency", "timeout_seconds", "task3_allowlist"]
+JOB_SETTINGS = [
+    "name",
+    "description",
+    "enabled",
+    "max_concurrency",
+    "timeout_seconds",
+    "task3_allowlist",
+    "retry_policy",
+]
 
 
 class JobAdminForm(forms.ModelForm):
     class Meta:
         model = models.Job
         fields = JOB_SETTINGS
+        help_texts = {
+            "retry_policy": 'How a failed run is retried, e.g. {"max_attempts": 3, '
+            '"initial_interval_seconds": 10, "backoff_coefficient": 2, "max_interval_seconds": 600, '
+            '"retry_on": ["failed", "timed_out", "worker_lost"]}; missing keys take these defaults. '
+            "Blank: one attempt.",
+        }
+
+    def clean_retry_policy(self) -> Any:
+        value = self.cleaned_data.get("retry_policy")
+        return {} if value is None else value
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
@@ -52,6 +70,8 @@ class JobAdminForm(forms.ModelForm):
         serializer = JobSerializer(instance=self.instance, data=data, partial=True)
         if not serializer.is_valid():
             for field, problems in serializer.errors.items():
+                if isinstance(problems, dict):  # a retry policy's, by key
+                    problems = [f"{key}: {p}" for key, items in problems.items() for p in items]
                 self.add_error(field if field in self.fields else None, [str(p) for p in problems])
         return cleaned
 

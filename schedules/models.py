@@ -88,6 +88,8 @@ class Schedule(models.Model):
     # Inputs for each run (a JSON object, checked against the job's params_schema on save); a run-now
     # may override keys. Stored and shown in history: never a secret.
     params = models.JSONField(default=dict, blank=True, db_default=models.Value({}, models.JSONField()))
+    # Overrides the job's retry policy (schedules/retries.py); null: the job's.
+    retry_policy = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -27,7 +27,7 @@ from django.db import OperationalError, connection, transaction
 from django.db.models.functions import Now
 
 from orchestrator.models import Run, RunStatus
-from schedules import runleases
+from schedules import retries, runleases
 from schedules.models import ScheduledRun, ScheduledRunStatus
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ WITH r AS (
        SET status = 'running', attempt = attempt + 1, started_at = now(), heartbeat_at = now(),
            finished_at = NULL, worker = %(worker)s, error_summary = '', lease_seq = %(seq)s,
            waiting_since = NULL
-     WHERE id = %(run)s AND status = 'queued'
+     WHERE id = %(run)s AND status = 'queued' AND (retry_at IS NULL OR retry_at <= now())
        AND (%(attempt)s::int IS NULL OR attempt = %(attempt)s::int)
        AND (%(sr)s::bigint IS NULL OR EXISTS (
             SELECT 1 FROM schedules_scheduledrun
@@ -184,6 +184,8 @@ def run_finish(
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(sql, params)
         (ended,) = cursor.fetchone()
+        if ended and (status != RunStatus.SUCCEEDED or attempt != 1):  # maybe a retry (retries.py)
+            retries.run_finished(run_id)
     return bool(ended)
 
 

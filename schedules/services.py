@@ -20,6 +20,7 @@ from django.db.models import F
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from orchestrator import retry_policy
 from orchestrator.models import Directive, Job, Run, Task3Scope, Trigger
 from orchestrator.params import params_errors
 from orchestrator.services import OrchestratorService
@@ -69,6 +70,7 @@ SCHEDULE_FIELDS = (
     "alert_webhook_url",
     "pause_after_failures",
     "params",
+    "retry_policy",
 )
 TIMING_FIELDS = frozenset(
     {"schedule_type", "interval_minutes", "cron_expr", "timezone", "jitter_seconds", "start_at", "end_at"}
@@ -208,6 +210,12 @@ def schedule_errors(
     # (its runs fail at start instead, saying why).
     if changed & {"params", "job"} and values.get("job") is not None:
         errors.update(run_params_errors(values["job"], values.get("params")))
+    if "retry_policy" in changed and values.get("retry_policy") is not None:
+        problems = retry_policy.policy_errors(values["retry_policy"])
+        if problems:
+            errors["retry_policy"] = [
+                f"{key}: {message}" for key, msgs in problems.items() for message in msgs
+            ]
     errors.update(limit_errors(values, run_count=run_count, enabling="enabled" in changed))
     errors.update(timing_errors(values, now=now))
     if values.get("alert_webhook_url") and "alert_webhook_url" in changed:

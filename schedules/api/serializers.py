@@ -5,7 +5,14 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from orchestrator.api.serializers import DirectiveRefField, ParamsField, job_key_field
+from orchestrator.api.serializers import (
+    AttemptSerializer,
+    DirectiveRefField,
+    ParamsField,
+    RetryPolicyField,
+    job_key_field,
+    run_attempts,
+)
 from project.api import StrictFieldsMixin
 from schedules import services
 from schedules.models import OverlapPolicy, Schedule, ScheduleChange, ScheduledRun
@@ -18,6 +25,9 @@ class ScheduledRunSerializer(serializers.ModelSerializer):
     run_status = serializers.CharField(source="run.status", read_only=True, default=None, allow_null=True)
     # The params the run was launched with (a run-now's override included); null for a skipped slot.
     params = ParamsField(source="run.params", read_only=True, default=None, allow_null=True)
+    attempt = serializers.IntegerField(source="run.attempt", read_only=True, default=None, allow_null=True)
+    retry_at = serializers.DateTimeField(source="run.retry_at", read_only=True, default=None, allow_null=True)
+    attempts = serializers.SerializerMethodField()
 
     class Meta:
         model = ScheduledRun
@@ -38,8 +48,16 @@ class ScheduledRunSerializer(serializers.ModelSerializer):
             "finished_at",
             "error_summary",
             "params",
+            "attempt",
+            "retry_at",
+            "attempts",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(AttemptSerializer(many=True))
+    def get_attempts(self, scheduled_run: ScheduledRun) -> list[dict]:
+        """The run's attempts: number, outcome, error, times (empty for a skipped slot)."""
+        return [] if scheduled_run.run is None else run_attempts(scheduled_run.run)
 
 
 class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
@@ -59,6 +77,11 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
         required=False,
         help_text="Inputs for each run, checked against the job's params_schema (a 400 names the failing"
         " path). Stored and shown in history: never put secrets here.",
+    )
+    retry_policy = RetryPolicyField(
+        required=False,
+        allow_null=True,
+        help_text="Overrides the job's retry policy (null: the job's). Missing keys take the defaults.",
     )
     upcoming = serializers.SerializerMethodField()
     runs_remaining = serializers.SerializerMethodField()
@@ -99,6 +122,7 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "alert_webhook_set",
             "pause_after_failures",
             "params",
+            "retry_policy",
             "paused_note",
             "paused_at",
             "paused_by",

@@ -44,6 +44,7 @@ def test_jobs__list_and_get_by_key(api):
         "max_concurrency",
         "timeout_seconds",
         "task3_allowlist",
+        "retry_policy",
         "params_schema",
     }
     assert api.get("/api/jobs/no_such_job/").status_code == 404

@@ -1,0 +1,253 @@
+"""Retries against PostgreSQL (schedules/retries.py): a failed attempt puts the same run and slot back
+to `queued` with `retry_at`; the start gate and the outbox sweep wait for it; each attempt is recorded
+and shown; the API refuses a bad policy naming the key. The real processes (a worker failing twice,
+SIGKILLs during a backoff) are in tests/acceptance/test_retries.py and tests/chaos/test_retry_faults.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.models import Job, Run, RunAttempt, RunStatus
+from schedules import runstate
+from schedules.dispatch import run_now
+from schedules.models import ScheduleChange, ScheduledRun
+from schedules.publishing import sweep_outbox
+from tests.scheduler_support import make_schedule, sql
+
+pytestmark = pytest.mark.django_db
+
+POLICY = {
+    "max_attempts": 3,
+    "initial_interval_seconds": 30,
+    "backoff_coefficient": 2,
+    "max_interval_seconds": 45,
+}
+
+
+def _start_and_fail(sr: ScheduledRun, attempt: int, summary: str = "ValueError") -> None:
+    assert runstate.run_start(sr.run_id, sr.pk, worker="w@h:1", lease_seq=None) == attempt
+    assert runstate.run_finish(sr.run_id, sr.pk, status="failed", error_summary=summary, attempt=attempt)
+
+
+def _due_now(run_id: int) -> None:
+    # Aged, not waited for (the test's transaction holds now() still): the retry is due, and the slot
+    # is older than the sweep's grace.
+    sql("UPDATE orchestrator_run SET retry_at = now() - interval '1 second' WHERE id = %s", [run_id])
+    sql(
+        "UPDATE schedules_scheduledrun SET created_at = now() - interval '1 minute' WHERE run_id = %s",
+        [run_id],
+    )
+
+
+def _seconds_until_retry(run_id: int) -> float:
+    (row,) = sql("SELECT EXTRACT(EPOCH FROM retry_at - now()) FROM orchestrator_run WHERE id = %s", [run_id])
+    return float(row[0])
+
+
+def test_failed_attempt__requeues_the_same_run_and_slot_after_the_backoff(redis_client):
+    schedule = make_schedule("retry-me", enabled=False, retry_policy=POLICY)
+    sr = run_now(schedule)
+    _start_and_fail(sr, 1)
+
+    run, sr = Run.objects.get(pk=sr.run_id), ScheduledRun.objects.get(pk=sr.pk)
+    assert (run.status, sr.status, run.attempt) == (RunStatus.QUEUED, "queued", 1)
+    assert run.finished_at is None
+    assert sr.finished_at is None
+    assert sr.error_summary.startswith("attempt 1 of 3 failed, retry in 30s: ValueError")
+    assert 25 < _seconds_until_retry(run.pk) <= 30
+    assert list(RunAttempt.objects.values_list("attempt", "outcome", "error_summary")) == [
+        (1, "failed", "ValueError")
+    ]
+    assert ScheduledRun.objects.filter(schedule=schedule).count() == 1
+
+    # Before retry_at the start gate refuses it, and the sweep leaves it alone.
+    assert runstate.run_start(sr.run_id, sr.pk, worker="w@h:2", lease_seq=None) is None
+    assert sweep_outbox(grace=0, republish_after=3600).published == 0
+
+    _due_now(run.pk)
+    assert sweep_outbox(grace=0, republish_after=3600).published == 1
+    _start_and_fail(sr, 2, "worker lost (lease of 4s expired)")
+    assert 40 < _seconds_until_retry(run.pk) <= 45  # min(30 * 2, 45)
+
+    _due_now(run.pk)
+    _start_and_fail(sr, 3, "timed out after 2s (Job.timeout_seconds; soft time limit)")
+    run, sr = Run.objects.get(pk=sr.run_id), ScheduledRun.objects.get(pk=sr.pk)
+    # The last attempt's failure is the run's.
+    assert (run.status, sr.status, run.attempt) == ("failed", "failed", 3)
+    assert (
+        sr.error_summary == run.error_summary == "timed out after 2s (Job.timeout_seconds; soft time limit)"
+    )
+    assert list(RunAttempt.objects.filter(run=run).values_list("attempt", "outcome")) == [
+        (1, "failed"),
+        (2, "worker_lost"),
+        (3, "timed_out"),
+    ]
+
+
+def test_retry_on__an_outcome_not_listed_ends_the_run(redis_client):
+    schedule = make_schedule(
+        "no-retry-on-lost", enabled=False, retry_policy={**POLICY, "retry_on": ["failed"]}
+    )
+    sr = run_now(schedule)
+    _start_and_fail(sr, 1, "worker lost (lease of 4s expired)")
+    assert Run.objects.get(pk=sr.run_id).status == "failed"
+    assert ScheduledRun.objects.get(pk=sr.pk).status == "failed"
+
+
+def test_no_policy__one_attempt_and_no_attempt_rows(redis_client):
+    sr = run_now(make_schedule("plain", enabled=False))
+    _start_and_fail(sr, 1)
+    assert Run.objects.get(pk=sr.run_id).status == "failed"
+    assert not RunAttempt.objects.exists()
+
+
+def test_job_policy__applies_unless_the_schedule_overrides_it(redis_client):
+    Job.objects.filter(key="sleep").update(retry_policy={"max_attempts": 2, "initial_interval_seconds": 0})
+    inherits = run_now(make_schedule("inherits", enabled=False))
+    overrides = run_now(make_schedule("overrides", enabled=False, retry_policy={"max_attempts": 1}))
+    _start_and_fail(inherits, 1)
+    _start_and_fail(overrides, 1)
+    assert Run.objects.get(pk=inherits.run_id).status == "queued"
+    assert Run.objects.get(pk=overrides.run_id).status == "failed"
+    # A zero interval: the next attempt may start at once.
+    assert runstate.run_start(inherits.run_id, inherits.pk, worker="w@h:1", lease_seq=None) == 2
+
+
+def test_success_after_a_retry__history_and_run_show_every_attempt(api, redis_client):
+    schedule = make_schedule("shown", enabled=False, retry_policy=POLICY)
+    sr = run_now(schedule)
+    _start_and_fail(sr, 1)
+    _due_now(sr.run_id)
+
+    history = api.get(f"/api/schedules/{schedule.pk}/history").json()["results"][0]
+    assert history["status"] == "queued"
+    assert history["attempt"] == 1
+    assert history["retry_at"] is not None
+    assert [a["outcome"] for a in history["attempts"]] == ["failed"]
+
+    assert runstate.run_start(sr.run_id, sr.pk, worker="w@h:1", lease_seq=None) == 2
+    running = api.get(f"/api/runs/{sr.run_id}/").json()
+    assert [(a["attempt"], a["outcome"]) for a in running["attempts"]] == [(1, "failed"), (2, "running")]
+
+    assert runstate.run_finish(sr.run_id, sr.pk, status="succeeded", attempt=2)
+    run = api.get(f"/api/runs/{sr.run_id}/").json()
+    assert (run["status"], run["attempt"]) == ("succeeded", 2)
+    assert [(a["attempt"], a["outcome"], a["error_summary"]) for a in run["attempts"]] == [
+        (1, "failed", "ValueError"),
+        (2, "succeeded", ""),
+    ]
+    assert all(a["started_at"] and a["finished_at"] for a in run["attempts"])
+    history = api.get(f"/api/schedules/{schedule.pk}/history").json()["results"][0]
+    assert history["status"] == "succeeded"
+    assert history["attempts"] == run["attempts"]
+
+
+def test_a_run_of_one_attempt__shows_that_attempt(api, redis_client):
+    sr = run_now(make_schedule("single", enabled=False))
+    assert runstate.run_start(sr.run_id, sr.pk, worker="w@h:1", lease_seq=None) == 1
+    assert runstate.run_finish(sr.run_id, sr.pk, status="succeeded", attempt=1)
+    attempts = api.get(f"/api/runs/{sr.run_id}/").json()["attempts"]
+    assert [(a["attempt"], a["outcome"]) for a in attempts] == [(1, "succeeded")]
+
+
+def test_cancel_while_waiting_to_retry__ends_the_run(redis_client):
+    sr = run_now(make_schedule("cancel-waiting", enabled=False, retry_policy=POLICY))
+    _start_and_fail(sr, 1)
+    assert runstate.run_cancel([sr.run_id], "cancelled: test") == [sr.run_id]
+    assert ScheduledRun.objects.get(pk=sr.pk).status == "cancelled"
+    _due_now(sr.run_id)
+    assert runstate.run_start(sr.run_id, sr.pk, worker="w@h:1", lease_seq=None) is None
+
+
+def _create(api, **fields):
+    body = {
+        "name": "api-retry",
+        "job_key": "sleep",
+        "schedule_type": "interval",
+        "interval_minutes": 5,
+        **fields,
+    }
+    return api.post("/api/schedules/", body, format="json")
+
+
+@pytest.mark.parametrize(
+    ("policy", "key"),
+    [
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"max_attempts": 101}, "max_attempts"),
+        ({"max_attempts": "3"}, "max_attempts"),
+        ({"initial_interval_seconds": -1}, "initial_interval_seconds"),
+        ({"backoff_coefficient": 0.5}, "backoff_coefficient"),
+        ({"initial_interval_seconds": 60, "max_interval_seconds": 10}, "max_interval_seconds"),
+        ({"max_interval_seconds": 10**9}, "max_interval_seconds"),
+        ({"retry_on": ["exploded"]}, "retry_on"),
+        ({"attempts": 3}, "attempts"),
+    ],
+)
+def test_api__a_bad_policy_is_a_400_naming_the_key_and_nothing_is_written(api, policy, key):
+    response = _create(api, retry_policy=policy)
+    assert response.status_code == 400, response.content
+    assert list(response.json()["retry_policy"]) == [key]
+    assert not ScheduleChange.objects.exists()
+
+    job = api.patch("/api/jobs/sleep/", {"retry_policy": policy}, format="json")
+    assert job.status_code == 400
+    assert list(job.json()["retry_policy"]) == [key]
+    assert Job.objects.get(key="sleep").retry_policy == {}
+
+
+def test_api__not_an_object_is_a_400(api):
+    response = _create(api, retry_policy=[3])
+    assert response.status_code == 400
+    assert "retry_policy" in response.json()
+
+
+def test_api__policy_is_stored_complete_shown_and_recorded_in_the_change_history(api):
+    response = _create(api, retry_policy={"max_attempts": 3})
+    assert response.status_code == 201, response.content
+    schedule = response.json()
+    assert schedule["retry_policy"] == {
+        "max_attempts": 3,
+        "initial_interval_seconds": 10,
+        "backoff_coefficient": 2.0,
+        "max_interval_seconds": 600,
+        "retry_on": ["failed", "timed_out", "worker_lost"],
+    }
+    patched = api.patch(f"/api/schedules/{schedule['id']}/", {"retry_policy": None}, format="json")
+    assert patched.status_code == 200
+    assert patched.json()["retry_policy"] is None
+    change = ScheduleChange.objects.filter(schedule_id=schedule["id"], action="update").get()
+    assert change.changes["retry_policy"]["old"]["max_attempts"] == 3
+    assert change.changes["retry_policy"]["new"] is None
+
+    job = api.patch(
+        "/api/jobs/sleep/", {"retry_policy": {"max_attempts": 2, "retry_on": ["worker_lost"]}}, format="json"
+    )
+    assert job.status_code == 200
+    assert job.json()["retry_policy"]["retry_on"] == ["worker_lost"]
+    assert Job.objects.get(key="sleep").retry_policy["max_attempts"] == 2
+
+
+def test_dashboard__schedule_page_shows_the_policy_and_each_attempt(staff, redis_client):
+    from django.urls import reverse
+
+    schedule = make_schedule("dash-retry", enabled=False, retry_policy=POLICY)
+    sr = run_now(schedule)
+    _start_and_fail(sr, 1, "task attempt failed: RuntimeError")
+    page = staff.get(reverse("dashboard:schedule", args=[schedule.pk])).content.decode()
+    assert "up to 3 attempts, 30 s then x2 (at most 45 s), on failed, timed_out, worker_lost" in page
+    assert "#1 failed" in page
+    assert "retry at" in page
+    plain = make_schedule("dash-plain", enabled=False)
+    assert (
+        "no retry (the job&#x27;s policy)"
+        in staff.get(reverse("dashboard:schedule", args=[plain.pk])).content.decode()
+    )
+
+    _due_now(sr.run_id)
+    assert runstate.run_start(sr.run_id, sr.pk, worker="w@h:9", lease_seq=None) == 2
+    run_page = staff.get(reverse("dashboard:run", args=[sr.run_id])).content.decode()
+    assert "<h2>Attempts</h2>" in run_page
+    assert "task attempt failed: RuntimeError" in run_page
+    assert "w@h:9" in run_page
