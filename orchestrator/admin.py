@@ -13,7 +13,8 @@ from django.contrib import admin
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest
 from django.urls import reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 from django_celery_results.admin import TaskResultAdmin
 from django_celery_results.models import TaskResult
 
@@ -116,7 +117,7 @@ class RunAdmin(admin.ModelAdmin):
         "llm_calls",
         "flower",
     ]
-    readonly_fields = ["flower", "dashboard"]
+    readonly_fields = ["flower", "dashboard", "attempt_list"]
     # No date hierarchy (its year list reads every run): a date filter instead.
     list_filter = ["status", "trigger", "job", ("created_at", admin.DateFieldListFilter)]
     list_select_related = ["job"]
@@ -162,6 +163,18 @@ class RunAdmin(admin.ModelAdmin):
         if not run.task_id:
             return "-"
         return format_html('<a href="{}/task/{}">task</a>', settings.FLOWER_URL, run.task_id)
+
+    @admin.display(description="attempts")
+    def attempt_list(self, run: models.Run) -> str:
+        """Each attempt: number, outcome, times and error (more than one when the run was retried)."""
+        if run.pk is None:
+            return "-"
+        keys = ("attempt", "outcome", "started_at", "finished_at", "error_summary")
+        rows = [
+            [(a.get(k) if isinstance(a, dict) else getattr(a, k)) or "-" for k in keys]
+            for a in run.attempt_history()
+        ]
+        return format_html_join(mark_safe("<br>"), "#{} {} {} to {} {}", rows) or "-"
 
     @admin.display(description="dashboard")
     def dashboard(self, run: models.Run) -> str:

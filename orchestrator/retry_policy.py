@@ -48,7 +48,9 @@ def policy_errors(value: Any) -> dict[str, list[str]]:
         errors[str(key)] = [f"Unknown key; expected any of {', '.join(DEFAULT_POLICY)}."]
     policy = {**DEFAULT_POLICY, **value}
     attempts = policy["max_attempts"]
-    if not isinstance(attempts, int) or isinstance(attempts, bool) or not 1 <= attempts <= MAX_ATTEMPTS_LIMIT:
+    # JSON Schema's integer: 3.0 is one.
+    whole = _number(attempts) and float(attempts).is_integer()
+    if not whole or not 1 <= attempts <= MAX_ATTEMPTS_LIMIT:
         errors["max_attempts"] = [f"Must be an integer from 1 (no retry) to {MAX_ATTEMPTS_LIMIT}."]
     for key in ("initial_interval_seconds", "max_interval_seconds"):
         if not _number(policy[key]) or not 0 <= policy[key] <= MAX_INTERVAL_LIMIT:
@@ -56,10 +58,6 @@ def policy_errors(value: Any) -> dict[str, list[str]]:
     coefficient = policy["backoff_coefficient"]
     if not _number(coefficient) or not 1 <= coefficient <= MAX_COEFFICIENT:
         errors["backoff_coefficient"] = [f"Must be a number from 1 (a fixed interval) to {MAX_COEFFICIENT}."]
-    if not errors.keys() & {"initial_interval_seconds", "max_interval_seconds"} and (
-        policy["max_interval_seconds"] < policy["initial_interval_seconds"]
-    ):
-        errors["max_interval_seconds"] = ["Must be at least initial_interval_seconds."]
     retry_on = policy["retry_on"]
     if (
         not isinstance(retry_on, list)
@@ -72,7 +70,9 @@ def policy_errors(value: Any) -> dict[str, list[str]]:
 
 def policy_normalized(value: Mapping[str, Any] | None) -> dict[str, Any]:
     """A valid policy with every key (the defaults for those missing)."""
-    return {**DEFAULT_POLICY, **(value or {})}
+    policy = {**DEFAULT_POLICY, **(value or {})}
+    policy["max_attempts"] = int(policy["max_attempts"])
+    return policy
 
 
 def effective_policy(job_policy: Mapping[str, Any] | None, schedule_policy: Mapping[str, Any] | None) -> dict:
@@ -82,7 +82,8 @@ def effective_policy(job_policy: Mapping[str, Any] | None, schedule_policy: Mapp
 
 def retry_delay(policy: Mapping[str, Any], attempt: int) -> float:
     """Seconds to wait after attempt `attempt` (1-based) failed before the next one starts:
-    initial * coefficient ** (attempt - 1), capped at max_interval_seconds."""
+    initial * coefficient ** (attempt - 1), capped at max_interval_seconds (the first wait too, should
+    the cap be below initial_interval_seconds)."""
     initial = float(policy["initial_interval_seconds"])
     cap = float(policy["max_interval_seconds"])
     coefficient = float(policy["backoff_coefficient"])

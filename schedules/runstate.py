@@ -13,6 +13,8 @@ run inside the caller's transaction (or its own when there is none), so the data
   stale worker can never overwrite a newer outcome, and an outcome is written once;
 - reap: only a run whose Redis liveness lease expired (schedules/runleases.py) is failed "worker lost",
   by the same fenced finish.
+- retry: a failed attempt its retry policy allows to retry goes back to `queued` instead of ending, in
+  the finish's transaction (schedules/retries.py); the start gate waits for its `retry_at`.
 
 Times come from the database clock (`now()`).
 """
@@ -182,10 +184,12 @@ def run_finish(
     # process is then killed (the hard time limit) must not commit when the lock goes; its COMMIT never
     # comes, so PostgreSQL rolls it back, and the parent's outcome stands.
     with transaction.atomic(), connection.cursor() as cursor:
+        if (status != RunStatus.SUCCEEDED or attempt != 1) and retries.run_retry_or_record(
+            run_id, status=params["status"], error_summary=params["summary"], attempt=attempt, worker=worker
+        ):
+            return True  # the attempt ended; the run waits for its next one (schedules/retries.py)
         cursor.execute(sql, params)
         (ended,) = cursor.fetchone()
-        if ended and (status != RunStatus.SUCCEEDED or attempt != 1):  # maybe a retry (retries.py)
-            retries.run_finished(run_id)
     return bool(ended)
 
 

@@ -49,30 +49,46 @@ class ParamsField(serializers.JSONField):
     naming the failing path: `{"params": ["$.min_severity: 'x' is not one of [...]"]}`)."""
 
 
-class RetryPolicyShape(serializers.Serializer):
-    """The OpenAPI shape of a retry policy (orchestrator/retry_policy.py checks it)."""
+# The OpenAPI shape of a retry policy (orchestrator/retry_policy.py checks it, with the same bounds).
+RETRY_POLICY_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "max_attempts": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": retry_policy.MAX_ATTEMPTS_LIMIT,
+            "description": "Attempts in all; 1 = no retry.",
+        },
+        "initial_interval_seconds": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": retry_policy.MAX_INTERVAL_LIMIT,
+            "description": "The wait after the first attempt.",
+        },
+        "backoff_coefficient": {
+            "type": "number",
+            "minimum": 1,
+            "maximum": retry_policy.MAX_COEFFICIENT,
+            "description": "Each wait is the previous one times this (1: a fixed wait).",
+        },
+        "max_interval_seconds": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": retry_policy.MAX_INTERVAL_LIMIT,
+            "description": "No wait is longer.",
+        },
+        "retry_on": {
+            "type": "array",
+            "uniqueItems": True,
+            "items": {"type": "string", "enum": list(retry_policy.RETRY_ON_CHOICES)},
+            "description": "Which endings are retried: failed, timed_out (a time limit), worker_lost.",
+        },
+    },
+}
 
-    max_attempts = serializers.IntegerField(
-        min_value=1, max_value=retry_policy.MAX_ATTEMPTS_LIMIT, help_text="Attempts in all; 1 = no retry."
-    )
-    initial_interval_seconds = serializers.FloatField(
-        min_value=0, max_value=retry_policy.MAX_INTERVAL_LIMIT, help_text="The wait after the first attempt."
-    )
-    backoff_coefficient = serializers.FloatField(
-        min_value=1,
-        max_value=retry_policy.MAX_COEFFICIENT,
-        help_text="Each wait is the previous one times this (1: a fixed interval).",
-    )
-    max_interval_seconds = serializers.FloatField(
-        min_value=0, max_value=retry_policy.MAX_INTERVAL_LIMIT, help_text="No wait is longer."
-    )
-    retry_on = serializers.ListField(
-        child=serializers.ChoiceField(choices=retry_policy.RETRY_ON_CHOICES),
-        help_text="Which endings are retried: failed, timed_out (a time limit), worker_lost.",
-    )
 
-
-@extend_schema_field(RetryPolicyShape)
+@extend_schema_field(RETRY_POLICY_SCHEMA)
 class RetryPolicyField(serializers.JSONField):
     """A retry policy: missing keys take the defaults; a 400 names each wrong key
     (`{"retry_policy": {"max_attempts": ["..."]}}`)."""

@@ -7,6 +7,7 @@ SIGKILLs during a backoff) are in tests/acceptance/test_retries.py and tests/cha
 from __future__ import annotations
 
 import pytest
+from django.test import override_settings
 
 from orchestrator.models import Job, Run, RunAttempt, RunStatus
 from schedules import runstate
@@ -83,6 +84,9 @@ def test_failed_attempt__requeues_the_same_run_and_slot_after_the_backoff(redis_
         (2, "worker_lost"),
         (3, "timed_out"),
     ]
+    # Counted once, at its end, by the metrics' totals (a failed attempt never passes through `failed`).
+    assert sql("SELECT status, sum(runs) FROM monitoring_runtotal GROUP BY 1") == [("failed", 1)]
+    assert sql("SELECT status, sum(slots) FROM monitoring_slottotal GROUP BY 1") == [("failed", 1)]
 
 
 def test_retry_on__an_outcome_not_listed_ends_the_run(redis_client):
@@ -179,7 +183,6 @@ def _create(api, **fields):
         ({"max_attempts": "3"}, "max_attempts"),
         ({"initial_interval_seconds": -1}, "initial_interval_seconds"),
         ({"backoff_coefficient": 0.5}, "backoff_coefficient"),
-        ({"initial_interval_seconds": 60, "max_interval_seconds": 10}, "max_interval_seconds"),
         ({"max_interval_seconds": 10**9}, "max_interval_seconds"),
         ({"retry_on": ["exploded"]}, "retry_on"),
         ({"attempts": 3}, "attempts"),
@@ -251,3 +254,77 @@ def test_dashboard__schedule_page_shows_the_policy_and_each_attempt(staff, redis
     assert "<h2>Attempts</h2>" in run_page
     assert "task attempt failed: RuntimeError" in run_page
     assert "w@h:9" in run_page
+
+
+@override_settings(METRICS_BASIC_AUTH="prometheus:s3cret-scrape", DEBUG=False, METRICS_MAX_AGE_SECONDS=0)
+def test_metrics__a_run_waiting_to_retry_counts_until_its_next_attempt_starts(api, redis_client):
+    from tests.integration.test_metrics import families, scrape
+
+    def retrying() -> float:
+        found = families(scrape(api)[1])["cb_runs_waiting_to_retry"]
+        return sum(s.value for s in found.samples if s.labels["job"] == "sleep")
+
+    sr = run_now(make_schedule("metric-retry", enabled=False, retry_policy=POLICY))
+    assert retrying() == 0
+    _start_and_fail(sr, 1)
+    assert retrying() == 1
+    _due_now(sr.run_id)
+    assert runstate.run_start(sr.run_id, sr.pk, worker="w@h:1", lease_seq=None) == 2
+    assert retrying() == 0
+
+
+def test_admin__policies_are_checked_naming_the_key_and_a_run_lists_its_attempts(staff, redis_client):
+    from schedules.models import Schedule
+    from tests.support import admin_schedule_form
+
+    job = Job.objects.get(key="sleep")
+    url = f"/admin/orchestrator/job/{job.pk}/change/"
+    data = {
+        "name": job.name,
+        "enabled": "on",
+        "timeout_seconds": "60",
+        "task3_allowlist": "[]",
+        "_save": "Save",
+    }
+    refused = staff.post(url, {**data, "retry_policy": '{"max_attempts": 0}'})
+    assert refused.status_code == 200
+    assert "max_attempts: Must be an integer from 1" in refused.content.decode()
+    assert Job.objects.get(pk=job.pk).retry_policy == {}
+    assert staff.post(url, {**data, "retry_policy": '{"max_attempts": 2}'}).status_code == 302
+    assert Job.objects.get(pk=job.pk).retry_policy["max_attempts"] == 2
+    assert staff.post(url, {**data, "retry_policy": ""}).status_code == 302  # blank: one attempt
+    assert Job.objects.get(pk=job.pk).retry_policy == {}
+
+    form = admin_schedule_form(retry_policy='{"backoff_coefficient": 0}')
+    refused = staff.post("/admin/schedules/schedule/add/", form)
+    assert refused.status_code == 200
+    assert "backoff_coefficient: Must be a number from 1" in refused.content.decode()
+    assert not Schedule.objects.exists()
+    saved = staff.post(
+        "/admin/schedules/schedule/add/", admin_schedule_form(retry_policy='{"max_attempts": 3}')
+    )
+    assert saved.status_code == 302
+    assert Schedule.objects.get(name="admin-made").retry_policy == {"max_attempts": 3}
+
+    sr = run_now(make_schedule("admin-retry", enabled=False, retry_policy=POLICY))
+    _start_and_fail(sr, 1, "task attempt failed: RuntimeError")
+    page = staff.get(f"/admin/orchestrator/run/{sr.run_id}/change/").content.decode()
+    assert "#1 failed" in page
+    assert "task attempt failed: RuntimeError" in page
+
+
+def test_worker_lost_from_the_parent__fenced_by_worker_is_retried_too(redis_client):
+    """The worker's parent ends a dead pool process's run fenced by `worker`, not knowing the attempt or
+    the scheduled run (worker/parent.py): the retry finds both itself."""
+    sr = run_now(make_schedule("parent-lost", enabled=False, retry_policy=POLICY))
+    assert runstate.run_start(sr.run_id, sr.pk, worker="w@h:7", lease_seq=None) == 1
+    assert not runstate.run_finish(
+        sr.run_id, None, status="failed", error_summary="worker lost (x)", worker="w@h:8"
+    )
+    assert runstate.run_finish(
+        sr.run_id, None, status="failed", error_summary="worker lost (signal 9)", worker="w@h:7"
+    )
+    assert ScheduledRun.objects.get(pk=sr.pk).status == "queued"
+    assert list(RunAttempt.objects.values_list("attempt", "outcome", "worker")) == [
+        (1, "worker_lost", "w@h:7")
+    ]
