@@ -328,3 +328,36 @@ def test_worker_lost_from_the_parent__fenced_by_worker_is_retried_too(redis_clie
     assert list(RunAttempt.objects.values_list("attempt", "outcome", "worker")) == [
         (1, "worker_lost", "w@h:7")
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failing_alert_and_pause_after_failures__count_a_retried_slot_once_after_its_last_attempt(
+    settings, redis_client
+):
+    """With alert_after_failures 1 and pause_after_failures 1, a slot whose first attempt failed and waits
+    to retry opens no alert and pauses nothing; its last attempt failing does both, once."""
+    from monitoring import alerts
+    from schedules.models import Alert, Schedule
+
+    settings.ALERT_WEBHOOK_URLS = []
+    schedule = make_schedule(
+        "alert-once", enabled=True, alert_after_failures=1, pause_after_failures=1, retry_policy=POLICY
+    )
+    sr = run_now(schedule)
+    try:
+        _start_and_fail(sr, 1)
+        _due_now(sr.run_id)
+        _start_and_fail(sr, 2)
+        alerts.evaluate(grace=3600)
+        assert not Alert.objects.filter(schedule=schedule).exists()
+        assert Schedule.objects.get(pk=schedule.pk).enabled
+
+        _due_now(sr.run_id)
+        _start_and_fail(sr, 3)
+        alerts.evaluate(grace=3600)
+        alerts.evaluate(grace=3600)
+        (alert,) = Alert.objects.filter(schedule=schedule)
+        assert (alert.kind, alert.details["consecutive_failures"]) == ("failing", 1)
+        assert not Schedule.objects.get(pk=schedule.pk).enabled
+    finally:
+        assert alerts.sender().drain(timeout=30)
