@@ -138,7 +138,8 @@ CONTEXT_RECORDER = register(
 
 def fail_until_attempt(ctx):
     """Append {run_id, attempt, pid, at} as a JSON line to the file the `out` param names, then fail
-    while the run's attempt is at most `fail_times`: for the retry tests (tests/acceptance/test_retries.py).
+    while the run's attempt is at most `fail_times` (with `hang`, hang instead, for a test to kill the
+    worker): for the retry tests (tests/acceptance/test_retries.py, tests/chaos/test_retry_faults.py).
     """
     import json
     import os
@@ -150,6 +151,8 @@ def fail_until_attempt(ctx):
         )
         fh.write("\n")
     if ctx.attempt <= ctx.params.get("fail_times", 0):
+        if ctx.params.get("hang"):
+            time.sleep(600)  # until the test kills its worker
         raise RuntimeError("failing on purpose")
     return {}
 
@@ -166,6 +169,7 @@ FAILS_THEN_SUCCEEDS = register(
             "properties": {
                 "out": {"type": "string", "minLength": 1},
                 "fail_times": {"type": "integer", "minimum": 0},
+                "hang": {"type": "boolean"},
             },
             "required": ["out"],
             "additionalProperties": False,

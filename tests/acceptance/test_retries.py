@@ -41,7 +41,7 @@ def executions(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def create_schedule(api, name: str, out, *, fail_times: int, policy: dict) -> int:
+def create_schedule(api, name: str, out, *, fail_times: int, policy: dict, hang: bool = False) -> int:
     created = api.post(
         "/api/schedules/",
         {
@@ -50,7 +50,7 @@ def create_schedule(api, name: str, out, *, fail_times: int, policy: dict) -> in
             "enabled": False,
             "schedule_type": "interval",
             "interval_minutes": 60,
-            "params": {"out": str(out), "fail_times": fail_times},
+            "params": {"out": str(out), "fail_times": fail_times, "hang": hang},
             "retry_policy": policy,
         },
         format="json",

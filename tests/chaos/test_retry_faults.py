@@ -89,3 +89,37 @@ def test_scheduler_and_worker_sigkilled_during_a_backoff__the_retry_happens_exac
     assert (attempts[1].started_at - attempts[0].finished_at).total_seconds() >= BACKOFF
     assert ScheduledRun.objects.filter(schedule_id=sid).count() == 1
     assert ScheduledRun.objects.get(schedule_id=sid).status == "succeeded"
+
+
+def test_worker_sigkilled_during_an_attempt__is_retried_as_worker_lost_once(api, procs, tmp_path):
+    """What this proves: an attempt whose worker is SIGKILLed (task included) is ended "worker lost" by
+    a reaper, then retried under `retry_on: [worker_lost]` on another worker: two executions, the
+    first attempt `worker_lost`, the second `succeeded`; one slot."""
+    out = tmp_path / "attempts.jsonl"
+    policy = {"max_attempts": 2, "initial_interval_seconds": 1, "retry_on": ["worker_lost"]}
+    sid = create_schedule(api, "retry-worker-lost", out, fail_times=1, policy=policy, hang=True)
+
+    worker = start_worker([f"jobs.{JOB}"], tmp_path=tmp_path, name="w1", include="tests.worker_jobs")
+    try:
+        procs.start("--interval", "30")
+        run_id = api.post(f"/api/schedules/{sid}/run-now").json()["run"]
+        wait_for(lambda: len(executions(out)) == 1, timeout=90, what="attempt 1 executing")
+        worker.kill()
+    finally:
+        worker.stop()
+    worker = start_worker([f"jobs.{JOB}"], tmp_path=tmp_path, name="w2", include="tests.worker_jobs")
+    try:
+        run = wait_for(
+            lambda: (r := Run.objects.get(pk=run_id)).status in ("succeeded", "failed") and r,
+            timeout=120,
+            what="the retry ran",
+        )
+    finally:
+        worker.stop()
+
+    assert (run.status, run.attempt) == ("succeeded", 2), run.error_summary
+    assert [e["attempt"] for e in executions(out)] == [1, 2]
+    attempts = list(RunAttempt.objects.filter(run_id=run_id).order_by("attempt"))
+    assert [(a.attempt, a.outcome) for a in attempts] == [(1, "worker_lost"), (2, "succeeded")]
+    assert attempts[0].error_summary.startswith("worker lost")
+    assert ScheduledRun.objects.filter(schedule_id=sid).count() == 1
