@@ -51,10 +51,12 @@ def run_mark_throttled(run_id: int, scheduled_run_id: int | None, reason: str) -
     start gate) with `waiting_since` set and the reason; its mirror goes `throttled`."""
     reason = reason[:ERROR_SUMMARY_MAX]
     with transaction.atomic():
-        Run.objects.filter(pk=run_id, status=RunStatus.QUEUED, waiting_since__isnull=True).update(
+        waiting = Run.objects.filter(pk=run_id, status=RunStatus.QUEUED, waiting_since__isnull=True)
+        # An early copy of its message while the run waits to retry (retries.py) waits for no slot.
+        marked = waiting.exclude(retry_at__gt=Now()).update(
             error_summary=reason, published_at=Now(), waiting_since=Now()
         )
-        if scheduled_run_id is not None:
+        if marked and scheduled_run_id is not None:
             ScheduledRun.objects.filter(pk=scheduled_run_id, status=ScheduledRunStatus.QUEUED).update(
                 status=ScheduledRunStatus.THROTTLED, error_summary=reason, published_at=Now()
             )

@@ -361,3 +361,16 @@ def test_failing_alert_and_pause_after_failures__count_a_retried_slot_once_after
         assert not Schedule.objects.get(pk=schedule.pk).enabled
     finally:
         assert alerts.sender().drain(timeout=30)
+
+
+def test_an_early_copy_of_its_message_finding_a_cap_full__leaves_the_retry_wait_as_it_is(redis_client):
+    """A copy of the run's message delivered during the backoff (an old re-publish) that finds its cap
+    full is parked by the worker; it must not turn the waiting retry into a `throttled` wait, which the
+    outbox sweep would then leave alone at retry_at."""
+    sr = run_now(make_schedule("early-copy", enabled=False, retry_policy=POLICY))
+    _start_and_fail(sr, 1)
+    runstate.run_mark_throttled(sr.run_id, sr.pk, "waiting: per-job cap 1 reached")
+    run, sr = Run.objects.get(pk=sr.run_id), ScheduledRun.objects.get(pk=sr.pk)
+    assert (run.waiting_since, sr.status) == (None, "queued")
+    _due_now(run.pk)
+    assert sweep_outbox(grace=0, republish_after=3600).published == 1
