@@ -26,6 +26,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from monitoring.permissions import is_viewer
 from orchestrator.models import Run
+from orchestrator.retry_policy import effective_policy
 from project.pagination import EstimatedCountPaginator as Paginator
 from schedules import bulk, services, timing
 from schedules.dispatch import run_now as dispatch_run_now
@@ -227,12 +228,31 @@ def _timeline(schedule: Schedule, now) -> list[dict]:
     return bars
 
 
+def retry_description(schedule: Schedule) -> str:
+    """The retry policy in force, as a person reads it: "up to 3 attempts, 10 s then x2 (at most
+    600 s), on failed, timed_out", whose it is; "no retry" for one attempt."""
+    policy = effective_policy(schedule.job.retry_policy, schedule.retry_policy)
+    whose = "the job's" if schedule.retry_policy is None else "this schedule's"
+    if policy["max_attempts"] <= 1 or not policy["retry_on"]:
+        return f"no retry ({whose} policy)"
+    return (
+        f"up to {policy['max_attempts']} attempts, {policy['initial_interval_seconds']:g} s then"
+        f" x{policy['backoff_coefficient']:g} (at most {policy['max_interval_seconds']:g} s), on"
+        f" {', '.join(policy['retry_on'])} ({whose} policy)"
+    )
+
+
 @require_GET
 @dashboard_view
 def schedule_page(request: HttpRequest, pk: int) -> HttpResponse:
     schedule = get_object_or_404(Schedule.objects.select_related("job"), pk=pk)
     status = request.GET.get("status", "")
-    history = ScheduledRun.objects.filter(schedule=schedule).order_by("-scheduled_for", "-id")
+    history = (
+        ScheduledRun.objects.filter(schedule=schedule)
+        .select_related("run")
+        .prefetch_related("run__attempts")
+        .order_by("-scheduled_for", "-id")
+    )
     if status:
         if status not in ScheduledRunStatus.values:
             raise Http404("unknown status")
@@ -247,6 +267,7 @@ def schedule_page(request: HttpRequest, pk: int) -> HttpResponse:
             "schedule": schedule,
             "state": _schedule_state(schedule, [a.kind for a in alerts]),
             "timing": timing.describe(timing.spec_of(schedule)),
+            "retry": retry_description(schedule),
             "upcoming": _upcoming(schedule, 5),
             "page": page,
             "status": status,
@@ -302,6 +323,7 @@ def run_page(request: HttpRequest, pk: int) -> HttpResponse:
             "run": run,
             "scheduled": scheduled,
             "tasks": _task_rows(stats, _task_order(run.job.key)),
+            "attempts": run.attempt_history(),
             "llm": stats.get("llm") if isinstance(stats.get("llm"), dict) else {},
             # The run's params as stored (a run-now's override included); escaped by the template.
             "params_json": json.dumps(run.params, sort_keys=True),

@@ -18,6 +18,7 @@ began (migration 0002, which counted the history then present).
 What a build reads (each on an index or a small table, none over the history):
 - RUN_TOTALS_SQL, SLOT_TOTALS_SQL: the totals, after compact_totals folded the rows appended since;
 - WAITING_SQL: queued runs waiting for a slot (run_status_heartbeat_idx), per job;
+- RETRY_WAITING_SQL: queued runs waiting to retry (run_retry_idx), per job;
 - the jobs, for the caps, and Redis (scheduler counters, live leases);
 - PER_SCHEDULE_SQL: METRICS_PER_SCHEDULE's schedules (top-N: a sort of schedules_schedule) and, for
   each, its newest succeeded slot (scheduledrun_history_idx).
@@ -67,6 +68,12 @@ SELECT status, reason, dispatch_le, start_le, sum(slots), sum(dispatch_seconds),
 
 # Every job, 0 when none waits: a gauge that disappears reads as "no data", not "none waiting".
 # The waiting runs are found on run_status_heartbeat_idx (status = 'queued'), not by a pass over runs.
+# Runs waiting for a retry's backoff to pass (schedules/retries.py), on run_retry_idx.
+RETRY_WAITING_SQL = """
+SELECT j.key, count(*) FROM orchestrator_run r JOIN orchestrator_job j ON j.id = r.job_id
+ WHERE r.status = 'queued' AND r.retry_at > now() GROUP BY 1
+"""
+
 WAITING_SQL = """
 SELECT j.key, coalesce(w.n, 0)
   FROM orchestrator_job j
@@ -225,6 +232,14 @@ class DatabaseCollector:
         for job, count in _rows(WAITING_SQL):
             waiting.add_metric([job], count)
         yield waiting
+        retrying = GaugeMetricFamily(
+            "cb_runs_waiting_to_retry",
+            "Runs whose attempt failed, waiting for the backoff before their next one (retry_policy).",
+            labels=["job"],
+        )
+        for job, count in _rows(RETRY_WAITING_SQL):
+            retrying.add_metric([job], count)
+        yield retrying
 
     def _slots(self) -> Iterator:
         skipped = dict.fromkeys(SKIP_REASONS, 0)

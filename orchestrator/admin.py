@@ -13,7 +13,8 @@ from django.contrib import admin
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest
 from django.urls import reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 from django_celery_results.admin import TaskResultAdmin
 from django_celery_results.models import TaskResult
 
@@ -43,6 +44,7 @@ JOB_SETTINGS = [
     "timeout_seconds",
     "rate_limit",
     "task3_allowlist",
+    "retry_policy",
 ]
 
 
@@ -50,6 +52,16 @@ class JobAdminForm(forms.ModelForm):
     class Meta:
         model = models.Job
         fields = JOB_SETTINGS
+        help_texts = {
+            "retry_policy": 'How a failed run is retried, e.g. {"max_attempts": 3, '
+            '"initial_interval_seconds": 10, "backoff_coefficient": 2, "max_interval_seconds": 600, '
+            '"retry_on": ["failed", "timed_out", "worker_lost"]}; missing keys take these defaults. '
+            "Blank: one attempt.",
+        }
+
+    def clean_retry_policy(self) -> Any:
+        value = self.cleaned_data.get("retry_policy")
+        return {} if value is None else value
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
@@ -60,6 +72,8 @@ class JobAdminForm(forms.ModelForm):
         serializer = JobSerializer(instance=self.instance, data=data, partial=True)
         if not serializer.is_valid():
             for field, problems in serializer.errors.items():
+                if isinstance(problems, dict):  # a retry policy's, by key
+                    problems = [f"{key}: {p}" for key, items in problems.items() for p in items]
                 self.add_error(field if field in self.fields else None, [str(p) for p in problems])
         elif "rate_limit" in serializer.validated_data:
             cleaned["rate_limit"] = serializer.validated_data["rate_limit"]  # canonical: ` 10 / m` -> `10/m`
@@ -106,7 +120,7 @@ class RunAdmin(admin.ModelAdmin):
         "llm_calls",
         "flower",
     ]
-    readonly_fields = ["flower", "dashboard"]
+    readonly_fields = ["flower", "dashboard", "attempt_list"]
     # No date hierarchy (its year list reads every run): a date filter instead.
     list_filter = ["status", "trigger", "job", ("created_at", admin.DateFieldListFilter)]
     list_select_related = ["job"]
@@ -152,6 +166,18 @@ class RunAdmin(admin.ModelAdmin):
         if not run.task_id:
             return "-"
         return format_html('<a href="{}/task/{}">task</a>', settings.FLOWER_URL, run.task_id)
+
+    @admin.display(description="attempts")
+    def attempt_list(self, run: models.Run) -> str:
+        """Each attempt: number, outcome, times and error (more than one when the run was retried)."""
+        if run.pk is None:
+            return "-"
+        keys = ("attempt", "outcome", "started_at", "finished_at", "error_summary")
+        rows = [
+            [(a.get(k) if isinstance(a, dict) else getattr(a, k)) or "-" for k in keys]
+            for a in run.attempt_history()
+        ]
+        return format_html_join(mark_safe("<br>"), "#{} {} {} to {} {}", rows) or "-"
 
     @admin.display(description="dashboard")
     def dashboard(self, run: models.Run) -> str:

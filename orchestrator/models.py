@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Now
 
 from orchestrator.rates import RATE_LIMIT_HELP, RATE_LIMIT_PATTERN, validate_rate_limit
+from orchestrator.retry_policy import attempt_outcome
 
 
 class Trigger(models.TextChoices):
@@ -51,6 +54,8 @@ class Job(models.Model):
     params_schema = models.JSONField(
         default=dict, blank=True, db_default=models.Value({}, models.JSONField())
     )
+    # How a failed run is retried (schedules/retries.py): {} is one attempt; a schedule may override it.
+    retry_policy = models.JSONField(default=dict, blank=True, db_default=models.Value({}, models.JSONField()))
 
     class Meta:
         ordering = ["key"]
@@ -144,6 +149,9 @@ class Run(models.Model):
     params = models.JSONField(default=dict, blank=True, db_default=models.Value({}, models.JSONField()))
     scheduled_for = models.DateTimeField(null=True, blank=True)
     previous_scheduled_for = models.DateTimeField(null=True, blank=True)
+    # Waiting to retry (schedules/retries.py): the run is `queued` again and its next attempt starts no
+    # earlier than this (database clock); kept after the start, as when the last retry was due.
+    retry_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -163,10 +171,34 @@ class Run(models.Model):
                 name="run_trigger_list_idx",
                 condition=Q(trigger__in=["manual", "backfill"]),
             ),
+            # The scheduler's wake-up for the next retry due (schedules/retries.py).
+            models.Index(
+                fields=["retry_at"],
+                name="run_retry_idx",
+                condition=Q(status="queued", retry_at__isnull=False),
+            ),
         ]
 
     def __str__(self) -> str:
         return f"run {self.pk} ({self.job_id}, {self.status})"
+
+    def attempt_history(self) -> list[Any]:
+        """Every attempt so far, oldest first: the recorded ones (RunAttempt rows, when it was retried),
+        then its current one as a dict the run itself describes (for a run of one attempt, the only
+        one), with the same keys."""
+        history: list[Any] = list(self.attempts.all())
+        if self.attempt >= 1 and all(row.attempt != self.attempt for row in history):
+            history.append(
+                {
+                    "attempt": self.attempt,
+                    "outcome": attempt_outcome(self.status, self.error_summary),
+                    "error_summary": self.error_summary,
+                    "started_at": self.started_at,
+                    "finished_at": self.finished_at,
+                    "worker": self.worker,
+                }
+            )
+        return history
 
     @property
     def directive_text(self) -> str:
@@ -174,6 +206,27 @@ class Run(models.Model):
         if self.directive_id is not None:
             return self.directive.text
         return self.custom_directive_text
+
+
+class RunAttempt(models.Model):
+    """One finished attempt of a run that was retried (schedules/retries.py): its number, outcome
+    (`succeeded`, `failed`, `timed_out`, `worker_lost`, `cancelled`), error and times. A run of a single
+    attempt has none: the run is its own record."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="attempts")
+    attempt = models.PositiveIntegerField()
+    outcome = models.CharField(max_length=16)
+    error_summary = models.CharField(max_length=500, blank=True, default="")
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=255, blank=True, default="")
+
+    class Meta:
+        ordering = ["run_id", "attempt"]
+        constraints = [models.UniqueConstraint(fields=["run", "attempt"], name="runattempt_unique_attempt")]
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} attempt {self.attempt} ({self.outcome})"
 
 
 class Severity(models.TextChoices):

@@ -120,6 +120,10 @@ class ScheduleAdminForm(forms.ModelForm):
         help_texts = {
             "pause_after_failures": "Disable the schedule after this many consecutive failed runs (blank: "
             "never); enabling it clears the note and counts afresh.",
+            "retry_policy": 'Overrides the job\'s retry policy, e.g. {"max_attempts": 3, '
+            '"initial_interval_seconds": 10, "backoff_coefficient": 2, "max_interval_seconds": 600, '
+            '"retry_on": ["failed", "timed_out", "worker_lost"]} (missing keys take these defaults). '
+            "Blank: the job's policy.",
         }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -308,6 +312,7 @@ class ScheduleAdmin(admin.ModelAdmin):
                     "misfire_policy",
                     "catchup_window_seconds",
                     "overlap_policy",
+                    "retry_policy",
                     "max_global",
                     "max_per_job",
                     "max_runs",

@@ -354,6 +354,7 @@ class DatabaseScheduler(Scheduler):
         from schedules.dispatch import dispatch_claimed
         from schedules.publishing import sweep_outbox
         from schedules.retention import prune_history_if_due
+        from schedules.retries import seconds_until_next_retry
         from schedules.signals import scheduler_pass_done
 
         # Liveness for `manage.py health --scheduler`: stamped whatever the pass then meets (an outage
@@ -426,6 +427,10 @@ class DatabaseScheduler(Scheduler):
             if len(claims) >= self.batch_size:
                 return 0.0  # more may be due right now
             until_due = seconds_until_due()
+            # A run waiting to retry is published by the sweep: wake when the next one is due.
+            until_retry = seconds_until_next_retry()
+            if until_retry is not None:
+                until_due = until_retry if until_due is None else min(until_due, until_retry)
         except (OperationalError, InterfaceError) as exc:
             if _interruption(exc) is not None:
                 self.request_stop()

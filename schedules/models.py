@@ -129,6 +129,8 @@ class Schedule(models.Model):
     calendar_policy = models.CharField(
         max_length=16, choices=CalendarPolicy.choices, default=CalendarPolicy.SKIP, db_default="skip"
     )
+    # Overrides the job's retry policy (schedules/retries.py); null: the job's.
+    retry_policy = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

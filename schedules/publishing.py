@@ -219,6 +219,8 @@ SELECT sr.id, sr.run_id, r.task_id, j.key, j.queue, sr.published_at
   JOIN orchestrator_run r ON r.id = sr.run_id
   JOIN orchestrator_job j ON j.id = r.job_id
  WHERE sr.status = 'queued' AND sr.run_id IS NOT NULL AND r.status = 'queued'
+   -- A run waiting to retry is published when its retry is due (schedules/retries.py), not before.
+   AND (r.retry_at IS NULL OR r.retry_at <= now())
    AND ((sr.published_at IS NULL AND sr.created_at < now() - make_interval(secs => %(grace)s))
         OR (sr.published_at < now() - make_interval(secs => %(republish_after)s)
             AND sr.published_at + (sr.published_at - sr.created_at) < now()))
@@ -231,7 +233,7 @@ SWEEP_MANUAL_SQL = """
 SELECT r.id, r.task_id, j.key, j.queue, r.published_at
   FROM orchestrator_run r
   JOIN orchestrator_job j ON j.id = r.job_id
- WHERE r.status = 'queued'
+ WHERE r.status = 'queued' AND (r.retry_at IS NULL OR r.retry_at <= now())
    AND ((r.published_at IS NULL AND r.created_at < now() - make_interval(secs => %(grace)s))
         OR (r.published_at < now() - make_interval(secs => %(republish_after)s)
             AND r.published_at + (r.published_at - r.created_at) < now()))

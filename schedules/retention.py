@@ -207,9 +207,10 @@ def _prune_runs_batch(result: PruneResult, *, keep: float, after: int, limit: in
         run_ids = [row[0] for row in locked]
         task_ids = [row[1] for row in locked if row[1]]
         if run_ids:
-            # Findings first: their foreign key to the run is checked at commit.
+            # Findings and attempts first: their foreign keys to the run are checked at commit.
             cursor.execute("DELETE FROM orchestrator_finding WHERE run_id = ANY(%s)", [run_ids])
             result.findings += cursor.rowcount
+            cursor.execute("DELETE FROM orchestrator_runattempt WHERE run_id = ANY(%s)", [run_ids])
             cursor.execute("DELETE FROM orchestrator_run WHERE id = ANY(%s)", [run_ids])
             result.runs += cursor.rowcount
         if task_ids:

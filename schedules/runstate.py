@@ -13,6 +13,8 @@ run inside the caller's transaction (or its own when there is none), so the data
   stale worker can never overwrite a newer outcome, and an outcome is written once;
 - reap: only a run whose Redis liveness lease expired (schedules/runleases.py) is failed "worker lost",
   by the same fenced finish.
+- retry: a failed attempt its retry policy allows to retry goes back to `queued` instead of ending, in
+  the finish's transaction (schedules/retries.py); the start gate waits for its `retry_at`.
 
 Times come from the database clock (`now()`).
 """
@@ -27,7 +29,7 @@ from django.db import OperationalError, connection, transaction
 from django.db.models.functions import Now
 
 from orchestrator.models import Run, RunStatus
-from schedules import runleases
+from schedules import retries, runleases
 from schedules.models import ScheduledRun, ScheduledRunStatus
 
 logger = logging.getLogger(__name__)
@@ -49,10 +51,12 @@ def run_mark_throttled(run_id: int, scheduled_run_id: int | None, reason: str) -
     start gate) with `waiting_since` set and the reason; its mirror goes `throttled`."""
     reason = reason[:ERROR_SUMMARY_MAX]
     with transaction.atomic():
-        Run.objects.filter(pk=run_id, status=RunStatus.QUEUED, waiting_since__isnull=True).update(
+        waiting = Run.objects.filter(pk=run_id, status=RunStatus.QUEUED, waiting_since__isnull=True)
+        # An early copy of its message while the run waits to retry (retries.py) waits for no slot.
+        marked = waiting.exclude(retry_at__gt=Now()).update(
             error_summary=reason, published_at=Now(), waiting_since=Now()
         )
-        if scheduled_run_id is not None:
+        if marked and scheduled_run_id is not None:
             ScheduledRun.objects.filter(pk=scheduled_run_id, status=ScheduledRunStatus.QUEUED).update(
                 status=ScheduledRunStatus.THROTTLED, error_summary=reason, published_at=Now()
             )
@@ -68,7 +72,7 @@ WITH r AS (
        SET status = 'running', attempt = attempt + 1, started_at = now(), heartbeat_at = now(),
            finished_at = NULL, worker = %(worker)s, error_summary = '', lease_seq = %(seq)s,
            waiting_since = NULL
-     WHERE id = %(run)s AND status = 'queued'
+     WHERE id = %(run)s AND status = 'queued' AND (retry_at IS NULL OR retry_at <= now())
        AND (%(attempt)s::int IS NULL OR attempt = %(attempt)s::int)
        AND (%(sr)s::bigint IS NULL OR EXISTS (
             SELECT 1 FROM schedules_scheduledrun
@@ -182,6 +186,10 @@ def run_finish(
     # process is then killed (the hard time limit) must not commit when the lock goes; its COMMIT never
     # comes, so PostgreSQL rolls it back, and the parent's outcome stands.
     with transaction.atomic(), connection.cursor() as cursor:
+        if (status != RunStatus.SUCCEEDED or attempt != 1) and retries.run_retry_or_record(
+            run_id, status=params["status"], error_summary=params["summary"], attempt=attempt, worker=worker
+        ):
+            return True  # the attempt ended; the run waits for its next one (schedules/retries.py)
         cursor.execute(sql, params)
         (ended,) = cursor.fetchone()
     return bool(ended)

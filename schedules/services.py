@@ -20,6 +20,7 @@ from django.db.models import F
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from orchestrator import retry_policy
 from orchestrator.models import Directive, Job, Run, Task3Scope, Trigger
 from orchestrator.params import params_errors
 from orchestrator.services import OrchestratorService
@@ -73,6 +74,7 @@ SCHEDULE_FIELDS = (
     "pause_after_failures",
     "params",
     "labels",
+    "retry_policy",
 )
 # Calendars (issue 33): the calendars a schedule's slots are ruled out by (exclude) or kept to (only),
 # and what a ruled-out slot becomes. Set through the same services, recorded in the same history; not
@@ -219,6 +221,12 @@ def schedule_errors(
         errors.update(run_params_errors(values["job"], values.get("params")))
     if "labels" in changed and (problems := label_errors(values.get("labels"))):
         errors["labels"] = problems
+    if "retry_policy" in changed and values.get("retry_policy") is not None:
+        problems = retry_policy.policy_errors(values["retry_policy"])
+        if problems:
+            errors["retry_policy"] = [
+                f"{key}: {message}" for key, msgs in problems.items() for message in msgs
+            ]
     errors.update(limit_errors(values, run_count=run_count, enabling="enabled" in changed))
     errors.update(timing_errors(values, now=now))
     if values.get("alert_webhook_url") and "alert_webhook_url" in changed:

@@ -164,3 +164,45 @@ START_STAMP = register(
         timeout_seconds=60,
     )
 )
+
+
+def fail_until_attempt(ctx):
+    """Append {run_id, attempt, pid, at} as a JSON line to the file the `out` param names, then fail
+    while the run's attempt is at most `fail_times` (with `hang`, hang instead, for a test to kill the
+    worker): for the retry tests (tests/acceptance/test_retries.py, tests/chaos/test_retry_faults.py).
+    """
+    import json
+    import os
+    import time
+
+    with open(ctx.params["out"], "a", encoding="utf-8") as fh:
+        fh.write(
+            json.dumps({"run_id": ctx.run_id, "attempt": ctx.attempt, "pid": os.getpid(), "at": time.time()})
+        )
+        fh.write("\n")
+    if ctx.attempt <= ctx.params.get("fail_times", 0):
+        if ctx.params.get("hang"):
+            time.sleep(600)  # until the test kills its worker
+        raise RuntimeError("failing on purpose")
+    return {}
+
+
+FAILS_THEN_SUCCEEDS = register(
+    JobSpec(
+        key="fails_then_succeeds",
+        name="Fails then succeeds (tests only)",
+        description="Records each attempt in the file its `out` param names; fails its first `fail_times`.",
+        tasks=(sleep.JOB.tasks[0], TaskSpec("attempt", fail_until_attempt), sleep.JOB.tasks[2]),
+        timeout_seconds=60,
+        params_schema={
+            "type": "object",
+            "properties": {
+                "out": {"type": "string", "minLength": 1},
+                "fail_times": {"type": "integer", "minimum": 0},
+                "hang": {"type": "boolean"},
+            },
+            "required": ["out"],
+            "additionalProperties": False,
+        },
+    )
+)

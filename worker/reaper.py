@@ -26,6 +26,7 @@ import redis
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
+from django.db.models.functions import Now
 
 from orchestrator.models import Run, RunStatus
 from project import redisconn
@@ -60,7 +61,8 @@ def republish_waiting_runs(run_ids: list[int] | None = None) -> int:
     from schedules.dispatch import message_for
     from schedules.publishing import publish_messages
 
-    waiting = Run.objects.filter(status=RunStatus.QUEUED)
+    # Not a run waiting to retry: the outbox sweep publishes it when its retry is due.
+    waiting = Run.objects.filter(status=RunStatus.QUEUED).exclude(retry_at__gt=Now())
     if run_ids is not None:
         waiting = waiting.filter(pk__in=run_ids)
     runs = list(

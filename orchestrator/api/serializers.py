@@ -7,6 +7,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from orchestrator import retry_policy
 from orchestrator.models import Directive, Job, Run, Task3Scope
 from orchestrator.rates import RATE_LIMIT_HELP, parse_rate_limit
 from project.api import StrictFieldsMixin
@@ -49,6 +50,76 @@ class ParamsField(serializers.JSONField):
     naming the failing path: `{"params": ["$.min_severity: 'x' is not one of [...]"]}`)."""
 
 
+# The OpenAPI shape of a retry policy (orchestrator/retry_policy.py checks it, with the same bounds).
+RETRY_POLICY_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "max_attempts": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": retry_policy.MAX_ATTEMPTS_LIMIT,
+            "description": "Attempts in all; 1 = no retry.",
+        },
+        "initial_interval_seconds": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": retry_policy.MAX_INTERVAL_LIMIT,
+            "description": "The wait after the first attempt.",
+        },
+        "backoff_coefficient": {
+            "type": "number",
+            "minimum": 1,
+            "maximum": retry_policy.MAX_COEFFICIENT,
+            "description": "Each wait is the previous one times this (1: a fixed wait).",
+        },
+        "max_interval_seconds": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": retry_policy.MAX_INTERVAL_LIMIT,
+            "description": "No wait is longer.",
+        },
+        "retry_on": {
+            "type": "array",
+            "uniqueItems": True,
+            "items": {"type": "string", "enum": list(retry_policy.RETRY_ON_CHOICES)},
+            "description": "Which endings are retried: failed, timed_out (a time limit), worker_lost.",
+        },
+    },
+}
+
+
+@extend_schema_field(RETRY_POLICY_SCHEMA)
+class RetryPolicyField(serializers.JSONField):
+    """A retry policy: missing keys take the defaults; a 400 names each wrong key
+    (`{"retry_policy": {"max_attempts": ["..."]}}`)."""
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        data = super().to_internal_value(data)
+        if errors := retry_policy.policy_errors(data):
+            raise serializers.ValidationError(errors)
+        return retry_policy.policy_normalized(data)
+
+
+class AttemptSerializer(serializers.Serializer):
+    """One attempt of a run: its number, outcome, error and times."""
+
+    attempt = serializers.IntegerField()
+    outcome = serializers.CharField(
+        help_text="succeeded | failed | timed_out | worker_lost | cancelled, or the run's status while"
+        " this attempt has not ended (queued, running)."
+    )
+    error_summary = serializers.CharField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    worker = serializers.CharField()
+
+
+def run_attempts(run: Run) -> list[dict[str, Any]]:
+    """Every attempt of `run` so far (Run.attempt_history), shaped for the API."""
+    return AttemptSerializer(run.attempt_history(), many=True).data
+
+
 class JobKeyField(serializers.SlugRelatedField):
     """SlugRelatedField, except that only a non-empty string is a key.
 
@@ -87,6 +158,9 @@ class JobSerializer(StrictFieldsMixin, serializers.ModelSerializer):
     rate_limit = serializers.CharField(
         max_length=32, allow_null=True, allow_blank=True, required=False, help_text=RATE_LIMIT_HELP
     )
+    retry_policy = RetryPolicyField(
+        required=False, help_text="How a failed run of this job is retried (a schedule may override it)."
+    )
 
     class Meta:
         model = Job
@@ -100,6 +174,7 @@ class JobSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "timeout_seconds",
             "task3_allowlist",
             "rate_limit",
+            "retry_policy",
             "params_schema",
         ]
         # params_schema is the job's code's (orchestrator/jobs/registry.py), synced at migrate.
@@ -131,6 +206,7 @@ class RunSerializer(serializers.ModelSerializer):
     directive_key = serializers.SlugRelatedField(
         source="directive", slug_field="key", read_only=True, allow_null=True
     )
+    attempts = serializers.SerializerMethodField()
 
     class Meta:
         model = Run
@@ -160,8 +236,15 @@ class RunSerializer(serializers.ModelSerializer):
             "params",
             "scheduled_for",
             "previous_scheduled_for",
+            "retry_at",
+            "attempts",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(AttemptSerializer(many=True))
+    def get_attempts(self, run: Run) -> list[dict[str, Any]]:
+        """Each attempt's number, outcome, error and times (more than one when the run was retried)."""
+        return run_attempts(run)
 
 
 class RunLaunchSerializer(StrictFieldsMixin, serializers.Serializer):

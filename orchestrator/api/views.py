@@ -129,7 +129,7 @@ def _choice(params, name: str, values: list[str]) -> str | None:
 class RunViewSet(ApiViewMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Runs, newest first; filter with ?status=, ?trigger=, ?job_key=."""
 
-    queryset = Run.objects.select_related("job", "directive")
+    queryset = Run.objects.select_related("job", "directive").prefetch_related("attempts")
     serializer_class = RunSerializer
     lookup_value_regex = "[0-9]+"
 

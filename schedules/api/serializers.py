@@ -5,7 +5,14 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from orchestrator.api.serializers import DirectiveRefField, ParamsField, job_key_field
+from orchestrator.api.serializers import (
+    AttemptSerializer,
+    DirectiveRefField,
+    ParamsField,
+    RetryPolicyField,
+    job_key_field,
+    run_attempts,
+)
 from project.api import StrictFieldsMixin
 from schedules import calendars, services, timing
 from schedules.bulk import MAX_BULK, BulkAction
@@ -37,6 +44,9 @@ class ScheduledRunSerializer(serializers.ModelSerializer):
     run_status = serializers.CharField(source="run.status", read_only=True, default=None, allow_null=True)
     # The params the run was launched with (a run-now's override included); null for a skipped slot.
     params = ParamsField(source="run.params", read_only=True, default=None, allow_null=True)
+    attempt = serializers.IntegerField(source="run.attempt", read_only=True, default=None, allow_null=True)
+    retry_at = serializers.DateTimeField(source="run.retry_at", read_only=True, default=None, allow_null=True)
+    attempts = serializers.SerializerMethodField()
 
     class Meta:
         model = ScheduledRun
@@ -57,8 +67,16 @@ class ScheduledRunSerializer(serializers.ModelSerializer):
             "finished_at",
             "error_summary",
             "params",
+            "attempt",
+            "retry_at",
+            "attempts",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(AttemptSerializer(many=True))
+    def get_attempts(self, scheduled_run: ScheduledRun) -> list[dict]:
+        """The run's attempts: number, outcome, error, times (empty for a skipped slot)."""
+        return [] if scheduled_run.run is None else run_attempts(scheduled_run.run)
 
 
 class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
@@ -83,6 +101,11 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
         required=False,
         help_text='key=value pairs as in Kubernetes, e.g. {"team": "payments"}: what ?label= and a bulk'
         " selector match.",
+    )
+    retry_policy = RetryPolicyField(
+        required=False,
+        allow_null=True,
+        help_text="Overrides the job's retry policy (null: the job's). Missing keys take the defaults.",
     )
     upcoming = serializers.SerializerMethodField()
     runs_remaining = serializers.SerializerMethodField()
@@ -127,6 +150,7 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "exclude_calendars",
             "only_calendars",
             "calendar_policy",
+            "retry_policy",
             "paused_note",
             "paused_at",
             "paused_by",

@@ -331,7 +331,11 @@ class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
     def history(self, request: Request, pk: str | None = None) -> Response:
         """The schedule's ScheduledRuns, newest first, paginated, optionally filtered by `status`."""
         schedule = self.get_object()
-        runs = schedule.scheduled_runs.select_related("run").order_by("-scheduled_for", "-id")
+        runs = (
+            schedule.scheduled_runs.select_related("run")
+            .prefetch_related("run__attempts")
+            .order_by("-scheduled_for", "-id")
+        )
         wanted = request.query_params.get("status")
         if wanted is not None:
             if wanted not in ScheduledRunStatus.values:

@@ -46,6 +46,7 @@ def test_jobs__list_and_get_by_key(api):
         "timeout_seconds",
         "task3_allowlist",
         "rate_limit",
+        "retry_policy",
         "params_schema",
     }
     assert api.get("/api/jobs/no_such_job/").status_code == 404

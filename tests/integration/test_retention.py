@@ -15,7 +15,7 @@ from django.core.management import call_command
 from django.db import connection
 from django_celery_results.models import TaskResult
 
-from orchestrator.models import Finding, Run
+from orchestrator.models import Finding, Run, RunAttempt
 from schedules import retention
 from schedules.models import ScheduledRun
 from tests.scheduler_support import db_now, make_schedule, sleep_job, sql
@@ -30,6 +30,7 @@ def _run(status: str, *, old: bool, trigger: str = "schedule") -> Run:
         job=sleep_job(), trigger=trigger, status=status, task_id=str(uuid.uuid4()), custom_directive_text="0"
     )
     Finding.objects.create(run=run, rule="r", severity="low", subject="s", count=1, source_file="f")
+    RunAttempt.objects.create(run=run, attempt=1, outcome="failed")  # as if it was retried
     TaskResult.objects.create(task_id=run.task_id, task_name="worker.execute_run", status="SUCCESS")
     if old:
         sql(f"UPDATE orchestrator_run SET created_at = now() - interval '{OLD}' WHERE id = %s", [run.pk])
@@ -99,6 +100,7 @@ def test_prune__keeps_history_keep_unfinished_recent_and_their_runs():
     kept_runs |= {manual_queued.pk, manual_recent.pk}
     assert set(Run.objects.values_list("pk", flat=True)) == kept_runs
     assert set(Finding.objects.values_list("run_id", flat=True)) == kept_runs
+    assert set(RunAttempt.objects.values_list("run_id", flat=True)) == kept_runs
     run_tasks = set(Run.objects.values_list("task_id", flat=True))
     assert set(TaskResult.objects.values_list("task_id", flat=True)) == run_tasks | {"other-recent"}
 
