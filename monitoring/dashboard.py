@@ -24,7 +24,7 @@ from django.views.decorators.http import require_GET, require_POST
 from monitoring.permissions import is_viewer
 from orchestrator.models import Run
 from project.pagination import EstimatedCountPaginator as Paginator
-from schedules import services, timing
+from schedules import cancelling, services, timing
 from schedules.dispatch import run_now as dispatch_run_now
 from schedules.models import (
     Alert,
@@ -332,3 +332,15 @@ def disable(request: HttpRequest, pk: int) -> JsonResponse:
     except services.ScheduleInvalid as exc:
         return JsonResponse(exc.errors, status=400)
     return JsonResponse(_schedule_state(schedule, []))
+
+
+@action_view
+def cancel_run(request: HttpRequest, pk: int) -> JsonResponse:
+    """The run page's "Cancel" button, as POST /api/runs/{id}/cancel (with the default grace)."""
+    try:
+        run = cancelling.cancel_run(pk, by=request.user.get_username())
+    except cancelling.RunNotFound as exc:
+        raise Http404(str(exc)) from exc
+    except cancelling.RunFinished as exc:
+        return JsonResponse({"status": [str(exc)]}, status=409)
+    return JsonResponse({"status": run.status, "cancel_requested_at": run.cancel_requested_at})

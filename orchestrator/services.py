@@ -288,11 +288,19 @@ class TaskFence:
         self._groups: set[int] = set()
         self.reason = ""
 
-    def kill(self, reason: str) -> None:
+    def kill(self, reason: str, *, grace: float = 0.0) -> None:
+        """Stop the run: no task starts any more; the live task groups get SIGTERM, then SIGKILL once
+        `grace` seconds passed (at once without a grace); returns when none of them is left."""
         with self._lock:
             if not self.reason:
                 self.reason = reason[:300]
             groups = list(self._groups)
+        if grace > 0:
+            _signal_groups(groups, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while groups and time.monotonic() < deadline:
+                time.sleep(0.05)
+                groups = [pgid for pgid in groups if _group_alive(pgid)]
         for pgid in groups:
             _kill_group(pgid)
 
@@ -308,6 +316,22 @@ class TaskFence:
     def leave(self, pgid: int) -> None:
         with self._lock:
             self._groups.discard(pgid)
+
+
+def _signal_groups(groups: list[int], signum: int) -> None:
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _kill_group(pgid: int, *, wait: float = 5.0) -> None:

@@ -147,6 +147,9 @@ class RunSerializer(serializers.ModelSerializer):
             "params",
             "scheduled_for",
             "previous_scheduled_for",
+            "cancel_requested_at",
+            "cancel_deadline",
+            "cancelled_by",
         ]
         read_only_fields = fields
 

@@ -7,7 +7,7 @@ from rest_framework import serializers
 
 from orchestrator.api.serializers import DirectiveRefField, ParamsField, job_key_field
 from project.api import StrictFieldsMixin
-from schedules import services
+from schedules import cancelling, services
 from schedules.models import OverlapPolicy, Schedule, ScheduleChange, ScheduledRun
 from schedules.services import MAX_DIRECTIVE_TEXT, MAX_PREVIEW_COUNT, PAUSE_NOTE_MAX, PREVIEW_COUNT
 
@@ -179,6 +179,18 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
 def _ended(schedule: Schedule) -> bool:
     """Past end_at: no slot is left (the scheduler or a save set next_run_at to null)."""
     return schedule.end_at is not None and schedule.next_run_at is None
+
+
+class RunCancelSerializer(StrictFieldsMixin, serializers.Serializer):
+    """POST /api/runs/{id}/cancel: an optional grace for a running run's tasks."""
+
+    cancel_grace_seconds = serializers.FloatField(
+        required=False,
+        min_value=0,
+        max_value=cancelling.MAX_GRACE_SECONDS,
+        help_text="Seconds between SIGTERM and SIGKILL to the run's task processes (0: SIGKILL at once);"
+        " default CANCEL_GRACE_SECONDS (10).",
+    )
 
 
 class RunNowSerializer(serializers.Serializer):
