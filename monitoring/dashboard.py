@@ -342,5 +342,5 @@ def cancel_run(request: HttpRequest, pk: int) -> JsonResponse:
     except cancelling.RunNotFound as exc:
         raise Http404(str(exc)) from exc
     except cancelling.RunFinished as exc:
-        return JsonResponse({"status": [str(exc)]}, status=409)
+        return JsonResponse({"detail": str(exc)}, status=409)
     return JsonResponse({"status": run.status, "cancel_requested_at": run.cancel_requested_at})

@@ -6,7 +6,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from django.db import transaction
-from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
+from drf_spectacular.utils import (
+    OpenApiExample,
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import APIException, NotFound, ValidationError
@@ -16,7 +22,7 @@ from rest_framework.response import Response
 from orchestrator.api.serializers import RunLaunchSerializer, RunSerializer
 from orchestrator.api.views import RunViewSet
 from orchestrator.models import RunStatus
-from project.api import ApiViewMixin
+from project.api import ApiViewMixin, ErrorDetailSerializer
 from schedules import cancelling, services
 from schedules import changes as change_log
 from schedules.api.serializers import (
@@ -290,7 +296,11 @@ class RunLaunchViewSet(RunViewSet):
     @extend_schema(
         summary="Cancel a run",
         request=RunCancelSerializer,
-        responses={200: RunSerializer, 202: RunSerializer},
+        responses={
+            200: RunSerializer,
+            202: RunSerializer,
+            409: OpenApiResponse(ErrorDetailSerializer, description="The run already ended."),
+        },
     )
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
@@ -307,6 +317,6 @@ class RunLaunchViewSet(RunViewSet):
         except cancelling.RunNotFound as exc:
             raise NotFound(str(exc)) from exc
         except cancelling.RunFinished as exc:
-            raise Conflict({"status": [str(exc)]}) from exc
+            raise Conflict(str(exc)) from exc
         code = status.HTTP_202_ACCEPTED if run.status == RunStatus.RUNNING else status.HTTP_200_OK
         return Response(RunSerializer(run).data, status=code)

@@ -145,3 +145,33 @@ def test_buffer_all__every_overlapping_slot_runs_one_at_a_time_in_slot_order(red
     assert [s.status for s in ScheduledRun.objects.filter(schedule=schedule)] == ["succeeded"] * 4
     _one_at_a_time_in_order(procs, [s.run_id for s in dispatched])
     assert len([s for s in dispatched if procs.first_seen(s.run_id) is not None]) == 4, worker.log()[-3000:]
+
+
+def test_buffer_all__slots_dispatched_together_still_run_in_slot_order(redis_client, tmp_path):
+    """A catch-up (misfire_policy run_all) publishes every slot at once: free pool processes take them
+    together, and the slot order still holds (an earlier slot gets into the line first)."""
+    schedule = _schedule("overlap-buffer-all-catch-up", "buffer_all", seconds="1")
+    slots = _slots(5)
+    tag = uuid.uuid4().hex
+    with (
+        running_worker(["jobs.sleep"], tmp_path=tmp_path, concurrency=4, env={TAG_ENV: tag}) as worker,
+        ProcSampler(tag) as procs,
+    ):
+        sql(
+            "UPDATE schedules_schedule SET next_run_at = %s, end_at = %s, claimed_by = %s,"
+            " claimed_until = now() + interval '60 seconds' WHERE id = %s",
+            [slots[0], slots[-1], CLAIMANT, schedule.pk],
+        )
+        dispatch_claimed([schedule.pk], claimant=CLAIMANT, grace=timedelta(seconds=60), ttl=60.0)
+        dispatched = list(ScheduledRun.objects.filter(schedule=schedule).order_by("scheduled_for"))
+        assert [s.scheduled_for for s in dispatched] == slots
+        wait_for(
+            lambda: all(_status(s) == "succeeded" for s in dispatched),
+            timeout=240,
+            interval=0.2,
+            what="every slot done",
+        )
+
+    assert procs.error is None, procs.error
+    _one_at_a_time_in_order(procs, [s.run_id for s in dispatched])
+    assert all(procs.first_seen(s.run_id) is not None for s in dispatched), worker.log()[-3000:]
