@@ -24,7 +24,6 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 from django.conf import settings
@@ -81,15 +80,6 @@ def cancel_key(run_id: int) -> str:
 
 def default_grace() -> float:
     return float(settings.CANCEL_GRACE_SECONDS)
-
-
-def grace_error(value: Any) -> str | None:
-    """Why `value` is not a grace in seconds (None: it is): a number from 0 to MAX_GRACE_SECONDS."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return "A number of seconds is required."
-    if not 0 <= value <= MAX_GRACE_SECONDS:
-        return f"Must be between 0 and {MAX_GRACE_SECONDS:g} seconds."
-    return None
 
 
 def cancelled_summary(by: str) -> str:

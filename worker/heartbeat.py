@@ -143,6 +143,7 @@ class Heartbeat:
         """Kill the run's task processes (SIGKILL, or SIGTERM and SIGKILL after `grace`), then let its
         slots go: in that order (guarantee 5)."""
         if self.fence.reason:
+            self.fence.kill(reason, grace=grace)  # stopping already: at most brings its SIGKILL closer
             return
         logger.warning("run fenced: task processes killed", extra={"run_id": self.run_id, "reason": reason})
         self.fence.kill(reason, grace=grace)

@@ -261,3 +261,43 @@ def test_api__schedules_take_the_new_overlap_policies(api, redis_client):
     )  # fmt: skip
     assert response.status_code == 400
     assert "overlap_policy" in response.json()
+
+
+def test_task_fence__sigterm_then_sigkill_at_the_grace_and_a_second_stop_brings_it_closer():
+    """TaskFence.kill(grace=): a task that ignores SIGTERM lives until the SIGKILL; a second kill (a
+    terminate after a cancel, or the lease lost meanwhile) brings that SIGKILL forward."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from orchestrator.services import TaskFence
+
+    stubborn = "; ".join(
+        [
+            "import signal, time",
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)",
+            "print(1, flush=True)",
+            "time.sleep(60)",
+        ]
+    )
+    proc = subprocess.Popen([sys.executable, "-c", stubborn], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == b"1"  # SIGTERM is ignored from here on
+        fence = TaskFence()
+        assert fence.enter(proc.pid)
+        started = time.monotonic()
+        stopping = threading.Thread(target=fence.kill, args=("cancelled by test",), kwargs={"grace": 60})
+        stopping.start()
+        time.sleep(1.0)
+        assert proc.poll() is None, "SIGTERM is ignored: alive within the grace"
+        fence.kill("terminated", grace=0)
+        stopping.join(timeout=10)
+        assert not stopping.is_alive()
+        assert proc.wait(timeout=5) == -9
+        assert time.monotonic() - started < 10
+        assert fence.reason == "cancelled by test"
+        assert not fence.enter(12345678), "no task starts once the run is stopped"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
