@@ -301,3 +301,19 @@ def test_task_fence__sigterm_then_sigkill_at_the_grace_and_a_second_stop_brings_
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_backfill__cancel_other_creates_the_last_slot_and_cancels_the_unfinished_runs(api, redis_client):
+    schedule = make_schedule("backfill-cancel-other", next_run_at=db_now(), enabled=False)
+    waiting = run_now(schedule)
+    body = {
+        "start": (schedule.next_run_at - timedelta(minutes=30)).isoformat(),
+        "end": schedule.next_run_at.isoformat(),
+        "overlap_policy": "cancel_other",
+    }
+    result = api.post(f"/api/schedules/{schedule.pk}/backfill", body, format="json").json()
+    assert result == {"created": 1, "skipped": 0, "overlap_skipped": 2, "slots": 3}
+    waiting.refresh_from_db()
+    assert waiting.status == "cancelled"
+    assert waiting.error_summary.startswith("cancelled by overlap_policy cancel_other (slot ")
+    assert ScheduledRun.objects.filter(schedule=schedule, trigger="backfill", status="queued").count() == 1
