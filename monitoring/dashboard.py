@@ -28,7 +28,7 @@ from monitoring.permissions import is_viewer
 from orchestrator.models import Run
 from orchestrator.retry_policy import effective_policy
 from project.pagination import EstimatedCountPaginator as Paginator
-from schedules import bulk, services, timing
+from schedules import bulk, cancelling, services, timing
 from schedules.dispatch import run_now as dispatch_run_now
 from schedules.labels import parse_selector
 from schedules.models import (
@@ -402,3 +402,14 @@ def bulk_action(request: HttpRequest) -> HttpResponse:
     if not url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()}):
         back = reverse("dashboard:index")
     return HttpResponseRedirect(back)
+
+
+def cancel_run(request: HttpRequest, pk: int) -> JsonResponse:
+    """The run page's "Cancel" button, as POST /api/runs/{id}/cancel (with the default grace)."""
+    try:
+        run = cancelling.cancel_run(pk, by=request.user.get_username())
+    except cancelling.RunNotFound as exc:
+        raise Http404(str(exc)) from exc
+    except cancelling.RunFinished as exc:
+        return JsonResponse({"detail": str(exc)}, status=409)
+    return JsonResponse({"status": run.status, "cancel_requested_at": run.cancel_requested_at})

@@ -54,7 +54,7 @@ SCHEDULER_INSTANCES_KEY = "cb:metrics:scheduler-instances"  # zset: claimant -> 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
-SKIP_REASONS = ("missed", "overlap_skip", "overlap_buffer", "job_disabled", "other")
+SKIP_REASONS = ("missed", "overlap_skip", "overlap_buffer", "overlap_replaced", "job_disabled", "other")
 
 # The history counters and histograms come from the totals the triggers of migration 0002 keep
 # (monitoring/models.py): small tables, one row per key once compacted, whatever the history's size.

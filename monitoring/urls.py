@@ -15,4 +15,5 @@ urlpatterns = [
     path("schedules/<int:pk>/enable", dashboard.enable, name="enable"),
     path("schedules/<int:pk>/disable", dashboard.disable, name="disable"),
     path("runs/<int:pk>/", dashboard.run_page, name="run"),
+    path("runs/<int:pk>/cancel", dashboard.cancel_run, name="cancel-run"),
 ]

@@ -152,6 +152,12 @@ class Run(models.Model):
     # Waiting to retry (schedules/retries.py): the run is `queued` again and its next attempt starts no
     # earlier than this (database clock); kept after the start, as when the last retry was due.
     retry_at = models.DateTimeField(null=True, blank=True)
+    # A cancel asked of the run while it was running (POST /api/runs/{id}/cancel, or an overlap policy:
+    # schedules/cancelling.py): who asked, when, and when its grace ends. Its worker SIGTERMs the task
+    # process group, SIGKILLs it at the deadline; any finish but a success then writes `cancelled`.
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    cancel_deadline = models.DateTimeField(null=True, blank=True)
+    cancelled_by = models.CharField(max_length=200, blank=True, default="", db_default="")
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -286,13 +286,27 @@ class TaskFence:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._groups: set[int] = set()
+        self._kill_at: float | None = None
         self.reason = ""
 
-    def kill(self, reason: str) -> None:
+    def kill(self, reason: str, *, grace: float = 0.0) -> None:
+        """Stop the run: no task starts any more; the live task groups get SIGTERM, then SIGKILL once
+        `grace` seconds passed (at once without a grace); returns when none of them is left. Called
+        while another thread stops the run, it only brings that stop's SIGKILL closer, and returns."""
         with self._lock:
             if not self.reason:
                 self.reason = reason[:300]
             groups = list(self._groups)
+            deadline = time.monotonic() + max(0.0, grace)
+            stopping = self._kill_at is not None
+            self._kill_at = deadline if self._kill_at is None else min(self._kill_at, deadline)
+        if stopping:
+            return
+        if grace > 0:
+            _signal_groups(groups, signal.SIGTERM)
+            while groups and time.monotonic() < self._kill_at:
+                time.sleep(0.05)
+                groups = [pgid for pgid in groups if _group_alive(pgid)]
         for pgid in groups:
             _kill_group(pgid)
 
@@ -308,6 +322,22 @@ class TaskFence:
     def leave(self, pgid: int) -> None:
         with self._lock:
             self._groups.discard(pgid)
+
+
+def _signal_groups(groups: list[int], signum: int) -> None:
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _kill_group(pgid: int, *, wait: float = 5.0) -> None:

@@ -250,6 +250,8 @@ def json_type_error(field: serializers.Field, value: Any) -> str | None:
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if isinstance(field, serializers.IntegerField) and not is_int:
         return "Must be an integer."
+    if isinstance(field, serializers.FloatField) and not (is_int or isinstance(value, float)):
+        return "Must be a number."
     if isinstance(field, serializers.CharField) and not isinstance(value, str):
         return "Must be a string."
     if isinstance(field, serializers.ListField) and isinstance(value, list):

@@ -250,6 +250,10 @@ WORKER_PARENT_WRITE_RETRY_SECONDS = float(env_str("WORKER_PARENT_WRITE_RETRY_SEC
 # worker's retries of a failed write (as for PostgreSQL away) apply instead of a silent stall.
 WORKER_LOCK_TIMEOUT_MS = env_int("WORKER_LOCK_TIMEOUT_MS", 5000)
 WORKER_STATEMENT_TIMEOUT_MS = env_int("WORKER_STATEMENT_TIMEOUT_MS", 30000)
+# A cancelled run's task processes get SIGTERM, then SIGKILL this many seconds later unless they ended
+# (POST /api/runs/{id}/cancel may give its own `cancel_grace_seconds`; the overlap policy cancel_other
+# uses this one, terminate_other none).
+CANCEL_GRACE_SECONDS = float(env_str("CANCEL_GRACE_SECONDS", "10"))
 
 # --- Jobs -------------------------------------------------------------------------------------------
 CYBER_BRAIN_LOGS = Path(env_str("CYBER_BRAIN_LOGS", str(BASE_DIR / "logs")))

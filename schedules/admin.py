@@ -16,9 +16,10 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from orchestrator.admin import format_duration
+from orchestrator.admin import RunAdmin, format_duration
+from orchestrator.models import Run, RunStatus
 from project.pagination import EstimatedCountPaginator, bounded_count
-from schedules import bulk, calendar_service, dispatch, services, timing
+from schedules import bulk, calendar_service, cancelling, dispatch, services, timing
 from schedules import changes as change_log
 from schedules.labels import format_labels, parse_selector
 from schedules.models import (
@@ -597,9 +598,29 @@ def _action_form(request: HttpRequest, queryset: QuerySet[Schedule], form: forms
     )
 
 
+# --- cancelling runs (schedules/cancelling.py): an action on runs and on history, a button on a run ----
+
+
+def _may_cancel(request: HttpRequest) -> bool:
+    # Whoever may change schedules may stop their runs (viewers may not).
+    return request.user.has_perm("schedules.change_schedule")
+
+
+def _cancel(modeladmin: admin.ModelAdmin, request: HttpRequest, run_ids: list[int]) -> None:
+    cancelled, stopping = cancelling.cancel_runs(run_ids, by=request.user.get_username())
+    modeladmin.message_user(
+        request,
+        f"{len(cancelled)} waiting run(s) cancelled, {len(stopping)} running run(s) stopping"
+        f" (SIGTERM, SIGKILL after {cancelling.default_grace():g}s); runs already ended are left alone.",
+        messages.SUCCESS,
+    )
+
+
 @admin.register(ScheduledRun)
 class ScheduledRunAdmin(admin.ModelAdmin):
-    """History is written by the scheduler and workers: view only."""
+    """History is written by the scheduler and workers: view only (but its runs may be cancelled)."""
+
+    actions = ["cancel_runs"]
 
     list_display = [
         "id",
@@ -638,6 +659,13 @@ class ScheduledRunAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: ScheduledRun | None = None) -> bool:
         return False
+
+    def has_cancel_permission(self, request: HttpRequest) -> bool:
+        return _may_cancel(request)
+
+    @admin.action(description="Cancel selected runs", permissions=["cancel"])
+    def cancel_runs(self, request: HttpRequest, queryset: QuerySet[ScheduledRun]) -> None:
+        _cancel(self, request, [pk for pk in queryset.values_list("run_id", flat=True) if pk is not None])
 
 
 @admin.register(ScheduleChange)
@@ -747,3 +775,56 @@ class CalendarAdmin(admin.ModelAdmin):
         with transaction.atomic():
             for calendar in queryset:
                 self.delete_model(request, calendar)
+
+
+# The run admin is orchestrator's (which cannot import schedules): this one adds the cancel action and
+# button to it.
+admin.site.unregister(Run)
+
+
+@admin.register(Run)
+class CancellableRunAdmin(RunAdmin):
+    actions = ["cancel_runs"]
+    readonly_fields = [*RunAdmin.readonly_fields, "cancel_button"]
+
+    def has_cancel_permission(self, request: HttpRequest) -> bool:
+        return _may_cancel(request)
+
+    @admin.action(description="Cancel selected runs", permissions=["cancel"])
+    def cancel_runs(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
+        _cancel(self, request, list(queryset.values_list("pk", flat=True)))
+
+    @admin.display(description="cancel")
+    def cancel_button(self, run: Run) -> str:
+        if run.pk is None or run.status not in (RunStatus.QUEUED, RunStatus.RUNNING):
+            return "-"
+        # Inside the change page's form, which carries the CSRF token.
+        url = reverse("admin:orchestrator_run_cancel", args=[run.pk])
+        return format_html('<button type="submit" formaction="{}" formmethod="post">Cancel run</button>', url)
+
+    def get_urls(self):
+        cancel = path(
+            "<path:object_id>/cancel/",
+            self.admin_site.admin_view(self.cancel_view),
+            name="orchestrator_run_cancel",
+        )
+        return [cancel, *super().get_urls()]
+
+    def cancel_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """The run page's "Cancel run" button, as POST /api/runs/{id}/cancel."""
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        if not object_id.isdigit():
+            raise Http404("No such run.")
+        if not _may_cancel(request):
+            raise PermissionDenied
+        try:
+            run = cancelling.cancel_run(int(object_id), by=request.user.get_username())
+        except cancelling.RunNotFound as exc:
+            raise Http404(str(exc)) from exc
+        except cancelling.RunFinished as exc:
+            self.message_user(request, str(exc), messages.WARNING)
+        else:
+            done = "cancelled" if run.status == RunStatus.CANCELLED else "stopping (SIGTERM, then SIGKILL)"
+            self.message_user(request, f"Run {run.pk} {done}.", messages.SUCCESS)
+        return HttpResponseRedirect(reverse("admin:orchestrator_run_change", args=[object_id]))

@@ -28,12 +28,12 @@ from django.http import Http404
 
 from orchestrator.models import Directive, Job, Run, Trigger
 from orchestrator.services import OrchestratorService
-from schedules import claiming, timing
+from schedules import cancelling, claiming, timing
 from schedules.calendar_service import calendar_specs_for
 from schedules.claiming import renew
 from schedules.models import OverlapPolicy, Schedule, ScheduledRun, ScheduledRunStatus
 from schedules.publishing import RunMessage, publish_on_commit, send_messages, stamp_published, time_limits
-from schedules.slots import SlotDecision, SlotPlan, plan_slots
+from schedules.slots import CANCELLING_POLICIES, SlotDecision, SlotPlan, plan_slots
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +224,7 @@ def _dispatch_batch(
         _plan_batch(batch, counts=counts, grace=grace, handovers=handovers, result=result)
         columns = _launch_runs(batch)
         _write_slots(batch, columns)
+        _cancel_overlapped(batch, counts)
     # Committed: count what was written, then (only now) publish.
     messages = _committed_messages(batch, result)
     _publish(messages, result)
@@ -445,6 +446,36 @@ def _write_slots(batch: _Batch, columns: dict[str, list]) -> None:
         runs=[runs[s.id] for s, _ in batch.planned],
         completes=completes,
     )
+
+
+def _cancel_overlapped(batch: _Batch, counts: dict[int, int]) -> None:
+    """`cancel_other` and `terminate_other`: each schedule's new run cancels its other unfinished runs."""
+    for s, _ in batch.planned:
+        if s.overlap_policy not in CANCELLING_POLICIES or not counts.get(s.id):
+            continue
+        new = {
+            run.pk: slot
+            for (sid, slot), run in batch.run_for.items()
+            if sid == s.id and (sid, slot) in batch.inserted
+        }
+        if new:
+            cancel_overlapped(s.id, s.overlap_policy, keep=set(new), slot=max(new.values()))
+
+
+def cancel_overlapped(schedule_id: int, overlap_policy: str, *, keep: set[int], slot: datetime) -> None:
+    """Cancel the schedule's unfinished runs but `keep` (the new slot's): with the cancel grace under
+    `cancel_other`, none (SIGKILL) under `terminate_other`. The new run then waits for the schedule's
+    one slot (worker/caps.py) until the cancelled one has let it go."""
+    if overlap_policy not in CANCELLING_POLICIES:
+        return
+    grace = 0.0 if overlap_policy == OverlapPolicy.TERMINATE_OTHER else cancelling.default_grace()
+    by = f"overlap_policy {overlap_policy} (slot {slot.isoformat()})"
+    cancelled, stopping = cancelling.cancel_unfinished_of_schedule(schedule_id, keep=keep, by=by, grace=grace)
+    if cancelled or stopping:
+        logger.info(
+            "overlapped runs cancelled",
+            extra={"schedule_id": schedule_id, "cancelled": len(cancelled), "stopping": len(stopping)},
+        )
 
 
 def _committed_messages(batch: _Batch, result: DispatchResult) -> list[RunMessage]:

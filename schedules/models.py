@@ -26,6 +26,12 @@ class OverlapPolicy(models.TextChoices):
     BUFFER_ONE = "buffer_one", "buffer_one"
     SKIP = "skip", "skip"
     ALLOW = "allow", "allow"
+    # Every overlapping slot waits, and they run one at a time in slot order (at most 100 waiting).
+    BUFFER_ALL = "buffer_all", "buffer_all"
+    # The new slot cancels the unfinished run (SIGTERM, then SIGKILL after the grace), then starts.
+    CANCEL_OTHER = "cancel_other", "cancel_other"
+    # The new slot kills the unfinished run at once (SIGKILL), then starts.
+    TERMINATE_OTHER = "terminate_other", "terminate_other"
 
 
 class CalendarPolicy(models.TextChoices):
@@ -191,7 +197,8 @@ class ScheduledRunStatus(models.TextChoices):
     SUCCEEDED = "succeeded", "succeeded"
     FAILED = "failed", "failed"
     SKIPPED = "skipped", "skipped"
-    # Queued when its schedule was deleted: it never starts.
+    # Cancelled (POST /api/runs/{id}/cancel, an overlap policy, its schedule deleted): a waiting run
+    # never starts; a running one was stopped (Run.cancelled_by says who).
     CANCELLED = "cancelled", "cancelled"
 
 

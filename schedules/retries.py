@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 # The attempt that ends, fenced as the finish is (schedules/runstate.py: by attempt and/or worker), its row
 # locked for the rest of the finish's transaction; the policies and its mirror.
 _ENDING_SQL = """
-SELECT r.attempt, r.started_at, r.worker, j.retry_policy, s.retry_policy, sr.id
+SELECT r.attempt, r.started_at, r.worker, j.retry_policy, s.retry_policy, sr.id,
+       r.cancel_requested_at IS NOT NULL
   FROM orchestrator_run r
   JOIN orchestrator_job j ON j.id = r.job_id
   LEFT JOIN schedules_scheduledrun sr ON sr.run_id = r.id
@@ -77,9 +78,12 @@ def run_retry_or_record(
         row = cursor.fetchone()
         if row is None:
             return False  # not ours: the finish finds nothing either
-        number, started, ran_on, job_policy, schedule_policy, sr_id = row
+        number, started, ran_on, job_policy, schedule_policy, sr_id, cancel_asked = row
         policy = effective_policy(_json(job_policy), _json(schedule_policy))
-        outcome = attempt_outcome(status, error_summary)
+        # A run asked to cancel ends `cancelled` whatever failure comes (runstate's finish): never retried.
+        outcome = (
+            "cancelled" if cancel_asked and status != "succeeded" else attempt_outcome(status, error_summary)
+        )
         retry = should_retry(policy, number, outcome)
         if number <= 1 and not retry:
             return False  # one attempt only: the run itself is its record

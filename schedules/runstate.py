@@ -7,7 +7,9 @@ run inside the caller's transaction (or its own when there is none), so the data
 - throttle: `queued` stays `queued` on the Run (its mirror goes `throttled`), once per wait;
 - start: `queued` -> `running` with `attempt = attempt + 1`; a second delivery of the same message finds
   zero rows and does nothing (at most once, guarantee 4), and so does the message of a cancelled run;
-- cancel: `queued` -> `cancelled` (its schedule was deleted), never a run that started;
+- cancel: `queued` -> `cancelled` (its schedule was deleted, or a cancel: schedules/cancelling.py); a
+  running run asked to cancel (`cancel_requested_at`) ends `cancelled` by whichever finish comes (its
+  worker's, its parent's, a reaper's), unless it succeeded first; its heartbeat stops at `cancel_deadline`;
 - every later write (heartbeat, finish, reap) is fenced by `status = running` and the run's `attempt`
   (or, for the worker's parent, which never learns the attempt, by `worker`: node name + pool pid), so a
   stale worker can never overwrite a newer outcome, and an outcome is written once;
@@ -119,8 +121,10 @@ def run_start(
 def run_heartbeat(run_id: int, scheduled_run_id: int | None, attempt: int) -> bool:
     """Stamp heartbeat_at; False when the run is no longer ours (reaped, cancelled, finished elsewhere)."""
     with transaction.atomic():
-        alive = Run.objects.filter(pk=run_id, status=RunStatus.RUNNING, attempt=attempt).update(
-            heartbeat_at=Now()
+        alive = (
+            Run.objects.filter(pk=run_id, status=RunStatus.RUNNING, attempt=attempt)
+            .exclude(cancel_deadline__lte=Now())  # a cancel whose grace passed: the worker missed it
+            .update(heartbeat_at=Now())
         )
         if alive and scheduled_run_id is not None:
             ScheduledRun.objects.filter(pk=scheduled_run_id, status=ScheduledRunStatus.RUNNING).update(
@@ -130,11 +134,16 @@ def run_heartbeat(run_id: int, scheduled_run_id: int | None, attempt: int) -> bo
 
 
 # A finish in one statement: the Run (fenced by attempt and/or worker), then its mirror, found by id or,
-# for the worker's parent, which does not know it, by run.
+# for the worker's parent, which does not know it, by run. A run asked to cancel ends `cancelled` unless
+# it succeeded.
 _FINISH_SQL = """
 WITH r AS (
     UPDATE orchestrator_run
-       SET status = %(status)s, finished_at = now(), error_summary = %(summary)s,
+       SET status = CASE WHEN cancel_requested_at IS NULL OR %(status)s = 'succeeded'
+                         THEN %(status)s ELSE 'cancelled' END,
+           error_summary = CASE WHEN cancel_requested_at IS NULL OR %(status)s = 'succeeded'
+                                THEN %(summary)s ELSE left('cancelled by ' || cancelled_by, 500) END,
+           finished_at = now(),
            stats = COALESCE(%(stats)s::jsonb, stats),
            llm_calls = COALESCE(%(llm_calls)s::int, llm_calls),
            llm_prompt_tokens = COALESCE(%(llm_prompt_tokens)s::int, llm_prompt_tokens),
@@ -142,10 +151,10 @@ WITH r AS (
      WHERE id = %(run)s AND status = 'running'
        AND (%(attempt)s::int IS NULL OR attempt = %(attempt)s::int)
        AND (%(worker)s::text IS NULL OR worker = %(worker)s::text)
-    RETURNING id
+    RETURNING id, status, error_summary
 ), s AS (
     UPDATE schedules_scheduledrun
-       SET status = %(status)s, finished_at = now(), error_summary = %(summary)s
+       SET (status, error_summary) = (SELECT status, error_summary FROM r), finished_at = now()
      WHERE {mirror} AND status = 'running' AND EXISTS (SELECT 1 FROM r)
     RETURNING id
 )
@@ -197,13 +206,13 @@ def run_finish(
 
 _CANCEL_SQL = """
 UPDATE orchestrator_run
-   SET status = 'cancelled', finished_at = now(), error_summary = %(reason)s
+   SET status = 'cancelled', finished_at = now(), error_summary = %(reason)s, cancelled_by = %(by)s
  WHERE id = ANY(%(ids)s) AND status = 'queued'
 RETURNING id
 """
 
 
-def run_cancel(run_ids: list[int], reason: str) -> list[int]:
+def run_cancel(run_ids: list[int], reason: str, by: str = "") -> list[int]:
     """End runs that have not started (waiting for a slot included) as `cancelled`, Run and its mirror;
     return the ids cancelled. A run that started meanwhile is left to finish; a cancelled run's
     message, delivered later, finds no `queued` run at the start gate and is dropped."""
@@ -212,7 +221,7 @@ def run_cancel(run_ids: list[int], reason: str) -> list[int]:
     reason = reason[:ERROR_SUMMARY_MAX]
     with transaction.atomic():
         with connection.cursor() as cursor:
-            cursor.execute(_CANCEL_SQL, {"ids": list(run_ids), "reason": reason})
+            cursor.execute(_CANCEL_SQL, {"ids": list(run_ids), "reason": reason, "by": by[:200]})
             cancelled = [row[0] for row in cursor.fetchall()]
         if cancelled:
             ScheduledRun.objects.filter(run_id__in=cancelled, status__in=_WAITING).update(

@@ -918,7 +918,7 @@ def backfill_schedule(
         raise ScheduleInvalid(
             {"max_runs": [f"The backfill needs {runs_wanted} runs; max_runs leaves {left}."]}
         )
-    created, overlap_skipped = _backfill_insert(current, decisions, dispatch)
+    created, overlap_skipped = _backfill_insert(current, decisions, dispatch, overlap_policy)
     _count_backfilled_runs(current, created)
     logger.info(
         "schedule backfilled",
@@ -934,8 +934,9 @@ def backfill_schedule(
     )
 
 
-def _backfill_insert(current: Schedule, decisions: list, dispatch: Any) -> tuple[int, int]:
-    """Insert the backfill's runs and scheduled runs; publish the created ones on commit."""
+def _backfill_insert(current: Schedule, decisions: list, dispatch: Any, overlap: str) -> tuple[int, int]:
+    """Insert the backfill's runs and scheduled runs; publish the created ones on commit; under
+    `cancel_other` / `terminate_other` the new run cancels the schedule's unfinished ones."""
     slots = [decision.slot for decision in decisions if decision.dispatch]
     previous = dispatch.previous_slots([(current.pk, slot) for slot in slots])
     runs = OrchestratorService.launch_many(
@@ -967,6 +968,9 @@ def _backfill_insert(current: Schedule, decisions: list, dispatch: Any) -> tuple
         if (current.pk, slot) in inserted
     ]
     publish_on_commit(messages)
+    new = {run.pk: slot for slot, run in run_for.items() if (current.pk, slot) in inserted}
+    if new:
+        dispatch.cancel_overlapped(current.pk, overlap, keep=set(new), slot=max(new.values()))
     skipped = sum(
         1 for decision in decisions if not decision.dispatch and (current.pk, decision.slot) in inserted
     )

@@ -24,6 +24,15 @@ MAX_CATCH_UP_SLOTS = 100
 MISSED_REASON = "missed while the scheduler was down (misfire_policy skip)"
 OVERLAP_SKIP_REASON = "previous run still unfinished (overlap_policy skip)"
 OVERLAP_BUFFER_REASON = "a run is already waiting behind the unfinished one (overlap_policy buffer_one)"
+# buffer_all queues every overlapping slot, up to this many waiting behind the unfinished run.
+MAX_BUFFERED_SLOTS = 100
+OVERLAP_BUFFER_ALL_REASON = (
+    f"{MAX_BUFFERED_SLOTS} runs already waiting behind the unfinished one (overlap_policy buffer_all)"
+)
+# cancel_other and terminate_other: of the slots due at once, the latest cancels the others before they
+# start, so they are recorded skipped instead.
+CANCELLING_POLICIES = frozenset({OverlapPolicy.CANCEL_OTHER, OverlapPolicy.TERMINATE_OTHER})
+OVERLAP_SUPERSEDED_REASON = "superseded by a later slot due at the same time (overlap_policy {policy})"
 JOB_DISABLED_REASON = "job disabled"
 
 
@@ -128,15 +137,23 @@ def _due_run_times(
 def decide_overlap(
     to_run: list[datetime], *, overlap_policy: str, unfinished: int, job_enabled: bool
 ) -> list[SlotDecision]:
-    """The overlap policy over the slots to run, in order, counting the runs this plan adds."""
+    """The overlap policy over the slots to run, in order, counting the runs this plan adds.
+
+    `cancel_other` and `terminate_other` dispatch the last slot only: it cancels the unfinished runs
+    (schedules.dispatch), and would cancel the earlier slots of this plan too."""
     decisions: list[SlotDecision] = []
-    for slot in to_run:
+    for index, slot in enumerate(to_run):
         if not job_enabled:
             decisions.append(SlotDecision(slot=slot, dispatch=False, reason=JOB_DISABLED_REASON))
         elif overlap_policy == OverlapPolicy.SKIP and unfinished > 0:
             decisions.append(SlotDecision(slot=slot, dispatch=False, reason=OVERLAP_SKIP_REASON))
         elif overlap_policy == OverlapPolicy.BUFFER_ONE and unfinished > 1:
             decisions.append(SlotDecision(slot=slot, dispatch=False, reason=OVERLAP_BUFFER_REASON))
+        elif overlap_policy == OverlapPolicy.BUFFER_ALL and unfinished > MAX_BUFFERED_SLOTS:
+            decisions.append(SlotDecision(slot=slot, dispatch=False, reason=OVERLAP_BUFFER_ALL_REASON))
+        elif overlap_policy in CANCELLING_POLICIES and index < len(to_run) - 1:
+            reason = OVERLAP_SUPERSEDED_REASON.format(policy=overlap_policy)
+            decisions.append(SlotDecision(slot=slot, dispatch=False, reason=reason))
         else:
             decisions.append(SlotDecision(slot=slot, dispatch=True))
             unfinished += 1

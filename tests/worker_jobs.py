@@ -206,3 +206,25 @@ FAILS_THEN_SUCCEEDS = register(
         },
     )
 )
+
+
+def ignore_sigterm_and_wait(ctx):
+    """Ignore SIGTERM, then wait the seconds the directive names: only SIGKILL ends it early, for the
+    test that a cancel's grace ends in SIGKILL (tests/acceptance/test_run_cancel.py)."""
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(sleep.parse_seconds(ctx.directive_text))
+    return {}
+
+
+STUBBORN = register(
+    JobSpec(
+        key="stubborn",
+        name="Stubborn (tests only)",
+        description="Ignores SIGTERM and sleeps the seconds its directive names.",
+        tasks=(sleep.JOB.tasks[0], TaskSpec("wait", ignore_sigterm_and_wait), sleep.JOB.tasks[2]),
+        timeout_seconds=600,
+    )
+)

@@ -6,7 +6,8 @@ when the system gave up on it (docs/ARCHITECTURE.md, guarantees 5 and 7).
 - fencing: a run the system gave up on stops executing before its slot can go to another run. The
   heartbeat kills the run's task process group when the database says the run is no longer ours, when
   a renewal finds the slot taken, and when Redis has been unreachable for `FENCE_AFTER` of a lease (the
-  lease expires at a lease; the kill comes first).
+  lease expires at a lease; the kill comes first);
+- cancel: a cancel request (worker/cancelwatch.py) stops the run with its grace: SIGTERM, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from django.db import DatabaseError, connection
 
 from orchestrator.services import TaskFence
 from schedules import runstate
+from schedules.cancelling import CancelRequest, cancelled_summary
+from worker.cancelwatch import cancel_watch
 from worker.caps import release_and_wake
 from worker.semaphore import Cap, semaphore_renew
 
@@ -61,9 +64,11 @@ class Heartbeat:
     def __enter__(self) -> Heartbeat:
         self._lease_thread.start()
         threading.Thread(target=self._db_loop, name="run-heartbeats", daemon=True).start()
+        cancel_watch.watch(self.run_id, self.cancel)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        cancel_watch.unwatch(self.run_id)
         self._ended.set()
         self._lease_thread.join()  # a renewal in progress ends first: none lands after the release
 
@@ -131,10 +136,15 @@ class Heartbeat:
                 "leases re-asserted after loss", extra={"run_id": self.run_id, "count": renewal.reasserted}
             )
 
-    def stop_run(self, reason: str) -> None:
-        """Kill the run's task processes, then let its slots go: in that order (guarantee 5)."""
+    def cancel(self, request: CancelRequest) -> None:
+        self.stop_run(cancelled_summary(request.by), grace=request.grace)
+
+    def stop_run(self, reason: str, grace: float = 0.0) -> None:
+        """Kill the run's task processes (SIGKILL, or SIGTERM and SIGKILL after `grace`), then let its
+        slots go: in that order (guarantee 5)."""
         if self.fence.reason:
+            self.fence.kill(reason, grace=grace)  # stopping already: at most brings its SIGKILL closer
             return
         logger.warning("run fenced: task processes killed", extra={"run_id": self.run_id, "reason": reason})
-        self.fence.kill(reason)
+        self.fence.kill(reason, grace=grace)
         release_and_wake(self.caps, owner=self.owner, run_id=self.run_id)

@@ -133,6 +133,11 @@ def run_execute(
         except redis.RedisError:
             pass  # the waiter entry expires by itself
         return Outcome(status="skipped", run_id=run_id, reason=f"already {run.status}")
+    if scheduled is not None and scheduled.earlier_queued:
+        # buffer_all runs its slots in slot order: one published with it (a catch-up) goes into line first.
+        reason = "waiting: an earlier slot of the schedule goes first (overlap_policy buffer_all)"
+        countdown = settings.WORKER_THROTTLE_BASE_SECONDS * random.uniform(0.5, 1.0)
+        return Outcome(status="throttled", run_id=run_id, reason=reason, countdown=countdown)
     owner = lease_owner(run_id, worker)
     due = scheduled.scheduled_for if scheduled is not None else run.created_at
     park = park_message(

@@ -238,6 +238,9 @@ class RunSerializer(serializers.ModelSerializer):
             "previous_scheduled_for",
             "retry_at",
             "attempts",
+            "cancel_requested_at",
+            "cancel_deadline",
+            "cancelled_by",
         ]
         read_only_fields = fields
 

@@ -14,7 +14,7 @@ from orchestrator.api.serializers import (
     run_attempts,
 )
 from project.api import StrictFieldsMixin
-from schedules import calendars, services, timing
+from schedules import calendars, cancelling, services, timing
 from schedules.bulk import MAX_BULK, BulkAction
 from schedules.labels import label_errors
 from schedules.models import Calendar, CalendarPolicy, OverlapPolicy, Schedule, ScheduleChange, ScheduledRun
@@ -256,6 +256,18 @@ def _calendared(schedule: Schedule) -> bool:
 def _ended(schedule: Schedule) -> bool:
     """Past end_at: no slot is left (the scheduler or a save set next_run_at to null)."""
     return schedule.end_at is not None and schedule.next_run_at is None
+
+
+class RunCancelSerializer(StrictFieldsMixin, serializers.Serializer):
+    """POST /api/runs/{id}/cancel: an optional grace for a running run's tasks."""
+
+    cancel_grace_seconds = serializers.FloatField(
+        required=False,
+        min_value=0,
+        max_value=cancelling.MAX_GRACE_SECONDS,
+        help_text="Seconds between SIGTERM and SIGKILL to the run's task processes (0: SIGKILL at once);"
+        " default CANCEL_GRACE_SECONDS (10).",
+    )
 
 
 class RunNowSerializer(serializers.Serializer):

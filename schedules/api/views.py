@@ -7,18 +7,25 @@ from typing import Any, TypeVar
 
 from django.db import transaction
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
+from drf_spectacular.utils import (
+    OpenApiExample,
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException, ValidationError
+from rest_framework.exceptions import APIException, NotFound, ValidationError
 from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from orchestrator.api.serializers import RunLaunchSerializer, RunSerializer
 from orchestrator.api.views import RunViewSet
-from project.api import ApiViewMixin, BoundedJSONParser
-from schedules import bulk, calendar_service, services
+from orchestrator.models import RunStatus
+from project.api import ApiViewMixin, BoundedJSONParser, ErrorDetailSerializer
+from schedules import bulk, calendar_service, cancelling, services
 from schedules import changes as change_log
 from schedules.api.serializers import (
     BackfillResultSerializer,
@@ -34,6 +41,7 @@ from schedules.api.serializers import (
     DisableSerializer,
     PreviewResultSerializer,
     PreviewSerializer,
+    RunCancelSerializer,
     RunNowSerializer,
     ScheduleChangeSerializer,
     ScheduledRunSerializer,
@@ -487,3 +495,31 @@ class RunLaunchViewSet(RunViewSet):
         run = call_service(services.launch_run_manually, **launch.validated_data)
         headers = {"Location": f"{request.path.rstrip('/')}/{run.pk}/"}
         return Response(RunSerializer(run).data, status=status.HTTP_202_ACCEPTED, headers=headers)
+
+    @extend_schema(
+        summary="Cancel a run",
+        request=RunCancelSerializer,
+        responses={
+            200: RunSerializer,
+            202: RunSerializer,
+            409: OpenApiResponse(ErrorDetailSerializer, description="The run already ended."),
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str | None = None) -> Response:
+        """A waiting run (queued, throttled) ends `cancelled` at once (200). A running one gets SIGTERM to
+        its task processes, SIGKILL after `cancel_grace_seconds`, and ends `cancelled` (202: stopping).
+        409 for a run that already ended."""
+        body = RunCancelSerializer(data=request.data or {})
+        body.is_valid(raise_exception=True)
+        run = self.get_object()
+        try:
+            run = cancelling.cancel_run(
+                run.pk, by=_actor(request), grace=body.validated_data.get("cancel_grace_seconds")
+            )
+        except cancelling.RunNotFound as exc:
+            raise NotFound(str(exc)) from exc
+        except cancelling.RunFinished as exc:
+            raise Conflict(str(exc)) from exc
+        code = status.HTTP_202_ACCEPTED if run.status == RunStatus.RUNNING else status.HTTP_200_OK
+        return Response(RunSerializer(run).data, status=code)

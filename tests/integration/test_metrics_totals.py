@@ -251,3 +251,34 @@ def test_per_schedule_last_success_follows_the_chosen_schedules(api, redis_clien
 def test_a_bad_metrics_per_schedule_is_refused_naming_the_setting(value):
     with pytest.raises(ImproperlyConfigured, match="METRICS_PER_SCHEDULE"):
         metrics.per_schedule_limit(value)
+
+
+def test_overlap_skips_and_cancelled_runs_are_counted_by_reason_and_status(api, redis_client):
+    """Issue 32's overlap policies: a full buffer_all counts as overlap_buffer, a slot superseded under
+    cancel_other as overlap_replaced (migration 0003); a cancelled run under status cancelled."""
+    from schedules import cancelling
+    from schedules.slots import OVERLAP_BUFFER_ALL_REASON, OVERLAP_SUPERSEDED_REASON
+
+    schedule = make_schedule("overlap-metrics", enabled=False)
+    now = db_now()
+    reasons = [OVERLAP_BUFFER_ALL_REASON, OVERLAP_SUPERSEDED_REASON.format(policy="cancel_other")]
+    insert_slots(
+        {
+            "schedule_ids": [schedule.pk] * 2,
+            "run_ids": [None] * 2,
+            "slots": [now - timedelta(minutes=m) for m in (5, 4)],
+            "statuses": ["skipped"] * 2,
+            "task_ids": [""] * 2,
+            "reasons": reasons,
+        },
+        trigger="schedule",
+    )
+    run = Run.objects.create(job=sleep_job(), trigger="manual", task_id="c", custom_directive_text="0")
+    assert runstate.run_start(run.pk, None, worker="w@h:1", lease_seq=1) == 1
+    cancelling.cancel_runs([run.pk], by="ops", grace=0)
+    assert runstate.run_finish(run.pk, None, status="failed", attempt=1)
+
+    found = samples(api)
+    assert total(found, "cb_slots_skipped_total", reason="overlap_buffer") == 1
+    assert total(found, "cb_slots_skipped_total", reason="overlap_replaced") == 1
+    assert total(found, "cb_runs_total", status="cancelled", trigger="manual") == 1

@@ -374,3 +374,19 @@ def test_an_early_copy_of_its_message_finding_a_cap_full__leaves_the_retry_wait_
     assert (run.waiting_since, sr.status) == (None, "queued")
     _due_now(run.pk)
     assert sweep_outbox(grace=0, republish_after=3600).published == 1
+
+
+def test_a_running_run_asked_to_cancel__fails_into_cancelled_and_is_never_retried(redis_client):
+    # The cancel's SIGTERM makes the attempt fail: that failure is the cancel, not a reason to retry.
+    schedule = make_schedule("cancel-not-retried", enabled=False, retry_policy=POLICY)
+    sr = run_now(schedule)
+    assert runstate.run_start(sr.run_id, sr.pk, worker="w@h:1", lease_seq=None) == 1
+    sql(
+        "UPDATE orchestrator_run SET cancel_requested_at = now(), cancelled_by = 'ops' WHERE id = %s",
+        [sr.run_id],
+    )
+    assert runstate.run_finish(sr.run_id, sr.pk, status="failed", error_summary="SIGTERM", attempt=1)
+
+    run, sr = Run.objects.get(pk=sr.run_id), ScheduledRun.objects.get(pk=sr.pk)
+    assert (run.status, sr.status, run.retry_at) == (RunStatus.CANCELLED, "cancelled", None)
+    assert run.error_summary == "cancelled by ops"

@@ -13,9 +13,12 @@ import pytest
 from schedules import timing
 from schedules.slots import (
     JOB_DISABLED_REASON,
+    MAX_BUFFERED_SLOTS,
     MISSED_REASON,
+    OVERLAP_BUFFER_ALL_REASON,
     OVERLAP_BUFFER_REASON,
     OVERLAP_SKIP_REASON,
+    OVERLAP_SUPERSEDED_REASON,
     plan_slots,
 )
 
@@ -85,6 +88,28 @@ def test_plan__overlap_policies():
     # buffer_one during a catch-up: one runs, one waits behind it, the rest are recorded as skipped
     p = plan(misfire_policy="run_all", overlap_policy="buffer_one")
     assert [d.dispatch for d in p.decisions] == [True, True, False, False]
+
+
+def test_plan__buffer_all_queues_every_overlapping_slot_up_to_100_waiting():
+    now = T0 + timedelta(seconds=1)
+    assert plan(now=now, overlap_policy="buffer_all", unfinished=MAX_BUFFERED_SLOTS).decisions[0].dispatch
+    refused = plan(now=now, overlap_policy="buffer_all", unfinished=MAX_BUFFERED_SLOTS + 1).decisions[0]
+    assert (refused.dispatch, refused.reason) == (False, OVERLAP_BUFFER_ALL_REASON)
+    # During a catch-up every slot runs (buffered behind each other), until 100 wait.
+    p = plan(misfire_policy="run_all", overlap_policy="buffer_all", unfinished=1)
+    assert [d.dispatch for d in p.decisions] == [True, True, True, True]
+    p = plan(misfire_policy="run_all", overlap_policy="buffer_all", unfinished=MAX_BUFFERED_SLOTS - 1)
+    assert [d.dispatch for d in p.decisions] == [True, True, False, False]
+
+
+@pytest.mark.parametrize("policy", ["cancel_other", "terminate_other"])
+def test_plan__cancelling_policies_dispatch_the_new_slot_and_only_the_latest_of_a_catch_up(policy):
+    now = T0 + timedelta(seconds=1)
+    # The unfinished run does not hold the new slot back: the dispatch cancels it.
+    assert plan(now=now, overlap_policy=policy, unfinished=3).decisions[0].dispatch
+    p = plan(misfire_policy="run_all", overlap_policy=policy)
+    assert [d.dispatch for d in p.decisions] == [False, False, False, True]
+    assert {d.reason for d in p.decisions[:3]} == {OVERLAP_SUPERSEDED_REASON.format(policy=policy)}
 
 
 def test_plan__disabled_job_records_skipped_slots():

@@ -71,7 +71,11 @@
 
   function press(button) {
     var body = new URLSearchParams();
-    if (button.getAttribute("data-kind") === "disable") {
+    var kind = button.getAttribute("data-kind");
+    if (kind === "cancel" && !window.confirm("Cancel this run? A running one gets SIGTERM, then SIGKILL.")) {
+      return;
+    }
+    if (kind === "disable") {
       var note = window.prompt("Why pause it? (shown on the dashboard)", "");
       if (note === null) { return; }
       body.set("note", note);
@@ -83,6 +87,7 @@
     }).then(function (r) {
       button.disabled = false;
       if (!r.ok) { window.alert("Refused (" + r.status + ")"); }
+      else if (kind === "cancel") { window.location.reload(); }
     });
   }
 
