@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.db.models import Q
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -33,6 +34,47 @@ class LabelsField(serializers.JSONField):
         return value
 
 
+# Upstreams one schedule may name (a fan-in wider than this is a mistake, and bounds one request's work).
+MAX_UPSTREAMS = 100
+_MAX_ID = 2**63 - 1
+
+
+@extend_schema_field(
+    {
+        "type": "array",
+        "items": {"oneOf": [{"type": "integer"}, {"type": "string"}]},
+        "maxItems": MAX_UPSTREAMS,
+        "example": ["nightly-extract"],
+        "description": "Upstream schedules, by id or name; responses give names.",
+    }
+)
+class RunAfterField(serializers.Field):
+    """run_after: upstream schedules by id (an integer) or name (a string); shown as names, sorted."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, list):
+            raise serializers.ValidationError("Must be a list of schedule ids or names.")
+        if len(data) > MAX_UPSTREAMS:
+            raise serializers.ValidationError(f"At most {MAX_UPSTREAMS} upstream schedules.")
+        ids, names = set(), set()
+        for item in data:
+            if isinstance(item, int) and not isinstance(item, bool) and 1 <= item <= _MAX_ID:
+                ids.add(item)
+            elif isinstance(item, str) and 0 < len(item) <= 200:
+                names.add(item)
+            else:
+                raise serializers.ValidationError(f"{item!r} is not a schedule id or name.")
+        found = list(Schedule.objects.filter(Q(pk__in=ids) | Q(name__in=names)).order_by("pk"))
+        missing = [f"id {i}" for i in sorted(ids - {s.pk for s in found})]
+        missing += [repr(n) for n in sorted(names - {s.name for s in found})]
+        if missing:
+            raise serializers.ValidationError(f"No such schedule: {', '.join(missing)}.")
+        return found
+
+    def to_representation(self, value):
+        return sorted(schedule.name for schedule in value.all())
+
+
 class ScheduledRunSerializer(serializers.ModelSerializer):
     run_status = serializers.CharField(source="run.status", read_only=True, default=None, allow_null=True)
     # The params the run was launched with (a run-now's override included); null for a skipped slot.
@@ -56,6 +98,8 @@ class ScheduledRunSerializer(serializers.ModelSerializer):
             "started_at",
             "finished_at",
             "error_summary",
+            "upstream_run",
+            "dependency_date",
             "params",
         ]
         read_only_fields = fields
@@ -83,6 +127,14 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
         required=False,
         help_text='key=value pairs as in Kubernetes, e.g. {"team": "payments"}: what ?label= and a bulk'
         " selector match.",
+    )
+    run_after = RunAfterField(
+        required=False,
+        help_text="Upstream schedules (ids or names): when a run of one ends in one of run_after_statuses,"
+        " this schedule gets a run with trigger `dependency`. Responses give names.",
+    )
+    run_before = RunAfterField(
+        read_only=True, help_text="The schedules that run after this one (their run_after names it)."
     )
     upcoming = serializers.SerializerMethodField()
     runs_remaining = serializers.SerializerMethodField()
@@ -124,6 +176,10 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "pause_after_failures",
             "params",
             "labels",
+            "run_after",
+            "run_after_statuses",
+            "run_after_mode",
+            "run_before",
             "paused_note",
             "paused_at",
             "paused_by",

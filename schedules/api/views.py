@@ -171,7 +171,7 @@ class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
     """Interval and cron schedules of jobs: each write is validated like the admin's and recorded in the
     schedule's change history."""
 
-    queryset = Schedule.objects.select_related("job", "directive")
+    queryset = Schedule.objects.select_related("job", "directive").prefetch_related("run_after", "run_before")
     serializer_class = ScheduleSerializer
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
     lookup_value_regex = "[0-9]+"
