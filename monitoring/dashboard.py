@@ -228,7 +228,12 @@ def _timeline(schedule: Schedule, now) -> list[dict]:
 def schedule_page(request: HttpRequest, pk: int) -> HttpResponse:
     schedule = get_object_or_404(Schedule.objects.select_related("job"), pk=pk)
     status = request.GET.get("status", "")
-    history = ScheduledRun.objects.filter(schedule=schedule).order_by("-scheduled_for", "-id")
+    # The upstream run of a dependency run (its schedule's name, for the link in history).
+    history = (
+        ScheduledRun.objects.filter(schedule=schedule)
+        .select_related("upstream_run__schedule")
+        .order_by("-scheduled_for", "-id")
+    )
     if status:
         if status not in ScheduledRunStatus.values:
             raise Http404("unknown status")
@@ -253,6 +258,8 @@ def schedule_page(request: HttpRequest, pk: int) -> HttpResponse:
             "may_press": _may_press(request.user),
             "flower_url": settings.FLOWER_URL,
             "strip": _strips([schedule.pk])[schedule.pk],
+            "upstreams": schedule.run_after.order_by("name").only("pk", "name"),
+            "downstreams": schedule.run_before.order_by("name").only("pk", "name"),
         },
     )
 

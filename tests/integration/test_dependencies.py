@@ -270,3 +270,89 @@ def test_the_unique_keys_are_database_constraints():
             upstream_run=up,
             status="skipped",
         )
+
+
+# --- Admin and dashboard --------------------------------------------------------------------------
+
+
+def test_admin__run_after_by_names_and_a_cycle_shown_on_the_form(staff):
+    from tests.support import admin_schedule_form
+
+    a = _schedule("adm-a")
+    response = staff.post(
+        "/admin/schedules/schedule/add/",
+        admin_schedule_form(
+            name="adm-b",
+            schedule_type="none",
+            interval_minutes="",
+            run_after_names="adm-a",
+            run_after_mode="all",
+        ),
+    )
+    assert response.status_code == 302, response.content.decode()[:3000]
+    b = Schedule.objects.get(name="adm-b")
+    assert list(b.run_after.all()) == [a]
+    assert (b.run_after_mode, b.run_after_statuses, b.next_run_at) == ("all", ["succeeded"], None)
+    assert ScheduleChange.objects.get(schedule_id=b.pk, source="admin").changes["run_after"]["new"] == [
+        "adm-a"
+    ]
+    page = staff.get(f"/admin/schedules/schedule/{a.pk}/change/").content.decode()
+    assert "adm-b" in page  # runs after this one
+
+    response = staff.post(
+        f"/admin/schedules/schedule/{a.pk}/change/",
+        admin_schedule_form(name="adm-a", interval_minutes="60", run_after_names="adm-b"),
+    )
+    assert response.status_code == 200
+    assert "cycle adm-a -&gt; adm-b -&gt; adm-a" in response.content.decode()
+    assert list(a.run_after.all()) == []
+    response = staff.post(
+        f"/admin/schedules/schedule/{a.pk}/change/",
+        admin_schedule_form(name="adm-a", interval_minutes="60", run_after_names="nope"),
+    )
+    assert response.status_code == 200
+    assert "No such schedule: &#x27;nope&#x27;" in response.content.decode()
+
+
+def test_dashboard__schedule_page_shows_upstreams_downstreams_and_the_link_in_history(staff):
+    a = _schedule("dash-a")
+    b = _schedule("dash-b", schedule_type="none", run_after=[a])
+    up = _end(a)
+    fire_dependencies()
+    page = staff.get(f"/dashboard/schedules/{b.pk}/").content.decode()
+    assert f'href="/dashboard/schedules/{a.pk}/">dash-a</a>' in page
+    assert "when a run ends succeeded" in page
+    assert f'(<a href="/dashboard/runs/{up.run_id}/">run {up.run_id}</a>)' in page
+    page = staff.get(f"/dashboard/schedules/{a.pk}/").content.decode()
+    assert f'runs before <a href="/dashboard/schedules/{b.pk}/">dash-b</a>' in page
+
+
+def test_sync_schedules__run_after_by_name_in_any_order_and_a_cycle_refused():
+    from schedules import sync
+
+    entries = [
+        {"name": "sync-b", "job_key": "log_triage", "schedule_type": "none", "run_after": ["sync-a"]},
+        {"name": "sync-a", "job_key": "log_triage", "schedule_type": "interval", "interval_minutes": 60},
+    ]
+    steps = sync.sync(entries)
+    assert [s.action for s in steps] == ["create", "create"]
+    b = Schedule.objects.get(name="sync-b")
+    assert [s.name for s in b.run_after.all()] == ["sync-a"]
+    assert [s.action for s in sync.sync(entries)] == ["unchanged", "unchanged"]
+
+    cyclic = [entries[0], {**entries[1], "run_after": ["sync-b"]}]
+    with pytest.raises(sync.SyncError, match=r"run_after: cycle sync-(a|b) -> sync-(b|a) -> sync-(a|b)"):
+        sync.sync(cyclic)
+    assert list(Schedule.objects.get(name="sync-a").run_after.all()) == []
+    with pytest.raises(sync.SyncError, match="run_after 'ghost' names no schedule"):
+        sync.sync([{**entries[0], "run_after": ["ghost"]}, entries[1]])
+    # A cycle through a schedule outside the file: the service finds it.
+    outside = _schedule("sync-out", run_after=[Schedule.objects.get(name="sync-b")])
+    with pytest.raises(sync.SyncError, match=r"run_after: cycle sync-a -> sync-out -> sync-b -> sync-a"):
+        sync.sync([entries[0], {**entries[1], "run_after": [outside.name]}])
+    with pytest.raises(sync.SyncError, match="run_after_statuses must be a list"):
+        sync.sync([{**entries[0], "run_after_statuses": "failed"}, entries[1]])
+    on_its_own = {**entries[0], "schedule_type": "interval", "interval_minutes": 60, "run_after": []}
+    steps = sync.sync([on_its_own, entries[1]])
+    assert steps[0].action == "update"
+    assert steps[0].fields["run_after"] == {"old": ["sync-a"], "new": []}
