@@ -22,6 +22,7 @@ from schedules import bulk, dispatch, services, timing
 from schedules import changes as change_log
 from schedules.labels import format_labels, parse_selector
 from schedules.models import (
+    RUN_AFTER_STATUSES,
     ChangeSource,
     OverlapPolicy,
     RunAfterMode,
@@ -114,6 +115,14 @@ class ScheduleAdminForm(forms.ModelForm):
         " of one ends in one of the run-after statuses (trigger dependency).",
     )
 
+    run_after_statuses = forms.MultipleChoiceField(
+        required=False,
+        choices=[(status, status) for status in RUN_AFTER_STATUSES],
+        widget=forms.CheckboxSelectMultiple,
+        label="Run after statuses",
+        help_text="The upstream run ends that start a run (none ticked: succeeded).",
+    )
+
     class Meta:
         model = Schedule
         fields = list(services.SCHEDULE_FIELDS)
@@ -176,7 +185,7 @@ class ScheduleAdminForm(forms.ModelForm):
     def clean_run_after_statuses(self) -> Any:
         # Blank: the default (succeeded); the service checks the list.
         value = self.cleaned_data.get("run_after_statuses")
-        return default_run_after_statuses() if value in (None, "") else value
+        return list(value) if value else default_run_after_statuses()
 
     def clean_run_after_mode(self) -> str:
         return self.cleaned_data.get("run_after_mode") or RunAfterMode.ANY

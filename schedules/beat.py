@@ -351,7 +351,7 @@ class DatabaseScheduler(Scheduler):
         from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
 
         from schedules.claiming import claim_due, seconds_until_due
-        from schedules.dependencies import FIRE_BATCH, fire_dependencies
+        from schedules.dependencies import FIRE_BATCH, FireResult, fire_dependencies
         from schedules.dispatch import dispatch_claimed
         from schedules.publishing import sweep_outbox
         from schedules.retention import prune_history_if_due
@@ -404,7 +404,14 @@ class DatabaseScheduler(Scheduler):
             if self.stopping:
                 return 0.0
             # Runs of schedules that run after others whose runs ended (schedules/dependencies.py).
-            fired = fire_dependencies()
+            try:
+                fired = fire_dependencies()
+            except (OperationalError, InterfaceError):
+                raise
+            except DatabaseError:
+                # A deadlock with a dispatch, say: rolled back whole, the ends stay for the next pass.
+                logger.exception("dependency sweep failed")
+                fired = FireResult()
             if fired.consumed:
                 logger.info(
                     "dependencies fired",

@@ -840,6 +840,8 @@ def backfill_schedule(
     pk = schedule.pk if isinstance(schedule, Schedule) else schedule
     # The row lock serialises backfills of one schedule with each other and with its dispatch.
     current = Schedule.objects.select_for_update(of=("self",)).select_related("job", "directive").get(pk=pk)
+    if current.schedule_type == ScheduleType.NONE:
+        raise ScheduleInvalid({"schedule_type": ["A schedule of type none has no slots to backfill."]})
     spec = timing.spec_of(current)
     anchor = current.last_run_at or (
         timing.slot_of(spec, current.next_run_at) if current.next_run_at else None

@@ -252,6 +252,9 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             return f"ended: no slot left before end_at ({schedule.end_at.isoformat()})"
         if not schedule.enabled:
             return "disabled" + (f": {schedule.paused_note}" if schedule.paused_note else "")
+        if schedule.schedule_type == "none":
+            upstreams = sorted(u.name for u in schedule.run_after.all())
+            return f"runs only after {', '.join(upstreams)}" if upstreams else "runs only after its upstreams"
         if schedule.next_run_at is None:
             return "ended: no slot left before the end of year 9999"
         return None

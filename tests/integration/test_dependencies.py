@@ -60,6 +60,7 @@ def test_api__run_after_takes_ids_or_names_and_shows_names(api):
     assert body["run_after_mode"] == "any"
     assert body["next_run_at"] is None
     assert body["upcoming"] == []
+    assert body["next_run_note"] == "runs only after dep-a, dep-b"
     assert api.get(f"{URL}{a.pk}/").json()["run_before"] == ["dep-c"]
     assert b.run_before.get().name == "dep-c"
 
@@ -287,12 +288,13 @@ def test_admin__run_after_by_names_and_a_cycle_shown_on_the_form(staff):
             interval_minutes="",
             run_after_names="adm-a",
             run_after_mode="all",
+            run_after_statuses=["succeeded", "failed"],
         ),
     )
     assert response.status_code == 302, response.content.decode()[:3000]
     b = Schedule.objects.get(name="adm-b")
     assert list(b.run_after.all()) == [a]
-    assert (b.run_after_mode, b.run_after_statuses, b.next_run_at) == ("all", ["succeeded"], None)
+    assert (b.run_after_mode, b.run_after_statuses, b.next_run_at) == ("all", ["succeeded", "failed"], None)
     assert ScheduleChange.objects.get(schedule_id=b.pk, source="admin").changes["run_after"]["new"] == [
         "adm-a"
     ]
@@ -356,3 +358,18 @@ def test_sync_schedules__run_after_by_name_in_any_order_and_a_cycle_refused():
     steps = sync.sync([on_its_own, entries[1]])
     assert steps[0].action == "update"
     assert steps[0].fields["run_after"] == {"old": ["sync-a"], "new": []}
+
+
+def test_backfill_of_a_dependency_only_schedule_is_a_400(api):
+    a = _schedule("bf-a")
+    b = _schedule("bf-b", schedule_type="none", run_after=[a])
+    response = api.post(
+        f"{URL}{b.pk}/backfill",
+        {"start": "2026-01-01T00:00:00Z", "end": "2026-01-02T00:00:00Z"},
+        format="json",
+    )
+    assert response.status_code == 400
+    assert "schedule_type" in response.json()
+    response = api.post(f"{URL}preview", {"schedule_type": "none"}, format="json")
+    assert response.status_code == 200, response.json()
+    assert response.json()["times"] == []
