@@ -265,8 +265,15 @@ class ScheduledRun(models.Model):
     error_summary = models.CharField(max_length=500, blank=True, default="")
     # trigger `dependency`: the upstream scheduled run whose end started this one (for run_after_mode
     # `all`: the one that completed the set) and, for `all`, the date (downstream's zone) it is for.
+    # The database nulls it when the upstream row goes (scheduledrun_upstream_run_fk, ON DELETE SET NULL,
+    # migration 0009): Django's SET_NULL would load a deleted schedule's whole history to do it.
     upstream_run = models.ForeignKey(
-        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="downstream_runs"
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="downstream_runs",
     )
     dependency_date = models.DateField(null=True, blank=True)
 

@@ -35,6 +35,17 @@ CREATE TRIGGER scheduledrun_upstream_end_on_insert
     EXECUTE FUNCTION schedules_scheduledrun_upstream_end();
 """
 
+# The link from a dependency run to its upstream run is nulled by PostgreSQL when the upstream row goes
+# (a schedule's delete, retention's raw DELETE): Django's own SET_NULL would load every scheduled run of
+# a deleted schedule to null their downstream links, instead of one DELETE.
+UPSTREAM_FK = r"""
+ALTER TABLE schedules_scheduledrun ADD CONSTRAINT scheduledrun_upstream_run_fk
+    FOREIGN KEY (upstream_run_id) REFERENCES schedules_scheduledrun (id)
+    ON DELETE SET NULL DEFERRABLE INITIALLY DEFERRED;
+"""
+
+UPSTREAM_FK_DROP = "ALTER TABLE schedules_scheduledrun DROP CONSTRAINT IF EXISTS scheduledrun_upstream_run_fk;"
+
 UPSTREAM_END_DROP = r"""
 DROP TRIGGER IF EXISTS scheduledrun_upstream_end_on_insert ON schedules_scheduledrun;
 DROP TRIGGER IF EXISTS scheduledrun_upstream_end_on_update ON schedules_scheduledrun;
@@ -91,7 +102,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='scheduledrun',
             name='upstream_run',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='downstream_runs', to='schedules.scheduledrun'),
+            field=models.ForeignKey(blank=True, db_constraint=False, null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='downstream_runs', to='schedules.scheduledrun'),
         ),
         migrations.AlterField(
             model_name='schedule',
@@ -142,5 +153,6 @@ class Migration(migrations.Migration):
             model_name='scheduledependency',
             constraint=models.CheckConstraint(condition=models.Q(('downstream', models.F('upstream')), _negated=True), name='scheduledependency_not_self'),
         ),
+        migrations.RunSQL(UPSTREAM_FK, UPSTREAM_FK_DROP),
         migrations.RunSQL(UPSTREAM_END, UPSTREAM_END_DROP),
     ]

@@ -1,13 +1,13 @@
 """Guarantee 9 under kills (issue 33.3): each upstream run that ends in a qualifying status yields exactly
 one downstream run, whatever is killed when.
 
-Two schedulers and two workers; A is run now 20 times (the trigger of every upstream run) while a seeded
-storm SIGKILLs a scheduler or a worker at random points and starts a new one. Worker kills fail some
-runs (worker lost: no downstream for those), and land between a run's finish and anything after it;
-scheduler kills land inside the dependency sweep's transaction or right after its commit. Afterwards:
-in SQL, every succeeded run of A has exactly one run of B linked to it and no other run of A has any;
-from what executed (each run's tasks append their run id to a file), no run executed twice and every
-succeeded run of B executed.
+A chain A -> B -> C. Two schedulers and two workers; A is run now 20 times (the trigger of every
+upstream run) while a seeded storm SIGKILLs a scheduler or a worker at random points and starts a new
+one. Worker kills fail some runs (worker lost: no downstream for those), and land between a run's
+finish and anything after it; scheduler kills land inside the dependency sweep's transaction or right
+after its commit. Afterwards: in SQL, every succeeded run of A has exactly one run of B linked to it
+and no other run of A has any, and the same for B and C; from what executed (each run's tasks append
+their run id to a file), no run executed twice and every succeeded downstream run executed.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def _executions(path) -> dict[int, int]:
     return counts
 
 
-def _settled(a: Schedule, b: Schedule) -> bool:
+def _settled(*schedules: Schedule) -> bool:
     unfinished = ScheduledRun.objects.filter(
-        schedule__in=[a, b], status__in=["queued", "throttled", "running"]
+        schedule__in=schedules, status__in=["queued", "throttled", "running"]
     ).exists()
     return not unfinished and not UpstreamEnd.objects.exists()
 
@@ -63,6 +63,7 @@ def test_kills__every_upstream_success_yields_exactly_one_downstream_run(tmp_pat
     common = {"job": job, "params": {"out": str(out)}, "overlap_policy": "allow"}
     a = services.create_schedule(name="storm-a", schedule_type="interval", interval_minutes=60 * 24, **common)
     b = services.create_schedule(name="storm-b", schedule_type="none", run_after=[a], **common)
+    c = services.create_schedule(name="storm-c", schedule_type="none", run_after=[b], **common)
 
     procs = Processes(process_env(**FAST), tmp_path)
     workers = []
@@ -103,19 +104,22 @@ def test_kills__every_upstream_success_yields_exactly_one_downstream_run(tmp_pat
         procs.stop_all()
     logger.info("storm done", extra=kills)
 
-    upstream = list(ScheduledRun.objects.filter(schedule=a))
-    downstream = list(ScheduledRun.objects.filter(schedule=b))
-    assert len(upstream) == UPSTREAM_RUNS
-    succeeded = {r.pk for r in upstream if r.status == "succeeded"}
-    assert succeeded, "no upstream run succeeded: the storm proved nothing"
-    linked = [r.upstream_run_id for r in downstream]
-    # SQL: exactly one downstream run per succeeded upstream run, none for the others.
-    assert sorted(linked) == sorted(succeeded), (kills, [(r.pk, r.status) for r in upstream])
-    assert all(r.trigger == "dependency" for r in downstream)
-    # What executed: no run twice (three task lines per run at most), every succeeded downstream run once.
     executed = _executions(out)
-    assert max(executed.values()) <= 3
-    b_done = {r.run_id for r in downstream if r.status == "succeeded"}
-    assert all(executed.get(run_id) == 3 for run_id in b_done)
-    b_runs = {r.run_id for r in downstream}
-    assert len([run_id for run_id in executed if run_id in b_runs]) <= len(succeeded)
+    assert max(executed.values()) <= 3  # no run executed twice (three task lines per run)
+    assert len(ScheduledRun.objects.filter(schedule=a)) == UPSTREAM_RUNS
+    for upstream, downstream in ((a, b), (b, c)):
+        ups = list(ScheduledRun.objects.filter(schedule=upstream))
+        downs = list(ScheduledRun.objects.filter(schedule=downstream))
+        succeeded = {r.pk for r in ups if r.status == "succeeded"}
+        assert succeeded, f"no run of {upstream.name} succeeded: the storm proved nothing"
+        # SQL: exactly one downstream run per succeeded upstream run, none for the others.
+        assert sorted(r.upstream_run_id for r in downs) == sorted(succeeded), (
+            kills,
+            [(r.pk, r.status) for r in ups],
+        )
+        assert all(r.trigger == "dependency" for r in downs)
+        # What executed: every succeeded downstream run, once; no more downstream runs than upstream ends.
+        done = {r.run_id for r in downs if r.status == "succeeded"}
+        assert all(executed.get(run_id) == 3 for run_id in done)
+        ran = {r.run_id for r in downs} & executed.keys()
+        assert len(ran) <= len(succeeded)

@@ -373,3 +373,23 @@ def test_backfill_of_a_dependency_only_schedule_is_a_400(api):
     response = api.post(f"{URL}preview", {"schedule_type": "none"}, format="json")
     assert response.status_code == 200, response.json()
     assert response.json()["times"] == []
+
+
+def test_the_upstream_link_is_nulled_when_the_upstream_run_goes(django_assert_max_num_queries):
+    a = _schedule("gone-a")
+    b = _schedule("gone-b", schedule_type="none", run_after=[a])
+    _end(a)
+    _end(a)
+    fire_dependencies()
+    first, second = _downstream_runs(b)
+    # Retention deletes with raw SQL: the database nulls the link (no foreign key error at commit).
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM schedules_scheduledrun WHERE id = %s", [first.upstream_run_id])
+    first.refresh_from_db()
+    assert first.upstream_run_id is None
+    # Deleting the upstream schedule: its history goes in one DELETE, not row by row.
+    with django_assert_max_num_queries(15):
+        services.delete_schedule(a)
+    second.refresh_from_db()
+    assert second.upstream_run_id is None
+    assert len(_downstream_runs(b)) == 2
