@@ -11,7 +11,7 @@ from project.api import StrictFieldsMixin
 from schedules import services
 from schedules.bulk import MAX_BULK, BulkAction
 from schedules.labels import label_errors
-from schedules.models import OverlapPolicy, Schedule, ScheduleChange, ScheduledRun
+from schedules.models import RUN_AFTER_STATUSES, OverlapPolicy, Schedule, ScheduleChange, ScheduledRun
 from schedules.services import MAX_DIRECTIVE_TEXT, MAX_PREVIEW_COUNT, PAUSE_NOTE_MAX, PREVIEW_COUNT
 
 UPCOMING_COUNT = 5
@@ -75,6 +75,17 @@ class RunAfterField(serializers.Field):
         return sorted(schedule.name for schedule in value.all())
 
 
+@extend_schema_field(
+    {
+        "type": "array",
+        "items": {"type": "string", "enum": list(RUN_AFTER_STATUSES)},
+        "example": ["succeeded"],
+    }
+)
+class RunAfterStatusesField(serializers.JSONField):
+    """run_after_statuses: JSON as sent; the rules (a non-empty list of run ends) are the service's."""
+
+
 class ScheduledRunSerializer(serializers.ModelSerializer):
     run_status = serializers.CharField(source="run.status", read_only=True, default=None, allow_null=True)
     # The params the run was launched with (a run-now's override included); null for a skipped slot.
@@ -132,6 +143,11 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
         required=False,
         help_text="Upstream schedules (ids or names): when a run of one ends in one of run_after_statuses,"
         " this schedule gets a run with trigger `dependency`. Responses give names.",
+    )
+    run_after_statuses = RunAfterStatusesField(
+        required=False,
+        help_text="The upstream run ends that start a run of this schedule: any of succeeded, failed,"
+        ' cancelled (default ["succeeded"]).',
     )
     run_before = RunAfterField(
         read_only=True, help_text="The schedules that run after this one (their run_after names it)."
@@ -213,6 +229,13 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
                 "min_value": 1,
                 "help_text": "Disable the schedule after this many consecutive failed slots, with the note"
                 " 'paused after N consecutive failures' (null: never). Enable clears it and counts afresh.",
+            },
+            "run_after_mode": {
+                "help_text": "any: a run for each qualifying upstream run; all: one run per date (this"
+                " schedule's timezone) once every upstream has a qualifying run scheduled that date.",
+            },
+            "schedule_type": {
+                "help_text": "interval | cron | none (no timing of its own: runs only after run_after).",
             },
             # Uniqueness is a service rule (shared with the admin, and raced-for in the database).
             "name": {"validators": []},
