@@ -6,7 +6,8 @@ upstream run) while a seeded storm SIGKILLs a scheduler or a worker at random po
 one. Worker kills fail some runs (worker lost: no downstream for those), and land between a run's
 finish and anything after it; scheduler kills land inside the dependency sweep's transaction or right
 after its commit. Afterwards: in SQL, every succeeded run of A has exactly one run of B linked to it
-and no other run of A has any, and the same for B and C; from what executed (each run's tasks append
+and no other run of A has any, and the same for B and C; a fan-in F after A and A2 (`all`) ran once per
+date both succeeded; from what executed (each run's tasks append
 their run id to a file), no run executed twice and every succeeded downstream run executed.
 """
 
@@ -16,6 +17,7 @@ import json
 import logging
 import random
 import time
+from datetime import UTC
 
 import pytest
 
@@ -64,6 +66,13 @@ def test_kills__every_upstream_success_yields_exactly_one_downstream_run(tmp_pat
     a = services.create_schedule(name="storm-a", schedule_type="interval", interval_minutes=60 * 24, **common)
     b = services.create_schedule(name="storm-b", schedule_type="none", run_after=[a], **common)
     c = services.create_schedule(name="storm-c", schedule_type="none", run_after=[b], **common)
+    # A fan-in: F runs once per date (UTC) on which both A and A2 have a succeeded run.
+    a2 = services.create_schedule(
+        name="storm-a2", schedule_type="interval", interval_minutes=60 * 24, **common
+    )
+    f = services.create_schedule(
+        name="storm-f", schedule_type="none", run_after=[a, a2], run_after_mode="all", **common
+    )
 
     procs = Processes(process_env(**FAST), tmp_path)
     workers = []
@@ -82,6 +91,8 @@ def test_kills__every_upstream_success_yields_exactly_one_downstream_run(tmp_pat
         workers = [new_worker(), new_worker()]
         for i in range(UPSTREAM_RUNS):
             services.run_now(a)
+            if i % 5 == 0:
+                services.run_now(a2)
             time.sleep(rng.uniform(0.2, 1.0))
             # A kill at a random point of what the processes are doing now; the victim is replaced.
             if rng.random() < 0.6:
@@ -123,3 +134,12 @@ def test_kills__every_upstream_success_yields_exactly_one_downstream_run(tmp_pat
         assert all(executed.get(run_id) == 3 for run_id in done)
         ran = {r.run_id for r in downs} & executed.keys()
         assert len(ran) <= len(succeeded)
+    days = [
+        {
+            r.scheduled_for.astimezone(UTC).date()
+            for r in ScheduledRun.objects.filter(schedule=s, status="succeeded")
+        }
+        for s in (a, a2)
+    ]
+    fan_in = list(ScheduledRun.objects.filter(schedule=f))
+    assert sorted(r.dependency_date for r in fan_in) == sorted(days[0] & days[1])
