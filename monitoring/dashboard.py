@@ -247,9 +247,10 @@ def retry_description(schedule: Schedule) -> str:
 def schedule_page(request: HttpRequest, pk: int) -> HttpResponse:
     schedule = get_object_or_404(Schedule.objects.select_related("job"), pk=pk)
     status = request.GET.get("status", "")
+    # The upstream run of a dependency run (its schedule's name, for the link in history).
     history = (
         ScheduledRun.objects.filter(schedule=schedule)
-        .select_related("run")
+        .select_related("run", "upstream_run__schedule")
         .prefetch_related("run__attempts")
         .order_by("-scheduled_for", "-id")
     )
@@ -278,6 +279,8 @@ def schedule_page(request: HttpRequest, pk: int) -> HttpResponse:
             "may_press": _may_press(request.user),
             "flower_url": settings.FLOWER_URL,
             "strip": _strips([schedule.pk])[schedule.pk],
+            "upstreams": schedule.run_after.order_by("name").only("pk", "name"),
+            "downstreams": schedule.run_before.order_by("name").only("pk", "name"),
         },
     )
 

@@ -17,6 +17,8 @@ class Trigger(models.TextChoices):
     SCHEDULE = "schedule", "schedule"
     # A past slot created on request (POST /api/schedules/{id}/backfill); unique per slot like SCHEDULE.
     BACKFILL = "backfill", "backfill"
+    # Started because an upstream schedule's run ended (Schedule.run_after; schedules/dependencies.py).
+    DEPENDENCY = "dependency", "dependency"
 
 
 class Task3Scope(models.TextChoices):

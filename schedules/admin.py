@@ -23,13 +23,16 @@ from schedules import bulk, calendar_service, cancelling, dispatch, services, ti
 from schedules import changes as change_log
 from schedules.labels import format_labels, parse_selector
 from schedules.models import (
+    RUN_AFTER_STATUSES,
     Calendar,
     CalendarPolicy,
     ChangeSource,
     OverlapPolicy,
+    RunAfterMode,
     Schedule,
     ScheduleChange,
     ScheduledRun,
+    default_run_after_statuses,
 )
 
 RECENT_RUNS_SHOWN = 10
@@ -114,6 +117,21 @@ class ScheduleAdminForm(forms.ModelForm):
         initial=CalendarPolicy.SKIP,
         help_text="What a slot its calendars rule out becomes: skipped, or run on the next allowed day.",
     )
+    # run_after by name, comma-separated: a select of every schedule would not scale to thousands.
+    run_after_names = forms.CharField(
+        required=False,
+        label="Run after",
+        help_text="Names of upstream schedules, comma-separated: a run of this schedule starts when a run"
+        " of one ends in one of the run-after statuses (trigger dependency).",
+    )
+
+    run_after_statuses = forms.MultipleChoiceField(
+        required=False,
+        choices=[(status, status) for status in RUN_AFTER_STATUSES],
+        widget=forms.CheckboxSelectMultiple,
+        label="Run after statuses",
+        help_text="The upstream run ends that start a run (none ticked: succeeded).",
+    )
 
     class Meta:
         model = Schedule
@@ -129,12 +147,24 @@ class ScheduleAdminForm(forms.ModelForm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if "run_after_mode" in self.fields:
+            self.fields["run_after_mode"].required = False
         if self.instance.alert_webhook_url and "alert_webhook_url" in self.fields:
             self.fields["alert_webhook_url"].widget.attrs["placeholder"] = "•••••••• (set)"
         if self.instance.managed:
             # Its schedules file declares the webhook (shown masked here, not read-only: that shows it).
-            for name in ("alert_webhook_url", "alert_webhook_clear"):
+            for name in ("alert_webhook_url", "alert_webhook_clear", "run_after_names"):
                 self.fields[name].disabled = True
+        if self.instance.pk:
+            self.fields["run_after_names"].initial = ", ".join(services.run_after_names(self.instance))
+
+    def clean_run_after_names(self) -> list[Schedule]:
+        names = [n.strip() for n in (self.cleaned_data.get("run_after_names") or "").split(",") if n.strip()]
+        found = list(Schedule.objects.filter(name__in=names).order_by("pk"))
+        missing = sorted(set(names) - {s.name for s in found})
+        if missing:
+            raise forms.ValidationError(f"No such schedule: {', '.join(map(repr, missing))}.")
+        return found
 
     @property
     def changed_data(self) -> list[str]:
@@ -169,6 +199,14 @@ class ScheduleAdminForm(forms.ModelForm):
         value = self.cleaned_data.get("labels")
         return {} if value is None else value
 
+    def clean_run_after_statuses(self) -> Any:
+        # Blank: the default (succeeded); the service checks the list.
+        value = self.cleaned_data.get("run_after_statuses")
+        return list(value) if value else default_run_after_statuses()
+
+    def clean_run_after_mode(self) -> str:
+        return self.cleaned_data.get("run_after_mode") or RunAfterMode.ANY
+
     def clean_history_keep(self) -> int:
         value = self.cleaned_data.get("history_keep")
         return Schedule._meta.get_field("history_keep").default if value is None else value
@@ -186,6 +224,8 @@ class ScheduleAdminForm(forms.ModelForm):
             for field in services.SCHEDULE_FIELDS
         }
         changed = self.changed_data if self.instance.pk else services.SCHEDULE_FIELDS
+        if "run_after_names" in self.changed_data or values["schedule_type"] == "none":
+            values["run_after"] = cleaned.get("run_after_names", [])
         errors = services.schedule_errors(
             values, changed=changed, pk=self.instance.pk, run_count=self.instance.scheduled_run_count or 0
         )
@@ -197,6 +237,8 @@ class ScheduleAdminForm(forms.ModelForm):
                 jitter_seconds=values.get("jitter_seconds"),
             )
         )
+        if "run_after" in errors:
+            errors["run_after_names"] = errors.pop("run_after")
         for field, messages_ in errors.items():
             self.add_error(field if field in self.fields else None, messages_)
         return cleaned
@@ -269,6 +311,7 @@ class ScheduleAdmin(admin.ModelAdmin):
     search_fields = ["name"]
     actions = ["run_now", "enable", "disable", "disable_with_note", "backfill"]
     readonly_fields = [
+        "downstreams",
         "timing",
         "next_run_at",
         "upcoming",
@@ -289,6 +332,10 @@ class ScheduleAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["name", "job", "enabled", "managed", "labels"]}),
         ("Instructions", {"fields": ["directive", "custom_directive_text", "task3_scope", "params"]}),
+        (
+            "Run after other schedules",
+            {"fields": ["run_after_names", "run_after_statuses", "run_after_mode", "downstreams"]},
+        ),
         (
             "Timing",
             {
@@ -406,6 +453,11 @@ class ScheduleAdmin(admin.ModelAdmin):
             return False  # remove it from its file and run sync_schedules --prune
         return super().has_delete_permission(request, obj)
 
+    @admin.display(description="runs after this one")
+    def downstreams(self, schedule: Schedule) -> str:
+        names = sorted(schedule.run_before.values_list("name", flat=True)) if schedule.pk else []
+        return ", ".join(names) or "-"
+
     @admin.display(description="runs remaining")
     def runs_remaining(self, schedule: Schedule) -> str:
         if schedule.max_runs is None:
@@ -497,11 +549,13 @@ class ScheduleAdmin(admin.ModelAdmin):
             for field in (*services.SCHEDULE_FIELDS, *services.CALENDAR_FIELDS)
             if field in form.cleaned_data
         }
+        if "run_after_names" in form.changed_data or not change:
+            fields["run_after"] = form.cleaned_data.get("run_after_names") or []
         actor = request.user.get_username()
         if change:
             saved = services.update_schedule(
                 obj.pk,
-                {f: fields[f] for f in form.changed_data if f in fields},
+                {f: fields[f] for f in [*form.changed_data, "run_after"] if f in fields},
                 source=ChangeSource.ADMIN,
                 actor=actor,
             )

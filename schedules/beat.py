@@ -351,6 +351,7 @@ class DatabaseScheduler(Scheduler):
         from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
 
         from schedules.claiming import claim_due, seconds_until_due
+        from schedules.dependencies import FIRE_BATCH, FireResult, fire_dependencies
         from schedules.dispatch import dispatch_claimed
         from schedules.publishing import sweep_outbox
         from schedules.retention import prune_history_if_due
@@ -403,6 +404,20 @@ class DatabaseScheduler(Scheduler):
             claimed_ids = []
             if self.stopping:
                 return 0.0
+            # Runs of schedules that run after others whose runs ended (schedules/dependencies.py).
+            try:
+                fired = fire_dependencies()
+            except (OperationalError, InterfaceError):
+                raise
+            except DatabaseError:
+                # A deadlock with a dispatch, say: rolled back whole, the ends stay for the next pass.
+                logger.exception("dependency sweep failed")
+                fired = FireResult()
+            if fired.consumed:
+                logger.info(
+                    "dependencies fired",
+                    extra={"claimant": self.claimant, "ends": fired.consumed, "created": fired.created},
+                )
             include_manual = time.monotonic() >= self._next_manual_sweep
             if include_manual:
                 self._next_manual_sweep = time.monotonic() + MANUAL_SWEEP_EVERY
@@ -424,7 +439,7 @@ class DatabaseScheduler(Scheduler):
             scheduler_pass_done.send_robust(
                 sender=type(self), claimant=self.claimant, claimed=len(claims), interval=self.interval
             )
-            if len(claims) >= self.batch_size:
+            if len(claims) >= self.batch_size or fired.consumed >= FIRE_BATCH:
                 return 0.0  # more may be due right now
             until_due = seconds_until_due()
             # A run waiting to retry is published by the sweep: wake when the next one is due.

@@ -14,6 +14,24 @@ from schedules import calendars
 class ScheduleType(models.TextChoices):
     INTERVAL = "interval", "interval"
     CRON = "cron", "cron"
+    # No timing of its own: it runs only after its upstreams (run_after); next_run_at stays null.
+    NONE = "none", "none"
+
+
+class RunAfterMode(models.TextChoices):
+    # A downstream run for each qualifying upstream run.
+    ANY = "any", "any"
+    # One downstream run per date (in the downstream's zone) once every upstream has a qualifying run
+    # scheduled for that date.
+    ALL = "all", "all"
+
+
+# The upstream run statuses run_after_statuses may name: the ends of a run that was launched.
+RUN_AFTER_STATUSES = ("succeeded", "failed", "cancelled")
+
+
+def default_run_after_statuses() -> list[str]:
+    return ["succeeded"]
 
 
 class MisfirePolicy(models.TextChoices):
@@ -137,6 +155,24 @@ class Schedule(models.Model):
     )
     # Overrides the job's retry policy (schedules/retries.py); null: the job's.
     retry_policy = models.JSONField(null=True, blank=True)
+    # Run after other schedules (schedules/dependencies.py): when a run of an upstream ends in one of
+    # run_after_statuses, this schedule gets a run with trigger `dependency`.
+    run_after = models.ManyToManyField(
+        "self",
+        through="ScheduleDependency",
+        through_fields=("downstream", "upstream"),
+        symmetrical=False,
+        related_name="run_before",
+        blank=True,
+    )
+    run_after_statuses = models.JSONField(
+        default=default_run_after_statuses,
+        blank=True,
+        db_default=models.Value(["succeeded"], models.JSONField()),
+    )
+    run_after_mode = models.CharField(
+        max_length=8, choices=RunAfterMode.choices, default=RunAfterMode.ANY, db_default=RunAfterMode.ANY
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -152,6 +188,7 @@ class Schedule(models.Model):
                         cron_expr="",
                     )
                     | (Q(schedule_type="cron", interval_minutes__isnull=True) & ~Q(cron_expr=""))
+                    | Q(schedule_type="none", interval_minutes__isnull=True, cron_expr="")
                 ),
                 name="schedule_interval_xor_cron",
             ),
@@ -188,6 +225,43 @@ class Schedule(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class ScheduleDependency(models.Model):
+    """One edge of run_after: `downstream` runs after `upstream`. Deleting either schedule deletes it."""
+
+    downstream = models.ForeignKey(Schedule, on_delete=models.CASCADE, related_name="upstream_links")
+    upstream = models.ForeignKey(Schedule, on_delete=models.CASCADE, related_name="downstream_links")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["downstream", "upstream"], name="scheduledependency_unique"),
+            models.CheckConstraint(
+                condition=~Q(downstream=models.F("upstream")), name="scheduledependency_not_self"
+            ),
+        ]
+        # The end trigger's probe (does this schedule have downstreams?) and the fire sweep's join.
+        indexes = [models.Index(fields=["upstream"], name="schedule_dep_upstream_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.downstream_id} after {self.upstream_id}"
+
+
+class UpstreamEnd(models.Model):
+    """A run of a schedule with downstreams ended: written by a database trigger in the transaction that
+    ends the run (migration 0009), consumed by the scheduler's dependency sweep in the transaction
+    that creates the downstream runs. Plain ids, no foreign keys: it is a queue, not history."""
+
+    scheduled_run_id = models.BigIntegerField()
+    schedule_id = models.BigIntegerField()
+    status = models.CharField(max_length=16)
+    created_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.schedule_id} run {self.scheduled_run_id} {self.status}"
 
 
 class ScheduledRunStatus(models.TextChoices):
@@ -236,10 +310,35 @@ class ScheduledRun(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     error_summary = models.CharField(max_length=500, blank=True, default="")
+    # trigger `dependency`: the upstream scheduled run whose end started this one (for run_after_mode
+    # `all`: the one that completed the set) and, for `all`, the date (downstream's zone) it is for.
+    # The database nulls it when the upstream row goes (scheduledrun_upstream_run_fk, ON DELETE SET NULL,
+    # migration 0009): Django's SET_NULL would load a deleted schedule's whole history to do it.
+    upstream_run = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="downstream_runs",
+    )
+    dependency_date = models.DateField(null=True, blank=True)
 
     class Meta:
         ordering = ["-scheduled_for", "-id"]
         constraints = [
+            # Exactly once per upstream run (run_after_mode any) and per date (all): the dependency
+            # sweep inserts with ON CONFLICT DO NOTHING, so a re-run of it changes nothing.
+            models.UniqueConstraint(
+                fields=["schedule", "upstream_run"],
+                condition=Q(trigger="dependency", dependency_date__isnull=True),
+                name="scheduledrun_unique_upstream_run",
+            ),
+            models.UniqueConstraint(
+                fields=["schedule", "dependency_date"],
+                condition=Q(trigger="dependency"),
+                name="scheduledrun_unique_dependency_date",
+            ),
             models.UniqueConstraint(
                 fields=["schedule", "scheduled_for"],
                 condition=Q(trigger__in=["schedule", "backfill"]),

@@ -26,7 +26,7 @@ from orchestrator.params import params_errors
 from orchestrator.services import OrchestratorService
 from project import outbound
 from schedules import changes as change_log
-from schedules import runstate, timing
+from schedules import dependencies, runstate, timing
 from schedules.dispatch import SchedulerError, message_for
 from schedules.dispatch import run_now as dispatch_run_now
 from schedules.labels import label_errors
@@ -37,6 +37,7 @@ from schedules.models import (
     ChangeSource,
     MisfirePolicy,
     OverlapPolicy,
+    RunAfterMode,
     Schedule,
     ScheduledRun,
     ScheduledRunStatus,
@@ -75,19 +76,24 @@ SCHEDULE_FIELDS = (
     "params",
     "labels",
     "retry_policy",
+    "run_after_statuses",
+    "run_after_mode",
 )
 # Calendars (issue 33): the calendars a schedule's slots are ruled out by (exclude) or kept to (only),
 # and what a ruled-out slot becomes. Set through the same services, recorded in the same history; not
 # declared by schedules files (sync_schedules leaves them as they are).
 CALENDAR_SETS = ("exclude_calendars", "only_calendars")
 CALENDAR_FIELDS = (*CALENDAR_SETS, "calendar_policy")
+# Set with the schedule but stored apart (the schedules_scheduledependency table): the upstreams, as
+# Schedule instances (the API and admin resolve ids or names); history records them by name.
+RELATION_FIELDS = ("run_after",)
 TIMING_FIELDS = frozenset(
     {"schedule_type", "interval_minutes", "cron_expr", "timezone", "jitter_seconds", "start_at", "end_at"}
 )
 # A managed schedule (declared in a schedules file, manage.py sync_schedules) takes changes of these
 # from the file only: every field the file declares, which is every client field but `enabled` (a field
 # the file leaves out is declared as its default). The API and admin may still enable and disable it.
-MANAGED_FIELDS = tuple(field for field in SCHEDULE_FIELDS if field != "enabled")
+MANAGED_FIELDS = (*(field for field in SCHEDULE_FIELDS if field != "enabled"), *RELATION_FIELDS)
 
 # Jitter spreads a slot over at most a day (and never past the next slot: see schedule_errors).
 MAX_JITTER_SECONDS = 24 * 3600
@@ -206,6 +212,7 @@ def schedule_errors(
         ("task3_scope", Task3Scope),
         ("misfire_policy", MisfirePolicy),
         ("overlap_policy", OverlapPolicy),
+        ("run_after_mode", RunAfterMode),
     ):
         if (problem := _choice_error(values.get(field), choices)) is not None:
             errors[field] = problem
@@ -227,6 +234,10 @@ def schedule_errors(
             errors["retry_policy"] = [
                 f"{key}: {message}" for key, msgs in problems.items() for message in msgs
             ]
+    if problems := dependencies.status_errors(values.get("run_after_statuses")):
+        errors["run_after_statuses"] = problems
+    if "run_after" in values:
+        errors.update(_run_after_errors(values, pk=pk))
     errors.update(limit_errors(values, run_count=run_count, enabling="enabled" in changed))
     errors.update(timing_errors(values, now=now))
     if values.get("alert_webhook_url") and "alert_webhook_url" in changed:
@@ -315,6 +326,13 @@ def timing_errors(values: Mapping[str, Any], *, now: datetime | None = None) -> 
                 errors["cron_expr"] = [str(exc)]
         if interval is not None:
             errors["interval_minutes"] = ["Must be null for a cron schedule."]
+    elif schedule_type == ScheduleType.NONE:
+        if interval is not None:
+            errors["interval_minutes"] = ["Must be null for a schedule of type none."]
+        if cron_expr:
+            errors["cron_expr"] = ["Must be empty for a schedule of type none."]
+        # It has no slots: jitter and bounds have nothing to act on, and no gap to check.
+        return errors
     else:
         errors["schedule_type"] = _choice_error(schedule_type, ScheduleType) or ["Invalid schedule type."]
 
@@ -344,6 +362,32 @@ def timing_errors(values: Mapping[str, Any], *, now: datetime | None = None) -> 
                     f"Must be at most the shortest gap between runs ({int(gap.total_seconds())} seconds)."
                 ]
     return errors
+
+
+def _run_after_errors(values: Mapping[str, Any], *, pk: int | None) -> dict[str, list[str]]:
+    """run_after: no self-dependency, no cycle; a schedule of type none needs at least one upstream."""
+    upstreams = list(values.get("run_after") or [])
+    if not upstreams:
+        if values.get("schedule_type") == ScheduleType.NONE:
+            return {"run_after": ["A schedule of type none runs only after others: name at least one."]}
+        return {}
+    if pk is None:
+        return {}  # a new schedule has no downstreams: it closes no cycle
+    dependencies.lock_graph()  # held to commit: two edits cannot close a cycle together
+    edges, names = dependencies.graph_edges()
+    problems = dependencies.run_after_errors(
+        schedule_id=pk,
+        name=values.get("name") or str(pk),
+        upstream_ids=[u.pk for u in upstreams],
+        edges=edges,
+        names={**names, **{u.pk: u.name for u in upstreams}},
+    )
+    return {"run_after": problems} if problems else {}
+
+
+def run_after_names(schedule: Schedule) -> list[str]:
+    """The upstreams' names, sorted: what history and the screens show."""
+    return sorted(schedule.run_after.values_list("name", flat=True)) if schedule.pk else []
 
 
 class _Values:
@@ -468,16 +512,17 @@ def create_schedule(
     **fields: Any,
 ) -> Schedule:  # fmt: skip
     """Validate and insert a schedule; `next_run_at` is its first slot after now (enabled or not)."""
-    unknown = set(fields) - set(SCHEDULE_FIELDS) - set(CALENDAR_FIELDS)
+    unknown = set(fields) - set(SCHEDULE_FIELDS) - set(CALENDAR_FIELDS) - set(RELATION_FIELDS)
     if unknown:
         raise TypeError(f"unknown schedule fields: {sorted(unknown)}")
     now = _now(now)
     exclude = _calendar_list(fields.pop("exclude_calendars", None))
     only = _calendar_list(fields.pop("only_calendars", None))
+    upstreams = list(fields.pop("run_after", None) or [])
     schedule = Schedule(**fields, managed=managed)
     values = {field: getattr(schedule, field) for field in SCHEDULE_FIELDS}
     _normalise(values)
-    errors = schedule_errors(values, changed=fields.keys(), now=now)
+    errors = schedule_errors({**values, "run_after": upstreams}, changed=fields.keys(), now=now)
     errors.update(
         calendar_errors(
             policy=schedule.calendar_policy,
@@ -494,7 +539,10 @@ def create_schedule(
     _save(schedule)
     schedule.exclude_calendars.set(exclude)
     schedule.only_calendars.set(only)
+    if upstreams:
+        schedule.run_after.set(upstreams)
     after = change_log.snapshot(schedule, (*SCHEDULE_FIELDS, *CALENDAR_FIELDS, "managed"))
+    after["run_after"] = run_after_names(schedule)
     change_log.record(
         schedule, action="create", source=source, actor=actor, changes=change_log.diff({}, after)
     )
@@ -523,7 +571,7 @@ def update_schedule(
     (ScheduleManaged, a 409). `extra` sets system fields besides (the pause record, `managed`); every
     change is recorded in the schedule's history with `source` and `actor`.
     """
-    unknown = set(changes) - set(SCHEDULE_FIELDS) - set(CALENDAR_FIELDS)
+    unknown = set(changes) - set(SCHEDULE_FIELDS) - set(CALENDAR_FIELDS) - set(RELATION_FIELDS)
     if unknown:
         raise TypeError(f"unknown schedule fields: {sorted(unknown)}")
     now = _now(now)
@@ -541,6 +589,10 @@ def update_schedule(
         for field in CALENDAR_SETS
         if {c.pk for c in calendar_sets[field]} != {c.pk for c in getattr(current, field).all()}
     } | ({"calendar_policy"} if policy != current.calendar_policy else set())
+    old_upstreams = list(current.run_after.order_by("pk"))
+    new_upstreams = old_upstreams
+    if "run_after" in changes:
+        new_upstreams = sorted(set(changes.pop("run_after") or []), key=lambda u: u.pk)
     # The type is the discriminator: switching it clears the other kind's field unless the client set it.
     new_type = changes.get("schedule_type", current.schedule_type)
     if new_type != current.schedule_type:
@@ -548,10 +600,17 @@ def update_schedule(
             changes.setdefault("interval_minutes", None)
         elif new_type == ScheduleType.INTERVAL:
             changes.setdefault("cron_expr", "")
+        elif new_type == ScheduleType.NONE:
+            changes.setdefault("interval_minutes", None)
+            changes.setdefault("cron_expr", "")
     values = {field: getattr(current, field) for field in SCHEDULE_FIELDS}
     values.update(changes)
     _normalise(values)
     changed = {field for field in changes if values[field] != getattr(current, field)}
+    if [u.pk for u in new_upstreams] != [u.pk for u in old_upstreams]:
+        changed.add("run_after")
+    if changed & {"run_after", "schedule_type"}:
+        values["run_after"] = new_upstreams
     if managed_errors := _managed_errors(current, changed, source):
         raise ScheduleManaged(managed_errors)
     errors = schedule_errors(
@@ -578,6 +637,10 @@ def update_schedule(
         current.only_calendars.set(calendar_sets["only_calendars"])
         current.calendar_policy = policy
         changed = changed | calendars_changed
+    before["run_after"] = sorted(u.name for u in old_upstreams)
+    if "run_after" in changed:
+        current.run_after.set(new_upstreams)
+        changed.discard("run_after")
     was_enabled = current.enabled
     for field in changed - set(CALENDAR_FIELDS):
         setattr(current, field, values[field])
@@ -598,6 +661,7 @@ def update_schedule(
     if enabling:
         current.refresh_from_db(fields=["failures_counted_since"])
     after = change_log.snapshot(current, fields)
+    after["run_after"] = run_after_names(current)
     change_log.record(
         current, action=action, source=source, actor=actor, changes=change_log.diff(before, after)
     )
@@ -882,6 +946,8 @@ def backfill_schedule(
     pk = schedule.pk if isinstance(schedule, Schedule) else schedule
     # The row lock serialises backfills of one schedule with each other and with its dispatch.
     current = Schedule.objects.select_for_update(of=("self",)).select_related("job", "directive").get(pk=pk)
+    if current.schedule_type == ScheduleType.NONE:
+        raise ScheduleInvalid({"schedule_type": ["A schedule of type none has no slots to backfill."]})
     spec = timing.spec_of(current)
     anchor = current.last_run_at or (
         timing.slot_of(spec, current.next_run_at) if current.next_run_at else None

@@ -25,11 +25,13 @@ from django.utils.dateparse import parse_datetime
 
 from orchestrator.models import Directive, Job
 from schedules import changes as change_log
-from schedules import services
+from schedules import dependencies, services
 from schedules.models import ChangeSource, Schedule
 
 # Keys an entry may carry: the API's names (job_key for the job, directive as a key).
-ENTRY_KEYS = frozenset({"job_key", *services.SCHEDULE_FIELDS} - {"job"})
+ENTRY_KEYS = frozenset({"job_key", *services.SCHEDULE_FIELDS, *services.RELATION_FIELDS} - {"job"})
+# JSON fields that hold a list, not a table.
+LIST_FIELDS = ("run_after_statuses",)
 DATETIME_FIELDS = ("start_at", "end_at")
 
 
@@ -93,6 +95,11 @@ def _type_error(name: str, value: Any) -> str | None:
     """What is wrong with the type of `value` for field `name` (the API's JSON types), or None."""
     if name in ("job_key", "directive") or value is None:
         return None if value is None or isinstance(value, str) else "must be a string (a key)"
+    if name == "run_after":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return None if ok else "must be a list of schedule names"
+    if name in LIST_FIELDS:
+        return None if isinstance(value, list) else "must be a list"
     model_field = Schedule._meta.get_field(name)
     if isinstance(model_field, models.BooleanField):
         return None if isinstance(value, bool) else "must be true or false"
@@ -115,7 +122,8 @@ def declared_values(entry: Mapping[str, Any]) -> dict[str, Any]:
         raise SyncError(f"{label}: unknown field {unknown[0]!r} (fields: {', '.join(sorted(ENTRY_KEYS))})")
     if not isinstance(name, str) or not name.strip():
         raise SyncError(f"{label}: `name` is required")
-    values = {f: _default(f) for f in services.MANAGED_FIELDS if f not in ("job", "directive")}
+    skipped = ("job", "directive", *services.RELATION_FIELDS)
+    values = {f: _default(f) for f in services.MANAGED_FIELDS if f not in skipped}
     values.update({k: v for k, v in entry.items() if k not in ("job_key", "directive")})
     job_key = entry.get("job_key")
     values["job"] = Job.objects.filter(key=job_key).first() if isinstance(job_key, str) else None
@@ -151,7 +159,9 @@ def sync(
     if duplicates:
         raise SyncError(f"schedule {duplicates[0]!r} is declared twice")
     with transaction.atomic():
-        steps = [_sync_one(entry, actor=actor) for entry in entries]
+        # Upstreams first, so an entry may name a schedule declared after it (run_after).
+        done = {id(entry): _sync_one(entry, actor=actor) for entry in _upstreams_first(entries)}
+        steps = [done[id(entry)] for entry in entries]
         if prune:
             steps += _prune(set(names), actor=actor)
         if dry_run:
@@ -159,9 +169,46 @@ def sync(
     return steps
 
 
+def _upstreams_first(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries, each after the declared entries its run_after names; a cycle among them is a
+    SyncError naming it (one through schedules outside the file is found by the service)."""
+    by_name = {e["name"]: e for e in entries if isinstance(e.get("name"), str)}
+
+    def upstreams(entry: Mapping[str, Any]) -> list[str]:
+        names = entry.get("run_after")
+        return [n for n in names if isinstance(n, str) and n in by_name] if isinstance(names, list) else []
+
+    index = {name: i for i, name in enumerate(by_name)}
+    edges = {index[name]: {index[n] for n in upstreams(e)} for name, e in by_name.items()}
+    for name in by_name:
+        cycle = dependencies.find_cycle(edges, index[name])
+        if cycle is not None:
+            names = {i: n for n, i in index.items()}
+            raise SyncError(f"schedule {name!r}: run_after: {dependencies.cycle_message(cycle, names)}")
+    ordered: list[dict[str, Any]] = []
+    placed: set[int] = set()
+
+    def place(entry: dict[str, Any]) -> None:
+        if id(entry) in placed:
+            return
+        placed.add(id(entry))
+        for upstream in upstreams(entry):
+            place(by_name[upstream])
+        ordered.append(entry)
+
+    for entry in entries:
+        place(entry)
+    return ordered
+
+
 def _sync_one(entry: Mapping[str, Any], *, actor: str) -> SyncStep:
     values = declared_values(entry)
     name = values["name"]
+    wanted = values.pop("run_after", None) or []
+    found = {s.name: s for s in Schedule.objects.filter(name__in=wanted)}
+    if missing := [n for n in wanted if n not in found]:
+        raise SyncError(f"schedule {name!r}: run_after {missing[0]!r} names no schedule")
+    values["run_after"] = [found[n] for n in wanted]
     current = Schedule.objects.filter(name=name).first()
     try:
         if current is None:
@@ -169,13 +216,16 @@ def _sync_one(entry: Mapping[str, Any], *, actor: str) -> SyncStep:
             created = services.create_schedule(source=ChangeSource.SYNC, actor=actor, managed=True, **values)
             return SyncStep("create", name, {"managed": {"old": None, "new": created.managed}})
         before = change_log.snapshot(current, (*services.SCHEDULE_FIELDS, "managed"))
+        before["run_after"] = services.run_after_names(current)
         updated = services.update_schedule(
             current, values, source=ChangeSource.SYNC, actor=actor, extra={"managed": True}
         )
     except services.ScheduleInvalid as exc:
         problems = "; ".join(f"{f}: {' '.join(m)}" for f, m in exc.errors.items())
         raise SyncError(f"schedule {name!r}: {problems}") from exc
-    diff = change_log.diff(before, change_log.snapshot(updated, (*services.SCHEDULE_FIELDS, "managed")))
+    after = change_log.snapshot(updated, (*services.SCHEDULE_FIELDS, "managed"))
+    after["run_after"] = services.run_after_names(updated)
+    diff = change_log.diff(before, after)
     return SyncStep("update" if diff else "unchanged", name, diff)
 
 

@@ -244,7 +244,7 @@ def next_slot(spec: ScheduleSpec, *, after: datetime) -> datetime | None:
     if after.tzinfo is None:
         raise ValueError("next_slot needs an aware datetime")
     after = max(after.astimezone(UTC), _FLOOR)
-    if after >= _CEILING:
+    if after >= _CEILING or spec.schedule_type == "none":  # none: only after its upstreams (run_after)
         return None
     if spec.schedule_type == "interval":
         try:
@@ -316,6 +316,8 @@ def _grid_floor(spec: ScheduleSpec, at: datetime) -> datetime:
 def first_slot(spec: ScheduleSpec, *, now: datetime) -> datetime | None:
     """The first slot of a schedule created or enabled at `now`: one interval ahead (or the next grid
     point), or the next cron time; never before `start_at`. None when it would lie after `end_at`."""
+    if spec.schedule_type == "none":
+        return None
     if _on_grid(spec):
         anchor = spec.start_at or _EPOCH
         slot = _in_range(spec, anchor.astimezone(UTC)) if anchor > now else _grid_next(spec, now)
@@ -912,6 +914,8 @@ def describe(spec: ScheduleSpec) -> str:
     phrased by cron-descriptor, `H` fields as the values they hash to; a cron it cannot phrase, or one
     restricting both day fields (cron fires on either, cron-descriptor's phrase reads as both), is shown
     as written: 'cron 0 0 1 * 1 (UTC)'."""
+    if spec.schedule_type == "none":
+        return "no timing of its own: runs only after its upstreams (run_after)"
     if spec.schedule_type == "interval":
         n = spec.interval_minutes or 0
         for unit, size in (("day", 1440), ("hour", 60), ("minute", 1)):

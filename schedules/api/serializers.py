@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.db.models import Q
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -17,7 +18,15 @@ from project.api import StrictFieldsMixin
 from schedules import calendars, cancelling, services, timing
 from schedules.bulk import MAX_BULK, BulkAction
 from schedules.labels import label_errors
-from schedules.models import Calendar, CalendarPolicy, OverlapPolicy, Schedule, ScheduleChange, ScheduledRun
+from schedules.models import (
+    RUN_AFTER_STATUSES,
+    Calendar,
+    CalendarPolicy,
+    OverlapPolicy,
+    Schedule,
+    ScheduleChange,
+    ScheduledRun,
+)
 from schedules.services import MAX_DIRECTIVE_TEXT, MAX_PREVIEW_COUNT, PAUSE_NOTE_MAX, PREVIEW_COUNT
 
 UPCOMING_COUNT = 5
@@ -38,6 +47,58 @@ class LabelsField(serializers.JSONField):
         if problems := label_errors(value):
             raise serializers.ValidationError(problems)
         return value
+
+
+# Upstreams one schedule may name (a fan-in wider than this is a mistake, and bounds one request's work).
+MAX_UPSTREAMS = 100
+_MAX_ID = 2**63 - 1
+
+
+@extend_schema_field(
+    {
+        "type": "array",
+        "items": {"oneOf": [{"type": "integer"}, {"type": "string"}]},
+        "maxItems": MAX_UPSTREAMS,
+        "example": ["nightly-extract"],
+        "description": "Upstream schedules, by id or name; responses give names.",
+    }
+)
+class RunAfterField(serializers.Field):
+    """run_after: upstream schedules by id (an integer) or name (a string); shown as names, sorted."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, list):
+            raise serializers.ValidationError("Must be a list of schedule ids or names.")
+        if len(data) > MAX_UPSTREAMS:
+            raise serializers.ValidationError(f"At most {MAX_UPSTREAMS} upstream schedules.")
+        ids, names = set(), set()
+        for item in data:
+            if isinstance(item, int) and not isinstance(item, bool) and 1 <= item <= _MAX_ID:
+                ids.add(item)
+            elif isinstance(item, str) and 0 < len(item) <= 200:
+                names.add(item)
+            else:
+                raise serializers.ValidationError(f"{item!r} is not a schedule id or name.")
+        found = list(Schedule.objects.filter(Q(pk__in=ids) | Q(name__in=names)).order_by("pk"))
+        missing = [f"id {i}" for i in sorted(ids - {s.pk for s in found})]
+        missing += [repr(n) for n in sorted(names - {s.name for s in found})]
+        if missing:
+            raise serializers.ValidationError(f"No such schedule: {', '.join(missing)}.")
+        return found
+
+    def to_representation(self, value):
+        return sorted(schedule.name for schedule in value.all())
+
+
+@extend_schema_field(
+    {
+        "type": "array",
+        "items": {"type": "string", "enum": list(RUN_AFTER_STATUSES)},
+        "example": ["succeeded"],
+    }
+)
+class RunAfterStatusesField(serializers.JSONField):
+    """run_after_statuses: JSON as sent; the rules (a non-empty list of run ends) are the service's."""
 
 
 class ScheduledRunSerializer(serializers.ModelSerializer):
@@ -66,6 +127,8 @@ class ScheduledRunSerializer(serializers.ModelSerializer):
             "started_at",
             "finished_at",
             "error_summary",
+            "upstream_run",
+            "dependency_date",
             "params",
             "attempt",
             "retry_at",
@@ -106,6 +169,19 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
         required=False,
         allow_null=True,
         help_text="Overrides the job's retry policy (null: the job's). Missing keys take the defaults.",
+    )
+    run_after = RunAfterField(
+        required=False,
+        help_text="Upstream schedules (ids or names): when a run of one ends in one of run_after_statuses,"
+        " this schedule gets a run with trigger `dependency`. Responses give names.",
+    )
+    run_after_statuses = RunAfterStatusesField(
+        required=False,
+        help_text="The upstream run ends that start a run of this schedule: any of succeeded, failed,"
+        ' cancelled (default ["succeeded"]).',
+    )
+    run_before = RunAfterField(
+        read_only=True, help_text="The schedules that run after this one (their run_after names it)."
     )
     upcoming = serializers.SerializerMethodField()
     runs_remaining = serializers.SerializerMethodField()
@@ -151,6 +227,10 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "only_calendars",
             "calendar_policy",
             "retry_policy",
+            "run_after",
+            "run_after_statuses",
+            "run_after_mode",
+            "run_before",
             "paused_note",
             "paused_at",
             "paused_by",
@@ -196,6 +276,13 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
                 "help_text": "Disable the schedule after this many consecutive failed slots, with the note"
                 " 'paused after N consecutive failures' (null: never). Enable clears it and counts afresh.",
             },
+            "run_after_mode": {
+                "help_text": "any: a run for each qualifying upstream run; all: one run per date (this"
+                " schedule's timezone) once every upstream has a qualifying run scheduled that date.",
+            },
+            "schedule_type": {
+                "help_text": "interval | cron | none (no timing of its own: runs only after run_after).",
+            },
             # Uniqueness is a service rule (shared with the admin, and raced-for in the database).
             "name": {"validators": []},
             # A webhook URL carries its token: written, never read back (alert_webhook_set says if any).
@@ -239,6 +326,9 @@ class ScheduleSerializer(StrictFieldsMixin, serializers.ModelSerializer):
                 f"no run allowed by its calendars within {timing.MAX_CALENDAR_DAYS} days"
                 f" ({timing.MAX_CALENDAR_SLOTS} slots)"
             )
+        if schedule.schedule_type == "none":
+            upstreams = sorted(u.name for u in schedule.run_after.all())
+            return f"runs only after {', '.join(upstreams)}" if upstreams else "runs only after its upstreams"
         if schedule.next_run_at is None:
             return "ended: no slot left before the end of year 9999"
         if _calendared(schedule) and not services.upcoming_runs(schedule, 1):

@@ -192,7 +192,7 @@ class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
     schedule's change history."""
 
     queryset = Schedule.objects.select_related("job", "directive").prefetch_related(
-        "exclude_calendars", "only_calendars"
+        "exclude_calendars", "only_calendars", "run_after", "run_before"
     )
     serializer_class = ScheduleSerializer
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
