@@ -1,14 +1,15 @@
-"""Graceful drain: a worker told to stop (SIGTERM: what Kubernetes and compose send) ends or hands back
-every run it holds (docs/ARCHITECTURE.md, guarantee 7).
+"""Graceful drain: a worker told to stop (SIGTERM: what Kubernetes and compose send) ends or hands back every
+run it holds (docs/ARCHITECTURE.md, guarantee 7).
 
-Celery's warm shutdown does most of it: the worker takes no new message at once and waits for the runs
-its pool processes execute; the messages it holds without executing them (a prefetched one, a throttled
-run's retry waiting for its countdown) are unacknowledged (late acks), and go back to the queue when it
-closes its broker connection, for another worker to take. What it lacks is a bound: this module gives the
-runs `WORKER_DRAIN_SECONDS`. A run still executing then is ended as a hard time limit ends one
-(worker/tasks.py): its failure, "worker drained", is recorded first, its task process groups and then
-its pool process are killed, and the parent writes the failure and frees its slots once none of its
-processes is left (worker/parent.py), so caps hold. Retries count it as a lost worker's run.
+Celery's warm shutdown does most of it: the worker takes no new message at once and waits for the runs its
+pool processes execute; the messages it holds without executing them (a prefetched one, a throttled run's
+retry waiting for its countdown) are unacknowledged (late acks), and go back to the queue when it closes
+its broker connection as it exits, for another worker to take. What it lacks is a bound: this module gives
+the runs `WORKER_DRAIN_SECONDS`. A run still executing then is ended as a hard time limit ends one
+(worker/tasks.py): its failure, "worker drained", is recorded first, its task process groups and then its
+pool process are killed, and the parent writes the failure and frees its slots once none of its processes
+is left (worker/parent.py), so caps hold. For retries it is a lost worker's run (`worker_lost`: its
+reason starts with WORKER_DRAINED).
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ _drain: threading.Thread | None = None
 
 def running_runs() -> list:
     """The run requests this worker's pool processes are executing now."""
-    return [r for r in list(state.active_requests) if r.type == RUN_TASK_NAME and r.worker_pid]
+    while True:
+        try:
+            active = list(state.active_requests)  # a set the worker's main thread changes meanwhile
+        except RuntimeError:
+            continue
+        return [r for r in active if r.type == RUN_TASK_NAME and r.worker_pid]
 
 
 def kill_task_groups(pool_pid: int) -> None:
@@ -65,14 +71,17 @@ def end_drained(request, seconds: float) -> None:
     reason = f"{WORKER_DRAINED} (still running after WORKER_DRAIN_SECONDS={seconds:g})"
     logger.warning("run drained", extra={"run_id": (request.kwargs or {}).get("run_id"), "reason": reason})
     request.end_run(reason, overrule=True)
-    kill_task_groups(request.worker_pid)
     try:
+        # Frozen first, so that it cannot write an outcome of its own for the task it sees killed.
+        os.kill(request.worker_pid, signal.SIGSTOP)
+        kill_task_groups(request.worker_pid)
         os.kill(request.worker_pid, signal.SIGKILL)
-    except OSError:
-        pass
+    except ProcessLookupError:
+        pass  # gone meanwhile: its template has killed its task groups (orchestrator/template.py)
 
 
 def drain(seconds: float) -> None:
+    logger.info("draining", extra={"runs": len(running_runs()), "drain_seconds": seconds})
     deadline = time.monotonic() + seconds
     while running_runs() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -87,7 +96,6 @@ def _on_shutting_down(how: str = "", **kwargs) -> None:
     # Warm only: a cold shutdown (SIGQUIT, a second SIGINT) cancels the runs at once itself.
     if how == "Warm" and _drain is None:
         seconds = float(settings.WORKER_DRAIN_SECONDS)
-        logger.info("draining", extra={"runs": len(running_runs()), "drain_seconds": seconds})
         _drain = threading.Thread(target=drain, args=(seconds,), name="worker-drain", daemon=True)
         _drain.start()
 
