@@ -32,7 +32,8 @@ DEFAULT_POLICY: dict[str, Any] = {
 
 # How worker/ and runstate word the outcomes they write (worker/tasks.py, lifecycle.py, runstate.py).
 _TIMED_OUT_PREFIX = "timed out after"
-_WORKER_LOST_PREFIX = "worker lost"
+# A run a drained worker ended at WORKER_DRAIN_SECONDS (worker/drain.py) counts as worker_lost.
+_WORKER_LOST_PREFIXES = ("worker lost", "worker drained")
 
 
 def _number(value: Any) -> bool:
@@ -95,13 +96,14 @@ def retry_delay(policy: Mapping[str, Any], attempt: int) -> float:
 
 def attempt_outcome(status: str, error_summary: str) -> str:
     """How an ended attempt counts for `retry_on`: timed_out (a time limit ended it), worker_lost
-    (its worker or pool process died, seen by the reaper or the worker's parent), failed (any other
+    (its worker or pool process died, seen by the reaper or the worker's parent, or a drained worker
+    ended it), failed (any other
     failure); a run that did not fail keeps its status (succeeded, cancelled)."""
     if status != OUTCOME_FAILED:
         return status  # succeeded, cancelled: never retried
     if error_summary.startswith(_TIMED_OUT_PREFIX):
         return OUTCOME_TIMED_OUT
-    if error_summary.startswith(_WORKER_LOST_PREFIX):
+    if error_summary.startswith(_WORKER_LOST_PREFIXES):
         return OUTCOME_WORKER_LOST
     return OUTCOME_FAILED
 

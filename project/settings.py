@@ -245,6 +245,11 @@ WORKER_HARD_LIMIT_GRACE_SECONDS = env_int("WORKER_HARD_LIMIT_GRACE_SECONDS", 30)
 WORKER_FINISH_RETRY_SECONDS = float(env_str("WORKER_FINISH_RETRY_SECONDS", str(WORKER_LEASE_SECONDS)))
 # How long the worker's parent retries ending the run of a pool process that died or hit its hard limit.
 WORKER_PARENT_WRITE_RETRY_SECONDS = float(env_str("WORKER_PARENT_WRITE_RETRY_SECONDS", "3600"))
+# Graceful drain (worker/drain.py): after SIGTERM a worker takes no new message and gives its running runs
+# this long to finish; a run still executing then is ended `failed` ("worker drained"). Keep it below the
+# time the platform waits before SIGKILL (Kubernetes terminationGracePeriodSeconds, compose
+# stop_grace_period), with room for the ending itself (a few seconds).
+WORKER_DRAIN_SECONDS = float(env_str("WORKER_DRAIN_SECONDS", "240"))
 # The same limits for the worker's statements (ms, 0 = no limit): a run's transitions are single-row
 # writes that never need to wait long; a lock held longer is someone else's stuck session, and the
 # worker's retries of a failed write (as for PostgreSQL away) apply instead of a silent stall.

@@ -206,6 +206,7 @@ class ProcSampler:
         self.interval = interval
         self.samples: list[tuple[float, frozenset[int]]] = []
         self.job_of: dict[int, str] = {}  # run id -> job key, of every run seen
+        self.groups_of: dict[int, set[tuple[str, int]]] = {}  # run id -> (task, pgid) of every group seen
         self.error: BaseException | None = None
         self._ours: dict[int, bool] = {}  # pgid -> tagged (a group id is not reused within a test)
         self._stop = threading.Event()
@@ -239,6 +240,7 @@ class ProcSampler:
                 groups = [g for g in live_task_groups().values() if self._tagged(g)]
                 for group in groups:
                     self.job_of[group.run_id] = group.job_key
+                    self.groups_of.setdefault(group.run_id, set()).add((group.task, group.pgid))
                 self.samples.append((at, frozenset(g.run_id for g in groups)))
                 self._stop.wait(self.interval)
         except BaseException as exc:
@@ -254,6 +256,11 @@ class ProcSampler:
     def max_live_of(self, job_key: str) -> int:
         """The most runs of one job seen executing at once."""
         return max((sum(self.job_of[r] == job_key for r in live) for _, live in self.samples), default=0)
+
+    def executions(self, run_id: int, task: str) -> int:
+        """How many times the run's `task` was seen executing (distinct process groups): 1 for a run that
+        executed once, 2 for one executed twice."""
+        return sum(1 for name, _ in self.groups_of.get(run_id, ()) if name == task)
 
     def seen_between(self, start: float, end: float) -> set[int]:
         return {run_id for at, live in self.samples if start <= at <= end for run_id in live}

@@ -27,7 +27,7 @@ from django.db import close_old_connections, connection
 
 from project.celery import app
 from schedules.runstate import WORKER_LOST, RunFailed
-from worker import reaper  # noqa: F401  (reaper connects the worker's signal handlers)
+from worker import drain, reaper  # noqa: F401  (they connect the worker's signal handlers)
 from worker.lifecycle import DATABASE_AWAY, CapReached, run_execute, worker_identity
 from worker.parent import run_end_from_parent
 from worker.routing import RUN_TASK_NAME
@@ -45,7 +45,7 @@ class RunRequest(Request):
         if not soft:
             # First, before Celery logs the limit and the pool process is killed: the failure replaces
             # whatever outcome the process had recorded, so no reaper can write that one meanwhile.
-            self._end_run(f"timed out after {timeout:g}s (hard time limit; process killed)", overrule=True)
+            self.end_run(f"timed out after {timeout:g}s (hard time limit; process killed)", overrule=True)
         super().on_timeout(soft, timeout)
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
@@ -54,9 +54,9 @@ class RunRequest(Request):
             exc = exc.exc
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         if isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt):
-            self._end_run(f"{WORKER_LOST} ({str(exc)[:200]})")
+            self.end_run(f"{WORKER_LOST} ({str(exc)[:200]})")
 
-    def _end_run(self, reason: str, *, overrule: bool = False) -> None:
+    def end_run(self, reason: str, *, overrule: bool = False) -> None:
         run_id = (self.kwargs or {}).get("run_id")
         if run_id is None or self.worker_pid is None:
             return

@@ -8,8 +8,11 @@ import subprocess
 import time
 from datetime import timedelta
 
+import psycopg2
 import pytest
+from django.db import connection
 
+from orchestrator.models import Job
 from schedules.models import Schedule, ScheduledRun
 from tests.scheduler_support import PYTHON, REPO, Processes, db_now, make_schedule, sql
 from tests.support import process_env, wait_for
@@ -165,3 +168,70 @@ def test_celery_beat__database_scheduler_dispatches(procs, tmp_path):
     wait_for(lambda: dispatched(s2), timeout=10, what="fast pickup under celery beat")
     beat.send_signal(signal.SIGTERM)
     beat.wait(timeout=60)
+
+
+def test_sigterm_holding_claims__the_peer_dispatches_them_at_once_not_after_the_ttl(procs):
+    """Graceful drain of a scheduler (Kubernetes' SIGTERM in a rolling update): it gives back the claims
+    it holds as it stops, and the other replica, asleep with nothing claimable, is woken and takes them,
+    well before the claims' TTL would have let it.
+
+    To hold the claims until the SIGTERM, the holder's first dispatch transaction waits on a lock the
+    test holds on the schedules' job row (its new runs' foreign key check), as in
+    tests/chaos/test_scheduler_handover.py; the lock goes right after the SIGTERM. 300 schedules due
+    now are more than one transaction dispatches (200): the rest is still claimed when it stops."""
+    ttl = 30.0
+    count = 300
+    job = Job.objects.create(key="drained", name="drained", queue="jobs.drained")
+    for i in range(count):
+        make_schedule(f"held-{i}", job=job)
+    args = ("--interval", "30", "--claim-ttl", str(ttl))
+    env = process_env(SCHEDULER_LOCK_TIMEOUT_MS="120000", SCHEDULER_STATEMENT_TIMEOUT_MS="120000")
+    blocker = psycopg2.connect(**{k: v for k, v in connection.get_connection_params().items() if k in _PG})
+    try:
+        with blocker.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM orchestrator_job WHERE id = %s FOR UPDATE", [job.pk])
+        holder = procs.start(*args, "--claimant", "holder:1", env=env)
+
+        def held() -> int:
+            return sql("SELECT count(*) FROM schedules_schedule WHERE claimed_by = 'holder:1'")[0][0]
+
+        wait_for(lambda: held() == count, timeout=60, what="the holder claiming every schedule")
+        wait_for(_waiting_on_a_lock, timeout=60, what="its dispatch waiting on the job row")
+        peer = procs.start(*args, "--claimant", "peer:1", env=env)
+        # The peer found nothing claimable and waits on LISTEN (the holder, blocked, is not waiting).
+        wait_for(listening, timeout=60, what="the peer waiting")
+        holder.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        blocker.rollback()
+
+        def peer_claimed() -> bool:
+            return bool(sql("SELECT 1 FROM schedules_schedule WHERE claimed_by = 'peer:1' LIMIT 1"))
+
+        wait_for(peer_claimed, timeout=ttl + 30, interval=0.01, what="the peer claiming")
+        took = time.monotonic() - sent
+        assert holder.wait(timeout=60) == 0, procs.logs()
+    finally:
+        blocker.close()
+    print(f"peer took over {took:.2f}s after the SIGTERM (claim TTL {ttl:g}s)")
+    # Within a second, plus the holder's transaction in hand on a loaded machine; claims left to expire
+    # would take the 30 s TTL.
+    assert took < 10, procs.logs()
+    assert held() == 0
+    wait_for(
+        lambda: ScheduledRun.objects.filter(schedule__job=job).count() == count,
+        timeout=120,
+        what="every slot dispatched",
+    )
+    assert peer.poll() is None
+
+
+_PG = ("dbname", "user", "password", "host", "port")
+
+
+def _waiting_on_a_lock() -> bool:
+    return bool(
+        sql(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+    )

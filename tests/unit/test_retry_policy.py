@@ -103,6 +103,7 @@ def test_retry_delay__the_issue_example():
         ("failed", "timed out after 2s (Job.timeout_seconds; soft time limit)", "timed_out"),
         ("failed", "worker lost (lease of 4s expired)", "worker_lost"),
         ("failed", "worker lost (Worker exited prematurely: signal 9 (SIGKILL) Job: 0.)", "worker_lost"),
+        ("failed", "worker drained (still running after WORKER_DRAIN_SECONDS=5)", "worker_lost"),
     ],
 )
 def test_attempt_outcome__classifies_how_the_attempt_ended(status, summary, outcome):
