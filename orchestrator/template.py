@@ -213,7 +213,6 @@ def running_template_pid() -> int | None:
 def _preload() -> None:
     """Import once what every task would import: Django, the ORM, the job modules. Open nothing."""
     import gc
-    import importlib
     import logging
 
     import django
@@ -224,23 +223,14 @@ def _preload() -> None:
     django.setup()
     from django.db import connections
 
-    from orchestrator.jobs.registry import all_job_specs
+    from orchestrator.jobs.registry import import_job_modules
 
-    log = logging.getLogger("orchestrator.template")
     try:
-        modules = {task.func.__module__ for spec in all_job_specs() for task in spec.tasks}
+        import_job_modules()  # with the modules of their tasks
     except Exception as exc:  # the task that needs the broken module fails in its own process
-        log.warning(
-            "job registry could not be loaded in the task template", extra={"error": type(exc).__name__}
+        logging.getLogger("orchestrator.template").warning(
+            "job modules could not be loaded in the task template", extra={"error": type(exc).__name__}
         )
-        modules = set()
-    for name in sorted(modules):
-        try:
-            importlib.import_module(name)
-        except Exception as exc:
-            log.warning(
-                "job module could not be preloaded", extra={"job_module": name, "error": type(exc).__name__}
-            )
     if any(conn.connection is not None for conn in connections.all(initialized_only=True)):
         raise RuntimeError("the task template holds a database connection")  # the forks would share it
     # Keep the collector off what was imported: a task touching those objects' GC headers would copy (on

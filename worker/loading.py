@@ -4,6 +4,8 @@ schedule), and the lease floor (runstate.LEASE_FLOOR_SQL) as an annotation, in o
 
 from __future__ import annotations
 
+from contextlib import suppress
+
 from django.db.models import BooleanField, Case, Exists, OuterRef, Value, When
 from django.db.models.expressions import RawSQL
 
@@ -16,17 +18,18 @@ def load_delivery(run_id: int, scheduled_run_id: int | None) -> tuple[Run | None
     """The run (its job and directive loaded), its scheduled run (its schedule loaded; None when the
     message names none, or one that is not this run's) and the lease floor."""
     floor = RawSQL(runstate.LEASE_FLOOR_SQL, ())
+    # get(), not filter().first(), whose ordering and slice clone the query twice more: a fifth of the CPU.
     if scheduled_run_id is not None:
-        scheduled = (
-            ScheduledRun.objects.select_related("schedule", "run__job", "run__directive")
-            .annotate(lease_floor=floor, earlier_queued=_earlier_queued())
-            .filter(pk=scheduled_run_id, run_id=run_id)
-            .first()
-        )
-        if scheduled is not None:
+        with suppress(ScheduledRun.DoesNotExist):
+            scheduled = (
+                ScheduledRun.objects.select_related("schedule", "run__job", "run__directive")
+                .annotate(lease_floor=floor, earlier_queued=_earlier_queued())
+                .get(pk=scheduled_run_id, run_id=run_id)
+            )
             return scheduled.run, scheduled, scheduled.lease_floor
-    run = Run.objects.select_related("job", "directive").annotate(lease_floor=floor).filter(pk=run_id).first()
-    if run is None:
+    try:
+        run = Run.objects.select_related("job", "directive").annotate(lease_floor=floor).get(pk=run_id)
+    except Run.DoesNotExist:
         return None, None, 0
     return run, None, run.lease_floor
 

@@ -18,6 +18,7 @@ re-publishes), and a wake-up marks the runs it woke.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from typing import Any
@@ -225,6 +226,7 @@ def _on_worker_init(**kwargs: Any) -> None:
         logger.warning("worker start-up checks failed", extra={"error": type(exc).__name__})
     finally:
         connection.close()  # never hand an open connection to forked pool children
+        gc.freeze()  # nor what is imported by now to their collectors: a full collection skips it
 
 
 @worker_ready.connect
