@@ -426,7 +426,7 @@ def drained_queues(queues: Iterable[str]) -> set[str]:
     gives none: then only the backstop republishes."""
     drained: set[str] = set()
     try:
-        with app.connection_for_read() as conn:
+        with app.pool.acquire(block=True) as conn:  # the publishers' pool: no new connection per sweep
             channel = conn.channel()
             try:
                 for queue in sorted(set(queues)):
