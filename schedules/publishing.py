@@ -205,14 +205,14 @@ def publish_on_commit(
 # - it never reached the broker: published_at NULL and created more than `grace` ago (its own
 #   on-commit publish had its chance), or
 # - its message was taken and nobody started the run (issue 34.4): published more than
-#   `republish_after` seconds ago (15 s by default) to a queue that now holds no message at all. The
-#   broker's lists are first in, first out, so an empty queue means the message left it; a worker that
-#   takes a message starts its run within moments (prefetch 1, worker_prefetch_multiplier), so a run
-#   still queued that long after is one whose taker vanished (a host cut off as its blocking read took
-#   the message: the message is in no queue and in no live worker's hands). A message that waits in a
-#   long queue never qualifies, however long it waits: no copies for a backlog. The copy a run gets here
-#   lands in a queue that then holds it, so no second copy follows until a worker has taken that one:
-#   one extra message in flight per run at most, and the start gate drops it if the first one ran.
+#   `republish_after` seconds ago (15 s by default) to a queue that now holds no message at all. An empty
+#   queue means the message left it; a worker that takes a message starts its run within moments
+#   (prefetch 1: project/celery.py, WORKER_PREFETCH_MULTIPLIER), so a run still queued that long after
+#   is one whose taker vanished (a host cut off as its blocking read took the message: the message is
+#   in no queue and in no live worker's hands). A message that waits in a long queue never qualifies,
+#   however long it waits: no copies for a backlog. The copy a run gets here lands in a queue that then
+#   holds it, so no second copy follows until a worker has taken that one: one extra message in flight
+#   per run at most, and the start gate drops it if the first one ran.
 # - it was last published long ago, whatever its queue holds (the backstop: a message lost while its
 #   queue stays busy, a broker that cannot be asked). It may as well be waiting in a long queue: the
 #   start gate runs a run at most once however many copies are delivered. "Long ago" backs off per run
