@@ -32,9 +32,12 @@ DEFAULT_CLAIM_TTL = 120.0
 DEFAULT_BATCH_SIZE = 500
 # A never-published run is left this long to its own on-commit publish before the sweep takes it.
 DEFAULT_PUBLISH_GRACE = 10.0
-# A run published this long ago and still queued is published again (the wait doubles with the run's
-# age: schedules/publishing.py); the worker's start gate drops the copies of a started run.
-DEFAULT_REPUBLISH_AFTER = 300.0
+# A run published this long ago and still queued is published again when its queue holds no message
+# (a worker took it and vanished: schedules/publishing.py); the worker's start gate drops the copies of
+# a started run. With the reaper's wake-up (15 s) a lost message runs again within about 30 s.
+DEFAULT_REPUBLISH_AFTER = 15.0
+# The backstop, whatever the queue holds: published this long ago (the wait doubles with the run's age).
+DEFAULT_REPUBLISH_BACKLOG_AFTER = 300.0
 MAX_BACKOFF = 30.0
 # A schedule is due but nothing could be claimed (its row is locked by another session, which SKIP
 # LOCKED passes over), or a claimed one was busy the same way: look again after this long (seconds)
@@ -250,6 +253,7 @@ class DatabaseScheduler(Scheduler):
         misfire_grace: float | None = None,
         publish_grace: float = DEFAULT_PUBLISH_GRACE,
         republish_after: float = DEFAULT_REPUBLISH_AFTER,
+        republish_backlog_after: float = DEFAULT_REPUBLISH_BACKLOG_AFTER,
         lazy: bool = False,
         **kwargs,
     ) -> None:
@@ -267,6 +271,7 @@ class DatabaseScheduler(Scheduler):
         )
         self.publish_grace = float(publish_grace)
         self.republish_after = float(republish_after)
+        self.republish_backlog_after = float(republish_backlog_after)
         self.stopping = False
         self._listener: WakeListener | None = None
         self._backoff = 0.0
@@ -425,6 +430,7 @@ class DatabaseScheduler(Scheduler):
                 sweep_outbox(
                     grace=self.publish_grace,
                     republish_after=self.republish_after,
+                    republish_backlog_after=self.republish_backlog_after,
                     include_manual=include_manual,
                 )
             except (OperationalError, InterfaceError):

@@ -5,15 +5,17 @@ always with the run's own task id, so a re-publish (the outbox sweep) is recogni
 the worker's conditional `queued -> running` transition absorbs the duplicate.
 
 `published_at` is the outbox's clock: NULL means "not known to be in the broker". The sweep hands such
-rows over again, and re-publishes rows published long ago whose start gate is still closed, with a
-back-off per run so a message waiting in a long queue gets a few copies, not one per sweep. It never
-looks inside the broker, so any Celery broker works (Redis, RabbitMQ).
+rows over again, and re-publishes rows whose start gate is still closed: soon when their queue holds no
+message any more (the message was taken, and nobody started the run: a worker host that vanished took
+it), late and backing off otherwise (it may be waiting in a long queue). Of the broker it asks only how
+many messages a queue holds (a passive queue declare, as for Redis as for RabbitMQ).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -196,23 +198,31 @@ def publish_on_commit(
 
 # --- Outbox sweep ----------------------------------------------------------------------------------
 
-# The sweep decides from the run's own state, never from the broker's insides (issue 15.8: it used to
-# parse kombu's Redis layout, a private format that breaks on an upgrade and does not exist on
-# RabbitMQ). A row is handed to the broker again when its start gate is still closed (Run and
-# ScheduledRun `queued`: no worker started it, none parked it as throttled) and either
+# The sweep decides from the run's own state, and asks the broker only how many messages a queue holds
+# (issue 15.8: it used to parse kombu's Redis layout, a private format that breaks on an upgrade and
+# does not exist on RabbitMQ). A row is handed to the broker again when its start gate is still closed
+# (Run and ScheduledRun `queued`: no worker started it, none parked it as throttled) and either
 # - it never reached the broker: published_at NULL and created more than `grace` ago (its own
 #   on-commit publish had its chance), or
-# - it was last published long ago. The message may be lost (a broker restart without persistence, a
-#   purged queue, a worker that died holding it) or merely waiting in a long queue behind others: the
-#   sweep cannot tell, and need not, since the start gate runs a run at most once however many copies
-#   are delivered. "Long ago" backs off per run so the copies stay few: at least `republish_after`
-#   seconds, and at least as long as the run had already waited when it was last published
-#   (published_at - created_at). The re-publishes of a run fall at ages R, 2R, 4R, 8R... (R =
-#   republish_after): a message that waits T seconds gets floor(log2(T / R)) + 1 copies besides its
-#   first publish (9 in a day with R = 300 s), and a lost one is sent again before its age doubles.
+# - its message was taken and nobody started the run (issue 34.4): published more than
+#   `republish_after` seconds ago (15 s by default) to a queue that now holds no message at all. An empty
+#   queue means the message left it; a worker that takes a message starts its run within moments
+#   (prefetch 1: project/celery.py, WORKER_PREFETCH_MULTIPLIER), so a run still queued that long after
+#   is one whose taker vanished (a host cut off as its blocking read took the message: the message is
+#   in no queue and in no live worker's hands). A message that waits in a long queue never qualifies,
+#   however long it waits: no copies for a backlog. The copy a run gets here lands in a queue that then
+#   holds it, so no second copy follows until a worker has taken that one: one extra message in flight
+#   per run at most, and the start gate drops it if the first one ran.
+# - it was last published long ago, whatever its queue holds (the backstop: a message lost while its
+#   queue stays busy, a broker that cannot be asked). It may as well be waiting in a long queue: the
+#   start gate runs a run at most once however many copies are delivered. "Long ago" backs off per run
+#   so the copies stay few: at least `republish_backlog_after` seconds, and at least as long as the run
+#   had already waited when it was last published (published_at - created_at). The re-publishes of a
+#   run fall at ages B, 2B, 4B, 8B... (B = republish_backlog_after): a message that waits T seconds
+#   gets floor(log2(T / B)) + 1 copies besides its first publish (9 in a day with B = 300 s).
 # Every time is the database's (now(), created_at, published_at as stamped with now()).
-# Both conditions are range scans of the partial index scheduledrun_outbox_idx (status = 'queued');
-# the back-off is a filter on the rows that range finds.
+# All conditions are range scans of the partial index scheduledrun_outbox_idx (status = 'queued'); the
+# back-off and the drained jobs are filters on the rows that range finds.
 SWEEP_SCHEDULED_SQL = """
 SELECT sr.id, sr.run_id, r.task_id, j.key, j.queue, sr.published_at
   FROM schedules_scheduledrun sr
@@ -223,6 +233,8 @@ SELECT sr.id, sr.run_id, r.task_id, j.key, j.queue, sr.published_at
    AND (r.retry_at IS NULL OR r.retry_at <= now())
    AND ((sr.published_at IS NULL AND sr.created_at < now() - make_interval(secs => %(grace)s))
         OR (sr.published_at < now() - make_interval(secs => %(republish_after)s)
+            AND r.job_id = ANY(%(drained_jobs)s))
+        OR (sr.published_at < now() - make_interval(secs => %(backlog_after)s)
             AND sr.published_at + (sr.published_at - sr.created_at) < now()))
  ORDER BY sr.id
  LIMIT %(limit)s
@@ -236,6 +248,8 @@ SELECT r.id, r.task_id, j.key, j.queue, r.published_at
  WHERE r.status = 'queued' AND (r.retry_at IS NULL OR r.retry_at <= now())
    AND ((r.published_at IS NULL AND r.created_at < now() - make_interval(secs => %(grace)s))
         OR (r.published_at < now() - make_interval(secs => %(republish_after)s)
+            AND r.job_id = ANY(%(drained_jobs)s))
+        OR (r.published_at < now() - make_interval(secs => %(backlog_after)s)
             AND r.published_at + (r.published_at - r.created_at) < now()))
    AND NOT EXISTS (SELECT 1 FROM schedules_scheduledrun sr WHERE sr.run_id = r.id)
    -- A run waiting for a slot (parked in Redis, its message acknowledged) is not a lost message: the
@@ -245,6 +259,26 @@ SELECT r.id, r.task_id, j.key, j.queue, r.published_at
  LIMIT %(limit)s
 """
 
+# The jobs (and so the queues) that have a run the drained-queue rule could pick: only their queues are
+# asked about, once each per sweep, before the candidates are read (asking afterwards would let a long
+# backlog fill the LIMIT and hide a lost run of another queue).
+SWEEP_JOBS_SQL = """
+SELECT DISTINCT j.id, j.key, j.queue
+  FROM schedules_scheduledrun sr
+  JOIN orchestrator_run r ON r.id = sr.run_id
+  JOIN orchestrator_job j ON j.id = r.job_id
+ WHERE sr.status = 'queued' AND r.status = 'queued'
+   AND sr.published_at < now() - make_interval(secs => %(republish_after)s)
+"""
+
+SWEEP_MANUAL_JOBS_SQL = """
+SELECT DISTINCT j.id, j.key, j.queue
+  FROM orchestrator_run r
+  JOIN orchestrator_job j ON j.id = r.job_id
+ WHERE r.status = 'queued' AND r.waiting_since IS NULL
+   AND r.published_at < now() - make_interval(secs => %(republish_after)s)
+"""
+
 # The sweep holds no row lock while it talks to the broker (issue 15.4). It reads candidates with plain
 # SELECTs, *takes* them with one conditional UPDATE per table (a row is taken only if it is still
 # `queued` and its published_at is still what was read, so two sweepers never both take a row and a
@@ -252,10 +286,11 @@ SELECT r.id, r.task_id, j.key, j.queue, r.published_at
 # on), then publishes what it took and stamps now().
 # The take's stamp is provisional: the one instant whose back-off (above) ends `grace` seconds from
 # now, so an instance killed between the take and the publish leaves the row to a sweep `grace`
-# seconds later, not to the next doubling. Solving p + max(R, p - created_at) = now() + grace for p:
-# p = LEAST(now() + grace - R, created_at + (now() + grace - created_at) / 2).
+# seconds later, not to the next doubling. Solving p + max(B, p - created_at) = now() + grace for p:
+# p = LEAST(now() + grace - B, created_at + (now() + grace - created_at) / 2). (The drained-queue rule
+# finds such a row sooner: p is at least `republish_backlog_after` - `grace` in the past.)
 _PROVISIONAL_STAMP = """LEAST(
-       now() + make_interval(secs => %(grace)s - %(republish_after)s),
+       now() + make_interval(secs => %(grace)s - %(backlog_after)s),
        {t}.created_at + (now() + make_interval(secs => %(grace)s) - {t}.created_at) / 2)"""
 
 TAKE_SCHEDULED_SQL = f"""
@@ -311,20 +346,34 @@ class _Candidate:
 
 
 def sweep_outbox(
-    *, grace: float, republish_after: float, limit: int = 1000, include_manual: bool = True
+    *,
+    grace: float,
+    republish_after: float,
+    republish_backlog_after: float = 300.0,
+    limit: int = 1000,
+    include_manual: bool = True,
 ) -> SweepResult:
-    """Publish queued runs whose message never reached the broker, or was published long ago.
+    """Publish queued runs whose message never reached the broker, or was taken and never started, or
+    was published long ago.
 
     `grace`: seconds a never-published row is left to its own on-commit publish (another process's).
     `republish_after`: the shortest wait after a publish before a run still not started is published
-    again; the wait doubles with the run's age (see SWEEP_SCHEDULED_SQL). Any Celery broker: nothing
-    is read from the broker, and the worker's start gate drops the copies of a run already started.
+    again when its queue holds no message (its message was taken: see SWEEP_SCHEDULED_SQL).
+    `republish_backlog_after`: the same, whatever its queue holds; the wait doubles with the run's age.
+    Of the broker only queue depths are read (any Celery broker), and the worker's start gate drops the
+    copies of a run already started.
     `include_manual`: also look at runs with no scheduled run (/api/runs/). That query walks every
     queued run (no index on orchestrator_run fits it), so the loop runs it less often than each tick.
     No row lock is held while the broker is written.
     """
     result = SweepResult()
-    params = {"grace": float(grace), "republish_after": float(republish_after), "limit": int(limit)}
+    params = {
+        "grace": float(grace),
+        "republish_after": float(republish_after),
+        "backlog_after": max(float(republish_backlog_after), float(republish_after)),
+        "limit": int(limit),
+    }
+    params["drained_jobs"] = _drained_jobs(params, include_manual=include_manual)
     picked = _sweep_candidates(params, include_manual=include_manual)
     if not picked:
         return result
@@ -352,6 +401,53 @@ def sweep_outbox(
         extra={"published": result.published - result.republished, "republished": result.republished},
     )
     return result
+
+
+def _drained_jobs(params: dict, *, include_manual: bool) -> list[int]:
+    """The jobs with a run old enough for the drained-queue rule whose queue holds no message."""
+    with connection.cursor() as cursor:
+        cursor.execute(SWEEP_JOBS_SQL, params)
+        jobs = set(cursor.fetchall())
+        if include_manual:
+            cursor.execute(SWEEP_MANUAL_JOBS_SQL, params)
+            jobs.update(cursor.fetchall())
+    if not jobs:
+        return []
+    queue_of = {
+        job_id: RunMessage.build(run_id=0, task_id="", job_key=key, job_queue=queue).queue
+        for job_id, key, queue in jobs
+    }
+    drained = drained_queues(set(queue_of.values()))
+    return sorted(job_id for job_id, queue in queue_of.items() if queue in drained)
+
+
+def drained_queues(queues: Iterable[str]) -> set[str]:
+    """The queues among these that hold no message ready for a worker, by the broker's own count (a
+    passive queue declare: public kombu, Redis and RabbitMQ alike). A queue the broker does not know
+    holds nothing (kombu's Redis transport answers an empty list so). A broker that cannot be asked
+    gives none: then only the backstop republishes."""
+    drained: set[str] = set()
+    try:
+        with app.pool.acquire(block=True) as conn:  # the publishers' pool: no new connection per sweep
+            channel = conn.channel()
+            try:
+                for queue in sorted(set(queues)):
+                    try:
+                        count = channel.queue_declare(queue=queue, passive=True).message_count
+                    except conn.channel_errors:
+                        count = 0  # NOT_FOUND; AMQP closes the channel on it, so take a new one
+                        with suppress(Exception):
+                            channel.close()
+                        channel = conn.channel()
+                    if count == 0:
+                        drained.add(queue)
+            finally:
+                with suppress(Exception):
+                    channel.close()
+    except Exception as exc:
+        logger.warning("outbox sweep could not read queue depths", extra={"error": type(exc).__name__})
+        return set()
+    return drained
 
 
 def _sweep_candidates(params: dict, *, include_manual: bool) -> list[_Candidate]:
@@ -387,7 +483,7 @@ def _take(candidates: list[_Candidate], params: dict) -> dict[tuple[bool, int], 
                     "ids": [c.key[1] for c in part],
                     "previous": [c.previous for c in part],
                     "grace": params["grace"],
-                    "republish_after": params["republish_after"],
+                    "backlog_after": params["backlog_after"],
                 },
             )
             for row_id, stamp in cursor.fetchall():

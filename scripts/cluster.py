@@ -599,6 +599,7 @@ class Cluster:
                 f"--misfire-grace={c.misfire_grace:g}",
                 "--publish-grace=2",
                 "--republish-after=10",
+                "--republish-backlog-after=10",
             ],
         )
 

@@ -272,6 +272,7 @@ class System:
                     "--misfire-grace=60",
                     "--publish-grace=2",
                     "--republish-after=10",
+                    "--republish-backlog-after=10",
                 ],
             )
 

@@ -162,7 +162,7 @@ def test_master_killed_during_load__replica_promoted_every_run_ends_once_caps_ho
     web = None
     try:
         # A message the old master had taken but not replicated is published again by the outbox sweep.
-        schedulers.start("--interval", "0.5", "--republish-after", "5")
+        schedulers.start("--interval", "0.5", "--republish-after", "5", "--republish-backlog-after", "5")
         workers = [
             start_run_worker(tmp_path=tmp_path, name=f"sw{i}", concurrency=2, env=env) for i in range(2)
         ]

@@ -38,6 +38,8 @@ FAST = (
     "1",
     "--republish-after",
     str(REPUBLISH_AFTER),
+    "--republish-backlog-after",
+    str(REPUBLISH_AFTER),
 )
 
 

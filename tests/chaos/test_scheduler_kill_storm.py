@@ -62,6 +62,8 @@ def test_kill_storm__every_slot_dispatched_exactly_once(tmp_path, redis_client):
         "2",
         "--republish-after",
         "5",
+        "--republish-backlog-after",
+        "5",
     )
     procs = Processes(process_env(), tmp_path)
     kills = 0

@@ -324,14 +324,15 @@ def test_sweep__a_sweeper_killed_between_its_take_and_the_publish_leaves_the_row
     run = Run.objects.create(job=s.job, trigger="schedule", task_id="t-killed", custom_directive_text="0.1")
     sr = ScheduledRun.objects.create(schedule=s, run=run, scheduled_for=db_now(), task_id="t-killed")
     params = {"grace": 60.0, "republish_after": 300.0, "limit": 1000}
+    internal = {**params, "backlog_after": 300.0, "drained_jobs": []}
     for created in ("2 minutes", "3 hours"):  # both branches of the provisional stamp
         sql(
             "UPDATE schedules_scheduledrun SET created_at = now() - %s::interval, published_at = NULL"
             " WHERE id = %s",
             [created, sr.pk],
         )
-        picked = publishing._sweep_candidates(params, include_manual=False)
-        assert len(publishing._take(picked, params)) == 1  # ... and the sweeper dies here
+        picked = publishing._sweep_candidates(internal, include_manual=False)
+        assert len(publishing._take(picked, internal)) == 1  # ... and the sweeper dies here
         assert publishing.sweep_outbox(**params).published == 0
         # 61 seconds later (both stamps moved back rather than the clock forward):
         sql(

@@ -14,6 +14,7 @@ from schedules.beat import (
     DEFAULT_INTERVAL,
     DEFAULT_PUBLISH_GRACE,
     DEFAULT_REPUBLISH_AFTER,
+    DEFAULT_REPUBLISH_BACKLOG_AFTER,
     DatabaseScheduler,
     default_claimant,
 )
@@ -43,7 +44,15 @@ class Command(BaseCommand):
             "--republish-after",
             type=float,
             default=DEFAULT_REPUBLISH_AFTER,
-            help="outbox: shortest wait (s) before a run published but not started is published again",
+            help="outbox: wait (s) before a run published but not started is published again, when its"
+            " queue holds no message (its message was taken by a worker that vanished)",
+        )
+        parser.add_argument(
+            "--republish-backlog-after",
+            type=float,
+            default=DEFAULT_REPUBLISH_BACKLOG_AFTER,
+            help="outbox: shortest wait (s) before such a run is published again whatever its queue"
+            " holds (doubling with the run's age)",
         )
 
     def handle(self, *args, **options) -> None:
@@ -58,6 +67,7 @@ class Command(BaseCommand):
             misfire_grace=options["misfire_grace"],
             publish_grace=options["publish_grace"],
             republish_after=options["republish_after"],
+            republish_backlog_after=options["republish_backlog_after"],
         )
 
         def _stop(signum, frame) -> None:
