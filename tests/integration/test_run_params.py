@@ -372,3 +372,21 @@ def test_dashboard_run_now__params_override_checked_and_kept_on_the_run(
     plain = staff.post(url)
     assert plain.status_code == 202
     assert Run.objects.get(pk=plain.json()["scheduled_run"]["run_id"]).params["min_severity"] == "medium"
+
+
+def test_plain_run_now_buttons__schedule_params_that_no_longer_fit__refused_nothing_run(staff):
+    """The admin's and the dashboard's plain Run now check the schedule's params as the API's run-now does,
+    rather than queueing a run that would fail at its start."""
+    schedule = services.create_schedule(
+        name="triage", job=Job.objects.get(key="log_triage"), schedule_type="interval", interval_minutes=10,
+        params={"min_severity": "low"},
+    )  # fmt: skip
+    Job.objects.filter(key="log_triage").update(
+        params_schema={"type": "object", "properties": {"min_severity": {"enum": ["high"]}}}
+    )
+    dashboard = staff.post(f"/dashboard/schedules/{schedule.pk}/run-now")
+    assert dashboard.status_code == 400
+    assert dashboard.json() == {"params": ["$.min_severity: 'low' is not one of ['high']"]}
+    admin = staff.post(f"/admin/schedules/schedule/{schedule.pk}/run-now/", follow=True)
+    assert "Nothing was run: params: $.min_severity: &#x27;low&#x27; is not one of" in admin.content.decode()
+    assert not Run.objects.exists()
