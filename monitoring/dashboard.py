@@ -3,7 +3,7 @@
 Server-rendered (Django templates) with a little vanilla JS that polls `state.json` and redraws the
 parts that change (state, run strips, history rows), so a run-now is seen to succeed without a reload.
 Staff log in with the admin's session; users in `viewers` may look but not press. The buttons call
-the same services as the API (schedules.services, schedules.dispatch.run_now).
+the same services as the API (schedules.services: run_now merges and checks a params override).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from django.views.decorators.http import require_GET, require_POST
 
 from monitoring.permissions import is_viewer
 from orchestrator.models import Run
+from orchestrator.params import params_from_json
 from orchestrator.retry_policy import effective_policy
 from project.pagination import EstimatedCountPaginator as Paginator
 from schedules import bulk, cancelling, services, timing
-from schedules.dispatch import run_now as dispatch_run_now
 from schedules.labels import parse_selector
 from schedules.models import (
     Alert,
@@ -281,6 +281,8 @@ def schedule_page(request: HttpRequest, pk: int) -> HttpResponse:
             "strip": _strips([schedule.pk])[schedule.pk],
             "upstreams": schedule.run_after.order_by("name").only("pk", "name"),
             "downstreams": schedule.run_before.order_by("name").only("pk", "name"),
+            # "Run now…" (a params override) where the job declares what its params are.
+            "params_json": json.dumps(schedule.params, sort_keys=True) if schedule.job.params_schema else "",
         },
     )
 
@@ -345,7 +347,17 @@ def _schedule_or_404(pk: int) -> Schedule:
 
 @action_view
 def run_now(request: HttpRequest, pk: int) -> JsonResponse:
-    scheduled = dispatch_run_now(_schedule_or_404(pk))
+    """Run now; an optional `params` (JSON text) overrides keys of the schedule's params, as the API's
+    run-now: a 400 naming the failing path, nothing run."""
+    schedule = _schedule_or_404(pk)
+    try:
+        params = params_from_json(request.POST.get("params", ""))
+    except ValueError as exc:
+        return JsonResponse({"params": [str(exc)]}, status=400)
+    try:
+        scheduled = services.run_now(schedule, params=params)
+    except services.ScheduleInvalid as exc:
+        return JsonResponse(exc.errors, status=400)
     return JsonResponse({"scheduled_run": _run_cell(scheduled)}, status=202)
 
 
@@ -407,6 +419,7 @@ def bulk_action(request: HttpRequest) -> HttpResponse:
     return HttpResponseRedirect(back)
 
 
+@action_view
 def cancel_run(request: HttpRequest, pk: int) -> JsonResponse:
     """The run page's "Cancel" button, as POST /api/runs/{id}/cancel (with the default grace)."""
     try:

@@ -56,6 +56,18 @@ def params_errors(schema: dict[str, Any] | None, params: Any) -> list[str]:
     return [f"{error.json_path}: {error.message}"[:_MAX_MESSAGE] for error in errors[:MAX_ERRORS]]
 
 
+def params_from_json(text: str) -> Any:
+    """Params typed as JSON text (the admin's and the dashboard's "Run now with params"): the parsed value,
+    None for blank (no override). ValueError naming `$` when the text is not JSON; the value itself is
+    checked by `params_errors`, like the API's."""
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"$: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}).") from None
+
+
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"

@@ -137,3 +137,55 @@ def test_bulk_form_disables_the_ticked_schedules_by_label(
     assert set(Schedule.objects.filter(enabled=False).values_list("paused_note", flat=True)) == {
         "payments freeze"
     }
+
+
+def test_run_now_with_params_prompts_for_json_and_shows_a_refusal(
+    live_server, browser_page, django_user_model, tmp_path
+):
+    """Issue 32.6: "Run now…" on a schedule's page asks for the params as JSON (prefilled with the
+    schedule's); a schema violation is shown naming the path and runs nothing; valid params run."""
+    import time
+
+    from orchestrator.models import Run
+
+    django_user_model.objects.create_user("ops", password="pw-ops-12345", is_staff=True)
+    schedule = services.create_schedule(
+        name="triage", job=Job.objects.get(key="log_triage"), schedule_type="interval", interval_minutes=10,
+        params={"min_severity": "medium"},
+    )  # fmt: skip
+    answers = ['{"min_severity": "urgent"}', '{"min_severity": "high"}']
+    seen: list[tuple[str, str, str]] = []
+
+    def on_dialog(dialog):
+        seen.append((dialog.type, dialog.message, dialog.default_value))
+        if dialog.type == "prompt":
+            dialog.accept(answers.pop(0))
+        else:
+            dialog.accept()
+
+    page = browser_page
+    page.on("dialog", on_dialog)
+
+    def until(condition, what: str) -> None:
+        # Polls through Playwright (its events, the dialogs, are handled only inside its calls).
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            page.wait_for_timeout(200)
+
+    page.goto(f"{live_server.url}/dashboard/schedules/{schedule.pk}/")
+    page.fill("input[name=username]", "ops")
+    page.fill("input[name=password]", "pw-ops-12345")
+    page.click("input[type=submit]")
+    page.wait_for_url(f"**/dashboard/schedules/{schedule.pk}/")
+
+    page.click("button[data-kind=run-now-params]")
+    until(lambda: any(kind == "alert" for kind, _, _ in seen), "the refusal shown")
+    assert seen[0][0] == "prompt"
+    assert seen[0][2] == '{"min_severity": "medium"}'
+    assert "$.min_severity: 'urgent' is not one of" in seen[1][1]
+    assert not Run.objects.exists()
+
+    page.click("button[data-kind=run-now-params]")
+    until(Run.objects.exists, "the run launched")
+    assert Run.objects.get().params == {"min_severity": "high"}

@@ -274,3 +274,119 @@ def test_admin__params_checked_against_the_schema_saved_and_shown_on_the_run(sta
     dashboard = staff.get(f"/dashboard/runs/{scheduled.run_id}/").content.decode()
     assert "&quot;min_severity&quot;: &quot;high&quot;" in dashboard
     assert db_now() - scheduled.scheduled_for < timedelta(minutes=1)
+
+
+def _viewer_client(django_user_model):
+    from django.contrib.auth.models import Group
+    from django.test import Client
+
+    from monitoring.permissions import VIEWERS_GROUP
+
+    user = django_user_model.objects.create_user("vera", password="pw-vera-12345", is_staff=True)
+    user.groups.add(Group.objects.get(name=VIEWERS_GROUP))
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_admin_run_now_with_params__prefilled_override_kept_on_the_run_violation_refused(staff, redis_client):
+    schedule = services.create_schedule(
+        name="triage", job=Job.objects.get(key="log_triage"), schedule_type="interval", interval_minutes=10,
+        params={"files": ["auth.log"], "min_severity": "medium"},
+    )  # fmt: skip
+    url = f"/admin/schedules/schedule/{schedule.pk}/run-now-with-params/"
+    assert f'href="{url}"' in staff.get(f"/admin/schedules/schedule/{schedule.pk}/change/").content.decode()
+    page = staff.get(url).content.decode()
+    assert "&quot;min_severity&quot;: &quot;medium&quot;" in page  # the schedule's params, to edit
+    assert "&quot;additionalProperties&quot;: false" in page  # the job's params_schema, for reference
+
+    for text, message in [
+        ('{"min_severity": "urgent"}', "$.min_severity: &#x27;urgent&#x27; is not one of"),
+        ('{"min_severity": ', "$: not valid JSON: Expecting value (line 1, column 18)."),
+        ('["high"]', "$: must be a JSON object, not an array."),
+    ]:
+        refused = staff.post(url, {"params": text})
+        assert refused.status_code == 200
+        assert message in refused.content.decode()
+    assert not Run.objects.exists()
+
+    response = staff.post(url, {"params": '{"min_severity": "high"}'})
+    assert response.status_code == 302
+    assert response["Location"] == f"/admin/schedules/schedule/{schedule.pk}/change/"
+    scheduled = ScheduledRun.objects.select_related("run").get(schedule=schedule)
+    assert scheduled.trigger == "manual"
+    assert scheduled.run.params == {"files": ["auth.log"], "min_severity": "high"}
+    assert staff.post(url, {"params": ""}).status_code == 302  # blank: the schedule's own
+    assert Run.objects.latest("pk").params == {"files": ["auth.log"], "min_severity": "medium"}
+    assert Schedule.objects.get(pk=schedule.pk).params["min_severity"] == "medium"
+
+
+def test_admin_run_now_with_params__needs_change_permission(django_user_model):
+    from django.contrib.auth.models import Permission
+    from django.test import Client
+
+    schedule = services.create_schedule(
+        name="triage", job=Job.objects.get(key="log_triage"), schedule_type="interval", interval_minutes=10
+    )
+    looker = django_user_model.objects.create_user("looker", password="pw-looker-123", is_staff=True)
+    looker.user_permissions.add(Permission.objects.get(codename="view_schedule"))
+    client = Client()
+    client.force_login(looker)
+    url = f"/admin/schedules/schedule/{schedule.pk}/run-now-with-params/"
+    assert (
+        "run-now-with-params"
+        not in client.get(f"/admin/schedules/schedule/{schedule.pk}/change/").content.decode()
+    )
+    assert client.get(url).status_code == 403
+    assert client.post(url, {"params": '{"min_severity": "high"}'}).status_code == 403
+    assert not Run.objects.exists()
+
+
+def test_dashboard_run_now__params_override_checked_and_kept_on_the_run(
+    staff, django_user_model, redis_client
+):
+    schedule = services.create_schedule(
+        name="triage", job=Job.objects.get(key="log_triage"), schedule_type="interval", interval_minutes=10,
+        params={"files": ["auth.log"], "min_severity": "medium"},
+    )  # fmt: skip
+    page = staff.get(f"/dashboard/schedules/{schedule.pk}/").content.decode()
+    assert 'data-kind="run-now-params"' in page
+    assert 'data-params="{&quot;files&quot;: [&quot;auth.log&quot;], &quot;min_severity&quot;: ' in page
+    url = f"/dashboard/schedules/{schedule.pk}/run-now"
+
+    refused = staff.post(url, {"params": '{"min_severity": "urgent"}'})
+    assert refused.status_code == 400
+    assert refused.json() == {"params": [BAD_SEVERITY]}
+    not_json = staff.post(url, {"params": "{min_severity: high}"})
+    assert not_json.status_code == 400
+    assert not_json.json()["params"][0].startswith("$: not valid JSON: ")
+    assert (
+        _viewer_client(django_user_model).post(url, {"params": '{"min_severity": "high"}'}).status_code == 403
+    )
+    assert not Run.objects.exists()
+
+    response = staff.post(url, {"params": '{"min_severity": "high"}'})
+    assert response.status_code == 202, response.content
+    run = Run.objects.get(pk=response.json()["scheduled_run"]["run_id"])
+    assert run.params == {"files": ["auth.log"], "min_severity": "high"}
+    plain = staff.post(url)
+    assert plain.status_code == 202
+    assert Run.objects.get(pk=plain.json()["scheduled_run"]["run_id"]).params["min_severity"] == "medium"
+
+
+def test_plain_run_now_buttons__schedule_params_that_no_longer_fit__refused_nothing_run(staff):
+    """The admin's and the dashboard's plain Run now check the schedule's params as the API's run-now does,
+    rather than queueing a run that would fail at its start."""
+    schedule = services.create_schedule(
+        name="triage", job=Job.objects.get(key="log_triage"), schedule_type="interval", interval_minutes=10,
+        params={"min_severity": "low"},
+    )  # fmt: skip
+    Job.objects.filter(key="log_triage").update(
+        params_schema={"type": "object", "properties": {"min_severity": {"enum": ["high"]}}}
+    )
+    dashboard = staff.post(f"/dashboard/schedules/{schedule.pk}/run-now")
+    assert dashboard.status_code == 400
+    assert dashboard.json() == {"params": ["$.min_severity: 'low' is not one of ['high']"]}
+    admin = staff.post(f"/admin/schedules/schedule/{schedule.pk}/run-now/", follow=True)
+    assert "Nothing was run: params: $.min_severity: &#x27;low&#x27; is not one of" in admin.content.decode()
+    assert not Run.objects.exists()

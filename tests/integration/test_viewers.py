@@ -85,7 +85,8 @@ def dashboard_paths(path_values) -> dict[str, list[str]]:
             reverse("dashboard:run", args=[run]),
         ],
         "buttons": [
-            reverse(f"dashboard:{name}", args=[schedule]) for name in ("run-now", "enable", "disable")
+            *(reverse(f"dashboard:{name}", args=[schedule]) for name in ("run-now", "enable", "disable")),
+            reverse("dashboard:cancel-run", args=[run]),
         ],
     }
 

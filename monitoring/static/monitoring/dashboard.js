@@ -69,6 +69,16 @@
       .then(function () { window.setTimeout(poll, POLL_MS); });
   }
 
+  // A refusal's reasons as the server gives them ({"detail": ...} or {"field": ["message", ...]}).
+  function refused(r) {
+    return r.json().catch(function () { return {}; }).then(function (body) {
+      var reasons = Object.keys(body).map(function (key) {
+        return key === "detail" ? body[key] : key + ": " + [].concat(body[key]).join(" ");
+      });
+      window.alert("Refused (" + r.status + ")" + (reasons.length ? ": " + reasons.join("; ") : ""));
+    });
+  }
+
   function press(button) {
     var body = new URLSearchParams();
     var kind = button.getAttribute("data-kind");
@@ -80,14 +90,21 @@
       if (note === null) { return; }
       body.set("note", note);
     }
+    if (kind === "run-now-params") {
+      // The schedule's params as JSON; the keys sent replace theirs for this run (checked by the server).
+      var params = window.prompt("Params for this run (JSON; keys replace the schedule's)",
+        button.getAttribute("data-params") || "{}");
+      if (params === null) { return; }
+      body.set("params", params);
+    }
     button.disabled = true;
     fetch(button.getAttribute("data-action"), {
       method: "POST", credentials: "same-origin", body: body,
       headers: { "X-CSRFToken": csrf ? csrf.value : "" }
     }).then(function (r) {
       button.disabled = false;
-      if (!r.ok) { window.alert("Refused (" + r.status + ")"); }
-      else if (kind === "cancel") { window.location.reload(); }
+      if (!r.ok) { return refused(r); }
+      if (kind === "cancel") { window.location.reload(); }
     });
   }
 
