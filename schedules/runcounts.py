@@ -25,6 +25,7 @@ import dataclasses
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
@@ -135,7 +136,7 @@ def count_runs(items: Iterable[Item], window: Buckets, *, now: datetime) -> Coun
             _count_interval(item, window, since, allowed, counts)
         else:
             crons.setdefault((spec, item.group), []).append(item)
-    slots_cache: dict[timing.ScheduleSpec, list[int]] = {}
+    slots_cache: dict[timing.ScheduleSpec, tuple] = {}
     for (spec, group), members in crons.items():
         allowed = allowed_cache[(spec.exclude, spec.only, spec.calendar_policy)]
         _count_cron(spec, group, members, window, since, allowed, counts, slots_cache)
@@ -234,34 +235,59 @@ def _count_interval(item: Item, window: Buckets, since: int, allowed, counts: Co
         if a >= b:
             continue
         first, last = window.index(a), window.index(b - 1)
-        for i in range(first, last + 1):
-            x, y = max(a, window.bounds[i]), min(b, window.bounds[i + 1])
-            # Runs t0 + k*step (k >= 0) in [x, y): ceil((y - t0) / step) - ceil((x - t0) / step).
-            row[i] += -((t0 - y) // step) - -((t0 - x) // step)
+        # Runs t0 + k*step (k >= 0) before x: ceil((x - t0) / step), at a, at each bound between, at b.
+        before = [-((t0 - a) // step)]
+        before += [-((t0 - x) // step) for x in window.bounds[first + 1 : last + 1]]
+        before.append(-((t0 - b) // step))
+        for i in range(last - first + 1):
+            row[first + i] += before[i + 1] - before[i]
+
+
+def _cron_key(spec: timing.ScheduleSpec) -> timing.ScheduleSpec:
+    """What a cron's slots depend on: its name only when an `H` field hashes it."""
+    return spec if _hashed(spec.cron_expr) else dataclasses.replace(spec, key="")
 
 
 def _count_cron(spec, group, members: list[Item], window, since, allowed, counts, cache) -> None:
-    if spec not in cache:
+    key = _cron_key(spec)
+    if key not in cache:
         slots, capped = cron_slots(spec, window.start, window.end, CRON_CAP)
         if allowed != [(window.bounds[0], window.bounds[-1])]:
             starts = [a for a, _ in allowed]
             slots = [s for s in slots if (j := bisect.bisect_right(starts, s) - 1) >= 0 and s < allowed[j][1]]
-        cache[spec] = (slots, capped)
-    slots, capped = cache[spec]
+        where = [window.index(s) for s in slots]
+        per_bucket = [0] * len(window.keys)
+        for b in where:
+            per_bucket[b] += 1
+        cache[key] = (slots, capped, where, per_bucket)
+    slots, capped, where, per_bucket = cache[key]
     stop = _end_bound(spec)
     row = counts.row(group)
+    # Each member counts the slots from its own next run on: the rest of the bucket that holds it, and
+    # every later bucket whole (added once for all members below).
+    whole_from = [0] * (len(per_bucket) + 1)
     for item in members:
-        lo = bisect.bisect_left(slots, max(since, _epoch(item.next_run_at)))
-        hi = len(slots) if stop is None else bisect.bisect_left(slots, stop)
-        for s in slots[lo:hi]:
-            row[window.index(s)] += 1
-        # A next_run_at set off the cron's grid (by hand) is itself the next run.
         t0 = _epoch(item.next_run_at)
+        lo = bisect.bisect_left(slots, max(since, t0))
+        if stop is not None:
+            hi = bisect.bisect_left(slots, stop)
+            for b in where[lo:hi]:
+                row[b] += 1
+        elif lo < len(slots):
+            b = where[lo]
+            row[b] += bisect.bisect_right(where, b, lo) - lo
+            whole_from[b + 1] += 1
+        # A next_run_at set off the cron's grid (by hand) is itself the next run.
         if since <= t0 < window.bounds[-1] and (lo == len(slots) or slots[lo] != t0) and _inside(allowed, t0):
             if stop is None or t0 < stop:
                 row[window.index(t0)] += 1
-        if capped and slots:
-            counts.cap(group, window.index(slots[-1]))
+    members_whole = 0
+    for b, n in enumerate(per_bucket):
+        members_whole += whole_from[b]
+        if members_whole and n:
+            row[b] += members_whole * n
+    if capped and slots:
+        counts.cap(group, window.index(slots[-1]))
 
 
 def _inside(allowed: list[tuple[int, int]], epoch: int) -> bool:
@@ -288,8 +314,19 @@ def _special_cron(spec: timing.ScheduleSpec) -> bool:
 
 
 def _fields(spec: timing.ScheduleSpec):
-    expr = timing.expand_cron(spec.cron_expr)
-    return croniter.expand(expr, hash_id=(spec.key.encode() or b"-") if "h" in expr.lower() else None)
+    return _expanded(spec.cron_expr, spec.key if _hashed(spec.cron_expr) else "")
+
+
+@lru_cache(maxsize=4096)
+def _hashed(expr: str) -> bool:
+    return "h" in timing.expand_cron(expr).lower()
+
+
+@lru_cache(maxsize=65536)
+def _expanded(expr: str, key: str):
+    """croniter's parse of the fields (`H` hashed from `key`); read-only by callers."""
+    expr = timing.expand_cron(expr)
+    return croniter.expand(expr, hash_id=(key.encode() or b"-") if _hashed(expr) else None)
 
 
 def cron_slots(spec: timing.ScheduleSpec, start: datetime, end: datetime, cap: int) -> tuple[list[int], bool]:
