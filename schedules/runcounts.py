@@ -13,7 +13,8 @@ It never lists every slot of every schedule; at 10,000 schedules that would be m
   Schedules sharing a timing share the list, each cut at its own next_run_at;
 * **calendars** with `calendar_policy` skip and only day rules (dates, holidays, weekdays, ...) turn into
   the allowed stretches of the window, and a run counts only inside one;
-* everything else (jitter, `max_runs`, `next_allowed`, calendar windows, `L` and `#` crons) asks
+* **jitter** moves each of those slots by its hashed offset, one by one;
+* everything else (`max_runs`, `next_allowed`, calendar windows, `L` and `#` crons) asks
   `timing.run_times` for at most CAP runs of that schedule; a bucket from where the cap cut on is a lower
   bound ("N+").
 """
@@ -127,11 +128,14 @@ def count_runs(items: Iterable[Item], window: Buckets, *, now: datetime) -> Coun
         return counts
     allowed_cache: dict[tuple, list[tuple[int, int]] | None] = {}
     crons: dict[tuple, list[Item]] = {}
+    jittered_cache: dict[tuple, list[int]] = {}
     for item in items:
         spec = item.spec
         allowed = _allowed(spec, window, allowed_cache)
-        if spec.jitter_seconds or item.runs_left is not None or allowed is None or _special_cron(spec):
+        if item.runs_left is not None or allowed is None or _special_cron(spec):
             _count_slowly(item, window, since, counts)
+        elif spec.jitter_seconds:
+            _count_jittered(item, window, since, allowed, counts, jittered_cache)
         elif spec.schedule_type == "interval":
             _count_interval(item, window, since, allowed, counts)
         else:
@@ -291,7 +295,42 @@ def _count_cron(spec, group, members: list[Item], window, since, allowed, counts
 
 
 def _inside(allowed: list[tuple[int, int]], epoch: int) -> bool:
-    return any(a <= epoch < b for a, b in allowed)
+    j = bisect.bisect_right(allowed, (epoch, float("inf"))) - 1
+    return j >= 0 and epoch < allowed[j][1]
+
+
+def _count_jittered(item: Item, window: Buckets, since: int, allowed, counts: Counts, cache: dict) -> None:
+    """Jitter moves each run a hashed offset (under the gap between slots) after its slot: the slots are
+    listed as on the fast paths, from the window's start less the jitter, and each is moved."""
+    spec = item.spec
+    first = timing.slot_of(spec, item.next_run_at)
+    if first is None:
+        return
+    t0, jitter = _epoch(first), spec.jitter_seconds
+    lo = max(t0, since - jitter)
+    stop = _end_bound(spec)
+    hi = window.bounds[-1] if stop is None else min(window.bounds[-1], stop)
+    if spec.schedule_type == "interval":
+        step = spec.interval_minutes * 60
+        begin = t0 + step * max(0, -((t0 - lo) // step))
+        slots = range(begin, hi, step)[:CRON_CAP]
+        capped = len(range(begin, hi, step)) > CRON_CAP
+    else:
+        key = (_cron_key(spec), jitter)
+        if key not in cache:
+            cache[key] = cron_slots(spec, window.start - timedelta(seconds=jitter), window.end, CRON_CAP)
+        listed, capped = cache[key]
+        slots = listed[bisect.bisect_left(listed, lo) : bisect.bisect_left(listed, hi)]
+    row = counts.row(item.group)
+    last = None
+    for slot in slots:
+        if not _inside(allowed, slot):  # a calendar rules out the slot, wherever its run would fall
+            continue
+        last = slot + int(timing.jitter_offset(spec, datetime.fromtimestamp(slot, UTC)).total_seconds())
+        if since <= last < window.bounds[-1]:
+            row[window.index(last)] += 1
+    if capped and last is not None:
+        counts.cap(item.group, window.index(min(max(last, window.bounds[0]), window.bounds[-1] - 1)))
 
 
 def _count_slowly(item: Item, window: Buckets, since: int, counts: Counts) -> None:

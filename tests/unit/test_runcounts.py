@@ -71,6 +71,20 @@ CASES = [
     spec(schedule_type="cron", cron_expr="*/30 * * * *", exclude=(NIGHTS,)),
     spec(schedule_type="cron", cron_expr="0 0 L * *"),
     spec(schedule_type="cron", cron_expr="5 * * * *", jitter_seconds=600),
+    spec(
+        schedule_type="cron",
+        cron_expr="0 9 * * *",
+        timezone="Europe/Berlin",
+        jitter_seconds=3000,
+        exclude=(XMAS,),
+    ),
+    spec(schedule_type="interval", interval_minutes=13, jitter_seconds=700),
+    spec(
+        schedule_type="interval",
+        interval_minutes=60,
+        jitter_seconds=3599,
+        start_at=NOW - timedelta(days=3, seconds=7),
+    ),
 ]
 
 
@@ -95,7 +109,7 @@ def test_count_runs__equals_the_run_times_bucketed(zone, hourly, monkeypatch):
 
 def test_count_runs__caps_the_slow_path_and_says_so():
     every_minute_with_max_runs = runcounts.Item(
-        spec(schedule_type="interval", interval_minutes=1, jitter_seconds=30), NOW, 100_000, "a"
+        spec(schedule_type="interval", interval_minutes=1), NOW, 10**5, "a"
     )
     window = runcounts.buckets("UTC", date(2026, 10, 24), 7, hourly=True)
     counts = runcounts.count_runs([every_minute_with_max_runs], window, now=NOW)
