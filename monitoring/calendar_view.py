@@ -19,7 +19,7 @@ from django.db.models.functions import Trunc
 
 from orchestrator.models import Job
 from schedules import runcounts, timing
-from schedules.labels import parse_selector
+from schedules.labels import key_error, parse_selector
 from schedules.models import Calendar, Schedule, ScheduledRun
 
 VIEWS = ("week", "month")
@@ -43,6 +43,7 @@ class Query:
     zone: str
     labels: tuple[str, ...]
     job: str
+    group_by: str = "job"  # or "label:<key>": the rows of a cell's breakdown
 
     @property
     def hourly(self) -> bool:
@@ -77,10 +78,14 @@ def parse(params, *, today: date | None = None) -> Query:
     job = params.get("job", "").strip()
     if job and not Job.objects.filter(key=job).exists():
         raise BadParameter("job", f"job: no job {job!r}.")
+    group_by = params.get("group_by", "job").strip() or "job"
+    if group_by != "job" and (not group_by.startswith("label:") or key_error(group_by[6:]) is not None):
+        raise BadParameter("group_by", f"group_by must be job or label:<key> (label:team), not {group_by!r}.")
     if view == "week":
-        return Query(view, start - timedelta(days=start.weekday()), 7, zone, labels, job)
+        return Query(view, start - timedelta(days=start.weekday()), 7, zone, labels, job, group_by)
     first = start.replace(day=1)
-    return Query(view, first, stdlib_calendar.monthrange(first.year, first.month)[1], zone, labels, job)
+    days = stdlib_calendar.monthrange(first.year, first.month)[1]
+    return Query(view, first, days, zone, labels, job, group_by)
 
 
 def selected(query: Query) -> QuerySet:
@@ -110,14 +115,16 @@ class _Cal:
 
 
 _FIELDS = (
-    "id", "name", "job__key", "schedule_type", "interval_minutes", "cron_expr", "timezone", "jitter_seconds",
-    "start_at", "end_at", "calendar_policy", "next_run_at", "max_runs", "scheduled_run_count",
+    "id", "name", "job__key", "labels", "schedule_type", "interval_minutes", "cron_expr", "timezone",
+    "jitter_seconds", "start_at", "end_at", "calendar_policy", "next_run_at", "max_runs",
+    "scheduled_run_count",
 )  # fmt: skip
 
 
-def _items(schedules: QuerySet) -> tuple[list[runcounts.Item], list]:
-    """The enabled schedules with a next run, as runcounts items (grouped by job), and the specs of the
-    calendars they exclude. Calendars are read once each, not per schedule."""
+def _items(schedules: QuerySet, group_by: str) -> tuple[list[runcounts.Item], list]:
+    """The enabled schedules with a next run, as runcounts items (grouped by job, or by a label's value),
+    and the specs of the calendars they exclude. Calendars are read once each, not per schedule."""
+    label = group_by[6:] if group_by.startswith("label:") else None
     live = schedules.filter(enabled=True, next_run_at__isnull=False)
     links: dict[str, dict[int, list[int]]] = {"exclude": defaultdict(list), "only": defaultdict(list)}
     used: set[int] = set()
@@ -135,7 +142,8 @@ def _items(schedules: QuerySet) -> tuple[list[runcounts.Item], list]:
             [_Cal(specs[c]) for c in links["only"].get(values["id"], ())],
         )
         runs_left = None if row.max_runs is None else max(0, row.max_runs - (row.scheduled_run_count or 0))
-        items.append(runcounts.Item(timing.spec_of(row), row.next_run_at, runs_left, row.job__key))
+        group = row.job__key if label is None else (row.labels or {}).get(label, f"no {label}")
+        items.append(runcounts.Item(timing.spec_of(row), row.next_run_at, runs_left, group))
     excluded = {c for links_ in links["exclude"].values() for c in links_}
     return items, [specs[c] for c in sorted(excluded, key=lambda c: specs[c].name)]
 
@@ -164,7 +172,7 @@ def build(query: Query, *, now: datetime) -> dict:
     """Everything the template draws."""
     schedules = selected(query)
     window = runcounts.buckets(query.zone, query.first, query.days, hourly=query.hourly)
-    items, exclude_specs = _items(schedules)
+    items, exclude_specs = _items(schedules, query.group_by)
     counts = runcounts.count_runs(items, window, now=now)
     past = past_counts(schedules, query, window, filtered=bool(query.labels or query.job))
     excluded = runcounts.excluded_days(exclude_specs, query.first, query.days)

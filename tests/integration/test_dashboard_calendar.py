@@ -195,3 +195,25 @@ def test_only_staff_and_viewers(client, django_user_model):
     user = django_user_model.objects.create_user("plain", password="pw-plain-123")
     client.force_login(user)
     assert client.get("/dashboard/calendar").status_code == 403
+
+
+def test_group_by__a_cell_breaks_its_count_down_by_job_or_by_a_labels_value(staff, fleet):
+    tuesday = next_monday() + timedelta(days=1)
+    params = {"view": "month", "start": tuesday.isoformat(), "tz": "UTC"}
+    start, end = window(tuesday, 1, "UTC")
+    group = re.compile(r'data-group="([^"]+)" data-n="(\d+)"')
+
+    def breakdown(html: str) -> dict[str, int]:
+        body = re.search(rf'data-cell="{tuesday:%Y-%m-%d}"[^>]*>(.*?)</div>', html, re.S)[1]
+        return {name: int(n) for name, n in group.findall(body)}
+
+    def expected(**filters) -> int:
+        return sum(oracle(Schedule.objects.filter(**filters), start, end, "UTC", hourly=False).values())
+
+    by_job = breakdown(staff.get("/dashboard/calendar", params).content.decode())
+    assert by_job == {"log_triage": expected(job__key="log_triage"), "sleep": expected(job__key="sleep")}
+    by_team = breakdown(
+        staff.get("/dashboard/calendar", {**params, "group_by": "label:team"}).content.decode()
+    )
+    assert by_team == {"payments": expected(labels__team="payments"), "risk": expected(labels__team="risk")}
+    assert staff.get("/dashboard/calendar", {**params, "group_by": "team"}).status_code == 400
