@@ -126,12 +126,28 @@ EXTRA_SQL = [
        SELECT g, 'missed', now() - interval '3 days', now() - interval '2 days', '{}',
               now() - interval '3 days', now() - interval '2 days'
          FROM generate_series(20, %(schedules)s, 20) g""",
+    # Calendars (issue 33): one in twenty schedules excludes weekends, one in twenty a list of holidays, one
+    # in fifty runs only on business days; and a team label on each, four teams (the calendar view's filter).
+    """INSERT INTO schedules_calendar (id, name, timezone, rules, holidays, created_at, updated_at) VALUES
+       (1, 'bench-weekend', 'Europe/Paris', '[{"weekdays": ["sat", "sun"]}]', NULL, now(), now()),
+       (2, 'bench-holidays', 'America/New_York',
+        '[{"yearly": "12-25"}, {"yearly": "01-01"}, {"yearly": "07-04"},
+          {"nth_weekday": {"month": 11, "weekday": "thu", "n": 4}}]',
+        '{"country": "US", "years": [2026, 2027]}', now(), now()),
+       (3, 'bench-business', 'UTC', '[{"weekdays": ["mon", "tue", "wed", "thu", "fri"]}]', NULL,
+        now(), now())""",
+    """INSERT INTO schedules_schedule_exclude_calendars (schedule_id, calendar_id)
+       SELECT g, 1 + g %% 20 FROM generate_series(1, %(schedules)s) g WHERE g %% 20 IN (0, 1)""",
+    """INSERT INTO schedules_schedule_only_calendars (schedule_id, calendar_id)
+       SELECT g, 3 FROM generate_series(7, %(schedules)s, 50) g""",
+    """UPDATE schedules_schedule SET labels = jsonb_build_object('team', 't' || id %% 4)""",
     """INSERT INTO orchestrator_directive (key, name, text, job_id)
        SELECT 'bench-' || g, 'Bench directive ' || g, 'Look for anything unusual.', NULL
          FROM generate_series(1, 20) g""",
 ]
 
 TABLES = [
+    "schedules_calendar",
     "schedules_schedule",
     "orchestrator_run",
     "schedules_scheduledrun",
@@ -258,6 +274,11 @@ def pages(schedules: int, runs: int) -> list[tuple[str, str, str]]:
         ("dashboard", "state.json (50 schedules)", f"/dashboard/state.json?ids={ids}"),
         ("dashboard", "schedule", f"/dashboard/schedules/{sid}/"),
         ("dashboard", "run", f"/dashboard/runs/{run_id}/"),
+        ("dashboard", "calendar, week", "/dashboard/calendar?view=week"),
+        ("dashboard", "calendar, month", "/dashboard/calendar?view=month"),
+        ("dashboard", "calendar, week, Europe/Paris", "/dashboard/calendar?view=week&tz=Europe/Paris"),
+        ("dashboard", "calendar, month, label team=t1", "/dashboard/calendar?view=month&label=team%3Dt1"),
+        ("dashboard", "calendar, week, job sleep", "/dashboard/calendar?view=week&job=sleep"),
     ]  # fmt: skip
     return out
 

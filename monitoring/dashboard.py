@@ -24,6 +24,7 @@ from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
+from monitoring import calendar_view
 from monitoring.permissions import is_viewer
 from orchestrator.models import Run
 from orchestrator.params import params_from_json
@@ -285,6 +286,20 @@ def schedule_page(request: HttpRequest, pk: int) -> HttpResponse:
             "params_json": json.dumps(schedule.params, sort_keys=True) if schedule.job.params_schema else "",
         },
     )
+
+
+@require_GET
+@dashboard_view
+def calendar_page(request: HttpRequest) -> HttpResponse:
+    """A week (per hour) or a month (per day) of runs: `?view=week|month&start=YYYY-MM-DD&tz=ZONE&label=
+    team=payments&job=log_triage`. A bad parameter is a 400 page naming it."""
+    base = {"may_press": _may_press(request.user), "flower_url": settings.FLOWER_URL, "params": request.GET}
+    try:
+        query = calendar_view.parse(request.GET)
+    except calendar_view.BadParameter as exc:
+        return render(request, "monitoring/calendar.html", {**base, "error": str(exc)}, status=400)
+    context = calendar_view.build(query, now=timezone.now())
+    return render(request, "monitoring/calendar.html", {**base, **context})
 
 
 def _task_order(job_key: str) -> list[str]:

@@ -8,6 +8,7 @@ app_name = "dashboard"
 
 urlpatterns = [
     path("", dashboard.index, name="index"),
+    path("calendar", dashboard.calendar_page, name="calendar"),
     path("state.json", dashboard.state, name="state"),
     path("schedules/bulk", dashboard.bulk_action, name="bulk"),
     path("schedules/<int:pk>/", dashboard.schedule_page, name="schedule"),

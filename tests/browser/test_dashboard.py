@@ -189,3 +189,78 @@ def test_run_now_with_params_prompts_for_json_and_shows_a_refusal(
     page.click("button[data-kind=run-now-params]")
     until(Run.objects.exists, "the run launched")
     assert Run.objects.get().params == {"min_severity": "high"}
+
+
+def test_calendar_view_at_10000_schedules(live_server, browser_page, django_user_model, tmp_path):
+    """Issue 33.5: the calendar view over 10,000 schedules (intervals and crons in three zones, one in twenty
+    excluding weekends) renders its week grid in Chromium; the server's time is printed, not asserted. A known
+    schedule, filtered by its label, shows its counts in the right cells, and the weekend is named."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from schedules import calendar_service, timing
+
+    django_user_model.objects.create_user("ops", password="pw-ops-12345", is_staff=True)
+    job = Job.objects.get(key="sleep")
+    weekend = calendar_service.create_calendar(name="weekend", rules=[{"weekdays": ["sat", "sun"]}])
+    now = timezone.now()
+    rows = []
+    for g in range(1, 10_001):
+        cron = g % 3 == 0
+        fields = {
+            "name": f"cal-{g}",
+            "job": job,
+            "custom_directive_text": "0.1",
+            "schedule_type": "cron" if cron else "interval",
+            "interval_minutes": None if cron else 10 + g % 50,
+            "cron_expr": f"{g % 60} * * * *" if cron else "",
+            "timezone": ("UTC", "Europe/Paris", "America/New_York")[g % 3],
+            "labels": {"team": f"t{g % 4}"},
+        }
+        schedule = Schedule(**fields)
+        schedule.next_run_at = timing.first_slot(timing.spec_of(schedule), now=now)
+        rows.append(schedule)
+    Schedule.objects.bulk_create(rows, batch_size=2000)
+    services.create_schedule(
+        name="known-3-hourly", job=job, custom_directive_text="0.1", schedule_type="cron",
+        cron_expr="30 */3 * * *", labels={"known": "yes"}, exclude_calendars=[weekend],
+    )  # fmt: skip
+    Schedule.exclude_calendars.through.objects.bulk_create(
+        [
+            Schedule.exclude_calendars.through(schedule_id=pk, calendar_id=weekend.pk)
+            for pk in Schedule.objects.filter(name__regex=r"^cal-\d*[02468]0$").values_list("pk", flat=True)
+        ]
+    )
+    assert Schedule.objects.count() == 10_001
+    monday = (now + timedelta(days=7 - now.weekday())).date()
+
+    page = browser_page
+    page.goto(f"{live_server.url}/dashboard/")
+    page.fill("input[name=username]", "ops")
+    page.fill("input[name=password]", "pw-ops-12345")
+    page.click("input[type=submit]")
+    page.wait_for_url(f"{live_server.url}/dashboard/")
+    for view in ("week", "month"):
+        response = page.goto(f"{live_server.url}/dashboard/calendar?view={view}&start={monday}")
+        took = response.request.timing
+        server_ms = took["responseStart"] - took["requestStart"]
+        print(f"calendar {view} at 10,000 schedules: server {server_ms:.0f} ms")
+        assert response.status == 200
+        days = page.locator("td .daynum").count()
+        assert page.locator("[data-cell]").count() == (168 if view == "week" else days)
+        totals = page.locator("[data-cell]").evaluate_all("cells => cells.map(c => Number(c.dataset.total))")
+        assert max(totals) > 1000
+        if view == "week":
+            shot(page, "calendar-week", tmp_path)
+
+    page.goto(f"{live_server.url}/dashboard/calendar?view=week&start={monday}&label=known%3Dyes")
+    assert "1 schedule with upcoming runs" in page.inner_text("h1")
+    for day in range(7):
+        date_ = monday + timedelta(days=day)
+        for hour in range(24):
+            cell = page.locator(f"[data-cell='{date_}T{hour:02d}']")
+            expected = 1 if day < 5 and hour % 3 == 0 else 0  # 00:30, 03:30 ... UTC; weekend excluded
+            assert int(cell.get_attribute("data-total")) == expected, (date_, hour)
+    saturday = page.locator(f"th[data-day='{monday + timedelta(days=5)}'] [data-excluded]")
+    assert saturday.inner_text() == "excluded: weekend"

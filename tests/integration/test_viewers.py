@@ -83,6 +83,7 @@ def dashboard_paths(path_values) -> dict[str, list[str]]:
             reverse("dashboard:state") + f"?ids={schedule}",
             reverse("dashboard:schedule", args=[schedule]),
             reverse("dashboard:run", args=[run]),
+            reverse("dashboard:calendar") + "?view=month",
         ],
         "buttons": [
             *(reverse(f"dashboard:{name}", args=[schedule]) for name in ("run-now", "enable", "disable")),

@@ -126,5 +126,12 @@
       }
     });
   }
+  // The calendar's "my zone" button: the browser's IANA zone into the tz field.
+  var myZone = document.querySelector("[data-my-zone]");
+  if (myZone) {
+    myZone.addEventListener("click", function () {
+      document.querySelector("[data-zone]").value = Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
+    });
+  }
   window.setTimeout(poll, POLL_MS);
 })();
