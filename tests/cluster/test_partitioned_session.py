@@ -12,9 +12,11 @@ Here a real scheduler on host n3 is made to wait inside its dispatch transaction
 schedule's row, before inserting the run: a test session holds a SHARE lock on orchestrator_run), and
 the web (gunicorn) on n1 inside a run-now (holding its schedule's key); both hosts are cut from
 PostgreSQL by iptables inside their namespaces and the lock is let go, so the server's replies are what
-goes unacknowledged. A scheduler on n2 must dispatch both schedules' slots within 75 s: every process's
-sessions carry TCP keepalive and a TCP user timeout (project/settings.py) that let the server drop a
-silent peer's session, and its locks, in about 30 s.
+goes unacknowledged. A scheduler on n2 must dispatch both schedules' slots: every process's sessions
+carry TCP keepalive and a TCP user timeout (project/settings.py) that let the server drop a silent
+peer's session, and its locks, in about 30 s; and a scheduler's sessions end when idle in a transaction
+for SCHEDULER_IDLE_IN_TRANSACTION_TIMEOUT_MS (5 s here, below the 6 s claim TTL), so its slot is
+dispatched within about that plus one pass of the peer (measured: 6.1 s; 30.9 s with the timeout off).
 """
 
 from __future__ import annotations
@@ -149,25 +151,38 @@ def test_scheduler_and_web_cut_off_inside_their_transactions__another_scheduler_
     _wait(lambda: cluster.api("GET", "/api/health/")[0] == 200, 120, "the web to answer")
     with run_inserts_blocked(cluster) as blocker:
         cluster.env["SCHEDULER_LOCK_TIMEOUT_MS"] = "120000"
+        # Below the cluster's claim TTL (6 s): the cut-off scheduler's session, idle in its transaction
+        # once the lock goes, is ended by the server after 5 s (docs/OPERATIONS.md, "A frozen scheduler").
+        cluster.env["SCHEDULER_IDLE_IN_TRANSACTION_TIMEOUT_MS"] = "5000"
         cluster.start_scheduler("n3")
         cluster.env.pop("SCHEDULER_LOCK_TIMEOUT_MS")
+        cluster.env.pop("SCHEDULER_IDLE_IN_TRANSACTION_TIMEOUT_MS")
         waiting_inside(cluster, "n3")
         request = threading.Thread(
             target=cluster.api, args=("POST", f"/api/schedules/{by_web}/run-now"), daemon=True
         )
         request.start()
         waiting_inside(cluster, "n1")
+        # The peer is up before the cut (its start-up is not what is measured); it skips the locked rows.
+        cluster.start_scheduler("n2")
         for host in ("n1", "n3"):
             cluster.net.partition(host, "cut_db")
         blocker.commit()
-    for host in ("n1", "n3"):
-        _wait(
-            lambda h=host: session_of(cluster, h, "state LIKE 'idle in transaction%%'"),
-            30,
-            f"{host}'s session to sit in its open transaction",
-        )
+        cut_at = time.monotonic()
+    _wait(
+        lambda: session_of(cluster, "n1", "state LIKE 'idle in transaction%%'"),
+        30,
+        "n1's session to sit in its open transaction",
+    )
     cluster.sql("UPDATE schedules_schedule SET next_run_at = now() WHERE id = %s", [by_web])
-    cluster.start_scheduler("n2")
+
+    # The scheduler's slot: its row is free once the server ends the idle session (5 s), and the peer's
+    # next pass (--interval=5) dispatches it. Without the timeout the row stays locked until TCP gives the
+    # session up (about 30 s here, project/settings.py's keepalive and user timeout).
+    _wait(lambda: dispatched(cluster, by_scheduler), 75, "the cut-off scheduler's slot to be dispatched")
+    took = time.monotonic() - cut_at
+    print(f"cut-off scheduler's slot dispatched by the peer {took:.1f} s after the cut")
+    assert took < 20, f"{took:.1f} s: the cut-off scheduler's session held its rows past its idle timeout"
 
     deadline = time.monotonic() + 75
     while time.monotonic() < deadline and not (
