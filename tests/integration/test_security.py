@@ -298,8 +298,9 @@ def procfile_flower_command() -> str:
 
 
 def run_clean(argv: list[str], cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
-    """`argv` with nothing in its environment but PATH and `env`."""
-    clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
+    """`argv` with nothing in its environment but PATH and `env`, and no local env file: a `make run`
+    before the tests writes .run/local.env (project/env.py), which would give it a SECRET_KEY."""
+    clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CB_LOCAL_ENV_FILE": "", **env}
     return subprocess.run(argv, cwd=cwd, env=clean, capture_output=True, text=True, timeout=60, check=False)
 
 
