@@ -162,7 +162,7 @@ def bulk_apply(
     note = note or ""
     result = BulkResult(action=action, dry_run=dry_run)
     with transaction.atomic():
-        now = services._now(None)
+        now = services.database_now(None)
         rows = _lock(ids=ids, selector=selector, limit=limit_for(action))
         if ids is not None:
             found = {row.pk for row in rows}
@@ -254,13 +254,13 @@ def _plan_toggle(
             setattr(row, f, v)
         if enabling:
             # The single enable's next run: the first slot from now (slots missed while disabled are not run).
-            row.next_run_at = services._first_slot(row, now)
+            row.next_run_at = services.first_dispatch_at(row, now)
         plans.append(plan)
         result.changed.append(_entry(row))
     return plans
 
 
-# Enable, set-based: each row's next run (computed by services._first_slot, as the single enable) in one
+# Enable, set-based: each row's next run (computed by services.first_dispatch_at, as the single enable) in one
 # statement. pause_after_failures counts afresh from the database's clock for the rows being enabled,
 # as the single enable does; a row enabled already only loses its stale pause record.
 ENABLE_SQL = """

@@ -459,7 +459,7 @@ def _save(schedule: Schedule, **kwargs: Any) -> None:
         raise ScheduleInvalid({field: [message]}) from exc
 
 
-def _first_slot(schedule: Schedule, now: datetime, calendars: tuple | None = None) -> datetime | None:
+def first_dispatch_at(schedule: Schedule, now: datetime, calendars: tuple | None = None) -> datetime | None:
     """`next_run_at` of a schedule created, re-timed or enabled at `now`: the dispatch time (jitter
     applied) of its first slot, or None when no slot is left before end_at."""
     # last_run_at is a high-water mark: the new first slot must lie after it even if a clock is behind.
@@ -488,7 +488,7 @@ def _managed_errors(current: Schedule, changed: set[str], source: str) -> dict[s
     }
 
 
-def _now(now: datetime | None) -> datetime:
+def database_now(now: datetime | None) -> datetime:
     """`now`, or the database's clock: the scheduler decides what is due by PostgreSQL's now(), so a
     web host whose clock is off must not anchor a new or re-enabled schedule early or late (one query;
     callers read it once per operation and pass it on)."""
@@ -515,7 +515,7 @@ def create_schedule(
     unknown = set(fields) - set(SCHEDULE_FIELDS) - set(CALENDAR_FIELDS) - set(RELATION_FIELDS)
     if unknown:
         raise TypeError(f"unknown schedule fields: {sorted(unknown)}")
-    now = _now(now)
+    now = database_now(now)
     exclude = _calendar_list(fields.pop("exclude_calendars", None))
     only = _calendar_list(fields.pop("only_calendars", None))
     upstreams = list(fields.pop("run_after", None) or [])
@@ -535,7 +535,7 @@ def create_schedule(
         raise ScheduleInvalid(errors)
     for field, value in values.items():
         setattr(schedule, field, value)
-    schedule.next_run_at = _first_slot(schedule, now, _specs(exclude, only))
+    schedule.next_run_at = first_dispatch_at(schedule, now, _specs(exclude, only))
     _save(schedule)
     schedule.exclude_calendars.set(exclude)
     schedule.only_calendars.set(only)
@@ -574,7 +574,7 @@ def update_schedule(
     unknown = set(changes) - set(SCHEDULE_FIELDS) - set(CALENDAR_FIELDS) - set(RELATION_FIELDS)
     if unknown:
         raise TypeError(f"unknown schedule fields: {sorted(unknown)}")
-    now = _now(now)
+    now = database_now(now)
     pk = schedule.pk if isinstance(schedule, Schedule) else schedule
     # Lock and re-read: the caller's copy may be stale, and the scheduler writes next_run_at/last_run_at.
     current = Schedule.objects.select_for_update().select_related("job").get(pk=pk)
@@ -649,7 +649,7 @@ def update_schedule(
     update_fields = (set(changed) - set(CALENDAR_SETS)) | set(extra)
     enabling = current.enabled and not was_enabled
     if _timing_changed(current, changed) or enabling or calendars_changed:
-        current.next_run_at = _first_slot(current, now)
+        current.next_run_at = first_dispatch_at(current, now)
         update_fields.add("next_run_at")
     if enabling:
         # pause_after_failures counts afresh: only slots created from here on (the database's clock,
@@ -706,7 +706,7 @@ def disable_schedule(
         source=source,
         actor=actor,
         action="disable",
-        extra={"paused_note": note, "paused_at": _now(None), "paused_by": actor},
+        extra={"paused_note": note, "paused_at": database_now(None), "paused_by": actor},
     )
 
 
@@ -873,7 +873,7 @@ def preview_schedule(
     if errors:
         raise ScheduleInvalid(errors)
     spec = timing.spec_of(_Values(values))
-    saved_at = after.replace(microsecond=0) if after is not None else _now(now)
+    saved_at = after.replace(microsecond=0) if after is not None else database_now(now)
     slot = timing.first_run(spec, now=saved_at)
     # The schedule as saving it would make it, shown by the function every other screen uses.
     saved = _Values(
@@ -940,7 +940,7 @@ def backfill_schedule(
     """
     from schedules import dispatch, slots
 
-    now = _now(now)
+    now = database_now(now)
     if errors := _backfill_errors(start, end, overlap_policy, now):
         raise ScheduleInvalid(errors)
     pk = schedule.pk if isinstance(schedule, Schedule) else schedule

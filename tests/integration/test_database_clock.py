@@ -34,4 +34,4 @@ def test_created_at__is_the_database_clock_and_comes_back_from_the_insert(redis_
 def test_now__without_an_argument_is_one_select_now(django_assert_num_queries):
     expected = db_now().replace(microsecond=0)
     with django_assert_num_queries(1):
-        assert services._now(None) == expected
+        assert services.database_now(None) == expected
