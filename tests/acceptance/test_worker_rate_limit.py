@@ -38,23 +38,29 @@ def _crowded_windows(starts: list[float]) -> list[tuple[float, float]]:
     ]
 
 
-def test_rate_limit__100_runs_across_two_workers_never_start_more_than_5_in_any_second(
-    redis_client, tmp_path
-):
+def _stamped_schedule(name: str, stamps, *, cap: int | None) -> Schedule:
+    """A schedule of the start_stamp job under `LIMIT/s` (and a per-job cap), launched with run-now only;
+    its task processes append their start times to `stamps`."""
     job, _ = Job.objects.get_or_create(
         key="start_stamp", defaults={"name": "Start stamp", "queue": "jobs.start_stamp"}
     )
-    Job.objects.filter(pk=job.pk).update(rate_limit=f"{LIMIT}/s", max_concurrency=None)
-    stamps = tmp_path / "starts.jsonl"
-    schedule = Schedule.objects.create(
-        name="rate-limited",
+    Job.objects.filter(pk=job.pk).update(rate_limit=f"{LIMIT}/s", max_concurrency=cap)
+    return Schedule.objects.create(
+        name=name,
         job=job,
-        enabled=False,  # launched with run-now only
+        enabled=False,
         schedule_type="interval",
         interval_minutes=60,
         custom_directive_text=str(stamps),
         overlap_policy="allow",
     )
+
+
+def test_rate_limit__100_runs_across_two_workers_never_start_more_than_5_in_any_second(
+    redis_client, tmp_path
+):
+    stamps = tmp_path / "starts.jsonl"
+    schedule = _stamped_schedule("rate-limited", stamps, cap=None)
     tag = uuid.uuid4().hex
     common = {"tmp_path": tmp_path, "concurrency": 2, "include": "tests.worker_jobs", "env": {TAG_ENV: tag}}
     workers = [start_worker(["jobs.start_stamp"], name=name, **common) for name in ("r1", "r2")]
@@ -98,20 +104,8 @@ def test_rate_limit_and_cap_together__both_hold_and_runs_move_between_their_line
     """A job under `5/s` and a per-job cap of one: a run the window admits may find the cap full and wait
     for it, and the other way round; every run still ends once, and neither limit is exceeded."""
     runs = 30
-    job, _ = Job.objects.get_or_create(
-        key="start_stamp", defaults={"name": "Start stamp", "queue": "jobs.start_stamp"}
-    )
-    Job.objects.filter(pk=job.pk).update(rate_limit=f"{LIMIT}/s", max_concurrency=1)
     stamps = tmp_path / "starts.jsonl"
-    schedule = Schedule.objects.create(
-        name="rate-and-cap",
-        job=job,
-        enabled=False,
-        schedule_type="interval",
-        interval_minutes=60,
-        custom_directive_text=str(stamps),
-        overlap_policy="allow",
-    )
+    schedule = _stamped_schedule("rate-and-cap", stamps, cap=1)
     tag = uuid.uuid4().hex
     common = {"tmp_path": tmp_path, "concurrency": 2, "include": "tests.worker_jobs", "env": {TAG_ENV: tag}}
     workers = [start_worker(["jobs.start_stamp"], name=name, **common) for name in ("c1", "c2")]

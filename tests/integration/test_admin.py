@@ -197,18 +197,23 @@ def test_action_run_now__queues_a_manual_run(staff, redis_client):
 # --- Jobs and runs ------------------------------------------------------------------------------------
 
 
-def test_job_admin__refuses_a_zero_cap_and_cannot_add(staff):
-    job = Job.objects.get(key="sleep")
-    url = f"/admin/orchestrator/job/{job.pk}/change/"
-    data = {
+def _job_form(job: Job, **fields: str) -> dict[str, str]:
+    """The job change form as the admin posts it, with `fields` set."""
+    return {
         "name": job.name,
         "description": job.description,
         "enabled": "on",
-        "max_concurrency": "0",
         "timeout_seconds": "60",
         "task3_allowlist": "[]",
         "_save": "Save",
+        **fields,
     }
+
+
+def test_job_admin__refuses_a_zero_cap_and_cannot_add(staff):
+    job = Job.objects.get(key="sleep")
+    url = f"/admin/orchestrator/job/{job.pk}/change/"
+    data = _job_form(job, max_concurrency="0")
     response = staff.post(url, data)
     assert response.status_code == 200
     assert Job.objects.get(pk=job.pk).max_concurrency is None
@@ -221,15 +226,7 @@ def test_job_admin__refuses_a_zero_cap_and_cannot_add(staff):
 def test_job_admin__rate_limit_is_validated_and_stored_canonical(staff):
     job = Job.objects.get(key="sleep")
     url = f"/admin/orchestrator/job/{job.pk}/change/"
-    data = {
-        "name": job.name,
-        "description": job.description,
-        "enabled": "on",
-        "timeout_seconds": "60",
-        "task3_allowlist": "[]",
-        "rate_limit": "5 a second",
-        "_save": "Save",
-    }
+    data = _job_form(job, rate_limit="5 a second")
     response = staff.post(url, data)
     assert response.status_code == 200
     assert "N/s, N/m or N/h" in response.content.decode()
