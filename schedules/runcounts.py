@@ -17,13 +17,20 @@ It never lists every slot of every schedule; at 10,000 schedules that would be m
 * everything else (`max_runs`, `next_allowed`, calendar windows, `L` and `#` crons) asks
   `timing.run_times` for at most CAP runs of that schedule; a bucket from where the cap cut on is a lower
   bound ("N+").
+
+At 100,000 schedules even a few operations per schedule and bucket are too many, so schedules that run
+alike come as one `Shared` group (monitoring/calendar_view.py builds them with one GROUP BY): a cron
+timing with its members' next runs, or an interval length with its members' phases. The runs all members of
+an interval group have before any instant are then a sum over the group, found with one bisection of the
+phases (see `_count_phases`): the cost of a bucket no longer grows with the schedules in it.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Hashable, Iterable
+import itertools
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
@@ -120,30 +127,66 @@ class Item:
     group: Hashable
 
 
-def count_runs(items: Iterable[Item], window: Buckets, *, now: datetime) -> Counts:
-    """The run times of `items` in the window from `now` on, per group and bucket."""
+@dataclass(frozen=True)
+class Shared:
+    """Schedules that run alike, in one group: the same timing `spec` (no jitter, no max_runs, no end_at
+    inside the window, calendars that rule out whole days and skip) and the same `group`.
+
+    - A cron's `values` are its members' next runs (epoch seconds).
+    - An interval's `values` are its members' phases, ascending: each next run's epoch second modulo the
+      interval. Every member's next run must lie before `since(window, now)` plus one interval (a
+      schedule whose next run is further off is an `Item`).
+    """
+
+    spec: timing.ScheduleSpec
+    group: Hashable
+    values: Sequence[int]
+
+
+def since(window: Buckets, now: datetime) -> int:
+    """The first epoch second counted: the window's start, or the next whole second from `now`."""
+    return max(window.bounds[0], _epoch(now) + (1 if now.microsecond else 0))
+
+
+def count_runs(
+    items: Iterable[Item], window: Buckets, *, now: datetime, shared: Iterable[Shared] = ()
+) -> Counts:
+    """The run times of `items` and of the `shared` groups in the window from `now` on, per group and
+    bucket."""
     counts = Counts(size=len(window.keys))
-    since = max(window.bounds[0], _epoch(now) + (1 if now.microsecond else 0))
-    if since >= window.bounds[-1]:
+    start = since(window, now)
+    if start >= window.bounds[-1]:
         return counts
     allowed_cache: dict[tuple, list[tuple[int, int]] | None] = {}
-    crons: dict[tuple, list[Item]] = {}
+    crons: dict[tuple, list[int]] = {}  # (timing, group) -> its members' next runs
     jittered_cache: dict[tuple, list[int]] = {}
     for item in items:
         spec = item.spec
         allowed = _allowed(spec, window, allowed_cache)
         if item.runs_left is not None or allowed is None or _special_cron(spec):
-            _count_slowly(item, window, since, counts)
+            _count_slowly(item, window, start, counts)
         elif spec.jitter_seconds:
-            _count_jittered(item, window, since, allowed, counts, jittered_cache)
+            _count_jittered(item, window, start, allowed, counts, jittered_cache)
         elif spec.schedule_type == "interval":
-            _count_interval(item, window, since, allowed, counts)
+            _count_interval(item, window, start, allowed, counts)
         else:
-            crons.setdefault((spec, item.group), []).append(item)
+            crons.setdefault((spec, item.group), []).append(_epoch(item.next_run_at))
+    for group in shared:
+        allowed = _allowed(group.spec, window, allowed_cache)
+        if allowed is None:
+            raise ValueError(f"{group.spec}: calendars with windows or next_allowed are counted one by one")
+        if group.spec.schedule_type == "interval":
+            _count_phases(group, window, start, allowed, counts)
+        elif _special_cron(group.spec):
+            for first in group.values:
+                member = Item(group.spec, datetime.fromtimestamp(first, UTC), None, group.group)
+                _count_slowly(member, window, start, counts)
+        else:
+            crons.setdefault((group.spec, group.group), []).extend(group.values)
     slots_cache: dict[timing.ScheduleSpec, tuple] = {}
-    for (spec, group), members in crons.items():
+    for (spec, group), firsts in crons.items():
         allowed = allowed_cache[(spec.exclude, spec.only, spec.calendar_policy)]
-        _count_cron(spec, group, members, window, since, allowed, counts, slots_cache)
+        _count_cron(spec, group, firsts, window, start, allowed, counts, slots_cache)
     return counts
 
 
@@ -228,23 +271,45 @@ def _end_bound(spec: timing.ScheduleSpec) -> int | None:
     return None if spec.end_at is None else _epoch(spec.end_at) + 1
 
 
-def _count_interval(item: Item, window: Buckets, since: int, allowed, counts: Counts) -> None:
-    t0 = _epoch(item.next_run_at)
-    step = item.spec.interval_minutes * 60
-    stop = _end_bound(item.spec)
-    row = counts.row(item.group)
-    lo = max(since, t0)
+def _add_between(row: list[int], window: Buckets, allowed, lo: int, hi: int | None, before: Callable) -> None:
+    """Add to each bucket the runs inside the allowed stretches and [lo, hi), where `before(x)` is how many
+    runs lie before instant x: its difference at the two ends of each piece."""
     for a, b in allowed:
-        a, b = max(a, lo), b if stop is None else min(b, stop)
+        a, b = max(a, lo), b if hi is None else min(b, hi)
         if a >= b:
             continue
         first, last = window.index(a), window.index(b - 1)
-        # Runs t0 + k*step (k >= 0) before x: ceil((x - t0) / step), at a, at each bound between, at b.
-        before = [-((t0 - a) // step)]
-        before += [-((t0 - x) // step) for x in window.bounds[first + 1 : last + 1]]
-        before.append(-((t0 - b) // step))
+        counted = [before(x) for x in (a, *window.bounds[first + 1 : last + 1], b)]
         for i in range(last - first + 1):
-            row[first + i] += before[i + 1] - before[i]
+            row[first + i] += counted[i + 1] - counted[i]
+
+
+def _count_interval(item: Item, window: Buckets, since: int, allowed, counts: Counts) -> None:
+    t0 = _epoch(item.next_run_at)
+    step = item.spec.interval_minutes * 60
+
+    def before(x: int) -> int:  # runs t0 + k*step (k >= 0) before x >= t0: ceil((x - t0) / step)
+        return -((t0 - x) // step)
+
+    _add_between(counts.row(item.group), window, allowed, max(since, t0), _end_bound(item.spec), before)
+
+
+def _count_phases(group: Shared, window: Buckets, since: int, allowed, counts: Counts) -> None:
+    """An interval group's runs, summed over its members without visiting them.
+
+    A member with phase r (its runs are r modulo the interval `step`) runs first at t, the first such
+    instant at or after `since` (t < since + step). Before an instant x >= since it has ceil((x - t) / step)
+    runs. Writing x = Q*step + R, that is Q + [r < R] less a number that does not depend on x. Summed over
+    the n members, and with what does not depend on x dropped (a bucket's count is a difference):
+    n*Q + #(phases < R), one bisection of the sorted phases."""
+    step = group.spec.interval_minutes * 60
+    phases, n = group.values, len(group.values)
+
+    def before(x: int) -> int:
+        q, r = divmod(x, step)
+        return n * q + bisect.bisect_left(phases, r)
+
+    _add_between(counts.row(group.group), window, allowed, since, None, before)
 
 
 def _cron_key(spec: timing.ScheduleSpec) -> timing.ScheduleSpec:
@@ -252,7 +317,7 @@ def _cron_key(spec: timing.ScheduleSpec) -> timing.ScheduleSpec:
     return spec if _hashed(spec.cron_expr) else dataclasses.replace(spec, key="")
 
 
-def _count_cron(spec, group, members: list[Item], window, since, allowed, counts, cache) -> None:
+def _count_cron(spec, group, firsts: list[int], window, since, allowed, counts, cache) -> None:
     key = _cron_key(spec)
     if key not in cache:
         slots, capped = cron_slots(spec, window.start, window.end, CRON_CAP)
@@ -268,23 +333,24 @@ def _count_cron(spec, group, members: list[Item], window, since, allowed, counts
     stop = _end_bound(spec)
     row = counts.row(group)
     # Each member counts the slots from its own next run on: the rest of the bucket that holds it, and
-    # every later bucket whole (added once for all members below).
+    # every later bucket whole (added once for all members below). Members with the same next run (most
+    # of a timing's, at scale) are counted at once.
     whole_from = [0] * (len(per_bucket) + 1)
-    for item in members:
-        t0 = _epoch(item.next_run_at)
+    for t0, alike in itertools.groupby(sorted(firsts)):
+        weight = sum(1 for _ in alike)
         lo = bisect.bisect_left(slots, max(since, t0))
         if stop is not None:
             hi = bisect.bisect_left(slots, stop)
             for b in where[lo:hi]:
-                row[b] += 1
+                row[b] += weight
         elif lo < len(slots):
             b = where[lo]
-            row[b] += bisect.bisect_right(where, b, lo) - lo
-            whole_from[b + 1] += 1
+            row[b] += weight * (bisect.bisect_right(where, b, lo) - lo)
+            whole_from[b + 1] += weight
         # A next_run_at set off the cron's grid (by hand) is itself the next run.
         if since <= t0 < window.bounds[-1] and (lo == len(slots) or slots[lo] != t0) and _inside(allowed, t0):
             if stop is None or t0 < stop:
-                row[window.index(t0)] += 1
+                row[window.index(t0)] += weight
     members_whole = 0
     for b, n in enumerate(per_bucket):
         members_whole += whole_from[b]

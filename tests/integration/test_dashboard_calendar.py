@@ -217,3 +217,70 @@ def test_group_by__a_cell_breaks_its_count_down_by_job_or_by_a_labels_value(staf
     )
     assert by_team == {"payments": expected(labels__team="payments"), "risk": expected(labels__team="risk")}
     assert staff.get("/dashboard/calendar", {**params, "group_by": "team"}).status_code == 400
+
+
+def test_week__schedules_counted_together_and_one_by_one_equal_upcoming_runs(staff):
+    """At scale most schedules are counted in groups (one GROUP BY row per timing, calendars and job);
+    the rest one by one. Both kinds side by side, read in UTC and in New York, give `upcoming_runs`'
+    counts: intervals sharing a length with different next runs, a cron shared by two jobs and one with
+    `H`, calendars, and every case that goes one by one (jitter, max_runs, an end inside the week, a start
+    days ahead, next_allowed, a calendar window)."""
+    from monitoring import calendar_view
+    from schedules import runcounts
+
+    sleep, triage = Job.objects.get(key="sleep"), Job.objects.get(key="log_triage")
+    weekend = calendar_service.create_calendar(name="weekend", rules=[{"weekdays": ["sat", "sun"]}])
+    nights = calendar_service.create_calendar(name="nights", rules=[{"cron": "* 0-5 * * *"}])
+    monday = next_monday()
+    soon, later = timezone.now() + timedelta(days=3), timezone.now() + timedelta(days=10)
+    together = []
+    for index, minutes in enumerate([10, 10, 10, 25, 25, 60]):
+        together.append(
+            dict(schedule_type="interval", interval_minutes=minutes, job=sleep if index % 2 else triage)
+        )
+    together += [
+        dict(schedule_type="interval", interval_minutes=25, exclude_calendars=[weekend], job=sleep),
+        dict(schedule_type="cron", cron_expr="*/15 9-17 * * 1-5", timezone="America/New_York", job=sleep),
+        dict(schedule_type="cron", cron_expr="*/15 9-17 * * 1-5", timezone="America/New_York", job=triage),
+        dict(schedule_type="cron", cron_expr="H */2 * * *", job=triage),
+        dict(
+            schedule_type="cron",
+            cron_expr="30 1 * * *",
+            timezone="Europe/Berlin",
+            exclude_calendars=[weekend],
+        ),
+        dict(schedule_type="interval", interval_minutes=60, end_at=later, job=triage),
+    ]
+    alone = [
+        dict(schedule_type="interval", interval_minutes=30, jitter_seconds=600),
+        dict(schedule_type="cron", cron_expr="0 * * * *", max_runs=40),
+        dict(schedule_type="interval", interval_minutes=45, end_at=soon),
+        dict(schedule_type="interval", interval_minutes=20, start_at=soon),
+        dict(
+            schedule_type="cron",
+            cron_expr="0 12 * * *",
+            exclude_calendars=[weekend],
+            calendar_policy="next_allowed",
+        ),
+        dict(schedule_type="interval", interval_minutes=40, exclude_calendars=[nights]),
+    ]
+    for index, fields in enumerate(together + alone):
+        services.create_schedule(name=f"mix-{index}", **{"job": sleep, **fields})
+    # Two of the 10-minute ones run next at different phases; one is overdue by a few minutes.
+    Schedule.objects.filter(name="mix-1").update(
+        next_run_at=timezone.now() + timedelta(minutes=7, seconds=13)
+    )
+    Schedule.objects.filter(name="mix-2").update(next_run_at=timezone.now() - timedelta(minutes=4))
+
+    for zone in ("UTC", "America/New_York"):
+        window_ = runcounts.buckets(zone, monday, 7, hourly=True)
+        items, shared, _ = calendar_view.load(
+            Schedule.objects.all(), "job", window_, runcounts.since(window_, timezone.now())
+        )
+        assert len(items) == len(alone)
+        assert sum(len(group.values) for group in shared) == len(together)
+        html = staff.get("/dashboard/calendar", {"view": "week", "start": monday.isoformat(), "tz": zone})
+        start, end = window(monday, 7, zone)
+        assert upcoming_totals(html.content.decode()) == oracle(
+            Schedule.objects.all(), start, end, zone, True
+        )

@@ -3,6 +3,8 @@ bucketed by the viewer's local hour or day: intervals, crons across DST, calenda
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -127,3 +129,57 @@ def test_buckets__a_fall_back_hour_happens_twice_and_a_spring_forward_hour_never
     spring = runcounts.buckets("Europe/Berlin", date(2026, 3, 29), 1, hourly=True)
     assert len(spring.keys) == 23
     assert (date(2026, 3, 29), 2) not in spring.keys
+
+
+def shared_groups(items, window: runcounts.Buckets, now: datetime):
+    """The items that may be counted together, as calendar_view builds them (one group per timing and
+    group), and the rest."""
+    start, groups, rest = runcounts.since(window, now), {}, []
+    for item in items:
+        spec, first = item.spec, int(item.next_run_at.timestamp())
+        if item.runs_left is not None or spec.jitter_seconds or spec.moves or spec.end_at is not None:
+            rest.append(item)
+        elif spec.schedule_type == "interval" and first < start + spec.interval_minutes * 60:
+            alike = timing.ScheduleSpec(
+                "interval", spec.interval_minutes, exclude=spec.exclude, only=spec.only
+            )
+            groups.setdefault((alike, item.group), []).append(first % (spec.interval_minutes * 60))
+        elif spec.schedule_type == "cron" and not any(c.has_windows() for c in spec.exclude + spec.only):
+            groups.setdefault((dataclasses.replace(spec, start_at=None), item.group), []).append(first)
+        else:
+            rest.append(item)
+    return [runcounts.Shared(spec, group, sorted(values)) for (spec, group), values in groups.items()], rest
+
+
+@pytest.mark.parametrize(
+    ("zone", "hourly", "start"),
+    [("Europe/Berlin", True, date(2026, 10, 24)), ("Asia/Kolkata", False, date(2026, 10, 20))],
+)
+def test_shared_groups__count_as_their_members_one_by_one(zone, hourly, start, monkeypatch):
+    """Groups of alike schedules (the calendar view's path at scale) give the oracle's counts: 80
+    intervals of a few lengths with scattered next runs (some overdue, some later in the window), crons
+    sharing a timing with different next runs, calendars, and the one-by-one cases beside them."""
+    monkeypatch.setattr(runcounts, "CAP", 5000)
+    window = runcounts.buckets(zone, start, 8, hourly=hourly)
+    rng = random.Random(7)
+    items = []
+    for index in range(80):
+        minutes = rng.choice([20, 45, 60, 1440, 1440 * 3])
+        calendars = rng.choice([{}, {"exclude": (WEEKEND,)}, {"only": (BUSINESS,), "exclude": (XMAS,)}])
+        case = spec(schedule_type="interval", interval_minutes=minutes, **calendars)
+        first = NOW + timedelta(seconds=rng.randrange(-3 * 3600, minutes * 120))
+        items.append(runcounts.Item(case, first, None, f"g{index % 3}"))
+    for index in range(40):
+        case = CASES[rng.choice([6, 7, 8, 9, 10, 11, 13, 14])]
+        first = timing.first_run(case, now=NOW + timedelta(minutes=rng.randrange(-90, 3000)))
+        items.append(runcounts.Item(case, timing.dispatch_at(case, first), None, f"g{index % 2}"))
+    shared, rest = shared_groups(items, window, NOW)
+    assert len(shared) >= 20  # most of them counted together
+    assert sum(len(g.values) for g in shared) >= 80
+    counts = runcounts.count_runs(rest, window, now=NOW, shared=shared)
+    out: dict = {}
+    for group, row in counts.rows.items():
+        for index, n in enumerate(row):
+            if n:
+                out.setdefault(group, Counter())[window.keys[index]] += n
+    assert out == oracle(items, window, NOW)
