@@ -253,8 +253,12 @@ def load(schedules: QuerySet, group_by: str, window: runcounts.Buckets, since: i
         runs_left = None if row.max_runs is None else max(0, row.max_runs - (row.scheduled_run_count or 0))
         group = row.job__key if label is None else (row.labels or {}).get(label, f"no {label}")
         items.append(runcounts.Item(timing.spec_of(row), row.next_run_at, runs_left, group))
-    excluded = {c for links_ in links["exclude"].values() for c in links_}
-    return items, shared, [specs[c] for c in sorted(excluded, key=lambda c: specs[c].name)]
+    named = {kind: {c for ids in links[kind].values() for c in ids} for kind in links}
+    return (
+        items,
+        shared,
+        {kind: sorted((specs[c] for c in ids), key=lambda c: c.name) for kind, ids in named.items()},
+    )
 
 
 def past_counts(schedules: QuerySet, query: Query, window: runcounts.Buckets, *, filtered: bool) -> dict:
@@ -281,10 +285,11 @@ def build(query: Query, *, now: datetime) -> dict:
     """Everything the template draws."""
     schedules = selected(query)
     window = runcounts.buckets(query.zone, query.first, query.days, hourly=query.hourly)
-    items, shared, exclude_specs = load(schedules, query.group_by, window, runcounts.since(window, now))
+    items, shared, calendars = load(schedules, query.group_by, window, runcounts.since(window, now))
     counts = runcounts.count_runs(items, window, now=now, shared=shared)
     past = past_counts(schedules, query, window, filtered=bool(query.labels or query.job))
-    excluded = runcounts.excluded_days(exclude_specs, query.first, query.days)
+    excluded = runcounts.excluded_days(calendars["exclude"], query.first, query.days)
+    outside = runcounts.outside_days(calendars["only"], query.first, query.days)
 
     # Per key (a fall-back fold's two hours share one), each group's upcoming count and whether it is "N+".
     cells: dict = defaultdict(lambda: {"groups": defaultdict(int), "capped": set()})
@@ -325,12 +330,15 @@ def build(query: Query, *, now: datetime) -> dict:
         }
 
     days = [query.first + timedelta(days=i) for i in range(query.days)]
-    day_heads = [{"day": d, "excluded": excluded.get(d, [])} for d in days]
+    day_heads = [{"day": d, "excluded": excluded.get(d, []), "outside": outside.get(d, [])} for d in days]
     if query.hourly:
         grid = [{"hour": h, "cells": [cell_for((d, h)) for d in days]} for h in range(24)]
     else:
         lead = [None] * query.first.weekday()
-        slots = lead + [{"day": d, "excluded": excluded.get(d, []), **cell_for(d)} for d in days]
+        slots = lead + [
+            {"day": d, "excluded": excluded.get(d, []), "outside": outside.get(d, []), **cell_for(d)}
+            for d in days
+        ]
         slots += [None] * (-len(slots) % 7)
         grid = [slots[i : i + 7] for i in range(0, len(slots), 7)]
     step = timedelta(days=7) if query.hourly else timedelta(days=32)
@@ -340,7 +348,8 @@ def build(query: Query, *, now: datetime) -> dict:
         "days": day_heads,
         "grid": grid,
         "schedules": len(items) + sum(len(group.values) for group in shared),
-        "excluded_calendars": [spec.name for spec in exclude_specs],
+        "excluded_calendars": [spec.name for spec in calendars["exclude"]],
+        "only_calendars": [spec.name for spec in calendars["only"]],
         "previous": previous.replace(day=1) if not query.hourly else previous,
         "next": (query.first + step).replace(day=1) if not query.hourly else query.first + step,
         "now": now,

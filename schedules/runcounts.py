@@ -263,6 +263,20 @@ def excluded_days(calendars: Iterable[CalendarSpec], first: date, days: int) -> 
     return out
 
 
+def outside_days(calendars: Iterable[CalendarSpec], first: date, days: int) -> dict[date, list[str]]:
+    """Each day of [first, first + days) that an only calendar does not name, with the names: its schedules
+    run on none of them. Calendars of windows (hours, not days) name no day and are left out."""
+    out: dict[date, list[str]] = {}
+    for calendar in calendars:
+        if calendar.has_windows():
+            continue
+        named = set(calendar.days_between(first, first + timedelta(days=days)))
+        for day in (first + timedelta(days=i) for i in range(days)):
+            if day not in named:
+                out.setdefault(day, []).append(calendar.name)
+    return out
+
+
 # --- the three ways of counting -------------------------------------------------------------------------
 
 

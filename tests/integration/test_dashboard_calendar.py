@@ -284,3 +284,37 @@ def test_week__schedules_counted_together_and_one_by_one_equal_upcoming_runs(sta
         assert upcoming_totals(html.content.decode()) == oracle(
             Schedule.objects.all(), start, end, zone, True
         )
+
+
+def test_days_outside_an_only_calendar_are_named_and_have_no_runs(staff):
+    """A schedule that runs only on a calendar's days: the days the calendar does not name carry
+    `outside: <name>` in their heading (week) or cell (month), and count none of its runs."""
+    sleep = Job.objects.get(key="sleep")
+    weekdays = [{"weekdays": ["mon", "tue", "wed", "thu", "fri"]}]
+    business = calendar_service.create_calendar(name="business", rules=weekdays)
+    services.create_schedule(
+        name="weekdays-only",
+        job=sleep,
+        schedule_type="interval",
+        interval_minutes=60,
+        only_calendars=[business],
+    )
+    monday = next_monday()
+    html = staff.get("/dashboard/calendar", {"view": "week", "start": monday.isoformat()}).content.decode()
+    heading = re.compile(r'data-day="([\d-]+)">[^<]*(?:<br><span class="excluded" [^>]*>[^<]*</span>)*')
+    outside = {
+        match.group(1) for match in heading.finditer(html) if 'data-outside="business"' in match.group(0)
+    }
+    weekend = {(monday + timedelta(days=5)).isoformat(), (monday + timedelta(days=6)).isoformat()}
+    assert outside == weekend
+    per_day = Counter()
+    for key, total in upcoming_totals(html).items():
+        per_day[key[:10]] += total
+    assert len(per_day) == 5
+    assert not set(per_day) & weekend
+    first = (timezone.now().date().replace(day=1) + timedelta(days=32)).replace(day=1)
+    month = staff.get("/dashboard/calendar", {"view": "month", "start": first.isoformat()}).content.decode()
+    cell = re.compile(r'data-day="([\d-]+)">\d+ <span class="excluded" data-outside="business"')
+    marked = {date.fromisoformat(day) for day in cell.findall(month)}
+    days = [first + timedelta(days=i) for i in range(31) if (first + timedelta(days=i)).month == first.month]
+    assert marked == {day for day in days if day.weekday() >= 5}
