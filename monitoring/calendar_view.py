@@ -1,9 +1,10 @@
 """/dashboard/calendar: a week (per hour) or month (per day) of runs across schedules, in a viewer's zone.
 
 Upcoming runs are counted by schedules.runcounts (the run times `upcoming_runs` gives, calendars applied,
-per job); past ones are the ScheduledRun rows of the window counted by status in one GROUP BY on
-`date_trunc(..., scheduled_for AT TIME ZONE zone)` (a range scan of `scheduledrun_list_idx`). Days an
-exclude calendar of the shown schedules names carry the calendar's name. The page gets counts, never slots.
+per job or label value), most schedules in groups that run alike (`load`); past ones are the window's
+scheduled runs by status: settled ones from SlotCount's quarter hours, the rest from the history
+(`past_counts`). Days an exclude calendar of the shown schedules names, or an only calendar does not,
+carry the calendar's name. The page gets counts, never slots.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from django.db.models import (
     OuterRef,
     Q,
     QuerySet,
+    Sum,
     TextField,
     Value,
     When,
 )
 from django.db.models.fields.json import KeyTextTransform
-from django.db.models.functions import Coalesce, Mod, Trunc
+from django.db.models.functions import Coalesce, Mod
 
+from monitoring.models import SlotCount
 from orchestrator.models import Job
 from schedules import runcounts, timing
 from schedules.labels import key_error, parse_selector
@@ -261,23 +264,36 @@ def load(schedules: QuerySet, group_by: str, window: runcounts.Buckets, since: i
     )
 
 
+# Statuses a scheduled run leaves; its final one is counted in SlotCount when it settles.
+UNSETTLED = ("queued", "throttled", "running")
+
+
 def past_counts(schedules: QuerySet, query: Query, window: runcounts.Buckets, *, filtered: bool) -> dict:
-    """{bucket key: {status: n}} of the window's ScheduledRun rows: one GROUP BY query."""
-    zone = ZoneInfo(query.zone)
-    runs = ScheduledRun.objects.filter(scheduled_for__gte=window.start, scheduled_for__lt=window.end)
-    if filtered:
-        runs = runs.filter(schedule__in=schedules.values("id"))
-    rows = (
-        runs.annotate(bucket=Trunc("scheduled_for", "hour" if query.hourly else "day", tzinfo=zone))
-        .values("bucket", "status")
-        .annotate(n=Count("id"))
-        .order_by()
+    """{bucket key: {status: n}} of the window's scheduled runs, by `scheduled_for`.
+
+    Settled ones (succeeded, failed, skipped, cancelled) come from SlotCount: a few rows per quarter hour
+    (job, labels, status), kept by triggers, whatever the size of the history, and read in one GROUP BY
+    per quarter. The others (queued, throttled, running: few at any time) from the history itself.
+    The filters apply to a settled slot's job and labels as they were when it settled."""
+    settled = SlotCount.objects.filter(quarter__gte=window.start, quarter__lt=window.end)
+    if query.labels:
+        settled = settled.filter(parse_selector(query.labels))
+    if query.job:
+        settled = settled.filter(job_id__in=Job.objects.filter(key=query.job).values("id"))
+    unsettled = ScheduledRun.objects.filter(
+        status__in=UNSETTLED, scheduled_for__gte=window.start, scheduled_for__lt=window.end
     )
+    if filtered:
+        unsettled = unsettled.filter(schedule__in=schedules.values("id"))
     out: dict = defaultdict(dict)
-    for row in rows:
-        local = row["bucket"].astimezone(zone)
-        key = (local.date(), local.hour) if query.hourly else local.date()
-        out[key][row["status"]] = out[key].get(row["status"], 0) + row["n"]
+    rows = [
+        *settled.values_list("quarter", "status").annotate(n=Sum("slots")).order_by(),
+        *unsettled.values_list("scheduled_for", "status").annotate(n=Count("id")).order_by(),
+    ]
+    for at, status, n in rows:
+        if n:
+            key = window.keys[window.index(int(at.timestamp()))]
+            out[key][status] = out[key].get(status, 0) + n
     return out
 
 

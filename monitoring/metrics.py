@@ -102,6 +102,7 @@ COMPACT_TABLES = {
         ("status", "reason", "dispatch_le", "start_le"),
         ("slots", "dispatch_seconds", "start_seconds"),
     ),
+    "monitoring_slotcount": (("quarter", "job_id", "labels", "status"), ("slots",)),
 }
 COMPACT_LOCK = 0x63620031  # any constant: the advisory lock key of compact_totals
 COMPACT_BATCH = 50_000

@@ -45,3 +45,22 @@ class SlotTotal(models.Model):
 
     def __str__(self) -> str:
         return f"{self.status} {self.reason}: {self.slots}"
+
+
+class SlotCount(models.Model):
+    """Scheduled runs settled (succeeded, failed, skipped, cancelled) per quarter hour of `scheduled_for`
+    (UTC), schedule job and labels and status: the calendar view's past (monitoring/calendar_view.py).
+    Appended by triggers (monitoring/migrations/0004_slot_counts.py) and folded by `compact_totals` as
+    the totals above; a count is `sum(slots)` over its key."""
+
+    quarter = models.DateTimeField()
+    job_id = models.BigIntegerField()
+    labels = models.JSONField(default=dict)
+    status = models.CharField(max_length=16)
+    slots = models.BigIntegerField()
+
+    class Meta:
+        indexes = [models.Index(fields=["quarter"], name="slotcount_quarter_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.quarter:%Y-%m-%dT%H:%M} job {self.job_id} {self.status}: {self.slots}"

@@ -318,3 +318,53 @@ def test_days_outside_an_only_calendar_are_named_and_have_no_runs(staff):
     marked = {date.fromisoformat(day) for day in cell.findall(month)}
     days = [first + timedelta(days=i) for i in range(31) if (first + timedelta(days=i)).month == first.month]
     assert marked == {day for day in days if day.weekday() >= 5}
+
+
+def test_past__a_slot_counts_once_when_it_settles_and_stays_counted_after_compaction_and_pruning(staff):
+    """The past comes from SlotCount, kept by triggers: a slot shows as queued, then running, then once
+    as succeeded (not also as running); a slot inserted settled (skipped) counts at once; compaction
+    folds the rows and changes no count; deleting the history rows (retention) leaves the counts, as
+    /metrics' totals; the label filter reads the labels the schedule had when its slot settled."""
+    from monitoring.metrics import compact_totals
+    from monitoring.models import SlotCount
+
+    sleep = Job.objects.get(key="sleep")
+    schedule = services.create_schedule(
+        name="hourly", job=sleep, schedule_type="interval", interval_minutes=60, labels={"team": "ops"}
+    )
+    monday = next_monday(weeks=-1)
+    at = datetime.combine(monday + timedelta(days=2), datetime.min.time(), tzinfo=UTC).replace(hour=5)
+    params = {"view": "week", "start": monday.isoformat(), "tz": "UTC"}
+    key = f"{at:%Y-%m-%dT%H}"
+
+    def statuses(**extra) -> dict:
+        return cells(staff.get("/dashboard/calendar", {**params, **extra}).content.decode())[key][1]
+
+    slots = [
+        ScheduledRun.objects.create(
+            schedule=schedule, scheduled_for=at + timedelta(minutes=m), status="queued"
+        )
+        for m in (0, 5, 20, 40)
+    ]
+    ScheduledRun.objects.create(schedule=schedule, scheduled_for=at + timedelta(minutes=50), status="skipped")
+    assert statuses() == {"queued": 4, "skipped": 1}
+    for slot in slots:
+        ScheduledRun.objects.filter(pk=slot.pk).update(status="running")
+    assert statuses() == {"running": 4, "skipped": 1}
+    for slot in slots[:2]:  # one quarter hour: two rows of one key, for compaction to fold
+        ScheduledRun.objects.filter(pk=slot.pk).update(status="succeeded")
+    ScheduledRun.objects.filter(pk=slots[2].pk).update(status="failed")
+    ScheduledRun.objects.filter(pk=slots[2].pk).update(error_summary="a later edit counts nothing")
+    assert statuses() == {"succeeded": 2, "failed": 1, "running": 1, "skipped": 1}
+    Schedule.objects.filter(pk=schedule.pk).update(labels={"team": "payments"})
+    ScheduledRun.objects.filter(pk=slots[3].pk).update(status="succeeded")
+    assert statuses() == {"succeeded": 3, "failed": 1, "skipped": 1}
+    assert statuses(label="team=ops") == {"succeeded": 2, "failed": 1, "skipped": 1}
+    assert statuses(label="team=payments") == {"succeeded": 1}
+
+    rows = SlotCount.objects.count()
+    compact_totals()
+    assert SlotCount.objects.count() == rows - 1
+    assert statuses() == {"succeeded": 3, "failed": 1, "skipped": 1}
+    ScheduledRun.objects.filter(schedule=schedule).delete()
+    assert statuses() == {"succeeded": 3, "failed": 1, "skipped": 1}
