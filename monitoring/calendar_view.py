@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 from django.contrib.postgres.aggregates import ArrayAgg
 from django.contrib.postgres.expressions import ArraySubquery
+from django.db import connection, transaction
 from django.db.models import (
     BigIntegerField,
     Case,
@@ -154,100 +155,96 @@ def _group_of(label: str | None):
 
 
 def load(schedules: QuerySet, group_by: str, window: runcounts.Buckets, since: int):
-    """The enabled schedules with a next run, as runcounts wants them, and the specs of the calendars they
-    exclude. Calendars are read once each, not per schedule.
+    """The enabled schedules with a next run, as runcounts wants them, and the calendars they exclude or
+    run only on ({"exclude": [specs], "only": [specs]}).
 
-    Most schedules come as `runcounts.Shared` groups, one GROUP BY row per timing, calendars and group,
-    so the page costs about the same at 100,000 schedules as at 10,000; the rest (jitter, max_runs, an end
-    inside the window, calendars with windows or next_allowed, an interval's next run more than one
-    interval off) as one `runcounts.Item` each."""
+    Most schedules come as `runcounts.Shared` groups: one GROUP BY over the schedules gives a row per
+    timing, calendars and group, so the page costs about the same at 100,000 schedules as at 10,000. The
+    rest (jitter, max_runs, an end inside the window, calendars with windows or next_allowed, an
+    interval's next run more than one interval off) come as one `runcounts.Item` each."""
     label = group_by[6:] if group_by.startswith("label:") else None
-    live = schedules.filter(enabled=True, next_run_at__isnull=False)
+    live = schedules.filter(enabled=True, next_run_at__isnull=False).annotate(next=_NEXT)
     through = {"exclude": Schedule.exclude_calendars.through, "only": Schedule.only_calendars.through}
-    links: dict[str, dict[int, list[int]]] = {"exclude": defaultdict(list), "only": defaultdict(list)}
-    used: set[int] = set()
-    for kind, model in through.items():
-        rows = model.objects.filter(schedule_id__in=live.values("id"))
-        for schedule_id, calendar_id in rows.values_list("schedule_id", "calendar_id"):
-            links[kind][schedule_id].append(calendar_id)
-            used.add(calendar_id)
-    specs = {c.pk: c.spec() for c in Calendar.objects.filter(pk__in=used)}
+    specs = {c.pk: c.spec() for c in Calendar.objects.all()}  # a few, however many schedules use them
     windowed = [pk for pk, spec in specs.items() if spec.has_windows()]
 
     def linked(kind: str, **extra) -> Exists:
         return Exists(through[kind].objects.filter(schedule_id=OuterRef("pk"), **extra))
 
-    def calendar_ids(kind: str) -> ArraySubquery:
+    def calendar_ids(kind: str) -> Case:  # read only for the few schedules that have calendars
         ids = through[kind].objects.filter(schedule_id=OuterRef("pk")).order_by("calendar_id")
-        return ArraySubquery(ids.values("calendar_id"))
+        return Case(When(linked(kind), then=ArraySubquery(ids.values("calendar_id"))))
 
-    calendared = linked("exclude") | linked("only")
     alike = (
         Q(jitter_seconds=0, max_runs__isnull=True)
         & (Q(end_at__isnull=True) | Q(end_at__gte=window.end))
-        & ~(calendared & Q(calendar_policy="next_allowed"))
-        & ~linked("exclude", calendar_id__in=windowed)
-        & ~linked("only", calendar_id__in=windowed)
+        & ~((linked("exclude") | linked("only")) & Q(calendar_policy="next_allowed"))
         & (Q(schedule_type="cron") | Q(schedule_type="interval", next__lt=since + F("interval_minutes") * 60))
     )
-    live = live.annotate(next=_NEXT)
-    shared = []
-    # Without calendars, then with them (their ids read per schedule: only for the few that have some).
-    for subset, with_calendars in (
-        (live.filter(alike).exclude(calendared), False),
-        (live.filter(alike, calendared), True),
-    ):
-        keys = {"group": _group_of(label)}
-        if with_calendars:
-            keys |= {"exclude": calendar_ids("exclude"), "only": calendar_ids("only")}
-
-        def spec_of(row: dict, **fields) -> timing.ScheduleSpec:
-            return timing.ScheduleSpec(
-                exclude=tuple(specs[c] for c in row.get("exclude", ())),
-                only=tuple(specs[c] for c in row.get("only", ())),
-                calendar_policy=row["calendar_policy"],
-                **fields,
-            )
-
-        intervals = (
-            subset.filter(schedule_type="interval")
-            .values("interval_minutes", "calendar_policy", **keys)
-            .annotate(
-                values=ArrayAgg(
-                    Mod("next", F("interval_minutes") * 60), order_by=Mod("next", F("interval_minutes") * 60)
-                )
-            )
-            .order_by()
+    if windowed:
+        alike &= ~linked("exclude", calendar_id__in=windowed) & ~linked("only", calendar_id__in=windowed)
+    # One GROUP BY for intervals (members by phase: next run modulo the interval), one for the others
+    # (crons, by next run). A cron whose fields hash the name (`H`) has its own slots: its name is part of
+    # its timing. The schedules that are not alike come out of the same scans as ids. Grouped by job id
+    # (not its key) and sorted in Python: narrow keys and no ordered aggregate keep PostgreSQL's sort small.
+    common = {
+        "group": F("job_id") if label is None else _group_of(label),
+        "exclude": calendar_ids("exclude"),
+        "only": calendar_ids("only"),
+    }
+    hashed = Q(cron_expr__icontains="h") & ~Q(cron_expr__startswith="@")
+    phase = Mod("next", F("interval_minutes") * 60, output_field=BigIntegerField())
+    queries = (
+        live.filter(schedule_type="interval")
+        .values("interval_minutes", "calendar_policy", **common)
+        .annotate(values=ArrayAgg(phase, filter=alike), others=ArrayAgg("id", filter=~alike)),
+        live.exclude(schedule_type="interval")
+        .values(
+            "cron_expr",
+            "timezone",
+            "calendar_policy",
+            **common,
+            key=Case(When(hashed, then=F("name")), default=Value("")),
         )
-        for row in intervals:
-            spec = spec_of(row, schedule_type="interval", interval_minutes=row["interval_minutes"])
-            shared.append(runcounts.Shared(spec, row["group"], row["values"]))
-        # A cron whose fields hash the name (`H`) has its own slots: its name is part of its timing.
-        hashed = Q(cron_expr__icontains="h") & ~Q(cron_expr__startswith="@")
-        crons = (
-            subset.filter(schedule_type="cron")
-            .values(
-                "cron_expr",
-                "timezone",
-                "calendar_policy",
-                **keys,
-                key=Case(When(hashed, then=F("name")), default=Value("")),
-            )
-            .annotate(values=ArrayAgg("next"))
-            .order_by()
+        .annotate(values=ArrayAgg("next", filter=alike), others=ArrayAgg("id", filter=~alike)),
+    )
+    jobs = dict(Job.objects.values_list("id", "key")) if label is None else {}
+    shared, named, others = [], {"exclude": set(), "only": set()}, []
+    for row in (row for query in queries for row in query.order_by()):
+        others += row["others"] or ()
+        if not row["values"]:
+            continue
+        calendars = {kind: tuple(row[kind] or ()) for kind in named}
+        for kind, ids in calendars.items():
+            named[kind].update(ids)
+        timing_fields = (
+            {"schedule_type": "interval", "interval_minutes": row["interval_minutes"]}
+            if "interval_minutes" in row
+            else {
+                "schedule_type": "cron",
+                "cron_expr": row["cron_expr"],
+                "timezone": row["timezone"],
+                "key": row["key"],
+            }
         )
-        for row in crons:
-            spec = spec_of(
-                row,
-                schedule_type="cron",
-                cron_expr=row["cron_expr"],
-                timezone=row["timezone"],
-                key=row["key"],
-            )
-            shared.append(runcounts.Shared(spec, row["group"], row["values"]))
+        spec = timing.ScheduleSpec(
+            exclude=tuple(specs[c] for c in calendars["exclude"]),
+            only=tuple(specs[c] for c in calendars["only"]),
+            calendar_policy=row["calendar_policy"],
+            **timing_fields,
+        )
+        group = jobs[row["group"]] if label is None else row["group"]
+        shared.append(runcounts.Shared(spec, group, sorted(row["values"])))
 
+    rows = list(Schedule.objects.filter(pk__in=others).values(*_FIELDS)) if others else []
+    links: dict[str, dict[int, list[int]]] = {kind: defaultdict(list) for kind in through}
+    for kind, model in through.items():
+        pairs = model.objects.filter(schedule_id__in=[row["id"] for row in rows])
+        for schedule_id, calendar_id in pairs.values_list("schedule_id", "calendar_id"):
+            links[kind][schedule_id].append(calendar_id)
+            named[kind].add(calendar_id)
     items = []
-    for values in live.exclude(alike).values(*_FIELDS):
+    for values in rows:
         row = _Row(
             values,
             [_Cal(specs[c]) for c in links["exclude"].get(values["id"], ())],
@@ -256,7 +253,6 @@ def load(schedules: QuerySet, group_by: str, window: runcounts.Buckets, since: i
         runs_left = None if row.max_runs is None else max(0, row.max_runs - (row.scheduled_run_count or 0))
         group = row.job__key if label is None else (row.labels or {}).get(label, f"no {label}")
         items.append(runcounts.Item(timing.spec_of(row), row.next_run_at, runs_left, group))
-    named = {kind: {c for ids in links[kind].values() for c in ids} for kind in links}
     return (
         items,
         shared,
@@ -301,9 +297,13 @@ def build(query: Query, *, now: datetime) -> dict:
     """Everything the template draws."""
     schedules = selected(query)
     window = runcounts.buckets(query.zone, query.first, query.days, hourly=query.hourly)
-    items, shared, calendars = load(schedules, query.group_by, window, runcounts.since(window, now))
+    with transaction.atomic(), connection.cursor() as cursor:
+        # At 100,000 schedules PostgreSQL estimates the GROUP BYs costly enough to compile them first
+        # (JIT), which takes about 300 ms each, longer than running them: not for this page's queries.
+        cursor.execute("SET LOCAL jit = off")
+        items, shared, calendars = load(schedules, query.group_by, window, runcounts.since(window, now))
+        past = past_counts(schedules, query, window, filtered=bool(query.labels or query.job))
     counts = runcounts.count_runs(items, window, now=now, shared=shared)
-    past = past_counts(schedules, query, window, filtered=bool(query.labels or query.job))
     excluded = runcounts.excluded_days(calendars["exclude"], query.first, query.days)
     outside = runcounts.outside_days(calendars["only"], query.first, query.days)
 
