@@ -20,7 +20,7 @@ from orchestrator.models import Job, Run
 from schedules.dispatch import run_now
 from schedules.models import Schedule, ScheduledRun
 from tests.support import wait_for
-from tests.workerproc import TAG_ENV, ProcSampler, RunningSampler, start_worker
+from tests.workerproc import TAG_ENV, ProcSampler, RunningSampler, start_worker, started_together
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -63,7 +63,9 @@ def test_rate_limit__40_runs_across_two_workers_never_start_more_than_5_in_any_s
     schedule = _stamped_schedule("rate-limited", stamps, cap=None)
     tag = uuid.uuid4().hex
     common = {"tmp_path": tmp_path, "concurrency": 2, "include": "tests.worker_jobs", "env": {TAG_ENV: tag}}
-    workers = [start_worker(["jobs.start_stamp"], name=name, **common) for name in ("r1", "r2")]
+    workers = started_together(
+        [start_worker(["jobs.start_stamp"], name=name, ready=False, **common) for name in ("r1", "r2")]
+    )
     try:
         with RunningSampler(THROTTLED_SQL) as waiting:
             for _ in range(RUNS):
@@ -108,7 +110,9 @@ def test_rate_limit_and_cap_together__both_hold_and_runs_move_between_their_line
     schedule = _stamped_schedule("rate-and-cap", stamps, cap=1)
     tag = uuid.uuid4().hex
     common = {"tmp_path": tmp_path, "concurrency": 2, "include": "tests.worker_jobs", "env": {TAG_ENV: tag}}
-    workers = [start_worker(["jobs.start_stamp"], name=name, **common) for name in ("c1", "c2")]
+    workers = started_together(
+        [start_worker(["jobs.start_stamp"], name=name, ready=False, **common) for name in ("c1", "c2")]
+    )
     try:
         with ProcSampler(tag) as procs:
             for _ in range(runs):
