@@ -50,6 +50,21 @@ class WorkerProcess:
         except ProcessLookupError:
             pass
 
+    def wait_ready(self) -> WorkerProcess:
+        """Return once the worker is ready (its maintenance loop started); fail if it exited first."""
+        try:
+            wait_for(
+                lambda: "worker maintenance started" in self.log() or self.proc.poll() is not None,
+                timeout=60,
+                what=f"worker {self.name} ready",
+            )
+        except BaseException:
+            self.stop()
+            raise
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker {self.name} exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
+        return self
+
     def stop(self) -> None:
         if self._closed:
             return
@@ -69,7 +84,10 @@ def start_worker(
     concurrency: int = 2,
     env: dict[str, str] | None = None,
     include: str = "",
+    ready: bool = True,
 ) -> WorkerProcess:
+    """A plain Celery worker; with `ready=False` it returns at once, and the caller calls `wait_ready()`
+    before relying on it (to start several at the same time)."""
     log_path = tmp_path / f"worker-{name}.log"
     cmd = [
         CELERY,
@@ -91,11 +109,17 @@ def start_worker(
     ]
     if include:
         cmd += ["--include", include]
-    return _spawn_ready(cmd, log_path, name, {**FAST, **(env or {})})
+    worker = _spawn(cmd, log_path, name, {**FAST, **(env or {})})
+    return worker.wait_ready() if ready else worker
 
 
 def _spawn_ready(cmd: list[str], log_path: Path, name: str, env: dict[str, str]) -> WorkerProcess:
     """Start a worker in its own process group, logging to `log_path`; return once it is ready."""
+    return _spawn(cmd, log_path, name, env).wait_ready()
+
+
+def _spawn(cmd: list[str], log_path: Path, name: str, env: dict[str, str]) -> WorkerProcess:
+    """Start a worker in its own process group, logging to `log_path`."""
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
             cmd,
@@ -105,19 +129,7 @@ def _spawn_ready(cmd: list[str], log_path: Path, name: str, env: dict[str, str])
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    worker = WorkerProcess(proc=proc, log_path=log_path, name=name)
-    try:
-        wait_for(
-            lambda: "worker maintenance started" in worker.log() or proc.poll() is not None,
-            timeout=60,
-            what=f"worker {name} ready",
-        )
-    except BaseException:
-        worker.stop()
-        raise
-    if proc.poll() is not None:
-        raise AssertionError(f"worker {name} exited ({proc.returncode}):\n{worker.log()[-3000:]}")
-    return worker
+    return WorkerProcess(proc=proc, log_path=log_path, name=name)
 
 
 def start_run_worker(
@@ -127,8 +139,10 @@ def start_run_worker(
     jobs: str = "sleep",
     concurrency: int = 2,
     env: dict[str, str] | None = None,
+    ready: bool = True,
 ) -> WorkerProcess:
-    """A worker started the way operators start it: `manage.py run_worker` (supervising Celery)."""
+    """A worker started the way operators start it: `manage.py run_worker` (supervising Celery). With
+    `ready=False` it returns at once, as `start_worker` does."""
     log_path = tmp_path / f"run_worker-{name}.log"
     cmd = [
         sys.executable,
@@ -141,7 +155,20 @@ def start_run_worker(
         "--hostname",
         f"{name}@%h",
     ]
-    return _spawn_ready(cmd, log_path, name, {**FAST, **(env or {})})
+    worker = _spawn(cmd, log_path, name, {**FAST, **(env or {})})
+    return worker.wait_ready() if ready else worker
+
+
+def started_together(workers: list[WorkerProcess]) -> list[WorkerProcess]:
+    """Wait until each of `workers` (started with `ready=False`) is ready; stop them all if one fails."""
+    try:
+        for worker in workers:
+            worker.wait_ready()
+    except BaseException:
+        for worker in workers:
+            worker.stop()
+        raise
+    return workers
 
 
 @contextmanager

@@ -119,7 +119,7 @@ def test_cancelling_policies__a_new_slot_stops_the_running_run_then_starts(
 
 
 def test_buffer_all__every_overlapping_slot_runs_one_at_a_time_in_slot_order(redis_client, tmp_path):
-    schedule = _schedule("overlap-buffer-all", "buffer_all", seconds="4")
+    schedule = _schedule("overlap-buffer-all", "buffer_all", seconds="2")
     tag = uuid.uuid4().hex
     with (
         running_worker(["jobs.sleep"], tmp_path=tmp_path, concurrency=3, env={TAG_ENV: tag}) as worker,
@@ -129,8 +129,10 @@ def test_buffer_all__every_overlapping_slot_runs_one_at_a_time_in_slot_order(red
         first = _dispatch_slot(schedule, slots[0])
         wait_for(lambda: first.run_id in procs.now(), timeout=120, what="the first slot executing")
         dispatched = [first]
+        came_at = []
         for slot in slots[1:]:
             scheduled = _dispatch_slot(schedule, slot)
+            came_at.append(time.monotonic())
             dispatched.append(scheduled)
             # Each waits behind the one before (its place in line taken before the next slot comes).
             wait_for(lambda s=scheduled: _status(s) != "queued", timeout=60, what=f"slot {slot} waiting")
@@ -145,12 +147,15 @@ def test_buffer_all__every_overlapping_slot_runs_one_at_a_time_in_slot_order(red
     assert [s.status for s in ScheduledRun.objects.filter(schedule=schedule)] == ["succeeded"] * 4
     _one_at_a_time_in_order(procs, [s.run_id for s in dispatched])
     assert len([s for s in dispatched if procs.first_seen(s.run_id) is not None]) == 4, worker.log()[-3000:]
+    # Each slot came while the run before it was still executing or waiting: every one overlapped.
+    for earlier, at in zip(dispatched, came_at, strict=False):
+        assert at < procs.last_seen(earlier.run_id), (earlier.run_id, procs.last_seen(earlier.run_id) - at)
 
 
 def test_buffer_all__slots_dispatched_together_still_run_in_slot_order(redis_client, tmp_path):
     """A catch-up (misfire_policy run_all) publishes every slot at once: free pool processes take them
     together, and the slot order still holds (an earlier slot gets into the line first)."""
-    schedule = _schedule("overlap-buffer-all-catch-up", "buffer_all", seconds="1")
+    schedule = _schedule("overlap-buffer-all-catch-up", "buffer_all", seconds="0.5")
     slots = _slots(5)
     tag = uuid.uuid4().hex
     with (

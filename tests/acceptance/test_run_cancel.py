@@ -21,7 +21,7 @@ from schedules.dispatch import run_now
 from schedules.models import Schedule, ScheduledRun
 from tests.support import process_env, wait_for
 from tests.webproc import api_token, start_web
-from tests.workerproc import TAG_ENV, ProcSampler, running_worker, start_worker
+from tests.workerproc import TAG_ENV, ProcSampler, running_worker, start_worker, started_together
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -137,10 +137,19 @@ def test_cancel__across_two_workers_through_the_api_of_a_web_process(redis_clien
     web = start_web(process_env(), tmp_path, token=api_token("carol"))
     workers = []
     try:
-        workers = [
-            start_worker(["jobs.sleep"], tmp_path=tmp_path, name=name, concurrency=1, env={TAG_ENV: tag})
-            for name in ("wa", "wb")
-        ]
+        workers = started_together(
+            [
+                start_worker(
+                    ["jobs.sleep"],
+                    tmp_path=tmp_path,
+                    name=name,
+                    concurrency=1,
+                    env={TAG_ENV: tag},
+                    ready=False,
+                )
+                for name in ("wa", "wb")
+            ]
+        )
         with ProcSampler(tag) as procs:
             first = run_now(long)
             wait_for(lambda: first.run_id in procs.now(), timeout=120, what="the 60 s run executing")

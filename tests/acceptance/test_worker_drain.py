@@ -2,9 +2,11 @@
 worker"): SIGTERM to a worker, as Kubernetes sends it, mid-run.
 
 Two workers started as operators start them (`manage.py run_worker`, which passes SIGTERM on to Celery),
-concurrency 2 each, share a per-job cap of 3; 6 runs of 20 s. The victim starts alone and takes its fill
-first: 2 runs executing and, with a prefetch of 2 per process, 2 more messages it holds without starting
-them. Then the other worker starts, and the victim gets SIGTERM. What executes is read from /proc (the
+concurrency 2 each, share a per-job cap of 3; 6 runs. The victim starts alone and takes its fill first:
+2 long runs executing and, with a prefetch of 2 per process, 2 more messages (of short runs) it holds
+without starting them. Then the other worker starts, and the victim gets SIGTERM. Only the victim's 2
+runs need to be long (in flight at the SIGTERM, and for the deadline test past the deadline); the 4 runs
+the other worker executes are short, so the test does not wait for them. What executes is read from /proc (the
 runs' task process groups, orchestrator/taskprocs.py) and the worker logs, not from the rows alone.
 """
 
@@ -27,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 CAP = 3
 RUNS = 6
-SECONDS = 20
+SHORT_SECONDS = 2  # the runs the other worker executes: seen in /proc, not waited on for long
 
 
 def _runs_on(prefix: str, status: str) -> list[Run]:
@@ -45,16 +47,17 @@ def _started(log: str) -> list[str]:
     ]
 
 
-def _drain(tmp_path, drain_seconds: float):
-    """Start the victim, fill it, start the other worker, SIGTERM the victim; wait until every run ended.
-    Returns (victim, other, sampler, log of the victim up to the SIGTERM, monotonic time of the SIGTERM)."""
+def _drain(tmp_path, drain_seconds: float, victim_seconds: float):
+    """Start the victim, fill it (2 runs of `victim_seconds` executing, 2 short ones held), start the other
+    worker, SIGTERM the victim; wait until every run ended. Returns (victim, other, sampler, log of the
+    victim up to the SIGTERM, monotonic time of the SIGTERM, monotonic time the victim exited)."""
     schedule = Schedule.objects.create(
         name="drain",
         job=Job.objects.get(key="sleep"),
         enabled=False,
         schedule_type="interval",
         interval_minutes=60,
-        custom_directive_text=str(SECONDS),
+        custom_directive_text=str(victim_seconds),
         overlap_policy="allow",
         max_per_job=CAP,
     )
@@ -64,16 +67,21 @@ def _drain(tmp_path, drain_seconds: float):
     other = None
     try:
         with ProcSampler(tag) as procs:
-            for _ in range(RUNS):
+            # A run keeps the directive text it was launched with: the first 2 (the victim's) are long.
+            for _ in range(2):
                 run_now(schedule)
             wait_for(lambda: len(_runs_on("victim@", "running")) == 2, timeout=90, what="victim running 2")
+            schedule.custom_directive_text = str(SHORT_SECONDS)
+            schedule.save(update_fields=["custom_directive_text"])
+            for _ in range(RUNS - 2):
+                run_now(schedule)
             wait_for(lambda: len(_received(victim)) == 4, timeout=30, what="victim holding 2 more")
             other = start_run_worker(tmp_path=tmp_path, name="other", env=env)
             wait_for(lambda: _runs_on("other@", "running"), timeout=60, what="other running one")
             before = victim.log()
             victim.proc.send_signal(signal.SIGTERM)  # the supervisor, PID 1 of a pod
             at = time.monotonic()
-            code = victim.proc.wait(timeout=SECONDS + drain_seconds + 60)
+            code = victim.proc.wait(timeout=victim_seconds + drain_seconds + 60)
             exited = time.monotonic()
             wait_for(
                 lambda: Run.objects.filter(status__in=["succeeded", "failed"]).count() == RUNS,
@@ -111,10 +119,16 @@ def _common(victim, other, procs, before) -> None:
 
 
 def test_sigterm__the_workers_runs_finish_and_the_other_worker_takes_the_rest(redis_client, tmp_path):
-    victim, other, procs, before, at, exited = _drain(tmp_path, drain_seconds=120)
+    # Long enough to be in flight at the SIGTERM after the other worker's start-up (about 5 s here);
+    # checked below, so a slower start fails the test rather than leaving nothing to drain.
+    victim, other, procs, before, at, exited = _drain(tmp_path, drain_seconds=120, victim_seconds=15)
     _common(victim, other, procs, before)
     mine = _runs_on("victim@", "succeeded")
     assert len(mine) == 2, [(r.pk, r.worker, r.status, r.error_summary) for r in Run.objects.all()]
+    # They were executing when the SIGTERM came, and it let them finish.
+    assert all(procs.last_seen(run.pk) > at for run in mine), [
+        (r.pk, procs.last_seen(r.pk) - at) for r in mine
+    ]
     assert len(_runs_on("other@", "succeeded")) == RUNS - 2
     # It left once its runs were done, long before the drain deadline.
     assert exited - at < 120
@@ -122,13 +136,14 @@ def test_sigterm__the_workers_runs_finish_and_the_other_worker_takes_the_rest(re
 
 def test_sigterm__runs_still_running_at_the_deadline_end_failed_worker_drained(redis_client, tmp_path):
     drain = 5.0
-    victim, other, procs, before, at, exited = _drain(tmp_path, drain_seconds=drain)
+    # Far longer than the drain: left alone they would live long past the bound on `last` below.
+    victim, other, procs, before, at, exited = _drain(tmp_path, drain_seconds=drain, victim_seconds=60)
     _common(victim, other, procs, before)
     drained = _runs_on("victim@", "failed")
     assert len(drained) == 2, [(r.pk, r.worker, r.status, r.error_summary) for r in Run.objects.all()]
     for run in drained:
         assert run.error_summary.startswith("worker drained"), run.error_summary
-        # Its task processes were gone from /proc soon after the deadline (not left to finish their 20 s).
+        # Its task processes were gone from /proc soon after the deadline (not left to finish their 60 s).
         last = procs.last_seen(run.pk)
         assert last is not None
         assert last - at < drain + 10, (run.pk, last - at)

@@ -1,5 +1,7 @@
-"""`Job.rate_limit` holds across workers (docs/ARCHITECTURE.md, guarantee 10): 100 runs of a near-no-op
-job under `5/s`, two real workers with two pool processes each.
+"""`Job.rate_limit` holds across workers (docs/ARCHITECTURE.md, guarantee 10): 40 runs of a near-no-op
+job under `5/s`, two real workers with two pool processes each. Unlimited, those 4 processes start such
+runs faster than 5 a second, so the limit binds: 40 runs are 7 windows' worth, enough for the crowded
+window and the spread below to fail when it does not hold, at a third of the time 100 runs take.
 
 Starts are counted as the operating system recorded them: each run's one task process appends the start
 time the kernel keeps for it (/proc/<pid>/stat, field 22, via psutil) to a file, and `Run.started_at`
@@ -18,11 +20,11 @@ from orchestrator.models import Job, Run
 from schedules.dispatch import run_now
 from schedules.models import Schedule, ScheduledRun
 from tests.support import wait_for
-from tests.workerproc import TAG_ENV, ProcSampler, RunningSampler, start_worker
+from tests.workerproc import TAG_ENV, ProcSampler, RunningSampler, start_worker, started_together
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
-RUNS, LIMIT, WINDOW = 100, 5, 1.0
+RUNS, LIMIT, WINDOW = 40, 5, 1.0
 THROTTLED_SQL = "SELECT 'throttled', count(*) FROM schedules_scheduledrun WHERE status = 'throttled'"
 # psutil's start times are kernel ticks (10 ms) plus the boot time, in floating point.
 EPSILON = 1e-6
@@ -56,14 +58,14 @@ def _stamped_schedule(name: str, stamps, *, cap: int | None) -> Schedule:
     )
 
 
-def test_rate_limit__100_runs_across_two_workers_never_start_more_than_5_in_any_second(
-    redis_client, tmp_path
-):
+def test_rate_limit__40_runs_across_two_workers_never_start_more_than_5_in_any_second(redis_client, tmp_path):
     stamps = tmp_path / "starts.jsonl"
     schedule = _stamped_schedule("rate-limited", stamps, cap=None)
     tag = uuid.uuid4().hex
     common = {"tmp_path": tmp_path, "concurrency": 2, "include": "tests.worker_jobs", "env": {TAG_ENV: tag}}
-    workers = [start_worker(["jobs.start_stamp"], name=name, **common) for name in ("r1", "r2")]
+    workers = started_together(
+        [start_worker(["jobs.start_stamp"], name=name, ready=False, **common) for name in ("r1", "r2")]
+    )
     try:
         with RunningSampler(THROTTLED_SQL) as waiting:
             for _ in range(RUNS):
@@ -95,7 +97,7 @@ def test_rate_limit__100_runs_across_two_workers_never_start_more_than_5_in_any_
     )
     assert _crowded_windows(proc_starts) == [], "more than 5 task processes started within 1 s"
     assert _crowded_windows(db_starts) == [], "more than 5 started_at within 1 s"
-    # The limit was binding: runs waited as throttled, and the starts spread over the 19 s it takes.
+    # The limit was binding: runs waited as throttled, and the starts spread over the 7 s it takes.
     assert waiting.maxima.get("throttled", 0) > 0
     assert max(proc_starts) - min(proc_starts) >= (RUNS - LIMIT) / LIMIT * WINDOW - EPSILON
 
@@ -103,12 +105,14 @@ def test_rate_limit__100_runs_across_two_workers_never_start_more_than_5_in_any_
 def test_rate_limit_and_cap_together__both_hold_and_runs_move_between_their_lines(redis_client, tmp_path):
     """A job under `5/s` and a per-job cap of one: a run the window admits may find the cap full and wait
     for it, and the other way round; every run still ends once, and neither limit is exceeded."""
-    runs = 30
+    runs = 20
     stamps = tmp_path / "starts.jsonl"
     schedule = _stamped_schedule("rate-and-cap", stamps, cap=1)
     tag = uuid.uuid4().hex
     common = {"tmp_path": tmp_path, "concurrency": 2, "include": "tests.worker_jobs", "env": {TAG_ENV: tag}}
-    workers = [start_worker(["jobs.start_stamp"], name=name, **common) for name in ("c1", "c2")]
+    workers = started_together(
+        [start_worker(["jobs.start_stamp"], name=name, ready=False, **common) for name in ("c1", "c2")]
+    )
     try:
         with ProcSampler(tag) as procs:
             for _ in range(runs):

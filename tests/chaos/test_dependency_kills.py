@@ -79,16 +79,24 @@ def test_kills__every_upstream_success_yields_exactly_one_downstream_run(tmp_pat
     n_workers = 0
 
     def new_worker():
+        """A worker starting: the storm goes on while it boots (it is waited for before it is killed)."""
         nonlocal n_workers
         n_workers += 1
         return start_worker(
-            [QUEUE], tmp_path=tmp_path, name=f"w{n_workers}", concurrency=2, include="tests.worker_jobs"
+            [QUEUE],
+            tmp_path=tmp_path,
+            name=f"w{n_workers}",
+            concurrency=2,
+            include="tests.worker_jobs",
+            ready=False,
         )
 
     kills = {"scheduler": 0, "worker": 0}
     try:
         schedulers = [procs.start(*SCHEDULER_ARGS) for _ in range(2)]
         workers = [new_worker(), new_worker()]
+        for worker in workers:
+            worker.wait_ready()
         for i in range(UPSTREAM_RUNS):
             services.run_now(a)
             if i % 5 == 0:
@@ -102,6 +110,7 @@ def test_kills__every_upstream_success_yields_exactly_one_downstream_run(tmp_pat
                 kills["scheduler"] += 1
             if i % 4 == 3:
                 victim = rng.randrange(len(workers))
+                workers[victim].wait_ready()  # a worker that runs runs, not one still booting
                 time.sleep(rng.uniform(0.0, 1.5))
                 workers[victim].kill()
                 workers[victim] = new_worker()

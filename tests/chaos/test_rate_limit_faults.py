@@ -17,7 +17,15 @@ from orchestrator.models import Job, Run
 from schedules.dispatch import run_now
 from schedules.models import Schedule
 from tests.support import wait_for
-from tests.workerproc import TAG_ENV, PrivateRedis, free_port, publish_runs, start_run_worker, start_worker
+from tests.workerproc import (
+    TAG_ENV,
+    PrivateRedis,
+    free_port,
+    publish_runs,
+    start_run_worker,
+    start_worker,
+    started_together,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -51,12 +59,17 @@ def _most_in_a_window(starts: list[float]) -> int:
 
 
 def test_rate_limit__worker_killed_while_runs_wait__limit_holds_and_every_run_ends(redis_client, tmp_path):
-    runs = 40
+    # 12 start before the kill, the rest (more than two windows' worth) wait behind the limit across it.
+    runs = 25
     stamps = tmp_path / "starts.jsonl"
     schedule = _rate_limited_schedule("start_stamp", str(stamps))
     common = {"tmp_path": tmp_path, "concurrency": 2, "include": "tests.worker_jobs"}
-    doomed = start_worker(["jobs.start_stamp"], name="doomed", **common)
-    survivor = start_worker(["jobs.start_stamp"], name="survivor", **common)
+    doomed, survivor = started_together(
+        [
+            start_worker(["jobs.start_stamp"], name=name, ready=False, **common)
+            for name in ("doomed", "survivor")
+        ]
+    )
     try:
         for _ in range(runs):
             run_now(schedule)
@@ -97,10 +110,14 @@ def test_rate_limit__redis_restarted_empty_while_runs_wait__they_complete_at_mos
     started = Run.objects.exclude(started_at=None)
     try:
         # Supervised, as operators run them: kombu may end a plain Celery worker when Redis restarts.
-        workers = [
-            start_run_worker(tmp_path=tmp_path, name=name, jobs="sleep", concurrency=2, env=env)
-            for name in ("ra", "rb")
-        ]
+        workers = started_together(
+            [
+                start_run_worker(
+                    tmp_path=tmp_path, name=name, jobs="sleep", concurrency=2, env=env, ready=False
+                )
+                for name in ("ra", "rb")
+            ]
+        )
         # run_now publishes to this test's own broker, which these workers do not read: hand them over.
         publish_runs(server.url, [run_now(schedule) for _ in range(runs)])
         wait_for(lambda: started.count() >= 8, timeout=120, what="some runs started")

@@ -28,7 +28,7 @@ from schedules.models import Schedule
 from tests.scheduler_support import PrivateRedis, Processes, db_now, free_port, sleep_job
 from tests.support import process_env, wait_for
 from tests.webproc import start_web
-from tests.workerproc import TAG_ENV, ProcSampler, start_run_worker
+from tests.workerproc import TAG_ENV, ProcSampler, start_run_worker, started_together
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,8 +38,10 @@ pytestmark = [
     ),
 ]
 
-LOAD = 200  # one-shot schedules, one short run each
-SPREAD_SECONDS = 20.0  # they come due evenly over this long
+# One-shot schedules, one short run each, coming due evenly over SPREAD_SECONDS: 10 a second, faster
+# than the capped workers run them, so a backlog of messages waits in the broker when the master dies.
+LOAD = 100
+SPREAD_SECONDS = 10.0
 CAP = 3  # per-job cap; the two workers have 4 pool processes between them
 MASTER = "cbmaster"
 
@@ -163,9 +165,12 @@ def test_master_killed_during_load__replica_promoted_every_run_ends_once_caps_ho
     try:
         # A message the old master had taken but not replicated is published again by the outbox sweep.
         schedulers.start("--interval", "0.5", "--republish-after", "5", "--republish-backlog-after", "5")
-        workers = [
-            start_run_worker(tmp_path=tmp_path, name=f"sw{i}", concurrency=2, env=env) for i in range(2)
-        ]
+        workers = started_together(
+            [
+                start_run_worker(tmp_path=tmp_path, name=f"sw{i}", concurrency=2, env=env, ready=False)
+                for i in range(2)
+            ]
+        )
         web = start_web(process_env(**env), tmp_path)
         assert web.call("GET", "/api/health/")[0] == 200, web.log()[-2000:]
         # A long-lived client, as each process keeps one, with a Lua script loaded on the old master

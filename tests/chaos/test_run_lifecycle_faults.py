@@ -209,8 +209,13 @@ def test_redis_restored_from_idle_snapshot__no_third_run_starts_until_one_of_two
             server.client().save()
             shutil.copy(dump, snapshot)
 
-            items = [_launch_waiting(schedule, "12") for _ in range(3)]
-            publish_runs(broker, items)
+            # The pair first, executing well past the restore; then the third, which only has to wait
+            # behind them: once let in it runs 1 s, so the test does not wait out another 12 s for it.
+            pair_items = [_launch_waiting(schedule, "12") for _ in range(CAP)]
+            publish_runs(broker, pair_items)
+            wait_for(lambda: set(_statuses(pair_items).values()) == {"running"}, timeout=90, what="the pair")
+            items = [*pair_items, _launch_waiting(schedule, "1")]
+            publish_runs(broker, items[-1:])
             ids = {item.run_id for item in items}
 
             def two_running() -> set[int] | None:

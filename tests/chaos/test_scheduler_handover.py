@@ -26,7 +26,11 @@ from tests.support import process_env, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
-TTL = 30  # longer than the slots will have waited for a live scheduler, shorter than a test should be
+# The first slot has waited 45 s when the doomed instance claims it; the peer takes it over once the claim
+# expires, TTL later: 45 + TTL + the start-up > GRACE, so without the hand-over exemption the skip
+# policy records it missed, and with it the slot is on time while the start-up and the peer's pass take
+# less than 15 s (GRACE - 45).
+TTL = 15
 GRACE = 60  # what --interval 30 gives by default; the claim TTL default (120 s) is longer still
 
 
@@ -58,9 +62,10 @@ def _claimed_by(claimant: str, *schedules) -> bool:
 def test_sigkilled_claimant__its_slots_are_dispatched_by_the_peer_not_skipped(tmp_path, redis_client):
     job = Job.objects.create(key="handover", name="handover", queue="jobs.handover")
     now = db_now()
-    # The first slot waited 40 s already (within the grace) when the first instance claims it; the
-    # second comes due 20 s from now, while the dead instance's claim still holds the row.
-    first = now - timedelta(seconds=40)
+    # The first slot waited 45 s already (within the grace) when the first instance claims it; the
+    # second comes due 15 s from now, while the dead instance's claim (taken after now) still holds
+    # the row.
+    first = now - timedelta(seconds=45)
     skip = make_schedule(
         "handover-skip", job=job, interval_minutes=1, misfire_policy="skip", next_run_at=first
     )
