@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import Q, TextChoices
+from django.db.models import Q, TextChoices, prefetch_related_objects
 from django.utils import timezone
 
 from orchestrator.models import Job
@@ -340,6 +340,8 @@ def _apply_run_now(rows: list[Schedule], result: BulkResult) -> None:
 
 
 def _apply_delete(rows: list[Schedule], *, source: str, actor: str) -> None:
+    # The delete records list each row's calendars and upstreams: three queries, not three per row.
+    prefetch_related_objects(rows, "exclude_calendars", "only_calendars", "run_after")
     ScheduleChange.objects.bulk_create(
         [change_log.build_delete(row, source=source, actor=actor) for row in rows], batch_size=1000
     )
