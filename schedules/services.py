@@ -791,11 +791,18 @@ def launch_run_manually(
 def run_now(schedule: Schedule, *, params: dict[str, Any] | None = None) -> ScheduledRun:
     """POST /api/schedules/{id}/run-now: a manual run with the schedule's params, the keys of `params`
     (an override) replacing theirs; the result is checked against the job's schema (a 400 naming the
-    path, also when the schedule's own params no longer fit a changed schema)."""
+    path, also when the schedule's own params no longer fit a changed schema). A disabled schedule runs;
+    a disabled job does not (a 400 naming job_key, as POST /api/runs/ and a bulk run-now refuse it)."""
+    errors: dict[str, list[str]] = {}
+    if not schedule.job.enabled:
+        errors["job"] = [f"Job {schedule.job.key!r} is disabled."]
+    effective = None
     if params is not None and not isinstance(params, dict):
-        raise ScheduleInvalid({"params": params_errors({}, params)})
-    effective = {**schedule.params, **(params or {})}
-    if errors := run_params_errors(schedule.job, effective):
+        errors["params"] = params_errors({}, params)
+    else:
+        effective = {**schedule.params, **(params or {})}
+        errors.update(run_params_errors(schedule.job, effective))
+    if errors:
         raise ScheduleInvalid(errors)
     return dispatch_run_now(schedule, params=effective)
 
