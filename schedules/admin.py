@@ -482,9 +482,10 @@ class ScheduleAdmin(admin.ModelAdmin):
                 try:
                     return self._run_now(request, schedule, form.cleaned_data["params"])
                 except services.ScheduleInvalid as exc:
-                    for problems in exc.errors.values():
+                    for field, problems in exc.errors.items():
                         for problem in problems:
-                            form.add_error("params", problem)
+                            # A disabled job is no fault of the params typed: the form's own error.
+                            form.add_error("params" if field == "params" else None, problem)
         else:
             form = RunNowParamsForm(initial={"params": json.dumps(schedule.params, indent=2, sort_keys=True)})
         return TemplateResponse(

@@ -266,6 +266,10 @@ def test_run_now__a_disabled_job_is_refused_as_runs_and_bulk_refuse_it_nothing_r
     assert bulk.json()["refused"][0]["reasons"] == refused
     admin = staff.post(f"/admin/schedules/schedule/{created['id']}/run-now/", follow=True)
     assert "Nothing was run: job: Job &#x27;log_triage&#x27; is disabled." in admin.content.decode()
+    with_params = staff.post(
+        f"/admin/schedules/schedule/{created['id']}/run-now-with-params/", {"params": "{}"}
+    )
+    assert with_params.context["form"].non_field_errors() == ["Job 'log_triage' is disabled."]
     dashboard = staff.post(f"/dashboard/schedules/{created['id']}/run-now")
     assert (dashboard.status_code, dashboard.json()) == (400, {"job": ["Job 'log_triage' is disabled."]})
     assert not ScheduledRun.objects.exists()
