@@ -109,3 +109,27 @@ def test_the_delete_record_keeps_run_after_as_create_recorded_it(api, staff, del
     names = ["hourly-sync", "nightly-load"]
     assert records[1]["changes"]["run_after"] == {"old": None, "new": names}
     assert records[0]["changes"]["run_after"] == {"old": names, "new": None}
+
+
+def test_a_sync_prune_of_an_upstream_and_its_downstream_keeps_run_after_in_the_record(tmp_path, api):
+    """Both go in one prune, the upstream first by name: each record is written before either delete."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    entry = '[[schedules]]\nname = "{}"\njob_key = "log_triage"\nschedule_type = "{}"\n{}\n'
+    path = tmp_path / "schedules.toml"
+    path.write_text(
+        entry.format("keeper", "interval", "interval_minutes = 60")
+        + entry.format("a-upstream", "interval", "interval_minutes = 60")
+        + entry.format("b-downstream", "none", 'run_after = ["a-upstream"]')
+    )
+    call_command("sync_schedules", str(path), stdout=StringIO())
+    path.write_text(entry.format("keeper", "interval", "interval_minutes = 60"))
+    out = StringIO()
+    call_command("sync_schedules", str(path), "--prune", stdout=out)
+    assert "delete a-upstream" in out.getvalue()
+    assert "delete b-downstream" in out.getvalue()
+
+    record = ScheduleChange.objects.get(schedule_name="b-downstream", action="delete")
+    assert (record.source, record.changes["run_after"]) == ("sync", {"old": ["a-upstream"], "new": None})
