@@ -389,7 +389,10 @@ CALENDAR_EXAMPLES = [
         summary="The days a calendar names",
         parameters=[
             OpenApiParameter(
-                "start", OpenApiTypes.DATE, required=True, description="First day (YYYY-MM-DD)."
+                "start",
+                OpenApiTypes.DATE,
+                required=True,
+                description="First day (YYYY-MM-DD, 1970-01-01 to 9000-01-01).",
             ),
             OpenApiParameter(
                 "end",
