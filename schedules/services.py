@@ -39,6 +39,7 @@ from schedules.models import (
     OverlapPolicy,
     RunAfterMode,
     Schedule,
+    ScheduleDependency,
     ScheduledRun,
     ScheduledRunStatus,
     ScheduleType,
@@ -139,6 +140,13 @@ class ScheduleInvalid(SchedulerError):
 
 class ScheduleManaged(ScheduleInvalid):
     """An edit of a field a schedules file declares (409: the file, not the API, owns it)."""
+
+
+class ScheduleInUse(ScheduleInvalid):
+    """A delete of a schedule other schedules run after (409), unless they go in the same delete.
+
+    Dropping the upstream from their run_after behind their back would change them with no change
+    record, and leave a dependency-only (`none`) downstream with no upstream: a state create refuses."""
 
 
 # --- Validation ---------------------------------------------------------------------------------------
@@ -736,6 +744,11 @@ def delete_schedules(schedule_ids: list[int]) -> int:
     )
     if not names:
         return 0
+    # After the lock: a run_after edge naming a locked row waits for this commit (its foreign key
+    # check), and one committed before is seen here, so no downstream can slip in unrefused.
+    if in_use := downstreams_outside(list(names)):
+        messages = [in_use_message(names[up], downs) for up, downs in in_use.items()]
+        raise ScheduleInUse({"run_before": messages})
     waiting: dict[int, list[int]] = {}
     for schedule_id, run_id in ScheduledRun.objects.filter(
         schedule_id__in=list(names), status__in=WAITING_STATUSES, run_id__isnull=False
@@ -752,6 +765,29 @@ def delete_schedules(schedule_ids: list[int]) -> int:
             extra={"schedule_id": schedule_id, "runs_cancelled": len(waiting.get(schedule_id, ()))},
         )
     return len(names)
+
+
+def downstreams_outside(schedule_ids: list[int]) -> dict[int, list[str]]:
+    """Of `schedule_ids`, those that schedules outside `schedule_ids` run after: upstream id -> the
+    downstreams' names, sorted. One query; deleting the upstream with all its downstreams is free."""
+    found: dict[int, list[str]] = {}
+    for upstream_id, name in (
+        ScheduleDependency.objects.filter(upstream_id__in=schedule_ids)
+        .exclude(downstream_id__in=schedule_ids)
+        .order_by("upstream_id", "downstream__name")
+        .values_list("upstream_id", "downstream__name")
+    ):
+        found.setdefault(upstream_id, []).append(name)
+    return found
+
+
+def in_use_message(name: str, downstreams: list[str], shown: int = 10) -> str:
+    listed = ", ".join(map(repr, downstreams[:shown]))
+    more = f" (and {len(downstreams) - shown} more)" if len(downstreams) > shown else ""
+    return (
+        f"Schedules {listed}{more} run after {name!r}: remove it from their run_after first, or delete"
+        " them with it."
+    )
 
 
 @transaction.atomic

@@ -241,5 +241,10 @@ def _prune(declared: set[Any], *, actor: str) -> list[SyncStep]:
     # downstream's record keeps.
     for schedule in doomed:
         change_log.record_delete(schedule, source=ChangeSource.SYNC, actor=actor)
-    services.delete_schedules([schedule.pk for schedule in doomed])
+    try:
+        services.delete_schedules([schedule.pk for schedule in doomed])
+    except services.ScheduleInUse as exc:
+        # A schedule that stays (declared, or not managed) runs after a doomed one: the whole sync rolls
+        # back, records included. Doomed downstreams go with their upstream.
+        raise SyncError("--prune: " + " ".join(m for ms in exc.errors.values() for m in ms)) from exc
     return [SyncStep("delete", schedule.name) for schedule in doomed]

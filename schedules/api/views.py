@@ -66,10 +66,10 @@ class Conflict(APIException):
 
 def call_service(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a service function, turning its ScheduleInvalid into DRF's 400 shape (409 for an edit of a
-    field a schedules file declares)."""
+    field a schedules file declares, or a delete of a schedule others run after)."""
     try:
         return func(*args, **kwargs)
-    except services.ScheduleManaged as exc:
+    except (services.ScheduleManaged, services.ScheduleInUse) as exc:
         raise Conflict({_API_FIELD_NAMES.get(k, k): v for k, v in exc.errors.items()}) from exc
     except services.ScheduleInvalid as exc:
         raise ValidationError({_API_FIELD_NAMES.get(k, k): v for k, v in exc.errors.items()}) from exc
@@ -230,9 +230,10 @@ class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
                 {"managed": [f"Schedule {instance.name!r} is managed by sync_schedules: remove it from its"
                              " file and run sync_schedules --prune."]}
             )  # fmt: skip
+        # A refused delete (others run after it) rolls its record back with it.
         with transaction.atomic():
             change_log.record_delete(instance, source=ChangeSource.API, actor=_actor(self.request))
-            services.delete_schedule(instance)
+            call_service(services.delete_schedule, instance)
 
     @extend_schema(request=RunNowSerializer, responses={202: ScheduledRunSerializer})
     @action(detail=True, methods=["post"], url_path="run-now")
