@@ -782,11 +782,17 @@ def downstreams_outside(schedule_ids: list[int]) -> dict[int, list[str]]:
 
 
 def in_use_message(name: str, downstreams: list[str], shown: int = 10) -> str:
+    """Why `name` cannot be deleted: the schedules that run after it (the first `shown` of them)."""
     listed = ", ".join(map(repr, downstreams[:shown]))
+    if len(downstreams) == 1:
+        return (
+            f"Schedule {listed} runs after {name!r}: remove {name!r} from its run_after first, or delete"
+            " both together."
+        )
     more = f" (and {len(downstreams) - shown} more)" if len(downstreams) > shown else ""
     return (
-        f"Schedules {listed}{more} run after {name!r}: remove it from their run_after first, or delete"
-        " them with it."
+        f"Schedules {listed}{more} run after {name!r}: remove {name!r} from their run_after first, or"
+        " delete them together with it."
     )
 
 

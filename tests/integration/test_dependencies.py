@@ -159,7 +159,7 @@ def test_deleting_an_upstream_is_refused_until_no_schedule_runs_after_it():
     a = _schedule("del-a")
     keep = _schedule("del-k")
     b = _schedule("del-b", run_after=[a, keep])
-    with pytest.raises(services.ScheduleInUse, match="'del-b' run after 'del-a'"):
+    with pytest.raises(services.ScheduleInUse, match="'del-b' runs after 'del-a'"):
         services.delete_schedule(a)
     assert [s.name for s in b.run_after.order_by("name")] == ["del-a", "del-k"]
     services.update_schedule(b, {"run_after": [keep]})

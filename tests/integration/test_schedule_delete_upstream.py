@@ -56,6 +56,18 @@ def test_api__deleting_an_upstream_is_a_409_naming_its_downstreams(api, chain):
     assert not Schedule.objects.exists()
 
 
+def test_api__the_409_names_every_downstream(api, chain):
+    make(api, "down-y", run_after=["up-x"])
+    refused = api.delete(f"{URL}{chain['up-x']}/")
+    assert refused.status_code == 409, refused.content
+    assert refused.json() == {
+        "run_before": [
+            "Schedules 'down-x', 'down-y' run after 'up-x': remove 'up-x' from their run_after first, or"
+            " delete them together with it."
+        ]
+    }
+
+
 @pytest.mark.parametrize("dry_run", [False, True])
 def test_bulk__deleting_an_upstream_without_its_downstreams_refuses_all(api, chain, dry_run):
     free = make(api, "free-x")
@@ -93,7 +105,7 @@ def test_admin_delete_page__says_cannot_delete_naming_the_downstreams(api, staff
     assert page.status_code == 200
     html = page.content.decode()
     assert "Cannot delete schedule" in html
-    assert "&#x27;down-x&#x27; run after &#x27;up-x&#x27;" in html
+    assert "&#x27;down-x&#x27; runs after &#x27;up-x&#x27;" in html
     # Confirming anyway deletes nothing: the same page again.
     response = staff.post(f"{ADMIN}{chain['up-x']}/delete/", {"post": "yes"})
     assert response.status_code == 200
@@ -109,7 +121,7 @@ def test_admin_delete_action__refuses_an_upstream_alone_and_takes_it_with_its_do
     html = response.content.decode()
     assert "Cannot delete schedule" in html
     assert "Successfully deleted" not in html
-    assert "&#x27;down-x&#x27; run after &#x27;up-x&#x27;" in html
+    assert "&#x27;down-x&#x27; runs after &#x27;up-x&#x27;" in html
     assert_untouched(api, chain)
 
     response = staff.post(
@@ -135,7 +147,7 @@ def test_sync_prune__refuses_an_upstream_a_kept_schedule_runs_after(tmp_path, ap
     # down-x stays in the file (still naming up-x, which the sync finds in the database); up-x goes.
     path.write_text(DOWN)
     for dry_run in ([], ["--dry-run"]):
-        with pytest.raises(CommandError, match=r"'down-x' run after 'up-x'.*nothing changed"):
+        with pytest.raises(CommandError, match=r"'down-x' runs after 'up-x'.*nothing changed"):
             call_command("sync_schedules", str(path), "--prune", *dry_run, stdout=StringIO())
         assert_untouched(api, ids)
     # Dropped from the file together, they go together.
@@ -154,7 +166,7 @@ def test_sync_prune__refuses_an_upstream_an_unmanaged_schedule_runs_after(tmp_pa
     chain = {"up-x": Schedule.objects.get(name="up-x").pk}
     chain["down-x"] = make(api, "down-x", schedule_type="none", interval_minutes=None, run_after=["up-x"])
     path.write_text(ENTRY.format("other-x", "interval", "interval_minutes = 60"))
-    with pytest.raises(CommandError, match="'down-x' run after 'up-x'"):
+    with pytest.raises(CommandError, match="'down-x' runs after 'up-x'"):
         call_command("sync_schedules", str(path), "--prune", stdout=StringIO())
     assert_untouched(api, chain)
     assert not Schedule.objects.filter(name="other-x").exists()
