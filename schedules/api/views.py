@@ -165,6 +165,16 @@ LABEL_PARAMETER = OpenApiParameter(
             )
         ],
     ),
+    destroy=extend_schema(
+        responses={
+            204: None,
+            409: OpenApiResponse(
+                description="Not deleted: the schedule is managed by sync_schedules (`managed`), or other"
+                " schedules run after it (`run_before` names them: remove it from their run_after first, or"
+                " delete them together through POST /api/schedules/bulk)."
+            ),
+        }
+    ),
     changes=extend_schema(summary="A schedule's change history"),
     history=extend_schema(summary="A schedule's runs"),
     bulk=extend_schema(
