@@ -744,8 +744,9 @@ def delete_schedules(schedule_ids: list[int]) -> int:
     )
     if not names:
         return 0
-    # After the lock: a run_after edge naming a locked row waits for this commit (its foreign key
-    # check), and one committed before is seen here, so no downstream can slip in unrefused.
+    # After the lock: an edge committed before it is seen here; one not yet committed cannot commit until
+    # this delete does (its deferred foreign key check waits for the row lock) and then fails on the
+    # deleted row. Either way no downstream keeps a run_after that silently lost an upstream.
     if in_use := downstreams_outside(list(names)):
         messages = [in_use_message(names[up], downs) for up, downs in in_use.items()]
         raise ScheduleInUse({"run_before": messages})
