@@ -482,9 +482,10 @@ class ScheduleAdmin(admin.ModelAdmin):
                 try:
                     return self._run_now(request, schedule, form.cleaned_data["params"])
                 except services.ScheduleInvalid as exc:
-                    for problems in exc.errors.values():
+                    for field, problems in exc.errors.items():
                         for problem in problems:
-                            form.add_error("params", problem)
+                            # A disabled job is no fault of the params typed: the form's own error.
+                            form.add_error("params" if field == "params" else None, problem)
         else:
             form = RunNowParamsForm(initial={"params": json.dumps(schedule.params, indent=2, sort_keys=True)})
         return TemplateResponse(
@@ -629,10 +630,23 @@ class ScheduleAdmin(admin.ModelAdmin):
             setattr(obj, field.attname, getattr(saved, field.attname))
         obj._state.adding = False
 
+    def get_deleted_objects(self, objs, request: HttpRequest):
+        # Schedules that run after one being deleted, outside the selection, protect it: the delete page
+        # and "Delete selected" show "Cannot delete" listing them, and delete nothing. The service
+        # refuses the same under its lock (a downstream added meanwhile).
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        names = {schedule.pk: schedule.name for schedule in objs}
+        for upstream_id, downstreams in services.downstreams_outside(list(names)).items():
+            protected.append(services.in_use_message(names[upstream_id], downstreams))
+        return deleted, counts, perms_needed, protected
+
     def delete_model(self, request: HttpRequest, obj: Schedule) -> None:
         with transaction.atomic():
             change_log.record_delete(obj, source=ChangeSource.ADMIN, actor=request.user.get_username())
-            services.delete_schedule(obj)
+            try:
+                services.delete_schedule(obj)
+            except services.ScheduleInUse as exc:
+                raise PermissionDenied(" ".join(m for ms in exc.errors.values() for m in ms)) from exc
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
         # "Delete selected schedules": all or none, as POST /api/schedules/bulk (a managed one refuses).

@@ -2,8 +2,9 @@
 
 `POST /api/schedules/bulk`, the admin's actions and the dashboard's multi-select all call `bulk_apply`.
 All or none: the rows are locked and every one is judged by the rules the single operations use
-(services.schedule_errors, the managed rule, the run-now checks) before anything is written; one refusal
-and nothing changes (BulkRefused, a 409 that lists what would change and what was refused, and why).
+(services.schedule_errors, the managed rule, a delete's downstreams, the run-now checks) before anything
+is written; one refusal and nothing changes (BulkRefused, a 409 that lists what would change and what
+was refused, and why).
 
 Enable, disable and delete are set-based: the per-row rules and next run time come from the same
 functions as the single operations (services), then one UPDATE (enable: from an unnest of the new
@@ -22,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import Q, TextChoices
+from django.db.models import Q, TextChoices, prefetch_related_objects
 from django.utils import timezone
 
 from orchestrator.models import Job
@@ -314,6 +315,9 @@ def _apply_toggle(plans: list[_Plan], *, action: str, source: str, actor: str) -
 
 def _judge(rows: Iterable[Schedule], action: str, result: BulkResult) -> None:
     """Run-now and delete: the single paths' refusals, judged before anything is written."""
+    rows = list(rows)
+    # A delete may take an upstream with all its downstreams; one that leaves a downstream is refused.
+    in_use = services.downstreams_outside([row.pk for row in rows]) if action == BulkAction.DELETE else {}
     for row in rows:
         reasons: dict[str, list[str]] = {}
         if action == BulkAction.DELETE and row.managed:
@@ -321,6 +325,8 @@ def _judge(rows: Iterable[Schedule], action: str, result: BulkResult) -> None:
                 f"Schedule {row.name!r} is managed by sync_schedules: remove it from its file and run"
                 " sync_schedules --prune."
             ]
+        if row.pk in in_use:
+            reasons["run_before"] = [services.in_use_message(row.name, in_use[row.pk])]
         if action == BulkAction.RUN_NOW:
             if not row.job.enabled:
                 reasons["job_key"] = [f"Job {row.job.key!r} is disabled."]
@@ -340,6 +346,8 @@ def _apply_run_now(rows: list[Schedule], result: BulkResult) -> None:
 
 
 def _apply_delete(rows: list[Schedule], *, source: str, actor: str) -> None:
+    # The delete records list each row's calendars and upstreams: three queries, not three per row.
+    prefetch_related_objects(rows, "exclude_calendars", "only_calendars", "run_after")
     ScheduleChange.objects.bulk_create(
         [change_log.build_delete(row, source=source, actor=actor) for row in rows], batch_size=1000
     )

@@ -153,6 +153,10 @@ def import_ics(
         new = calendars.ics_rules(data, timezone=current.timezone)
     except (calendars.IcsError, ValueError, TypeError, KeyError) as exc:
         raise CalendarInvalid({"file": [str(exc)[:500]]}) from exc
+    except OverflowError as exc:  # an event on 9999-12-31 ends the day after, past what a date holds
+        raise CalendarInvalid(
+            {"file": ["An event's dates run past what a date holds (years 1 to 9999)."]}
+        ) from exc
     rules = calendars.merged_rules(current.rules or [], new)
     added = len(rules) - len(current.rules or [])
     if added:
@@ -171,15 +175,17 @@ def excluded_days(calendar: Calendar, *, start: Any, end: Any) -> tuple[date, da
     parsed = {}
     if start is None:
         start = calendar.spec().local_date(_db_now()).isoformat()
-    if end is None and _iso(start) is not None:
-        end = (_iso(start) + timedelta(days=DEFAULT_DAYS)).isoformat()
+    first, last = timing.EARLIEST.date(), timing.LATEST.date()
+    if end is None and (given := _iso(start)) is not None:
+        # Held to the range before adding: a year after 9999-12-01 is past what a date holds.
+        end = min(min(max(given, first), last) + timedelta(days=DEFAULT_DAYS), last).isoformat()
     for field, value in (("start", start), ("end", end)):
-        try:
-            parsed[field] = date.fromisoformat(value) if isinstance(value, str) and len(value) == 10 else None
-        except ValueError:
-            parsed[field] = None
+        parsed[field] = _iso(value)
         if parsed[field] is None:
             errors[field] = ["Must be a date, YYYY-MM-DD."]
+        elif not first <= parsed[field] <= last:
+            # The dates docs/SCHEDULES.md ("Dates") allows everywhere a client gives one.
+            errors[field] = [f"Must be between {first.isoformat()} and {last.isoformat()}."]
     if errors:
         raise CalendarInvalid(errors)
     if parsed["end"] <= parsed["start"]:

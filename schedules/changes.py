@@ -129,6 +129,8 @@ def build_delete(schedule: Schedule, *, source: str, actor: str = "") -> Schedul
     from schedules.services import CALENDAR_FIELDS, SCHEDULE_FIELDS
 
     before = snapshot(schedule, (*SCHEDULE_FIELDS, *CALENDAR_FIELDS, "managed"))
+    # As create and update record it: the upstreams' names (`.all()`, so a bulk delete's prefetch serves).
+    before["run_after"] = sorted(upstream.name for upstream in schedule.run_after.all())
     return build(
         schedule,
         action="delete",

@@ -228,7 +228,9 @@ class Schedule(models.Model):
 
 
 class ScheduleDependency(models.Model):
-    """One edge of run_after: `downstream` runs after `upstream`. Deleting either schedule deletes it."""
+    """One edge of run_after: `downstream` runs after `upstream`. Deleting the downstream deletes it; the
+    upstream's delete is refused while it exists (services.delete_schedules), unless the downstream goes
+    in the same delete (then the cascade takes it)."""
 
     downstream = models.ForeignKey(Schedule, on_delete=models.CASCADE, related_name="upstream_links")
     upstream = models.ForeignKey(Schedule, on_delete=models.CASCADE, related_name="downstream_links")

@@ -39,6 +39,7 @@ from schedules.models import (
     OverlapPolicy,
     RunAfterMode,
     Schedule,
+    ScheduleDependency,
     ScheduledRun,
     ScheduledRunStatus,
     ScheduleType,
@@ -139,6 +140,13 @@ class ScheduleInvalid(SchedulerError):
 
 class ScheduleManaged(ScheduleInvalid):
     """An edit of a field a schedules file declares (409: the file, not the API, owns it)."""
+
+
+class ScheduleInUse(ScheduleInvalid):
+    """A delete of a schedule other schedules run after (409), unless they go in the same delete.
+
+    Dropping the upstream from their run_after behind their back would change them with no change
+    record, and leave a dependency-only (`none`) downstream with no upstream: a state create refuses."""
 
 
 # --- Validation ---------------------------------------------------------------------------------------
@@ -736,6 +744,12 @@ def delete_schedules(schedule_ids: list[int]) -> int:
     )
     if not names:
         return 0
+    # After the lock: an edge committed before it is seen here; one not yet committed cannot commit until
+    # this delete does (its deferred foreign key check waits for the row lock) and then fails on the
+    # deleted row. Either way no downstream keeps a run_after that silently lost an upstream.
+    if in_use := downstreams_outside(list(names)):
+        messages = [in_use_message(names[up], downs) for up, downs in in_use.items()]
+        raise ScheduleInUse({"run_before": messages})
     waiting: dict[int, list[int]] = {}
     for schedule_id, run_id in ScheduledRun.objects.filter(
         schedule_id__in=list(names), status__in=WAITING_STATUSES, run_id__isnull=False
@@ -752,6 +766,35 @@ def delete_schedules(schedule_ids: list[int]) -> int:
             extra={"schedule_id": schedule_id, "runs_cancelled": len(waiting.get(schedule_id, ()))},
         )
     return len(names)
+
+
+def downstreams_outside(schedule_ids: list[int]) -> dict[int, list[str]]:
+    """Of `schedule_ids`, those that schedules outside `schedule_ids` run after: upstream id -> the
+    downstreams' names, sorted. One query; deleting the upstream with all its downstreams is free."""
+    found: dict[int, list[str]] = {}
+    for upstream_id, name in (
+        ScheduleDependency.objects.filter(upstream_id__in=schedule_ids)
+        .exclude(downstream_id__in=schedule_ids)
+        .order_by("upstream_id", "downstream__name")
+        .values_list("upstream_id", "downstream__name")
+    ):
+        found.setdefault(upstream_id, []).append(name)
+    return found
+
+
+def in_use_message(name: str, downstreams: list[str], shown: int = 10) -> str:
+    """Why `name` cannot be deleted: the schedules that run after it (the first `shown` of them)."""
+    listed = ", ".join(map(repr, downstreams[:shown]))
+    if len(downstreams) == 1:
+        return (
+            f"Schedule {listed} runs after {name!r}: remove {name!r} from its run_after first, or delete"
+            " both together."
+        )
+    more = f" (and {len(downstreams) - shown} more)" if len(downstreams) > shown else ""
+    return (
+        f"Schedules {listed}{more} run after {name!r}: remove {name!r} from their run_after first, or"
+        " delete them together with it."
+    )
 
 
 @transaction.atomic
@@ -791,11 +834,18 @@ def launch_run_manually(
 def run_now(schedule: Schedule, *, params: dict[str, Any] | None = None) -> ScheduledRun:
     """POST /api/schedules/{id}/run-now: a manual run with the schedule's params, the keys of `params`
     (an override) replacing theirs; the result is checked against the job's schema (a 400 naming the
-    path, also when the schedule's own params no longer fit a changed schema)."""
+    path, also when the schedule's own params no longer fit a changed schema). A disabled schedule runs;
+    a disabled job does not (a 400 naming job_key, as POST /api/runs/ and a bulk run-now refuse it)."""
+    errors: dict[str, list[str]] = {}
+    if not schedule.job.enabled:
+        errors["job"] = [f"Job {schedule.job.key!r} is disabled."]
+    effective = None
     if params is not None and not isinstance(params, dict):
-        raise ScheduleInvalid({"params": params_errors({}, params)})
-    effective = {**schedule.params, **(params or {})}
-    if errors := run_params_errors(schedule.job, effective):
+        errors["params"] = params_errors({}, params)
+    else:
+        effective = {**schedule.params, **(params or {})}
+        errors.update(run_params_errors(schedule.job, effective))
+    if errors:
         raise ScheduleInvalid(errors)
     return dispatch_run_now(schedule, params=effective)
 

@@ -231,9 +231,20 @@ def _sync_one(entry: Mapping[str, Any], *, actor: str) -> SyncStep:
 
 def _prune(declared: set[Any], *, actor: str) -> list[SyncStep]:
     """Delete the managed schedules the file no longer names (recorded, source sync)."""
-    steps = []
-    for schedule in Schedule.objects.filter(managed=True).exclude(name__in=declared).order_by("name"):
+    doomed = list(
+        Schedule.objects.filter(managed=True)
+        .exclude(name__in=declared)
+        .prefetch_related("exclude_calendars", "only_calendars", "run_after")
+        .order_by("name")
+    )
+    # Every record before any delete: deleting an upstream first would drop it from the run_after its
+    # downstream's record keeps.
+    for schedule in doomed:
         change_log.record_delete(schedule, source=ChangeSource.SYNC, actor=actor)
-        services.delete_schedule(schedule)
-        steps.append(SyncStep("delete", schedule.name))
-    return steps
+    try:
+        services.delete_schedules([schedule.pk for schedule in doomed])
+    except services.ScheduleInUse as exc:
+        # A schedule that stays (declared, or not managed) runs after a doomed one: the whole sync rolls
+        # back, records included. Doomed downstreams go with their upstream.
+        raise SyncError("--prune: " + " ".join(m for ms in exc.errors.values() for m in ms)) from exc
+    return [SyncStep("delete", schedule.name) for schedule in doomed]

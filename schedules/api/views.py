@@ -66,10 +66,10 @@ class Conflict(APIException):
 
 def call_service(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a service function, turning its ScheduleInvalid into DRF's 400 shape (409 for an edit of a
-    field a schedules file declares)."""
+    field a schedules file declares, or a delete of a schedule others run after)."""
     try:
         return func(*args, **kwargs)
-    except services.ScheduleManaged as exc:
+    except (services.ScheduleManaged, services.ScheduleInUse) as exc:
         raise Conflict({_API_FIELD_NAMES.get(k, k): v for k, v in exc.errors.items()}) from exc
     except services.ScheduleInvalid as exc:
         raise ValidationError({_API_FIELD_NAMES.get(k, k): v for k, v in exc.errors.items()}) from exc
@@ -165,6 +165,16 @@ LABEL_PARAMETER = OpenApiParameter(
             )
         ],
     ),
+    destroy=extend_schema(
+        responses={
+            204: None,
+            409: OpenApiResponse(
+                description="Not deleted: the schedule is managed by sync_schedules (`managed`), or other"
+                " schedules run after it (`run_before` names them: remove it from their run_after first, or"
+                " delete them together through POST /api/schedules/bulk)."
+            ),
+        }
+    ),
     changes=extend_schema(summary="A schedule's change history"),
     history=extend_schema(summary="A schedule's runs"),
     bulk=extend_schema(
@@ -230,9 +240,10 @@ class ScheduleViewSet(ApiViewMixin, viewsets.ModelViewSet):
                 {"managed": [f"Schedule {instance.name!r} is managed by sync_schedules: remove it from its"
                              " file and run sync_schedules --prune."]}
             )  # fmt: skip
+        # A refused delete (others run after it) rolls its record back with it.
         with transaction.atomic():
             change_log.record_delete(instance, source=ChangeSource.API, actor=_actor(self.request))
-            services.delete_schedule(instance)
+            call_service(services.delete_schedule, instance)
 
     @extend_schema(request=RunNowSerializer, responses={202: ScheduledRunSerializer})
     @action(detail=True, methods=["post"], url_path="run-now")
@@ -389,7 +400,10 @@ CALENDAR_EXAMPLES = [
         summary="The days a calendar names",
         parameters=[
             OpenApiParameter(
-                "start", OpenApiTypes.DATE, required=True, description="First day (YYYY-MM-DD)."
+                "start",
+                OpenApiTypes.DATE,
+                required=True,
+                description="First day (YYYY-MM-DD, 1970-01-01 to 9000-01-01).",
             ),
             OpenApiParameter(
                 "end",

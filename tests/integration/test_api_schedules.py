@@ -251,6 +251,32 @@ def test_run_now__works_on_a_disabled_schedule(api, redis_client):
     wait_for(lambda: redis_client.llen("jobs.log_triage") == 1, timeout=10, what="message on queue")
 
 
+def test_run_now__a_disabled_job_is_refused_as_runs_and_bulk_refuse_it_nothing_run(api, staff, redis_client):
+    """A disabled schedule may run now; a schedule of a disabled job may not: the single run-now (API, the
+    admin's button, the dashboard's) answers as POST /api/runs/ and a bulk run-now do, naming the job."""
+    created = _create(api)
+    Job.objects.filter(key="log_triage").update(enabled=False)
+    refused = {"job_key": ["Job 'log_triage' is disabled."]}
+    assert api.post("/api/runs/", {"job_key": "log_triage"}, format="json").json() == refused
+
+    response = api.post(f"/api/schedules/{created['id']}/run-now")
+    assert response.status_code == 400, response.content
+    assert response.json() == refused
+    bulk = api.post("/api/schedules/bulk", {"action": "run-now", "ids": [created["id"]]}, format="json")
+    assert bulk.json()["refused"][0]["reasons"] == refused
+    admin = staff.post(f"/admin/schedules/schedule/{created['id']}/run-now/", follow=True)
+    assert "Nothing was run: job: Job &#x27;log_triage&#x27; is disabled." in admin.content.decode()
+    with_params = staff.post(
+        f"/admin/schedules/schedule/{created['id']}/run-now-with-params/", {"params": "{}"}
+    )
+    assert with_params.context["form"].non_field_errors() == ["Job 'log_triage' is disabled."]
+    dashboard = staff.post(f"/dashboard/schedules/{created['id']}/run-now")
+    assert (dashboard.status_code, dashboard.json()) == (400, {"job": ["Job 'log_triage' is disabled."]})
+    assert not ScheduledRun.objects.exists()
+    assert not Run.objects.exists()
+    assert redis_client.llen("jobs.log_triage") == 0
+
+
 def test_history__newest_first_paginated_and_filtered(api):
     created = _create(api)
     schedule = Schedule.objects.get(pk=created["id"])

@@ -139,6 +139,56 @@ def test_import__adds_an_ics_files_days_through_the_api_and_the_command(api, tmp
     assert "2 rules added" in out.getvalue()
 
 
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("start=9999-12-01", "start"),  # its default end, a year on, was past what a date holds: a 500
+        ("start=9999-12-31", "start"),
+        ("start=0001-01-01&end=0002-01-01", "start"),
+        ("start=2027-01-01&end=9999-12-31", "end"),
+        ("start=1969-12-31&end=1970-01-02", "start"),
+    ],
+)
+def test_days__dates_outside_the_documented_range_are_a_400_naming_them(api, query, field):
+    cal = make_calendar(api, rules=[{"start": "0001-01-01", "end": "9999-12-31"}])
+    response = api.get(f"/api/calendars/{cal['id']}/days?{query}")
+    assert response.status_code == 400, (query, response.content)
+    assert field in response.json(), (query, response.content)
+
+
+def test_days__the_default_end_stops_at_the_end_of_the_range(api):
+    cal = make_calendar(api, rules=[{"start": "0001-01-01", "end": "9999-12-31"}])
+    body = api.get(f"/api/calendars/{cal['id']}/days?start=8999-12-30").json()
+    assert (body["end"], body["days"]) == ("9000-01-01", ["8999-12-30", "8999-12-31"])
+    first = api.get(f"/api/calendars/{cal['id']}/days?start=1970-01-01&end=1970-01-03").json()
+    assert first["days"] == ["1970-01-01", "1970-01-02"]
+
+
+def _ics(event: str) -> str:
+    return (
+        "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//EN\r\n"
+        f"BEGIN:VEVENT\r\nUID:x\r\n{event}\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        "DTSTART;VALUE=DATE:99991231",  # an all-day event ends the day after
+        "DTSTART;VALUE=DATE:99991231\r\nDURATION:P2D",
+        "DTSTART:99991231T230000Z\r\nDTEND:99991231T235959Z",
+        "DTSTART;TZID=Asia/Tokyo:00010101T000000\r\nDURATION:PT1H",
+        "DTSTART;VALUE=DATE:20271231\r\nDURATION:P99999999D",
+    ],
+)
+def test_import__an_event_past_what_a_date_holds_is_a_400_naming_the_file(api, event):
+    cal = make_calendar(api, timezone="Pacific/Kiritimati", rules=[{"date": "2027-01-06"}])
+    response = api.post(f"/api/calendars/{cal['id']}/import", {"ics": _ics(event)}, format="json")
+    assert response.status_code == 400, response.content
+    assert response.json() == {"file": ["An event's dates run past what a date holds (years 1 to 9999)."]}
+    assert Calendar.objects.get(pk=cal["id"]).rules == [{"date": "2027-01-06"}]
+
+
 def test_schedule_fields__are_validated_and_recorded_in_the_change_history(api):
     cal = make_calendar(api, rules=[{"weekdays": ["sat", "sun"]}])
     assert api.post("/api/schedules/", {"name": "x", "job_key": "log_triage", "schedule_type": "cron",

@@ -155,10 +155,14 @@ def test_change_history_records_run_after(api):
     assert a.run_before.get() == b
 
 
-def test_deleting_an_upstream_drops_the_link():
+def test_deleting_an_upstream_is_refused_until_no_schedule_runs_after_it():
     a = _schedule("del-a")
     keep = _schedule("del-k")
     b = _schedule("del-b", run_after=[a, keep])
+    with pytest.raises(services.ScheduleInUse, match="'del-b' runs after 'del-a'"):
+        services.delete_schedule(a)
+    assert [s.name for s in b.run_after.order_by("name")] == ["del-a", "del-k"]
+    services.update_schedule(b, {"run_after": [keep]})
     services.delete_schedule(a)
     assert [s.name for s in b.run_after.all()] == ["del-k"]
 
@@ -387,7 +391,9 @@ def test_the_upstream_link_is_nulled_when_the_upstream_run_goes(django_assert_ma
         cursor.execute("DELETE FROM schedules_scheduledrun WHERE id = %s", [first.upstream_run_id])
     first.refresh_from_db()
     assert first.upstream_run_id is None
-    # Deleting the upstream schedule: its history goes in one DELETE, not row by row.
+    # Deleting the upstream schedule (b no longer runs after it): its history goes in one DELETE, not
+    # row by row.
+    services.update_schedule(b, {"run_after": [_schedule("gone-k")]})
     with django_assert_max_num_queries(15):
         services.delete_schedule(a)
     second.refresh_from_db()

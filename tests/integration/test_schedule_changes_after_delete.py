@@ -65,3 +65,71 @@ def test_admin__changes_of_a_deleted_schedule_are_listed_and_readable_as_values(
         staff.post(f"/admin/schedules/schedulechange/{delete.pk}/delete/", {"post": "yes"}).status_code == 403
     )
     assert ScheduleChange.objects.filter(pk=delete.pk).exists()
+
+
+def _delete_by_api(api, staff, schedule_id: int) -> None:
+    assert api.delete(f"/api/schedules/{schedule_id}/").status_code == 204
+
+
+def _delete_by_bulk(api, staff, schedule_id: int) -> None:
+    response = api.post("/api/schedules/bulk", {"action": "delete", "ids": [schedule_id]}, format="json")
+    assert response.status_code == 200, response.content
+
+
+def _delete_in_the_admin(api, staff, schedule_id: int) -> None:
+    response = staff.post(f"/admin/schedules/schedule/{schedule_id}/delete/", {"post": "yes"})
+    assert response.status_code == 302, response.content
+
+
+@pytest.mark.parametrize("delete", [_delete_by_api, _delete_by_bulk, _delete_in_the_admin])
+def test_the_delete_record_keeps_run_after_as_create_recorded_it(api, staff, delete):
+    """Issue 33's run_after is a field like the others: the delete record gives its last value (the
+    upstreams' names, as the create record did), so the history says what the schedule ran after."""
+    upstreams = []
+    for name in ("nightly-load", "hourly-sync"):
+        created = api.post(
+            "/api/schedules/",
+            {"name": name, "job_key": "log_triage", "schedule_type": "interval", "interval_minutes": 60},
+            format="json",
+        )
+        assert created.status_code == 201, created.content
+        upstreams.append(created.json()["id"])
+    downstream = api.post(
+        "/api/schedules/",
+        {"name": "report", "job_key": "log_triage", "schedule_type": "none", "run_after": upstreams},
+        format="json",
+    )
+    assert downstream.status_code == 201, downstream.content
+    schedule_id = downstream.json()["id"]
+
+    delete(api, staff, schedule_id)
+
+    records = api.get(f"/api/schedules/{schedule_id}/changes").json()["results"]
+    assert [r["action"] for r in records] == ["delete", "create"]
+    names = ["hourly-sync", "nightly-load"]
+    assert records[1]["changes"]["run_after"] == {"old": None, "new": names}
+    assert records[0]["changes"]["run_after"] == {"old": names, "new": None}
+
+
+def test_a_sync_prune_of_an_upstream_and_its_downstream_keeps_run_after_in_the_record(tmp_path, api):
+    """Both go in one prune, the upstream first by name: each record is written before either delete."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    entry = '[[schedules]]\nname = "{}"\njob_key = "log_triage"\nschedule_type = "{}"\n{}\n'
+    path = tmp_path / "schedules.toml"
+    path.write_text(
+        entry.format("keeper", "interval", "interval_minutes = 60")
+        + entry.format("a-upstream", "interval", "interval_minutes = 60")
+        + entry.format("b-downstream", "none", 'run_after = ["a-upstream"]')
+    )
+    call_command("sync_schedules", str(path), stdout=StringIO())
+    path.write_text(entry.format("keeper", "interval", "interval_minutes = 60"))
+    out = StringIO()
+    call_command("sync_schedules", str(path), "--prune", stdout=out)
+    assert "delete a-upstream" in out.getvalue()
+    assert "delete b-downstream" in out.getvalue()
+
+    record = ScheduleChange.objects.get(schedule_name="b-downstream", action="delete")
+    assert (record.source, record.changes["run_after"]) == ("sync", {"old": ["a-upstream"], "new": None})
