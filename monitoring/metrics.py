@@ -42,6 +42,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from project import redisconn
+from schedules import retention
 from worker.ratelimit import LIMITED_KEY, waiters_key
 from worker.semaphore import GLOBAL_SCOPE, holders_key, job_scope
 
@@ -105,6 +106,13 @@ COMPACT_TABLES = {
     "monitoring_slotcount": (("quarter", "job_id", "labels", "status"), ("slots",)),
 }
 COMPACT_LOCK = 0x63620031  # any constant: the advisory lock key of compact_totals
+# The calendar's slot counts carry their quarter hour, so unlike the totals they grow with time: those
+# older than the history's age rule (HISTORY_KEEP_DAYS) go, a batch at a time, after each compaction.
+PRUNE_SLOT_COUNTS_SQL = """
+DELETE FROM monitoring_slotcount WHERE id = ANY(ARRAY(
+    SELECT id FROM monitoring_slotcount
+     WHERE quarter < now() - make_interval(secs => %(keep)s) LIMIT %(limit)s))
+"""
 COMPACT_BATCH = 50_000
 COMPACT_EVERY_SECONDS = 60.0
 
@@ -184,6 +192,23 @@ def compact_totals(*, budget_seconds: float = 5.0) -> int:
             if moved < COMPACT_BATCH or time.monotonic() > deadline:
                 break
     return removed
+
+
+def prune_slot_counts(*, budget_seconds: float = 5.0) -> int:
+    """Delete the calendar's slot counts (monitoring_slotcount) of quarter hours older than
+    HISTORY_KEEP_DAYS, batch after batch while a batch is full and the budget lasts; none when it is 0
+    (history kept for ever). Returns the rows deleted."""
+    keep = retention.keep_seconds()
+    if keep is None:
+        return 0
+    deadline = time.monotonic() + budget_seconds
+    deleted = 0
+    while True:
+        with connection.cursor() as cursor:
+            cursor.execute(PRUNE_SLOT_COUNTS_SQL, {"keep": keep, "limit": COMPACT_BATCH})
+            deleted += cursor.rowcount
+        if cursor.rowcount < COMPACT_BATCH or time.monotonic() > deadline:
+            return deleted
 
 
 def per_schedule_limit(value: str) -> int | None:
@@ -451,5 +476,6 @@ def compact_totals_if_due() -> None:
     _next_compaction = now + COMPACT_EVERY_SECONDS
     try:
         compact_totals(budget_seconds=1.0)
+        prune_slot_counts(budget_seconds=1.0)
     except Exception as exc:
         logger.warning("metrics totals not compacted", extra={"error": type(exc).__name__})

@@ -368,3 +368,22 @@ def test_past__a_slot_counts_once_when_it_settles_and_stays_counted_after_compac
     assert statuses() == {"succeeded": 3, "failed": 1, "skipped": 1}
     ScheduledRun.objects.filter(schedule=schedule).delete()
     assert statuses() == {"succeeded": 3, "failed": 1, "skipped": 1}
+
+
+def test_slot_counts_older_than_the_history_age_rule_are_pruned(settings):
+    """The slot counts carry their quarter hour, so they would grow for ever: after compaction, those
+    older than HISTORY_KEEP_DAYS go (in batches), newer ones stay; HISTORY_KEEP_DAYS=0 keeps all."""
+    from monitoring import metrics
+    from monitoring.models import SlotCount
+
+    now = timezone.now()
+    for days in (45, 31, 29, 1):
+        SlotCount.objects.create(
+            quarter=now - timedelta(days=days), job_id=1, labels={}, status="failed", slots=2
+        )
+    settings.HISTORY_KEEP_DAYS = 0
+    assert metrics.prune_slot_counts() == 0
+    settings.HISTORY_KEEP_DAYS = 30
+    assert metrics.prune_slot_counts() == 2
+    left = sorted((now - row.quarter).days for row in SlotCount.objects.all())
+    assert left == [1, 29]
