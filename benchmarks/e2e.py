@@ -27,8 +27,9 @@ window starts after an idle settle (PostgreSQL flushes a backend's stats at most
 
 Redis: by default a private `redis-server` on a free port (database 13), so that INFO commandstats hold
 only this benchmark's commands; `--redis-url` uses a given server instead (then other clients' commands
-are counted too). Databases: cb_bench_e2e and cb_bench_e2e_dcb, re-created. Every wait has a deadline
-(`--deadline`); a scenario that does not finish reports "not finished in N s" with how many did.
+are counted too). Databases: cb_bench_e2e and cb_bench_e2e_dcb (<POSTGRES_DB>_e2e and <POSTGRES_DB>_e2e_dcb
+when POSTGRES_DB is set), re-created. Every wait has a deadline (`--deadline`); a scenario that does not
+finish reports "not finished in N s" with how many did.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ import redis
 from benchmarks import celery_beat_baseline as dcb
 from benchmarks.common import PYTHON, ROOT, admin_dsn, bench_env, manage, percentile, recreate_database
 
-DB = "cb_bench_e2e"
-DCB_DB = "cb_bench_e2e_dcb"
+# Named after POSTGRES_DB when it is set, so that benchmarks of several worktrees on one server do not
+# drop each other's databases.
+DB = f"{os.environ['POSTGRES_DB']}_e2e" if os.environ.get("POSTGRES_DB") else "cb_bench_e2e"
+DCB_DB = f"{DB}_dcb"
 SETTINGS = "benchmarks.bench_settings"
 BARE_QUEUE = "bench.noop"
 COUNTER = "bench:noop:done"

@@ -57,6 +57,7 @@ class Heartbeat:
         self.lease = float(settings.WORKER_LEASE_SECONDS)
         self.last_renewed = time.monotonic()  # the grant itself was a renewal
         self._ended = threading.Event()
+        self.db_beats = 0
         self._lease_thread = threading.Thread(
             target=self._loop, args=(self._lease_beat,), name="run-leases", daemon=True
         )
@@ -94,9 +95,13 @@ class Heartbeat:
         try:
             self._loop(self._db_beat)
         finally:
-            connection.close()  # this thread's own connection
+            # This thread's own connection; none to close (nor to create, for closing) if it never beat:
+            # a run shorter than a quarter lease.
+            if self.db_beats:
+                connection.close()
 
     def _db_beat(self) -> float | None:
+        self.db_beats += 1
         try:
             alive = runstate.run_heartbeat(self.run_id, self.scheduled_run_id, self.attempt)
         except DatabaseError as exc:

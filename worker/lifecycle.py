@@ -26,12 +26,13 @@ from orchestrator.services import OrchestratorService, TaskFailed, TaskFence
 from project.logging import bind_run
 from schedules import runleases, runstate
 from schedules.dispatch import message_for
+from schedules.models import OverlapPolicy
 from schedules.publishing import time_limits
 from schedules.runstate import ERROR_SUMMARY_MAX, WORKER_LOST
 from worker import ratelimit
 from worker.caps import caps_for, lease_owner, park_message, release_and_wake, semaphore_take, waiter_id
 from worker.heartbeat import Heartbeat
-from worker.loading import load_delivery
+from worker.loading import earlier_slot_queued, load_delivery
 from worker.semaphore import semaphore_forget_waiter
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,11 @@ def run_execute(
         except redis.RedisError:
             pass  # the waiter entry expires by itself
         return Outcome(status="skipped", run_id=run_id, reason=f"already {run.status}")
-    if scheduled is not None and scheduled.earlier_queued:
+    if (
+        scheduled is not None
+        and scheduled.schedule.overlap_policy == OverlapPolicy.BUFFER_ALL
+        and earlier_slot_queued(scheduled)
+    ):
         # buffer_all runs its slots in slot order: one published with it (a catch-up) goes into line first.
         reason = "waiting: an earlier slot of the schedule goes first (overlap_policy buffer_all)"
         countdown = settings.WORKER_THROTTLE_BASE_SECONDS * random.uniform(0.5, 1.0)

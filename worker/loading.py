@@ -1,17 +1,16 @@
 """The delivery's first read: the run with its job and directive (and its scheduled run with its
-schedule), and the lease floor (runstate.LEASE_FLOOR_SQL) as an annotation, in one ORM query; for a
-`buffer_all` schedule also whether an earlier slot of it has not tried its caps yet (`earlier_queued`)."""
+schedule), and the lease floor (runstate.LEASE_FLOOR_SQL) as an annotation, in one ORM query. For a
+`buffer_all` schedule only, a second read: whether an earlier slot of it has not tried its caps yet."""
 
 from __future__ import annotations
 
 from contextlib import suppress
 
-from django.db.models import BooleanField, Case, Exists, OuterRef, Value, When
 from django.db.models.expressions import RawSQL
 
 from orchestrator.models import Run
 from schedules import runstate
-from schedules.models import OverlapPolicy, ScheduledRun
+from schedules.models import ScheduledRun, ScheduledRunStatus
 
 
 def load_delivery(run_id: int, scheduled_run_id: int | None) -> tuple[Run | None, ScheduledRun | None, int]:
@@ -23,7 +22,7 @@ def load_delivery(run_id: int, scheduled_run_id: int | None) -> tuple[Run | None
         with suppress(ScheduledRun.DoesNotExist):
             scheduled = (
                 ScheduledRun.objects.select_related("schedule", "run__job", "run__directive")
-                .annotate(lease_floor=floor, earlier_queued=_earlier_queued())
+                .annotate(lease_floor=floor)
                 .get(pk=scheduled_run_id, run_id=run_id)
             )
             return scheduled.run, scheduled, scheduled.lease_floor
@@ -34,9 +33,12 @@ def load_delivery(run_id: int, scheduled_run_id: int | None) -> tuple[Run | None
     return run, None, run.lease_floor
 
 
-def _earlier_queued() -> Case:
-    earlier = ScheduledRun.objects.filter(
-        schedule_id=OuterRef("schedule_id"), status="queued", scheduled_for__lt=OuterRef("scheduled_for")
-    )
-    when = When(schedule__overlap_policy=OverlapPolicy.BUFFER_ALL, then=Exists(earlier))
-    return Case(when, default=Value(False), output_field=BooleanField())
+def earlier_slot_queued(scheduled: ScheduledRun) -> bool:
+    """Whether an earlier slot of the scheduled run's schedule has not tried its caps yet (`buffer_all`
+    runs its slots in slot order). Asked only for such schedules: as a subquery of the delivery read it
+    cost every other run half a millisecond of compiling."""
+    return ScheduledRun.objects.filter(
+        schedule_id=scheduled.schedule_id,
+        status=ScheduledRunStatus.QUEUED,
+        scheduled_for__lt=scheduled.scheduled_for,
+    ).exists()
