@@ -379,6 +379,12 @@ def _run_after_errors(values: Mapping[str, Any], *, pk: int | None) -> dict[str,
         if values.get("schedule_type") == ScheduleType.NONE:
             return {"run_after": ["A schedule of type none runs only after others: name at least one."]}
         return {}
+    if gone := _hold_upstreams(upstreams):
+        return {
+            "run_after": [
+                f"Schedule {name!r} was deleted meanwhile: it cannot be run after." for name in gone
+            ]
+        }
     if pk is None:
         return {}  # a new schedule has no downstreams: it closes no cycle
     dependencies.lock_graph()  # held to commit: two edits cannot close a cycle together
@@ -391,6 +397,20 @@ def _run_after_errors(values: Mapping[str, Any], *, pk: int | None) -> dict[str,
         names={**names, **{u.pk: u.name for u in upstreams}},
     )
     return {"run_after": problems} if problems else {}
+
+
+def _hold_upstreams(upstreams: list[Schedule]) -> list[str]:
+    """Lock the upstreams against their delete until this edit commits (FOR KEY SHARE, in id order) and
+    return the names of those deleted since they were read. A delete that locked one first has committed
+    when the lock is granted, and the row is gone: the edit is refused here, by name, rather than by its
+    foreign key at commit. A delete that comes later waits for this edit and then sees its edge."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT id FROM schedules_schedule WHERE id = ANY(%s) ORDER BY id FOR KEY SHARE",
+            [[upstream.pk for upstream in upstreams]],
+        )
+        held = {row[0] for row in cursor.fetchall()}
+    return sorted(upstream.name for upstream in upstreams if upstream.pk not in held)
 
 
 def run_after_names(schedule: Schedule) -> list[str]:
@@ -744,9 +764,10 @@ def delete_schedules(schedule_ids: list[int]) -> int:
     )
     if not names:
         return 0
-    # After the lock: an edge committed before it is seen here; one not yet committed cannot commit until
-    # this delete does (its deferred foreign key check waits for the row lock) and then fails on the
-    # deleted row. Either way no downstream keeps a run_after that silently lost an upstream.
+    # After the lock: an edit adding an edge holds its upstreams FOR KEY SHARE to its commit
+    # (`_hold_upstreams`), so this lock waited for it and its edge is seen here; an edit that comes after
+    # waits for this delete and finds the upstream gone (a 400 naming run_after). Either way no downstream
+    # keeps a run_after that silently lost an upstream.
     if in_use := downstreams_outside(list(names)):
         messages = [in_use_message(names[up], downs) for up, downs in in_use.items()]
         raise ScheduleInUse({"run_before": messages})

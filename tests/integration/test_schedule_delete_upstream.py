@@ -170,3 +170,71 @@ def test_sync_prune__refuses_an_upstream_an_unmanaged_schedule_runs_after(tmp_pa
         call_command("sync_schedules", str(path), "--prune", stdout=StringIO())
     assert_untouched(api, chain)
     assert not Schedule.objects.filter(name="other-x").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_edit_racing_the_upstreams_delete_gets_a_400_or_the_delete_a_409_never_a_500(api):
+    """Two sessions at once: one deletes up-x, the other makes down-x run after it. Whichever locks
+    up-x first wins cleanly: the edit that comes second is a 400 naming run_after (before, its foreign key
+    failed at commit: a 500), the delete that comes second a 409 naming down-x. Nothing half-written."""
+    import threading
+
+    from django.db import connection, transaction
+
+    from schedules import services
+
+    def race(first: str) -> tuple[int | str, int]:
+        up, down = make(api, "up-x"), make(api, "down-x")
+        holding, release = threading.Event(), threading.Event()
+        outcome: dict[str, object] = {}
+
+        def delete() -> None:
+            try:
+                with transaction.atomic():
+                    services.delete_schedules([up])
+                    holding.set()
+                    release.wait(30)
+                outcome["delete"] = "deleted"
+            except services.ScheduleInUse as exc:
+                outcome["delete"] = exc
+            finally:
+                holding.set()
+                connection.close()
+
+        def edit() -> None:
+            try:
+                with transaction.atomic():
+                    response = api.patch(f"{URL}{down}/", {"run_after": ["up-x"]}, format="json")
+                    outcome["edit"] = response.status_code, response.json()
+                    holding.set()
+                    release.wait(30)
+            finally:
+                holding.set()
+                connection.close()
+
+        threads = {"delete": threading.Thread(target=delete), "edit": threading.Thread(target=edit)}
+        threads[first].start()
+        assert holding.wait(30)
+        second = "edit" if first == "delete" else "delete"
+        threads[second].start()
+        threads[second].join(1.0)
+        assert threads[second].is_alive()  # it waits for the first one's lock
+        release.set()
+        for thread in threads.values():
+            thread.join(30)
+        return outcome
+
+    outcome = race(first="delete")
+    status, body = outcome["edit"]
+    assert status == 400
+    assert "up-x" in body["run_after"][0]
+    assert outcome["delete"] == "deleted"
+    assert list(Schedule.objects.values_list("name", flat=True)) == ["down-x"]
+    assert not Schedule.objects.get(name="down-x").run_after.exists()
+
+    Schedule.objects.all().delete()
+    outcome = race(first="edit")
+    assert outcome["edit"][0] == 200
+    assert isinstance(outcome["delete"], services.ScheduleInUse)
+    assert "down-x" in str(outcome["delete"])
+    assert list(Schedule.objects.get(name="down-x").run_after.values_list("name", flat=True)) == ["up-x"]
