@@ -147,10 +147,8 @@ _NEXT = Func(
 )
 
 
-def _group_of(label: str | None):
-    """The expression naming a schedule's group: its job, or a label's value ("no <key>" without it)."""
-    if label is None:
-        return F("job__key")
+def _label_value(label: str):
+    """The expression naming a schedule's group by a label: its value ("no <key>" without it)."""
     return Coalesce(KeyTextTransform(label, "labels"), Value(f"no {label}"), output_field=TextField())
 
 
@@ -188,7 +186,7 @@ def load(schedules: QuerySet, group_by: str, window: runcounts.Buckets, since: i
     # its timing. The schedules that are not alike come out of the same scans as ids. Grouped by job id
     # (not its key) and sorted in Python: narrow keys and no ordered aggregate keep PostgreSQL's sort small.
     common = {
-        "group": F("job_id") if label is None else _group_of(label),
+        "group": F("job_id") if label is None else _label_value(label),
         "exclude": calendar_ids("exclude"),
         "only": calendar_ids("only"),
     }
